@@ -1,0 +1,30 @@
+# The README's two commands: `make demo` and `make test`. Both work on a fresh clone.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: demo test lint clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch/torchvision are named first so pip resolves the pair that exists for this machine.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install "torch>=2.4,<2.16" "torchvision>=0.19,<0.31"
+	$(BIN)/pip install -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python pipelines/demo.py
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) data/ mlflow.db mlartifacts/ ray_results/
