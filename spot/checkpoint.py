@@ -1,0 +1,91 @@
+"""Pretrained weights: a local checkpoint file, or the timm hub when online."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+WRAPPER_KEYS = ("model", "state_dict", "state_dict_ema")
+HEAD_KEYS = ("head.", "aux_head.")
+PREDICTOR_PREFIX = "spot_predictors."
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Tensors of a checkpoint file: plain or wrapped in ``model`` / ``state_dict`` / ``state_dict_ema``,
+    with a DDP ``module.`` prefix stripped. Loaded with ``weights_only=True`` (no code is unpickled)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt / foreign files
+        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+    if isinstance(obj, dict):
+        obj = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), obj)
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError(f"{path} holds no state_dict (expected tensors, optionally under {WRAPPER_KEYS})")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def hub_state_dict(model: nn.Module, tag: str | None) -> dict[str, Tensor]:
+    """Download the backbone's pretrained weights through timm (needs network access)."""
+    import timm
+
+    from spot.models.factory import TIMM_NAMES
+
+    arch = TIMM_NAMES[model.spot_config["name"]] + (f".{tag}" if tag else "")
+    try:
+        return timm.create_model(arch, pretrained=True).state_dict()
+    except Exception as err:
+        raise RuntimeError(
+            f"cannot download pretrained weights {arch!r} from the hub ({err}); "
+            "without network access pass a local checkpoint path"
+        ) from err
+
+
+def load_pretrained(model: nn.Module, source: str | Path) -> list[str]:
+    """Load ``source`` (a file path, ``"hub"`` or ``"hub:<tag>"``) into ``model``; returns the keys left
+    at their initial values (SPOT predictors, and a classifier head whose class count differs).
+
+    Raises ValueError naming the keys when the checkpoint belongs to another architecture.
+    """
+    source = str(source)
+    if source == "hub" or source.startswith("hub:"):
+        state = hub_state_dict(model, source.partition(":")[2] or None)
+    else:
+        state = read_state_dict(source)
+    state = model.spot_filter(state)
+    own = model.state_dict()
+    dropped = []
+    for key in list(state):
+        if key.startswith(HEAD_KEYS) and key in own and state[key].shape != own[key].shape:
+            dropped.append(key)  # fine-tuning to another label set: the head starts fresh
+            del state[key]
+        elif key.startswith(PREDICTOR_PREFIX) and key not in own:
+            del state[key]  # a SPOT checkpoint loaded into a dense model (teacher / baseline)
+    wrong_shape = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state and not k.startswith(PREDICTOR_PREFIX) and k not in dropped]
+    problems = [
+        ("shape mismatches", wrong_shape),
+        ("unexpected keys", unexpected),
+        ("missing keys", missing),
+    ]
+    details = "; ".join(f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})" for what, keys in problems if keys)
+    if details:
+        name = model.spot_config.get("name", type(model).__name__)
+        raise ValueError(f"checkpoint {source} does not fit {name}: {details}")
+    model.load_state_dict(state, strict=False)
+    untouched = [k for k in own if k not in state]
+    if dropped:
+        log.warning("classifier weights %s not loaded: class count differs from the checkpoint", dropped)
+    return untouched

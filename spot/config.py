@@ -1,0 +1,71 @@
+"""The SPOT options of a model, validated once and carried by the model as ``model.spot_cfg``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from spot.schedule import check_rho
+
+SELECTORS = ("learned", "cls_attn_avg", "random")
+SAMPLINGS = ("gumbel", "topk")
+MODES = ("mask", "prune")
+
+
+@dataclass(frozen=True)
+class SpotConfig:
+    """Options of the token relevance stages (paper Sec. 3.2 and the ablations of Sec. 4.3).
+
+    ``rho=None`` means the dense backbone: no stages, no predictors.
+    """
+
+    rho: float | None = 0.7
+    stage_blocks: tuple[int, ...] = (3, 6, 9)
+    selector: str = "learned"
+    sampling: str = "gumbel"  # training masks: Gumbel-Softmax, or the deterministic top-k of inference
+    tau: float = 1.0  # Gumbel-Softmax temperature
+    d_remap: int | None = None  # width of the remapped token features; None = embedding width, 0 = none
+    attn_mean: bool = True  # D^M: statistics of the running mean of attention maps (Table 2)
+    attn_var: bool = True  # D^Sigma: statistics of the running variance (Table 2)
+    head_avg: bool = False  # average the statistics over heads instead of one set per head
+    shared_predictor: bool = False  # one relevance module for all stages (Table 8)
+    fuse_dropped: bool = False  # soft sparsification: fuse dropped tokens into one extra token
+
+    def __post_init__(self) -> None:
+        if self.rho is not None:
+            object.__setattr__(self, "rho", check_rho(self.rho))
+        object.__setattr__(self, "stage_blocks", tuple(int(b) for b in self.stage_blocks))
+        if self.selector not in SELECTORS:
+            raise ValueError(f"unknown selector {self.selector!r}; choose one of {SELECTORS}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"unknown sampling {self.sampling!r}; choose one of {SAMPLINGS}")
+        if list(self.stage_blocks) != sorted(set(self.stage_blocks)) or min(self.stage_blocks, default=1) < 1:
+            raise ValueError(f"stage_blocks must be increasing block indices >= 1, got {self.stage_blocks}")
+        if self.d_remap is not None and (self.d_remap < 0 or self.d_remap % 2):
+            raise ValueError(f"d_remap must be an even number >= 0, got {self.d_remap}")
+        if self.tau <= 0:
+            raise ValueError(f"tau must be > 0, got {self.tau}")
+
+    @property
+    def dense(self) -> bool:
+        return self.rho is None
+
+    @property
+    def num_stages(self) -> int:
+        return 0 if self.dense else len(self.stage_blocks)
+
+    @property
+    def needs_attention(self) -> bool:
+        """Whether stages read attention maps (random selection does not)."""
+        return not self.dense and self.selector != "random"
+
+    @property
+    def cross_layer(self) -> bool:
+        return self.attn_mean or self.attn_var or self.selector == "cls_attn_avg"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["stage_blocks"] = list(self.stage_blocks)
+        return d
+
+
+SPOT_OPTIONS = frozenset(f.name for f in fields(SpotConfig))

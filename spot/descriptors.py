@@ -1,0 +1,100 @@
+"""Attention statistics the relevance module reads (paper Eq. 3-9) and their history over layers.
+
+Every statistic is taken over KEPT tokens only, so that a token gets the same features in training
+(dropped tokens still present, masked) as at inference (dropped tokens removed).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DESCRIPTOR_NAMES = ("cls_out", "cls_in", "row_mean", "col_mean", "row_var", "col_var")
+
+
+def attention_descriptors(attn: Tensor, keep: Tensor | None = None) -> Tensor:
+    """Per-head token descriptors D^A of one attention map (Eq. 3-9).
+
+    Args:
+        attn: ``(B, H, N+1, N+1)`` attention probabilities, row = query, index 0 = class token.
+        keep: optional ``(B, N+1)`` bool mask of kept tokens; means and (population) variances of the
+            patch-patch sub-matrix are then taken over kept rows / columns only, and dropped tokens'
+            descriptors are zero.
+
+    Returns:
+        ``(B, H, N, 6)``: ``[cls_out, cls_in, row_mean, col_mean, row_var, col_var]`` per patch token.
+    """
+    cls_out = attn[..., 0, 1:]  # Eq. 3: class token attends to t
+    cls_in = attn[..., 1:, 0]  # Eq. 4: t attends to the class token
+    patches = attn[..., 1:, 1:]
+    if keep is None:
+        row_var, row_mean = torch.var_mean(patches, dim=-1, correction=0)  # Eq. 5, 7
+        col_var, col_mean = torch.var_mean(patches, dim=-2, correction=0)  # Eq. 6, 8
+        return torch.stack((cls_out, cls_in, row_mean, col_mean, row_var, col_var), dim=-1)
+
+    kept = keep[:, 1:].to(attn.dtype)  # (B, N)
+    count = kept.sum(-1).clamp_min(1.0)[:, None, None]  # (B, 1, 1)
+    over_cols = kept[:, None, None, :]  # weights of P[t, j] in row statistics
+    over_rows = kept[:, None, :, None]  # weights of P[i, t] in column statistics
+    row_mean = (patches * over_cols).sum(-1) / count
+    col_mean = (patches * over_rows).sum(-2) / count
+    row_var = ((patches - row_mean[..., None]).square() * over_cols).sum(-1) / count
+    col_var = ((patches - col_mean[..., None, :]).square() * over_rows).sum(-2) / count
+    out = torch.stack((cls_out, cls_in, row_mean, col_mean, row_var, col_var), dim=-1)
+    return out * kept[:, None, :, None]
+
+
+class AttentionHistory:
+    """Running element-wise mean M and variance Sigma of the attention maps of all layers so far.
+
+    Keeps the sums of A and A^2 (both ``(B, H, T, T)``), from which M = S1 / L and
+    Sigma = S2 / L - M^2 (population variance over layers). When tokens are pruned, the sums are
+    gathered to the kept tokens, so M and Sigma always cover the tokens still present.
+    """
+
+    def __init__(self, track_var: bool) -> None:
+        self.track_var = track_var
+        self.layers = 0
+        self.sum: Tensor | None = None
+        self.sum_sq: Tensor | None = None
+        self.last: Tensor | None = None
+
+    def add(self, attn: Tensor) -> None:
+        attn = attn.detach()  # statistics are inputs of the predictor, not a path into the backbone
+        self.last = attn
+        self.layers += 1
+        if self.sum is None:
+            self.sum = attn.clone()
+            self.sum_sq = attn.square() if self.track_var else None
+            return
+        self.sum = self.sum + attn
+        if self.track_var:
+            self.sum_sq = torch.addcmul(self.sum_sq, attn, attn)
+
+    def mean(self) -> Tensor:
+        return self.sum / self.layers
+
+    def var(self) -> Tensor:
+        mean = self.mean()
+        return (self.sum_sq / self.layers - mean.square()).clamp_min(0.0)
+
+    def gather(self, index: Tensor) -> None:
+        """Keep only tokens ``index`` ((B, T') long, prefix included) on both token axes."""
+        self.sum = _gather_square(self.sum, index)
+        if self.sum_sq is not None:
+            self.sum_sq = _gather_square(self.sum_sq, index)
+        self.last = None
+
+    def pad_one(self) -> None:
+        """Add a token slot (all-zero history) at the end, for a newly appended fused token."""
+        self.sum = F.pad(self.sum, (0, 1, 0, 1))
+        if self.sum_sq is not None:
+            self.sum_sq = F.pad(self.sum_sq, (0, 1, 0, 1))
+
+
+def _gather_square(mat: Tensor, index: Tensor) -> Tensor:
+    b, h, _, t = mat.shape
+    k = index.shape[1]
+    rows = torch.gather(mat, 2, index[:, None, :, None].expand(b, h, k, t))
+    return torch.gather(rows, 3, index[:, None, None, :].expand(b, h, k, k))

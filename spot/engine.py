@@ -1,0 +1,184 @@
+"""The SPOT forward over a backbone's transformer blocks, shared by every backbone.
+
+A backbone hands over its embedded tokens ``[cls, patches]``; the engine runs ``model.blocks``,
+sparsifying the input of each stage block, in one of two modes:
+
+* ``mask`` (training): nothing is removed; a cumulative keep mask enters every later attention
+  through a policy softmax, with Gumbel-Softmax straight-through masks (or deterministic top-k).
+* ``prune`` (inference): the top ``int(N0 * rho**k)`` patch tokens are gathered, the rest removed.
+
+Blocks whose attention map feeds a stage compute attention explicitly; all others call the block's
+own (fused) forward, so a dense model computes exactly what the backbone computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from spot.config import MODES, SpotConfig
+from spot.descriptors import AttentionHistory
+from spot.masking import gumbel_keep, policy_softmax, topk_keep
+from spot.pruning import fuse_tokens, gather_tokens, select_topk, with_prefix
+from spot.schedule import keep_counts
+from spot.selectors import score_tokens
+
+
+@dataclass
+class SpotInfo:
+    """What a forward pass decided (see docs/design.md, model contract)."""
+
+    kept_indices: list[Tensor] = field(default_factory=list)  # per stage (B, k) original patch indices
+    masks: list[Tensor] = field(default_factory=list)  # per stage (B, N0) cumulative keep masks
+    tokens: Tensor | None = None  # (B, N0, C) final-normed patch tokens, original order, zeros if pruned
+    keep: Tensor | None = None  # (B, N0) final keep mask
+
+
+class TokenRun:
+    """Per-forward state: which tokens are present or masked, and the attention history."""
+
+    def __init__(self, cfg: SpotConfig, mode: str, x: Tensor, num_patches: int) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown SPOT mode {mode!r}; choose one of {MODES}")
+        b = x.shape[0]
+        self.cfg, self.mode, self.num_patches = cfg, mode, num_patches
+        self.counts = keep_counts(num_patches, cfg.rho, cfg.num_stages) if not cfg.dense else []
+        self.history = AttentionHistory(track_var=cfg.attn_var) if cfg.needs_attention else None
+        self.info = SpotInfo()
+        self.fused = False  # whether the sequence ends with a fused token
+        self.policy: Tensor | None = None  # mask mode: (B, T) keep policy once a stage has run
+        self.patch_mask = x.new_ones(b, num_patches)  # mask mode: cumulative (B, N0)
+        self.orig = torch.arange(num_patches, device=x.device).expand(b, -1)  # prune mode: (B, n)
+
+    def patches(self, x: Tensor) -> Tensor:
+        return x[:, 1 : x.shape[1] - int(self.fused)]
+
+    def stage(self, k: int, x: Tensor, predictor: nn.Module | None) -> Tensor:
+        if self.mode == "mask":
+            return self._mask_stage(k, x, predictor)
+        return self._prune_stage(k, x, predictor)
+
+    def _mask_stage(self, k: int, x: Tensor, predictor: nn.Module | None) -> Tensor:
+        prev = self.patch_mask
+        keep = torch.cat((prev.new_ones(prev.shape[0], 1), prev), dim=1) > 0.5
+        scores, log_probs = score_tokens(self.cfg, predictor, self.patches(x), self.history, keep)
+        if log_probs is not None and self.cfg.sampling == "gumbel":
+            mask = gumbel_keep(log_probs, prev, self.cfg.tau)
+        else:
+            mask = topk_keep(scores, prev, self.counts[k])
+            self.info.kept_indices.append(mask.nonzero()[:, 1].view(mask.shape[0], -1))
+        if self.cfg.fuse_dropped:
+            x = self._fuse(x, dropped=prev - mask, kept_seq=None)
+        self.patch_mask = mask
+        self.info.masks.append(mask)
+        ones = mask.new_ones(mask.shape[0], 1)
+        self.policy = torch.cat((ones, mask, ones) if self.fused else (ones, mask), dim=1)
+        return x
+
+    def _prune_stage(self, k: int, x: Tensor, predictor: nn.Module | None) -> Tensor:
+        scores, _ = score_tokens(self.cfg, predictor, self.patches(x), self.history, None)
+        idx = select_topk(scores, self.counts[k])  # positions among present patches
+        seq = with_prefix(idx, 1)
+        if self.fused:
+            seq = torch.cat((seq, seq.new_full((seq.shape[0], 1), x.shape[1] - 1)), dim=1)
+        if self.cfg.fuse_dropped:
+            dropped = torch.ones_like(scores).scatter(1, idx, 0.0)
+            x = self._fuse(x, dropped=dropped, kept_seq=seq)
+        else:
+            x = gather_tokens(x, seq)
+            if self.history is not None:
+                self.history.gather(seq)
+        self.orig = torch.gather(self.orig, 1, idx)
+        self.info.kept_indices.append(self.orig)
+        self.info.masks.append(torch.zeros_like(self.patch_mask).scatter(1, self.orig, 1.0))
+        return x
+
+    def _fuse(self, x: Tensor, dropped: Tensor, kept_seq: Tensor | None) -> Tensor:
+        """Soft sparsification: tokens dropped now (and the previous fused token) -> one fused token.
+
+        Weights: the class token's attention of the current layer, averaged over heads (EViT);
+        uniform when no attention is tracked. ``kept_seq`` (prune mode) gathers the survivors.
+        """
+        if self.history is not None:
+            cls_attn = self.history.last[:, :, 0, :].mean(1)  # (B, T)
+        else:
+            cls_attn = x.new_ones(x.shape[:2])
+        weights = torch.zeros_like(cls_attn)
+        weights[:, 1 : 1 + dropped.shape[1]] = dropped
+        if self.fused:
+            weights[:, -1] = 1.0
+        fused = fuse_tokens(x, weights * cls_attn)
+        if kept_seq is not None:
+            x = gather_tokens(x, kept_seq)
+            if self.history is not None:
+                self.history.gather(kept_seq)
+        if self.fused:
+            return torch.cat((x[:, :-1], fused), dim=1)
+        self.fused = True
+        if self.history is not None:
+            self.history.pad_one()
+        return torch.cat((x, fused), dim=1)
+
+    def finish(self, x_normed: Tensor) -> SpotInfo:
+        """Attach the final-normed patch tokens in original order and the final keep mask."""
+        patches = self.patches(x_normed)
+        if self.mode == "prune" and self.info.kept_indices:
+            full = patches.new_zeros(patches.shape[0], self.num_patches, patches.shape[-1])
+            self.info.tokens = full.scatter(1, self.orig[..., None].expand_as(patches), patches)
+        else:
+            self.info.tokens = patches
+        self.info.keep = self.info.masks[-1] if self.info.masks else self.patch_mask
+        return self.info
+
+    def patch_keep(self) -> Tensor | None:
+        """Mask mode: (B, N0) bool of finally kept patches; None when every present patch is kept."""
+        if self.mode == "mask" and self.info.masks:
+            return self.patch_mask > 0.5
+        return None
+
+
+def attention(attn: nn.Module, x: Tensor, policy: Tensor | None) -> tuple[Tensor, Tensor]:
+    """A timm ``Attention`` forward that also returns the attention probabilities (Eq. 1-2).
+
+    With ``policy`` the softmax runs over kept keys only (mask mode).
+    """
+    b, t, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    q, k, v = attn.qkv(x).reshape(b, t, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    probs = logits.softmax(-1) if policy is None else policy_softmax(logits, policy)
+    out = (attn.attn_drop(probs) @ v).transpose(1, 2).reshape(b, t, -1)
+    out = attn.norm(out)
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), probs
+
+
+def block_forward(blk: nn.Module, x: Tensor, policy: Tensor | None) -> tuple[Tensor, Tensor]:
+    """A timm ``Block`` forward with explicit attention; returns the block output and its attention map."""
+    h, probs = attention(blk.attn, blk.norm1(x), policy)
+    x = x + blk.drop_path1(blk.ls1(h))
+    x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+    return x, probs
+
+
+def run_blocks(model: nn.Module, x: Tensor, num_patches: int) -> tuple[Tensor, TokenRun]:
+    """Run ``model.blocks`` on tokens ``[cls, patches]`` with SPOT sparsification (prune or mask mode)."""
+    cfg: SpotConfig = model.spot_cfg
+    run = TokenRun(cfg, model.spot_mode, x, num_patches)
+    stage_of = {b: k for k, b in enumerate(cfg.stage_blocks)} if not cfg.dense else {}
+    last_read = max(stage_of) - 1 if run.history is not None else -1
+    for i, blk in enumerate(model.blocks):
+        if i in stage_of:
+            x = run.stage(stage_of[i], x, model.stage_predictor(stage_of[i]))
+        if i <= last_read or run.policy is not None:
+            x, probs = block_forward(blk, x, run.policy)
+            if i <= last_read:
+                run.history.add(probs)
+        else:
+            x = blk(x)
+    return x, run
+

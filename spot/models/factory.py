@@ -1,0 +1,64 @@
+"""``create_model``: the one way to build a SPOT (or dense) backbone by its short name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+from torch import nn
+
+from spot.checkpoint import load_pretrained
+from spot.config import SPOT_OPTIONS, SpotConfig
+from spot.models import lvvit  # noqa: F401 - registers lvvit_t / lvvit_s with timm
+from spot.models.base import attach_spot
+from spot.models.deit import TIMM_NAMES as DEIT_NAMES
+from spot.models.deit import patch_vit
+from spot.schedule import default_stage_blocks
+
+TIMM_NAMES = {**DEIT_NAMES, "lvvit_t": "lvvit_t", "lvvit_s": "lvvit_s"}
+BACKBONES = tuple(TIMM_NAMES)
+
+
+def create_model(
+    name: str,
+    *,
+    rho: float | None = 0.7,
+    selector: str = "learned",
+    pretrained: str | Path | None = None,
+    num_classes: int = 1000,
+    **overrides,
+) -> nn.Module:
+    """Build backbone ``name`` (``deit_t|s|b``, ``lvvit_t|s``) with SPOT stages at retention ``rho``.
+
+    ``rho=None`` gives the dense backbone with the same module names (teacher / baseline).
+    ``overrides`` are backbone arguments (``img_size``, ``patch_size``, ``depth``, ``embed_dim``,
+    ``num_heads``, ``mlp_ratio``, ``drop_path_rate``...) or SPOT options (fields of ``SpotConfig``:
+    ``stage_blocks``, ``d_remap``, ``attn_mean``, ``attn_var``, ``head_avg``, ``shared_predictor``,
+    ``fuse_dropped``, ``sampling``, ``tau``). ``pretrained``: a checkpoint path, ``"hub"`` or ``"hub:<tag>"``.
+    The model carries ``spot_config``: ``create_model(**model.spot_config)`` rebuilds the architecture.
+    """
+    if name not in TIMM_NAMES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    spot_opts = {k: v for k, v in overrides.items() if k in SPOT_OPTIONS}
+    arch_opts = {k: v for k, v in overrides.items() if k not in SPOT_OPTIONS}
+    try:
+        model = timm.create_model(TIMM_NAMES[name], pretrained=False, num_classes=num_classes, **arch_opts)
+    except TypeError as err:
+        raise ValueError(f"bad option for backbone {name!r}: {err}") from err
+    stages = spot_opts.pop("stage_blocks", None) or default_stage_blocks(len(model.blocks))
+    cfg = SpotConfig(rho=rho, selector=selector, stage_blocks=tuple(stages), **spot_opts)
+    if name.startswith("deit"):
+        patch_vit(model, cfg)
+    else:
+        attach_spot(model, cfg, model.embed_dim, model.blocks[0].attn.num_heads)
+    model.spot_config = {
+        "name": name,
+        "rho": rho,
+        "selector": selector,
+        "num_classes": num_classes,
+        **overrides,
+        "stage_blocks": list(cfg.stage_blocks),
+    }
+    if pretrained is not None:
+        load_pretrained(model, pretrained)
+    return model

@@ -1,0 +1,65 @@
+"""How a stage scores patch tokens: the learned SPOT module or a non-learned baseline (Table 7)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from spot.config import SpotConfig
+from spot.descriptors import AttentionHistory, attention_descriptors
+from spot.relevance import TokenRelevance
+
+
+def relevance_features(cfg: SpotConfig, history: AttentionHistory, keep: Tensor | None, n: int) -> Tensor:
+    """Descriptors [D^A, D^M, D^Sigma] per patch token as ``(B, N, F)`` (Eq. 9-10).
+
+    ``history`` holds the maps over tokens ``[cls, N patches, (fused)]``; only ``[cls, patches]`` are read.
+    Raw statistics of attention probabilities are of order 1/N and their variances 1/N^2; the module
+    reads them relative to uniform attention (probability-valued entries times the kept patch count
+    n, variances times n^2, for Sigma one more n^2), so features do not shrink with the token count.
+    Mask and prune modes see the same n, so this keeps their features equal.
+    """
+    count = (keep[:, 1:].sum(-1) if keep is not None else torch.full((history.sum.shape[0],), n))
+    count = count.to(history.sum.dtype).clamp_min(1.0)[:, None, None, None]
+    unit = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0], device=count.device)
+    scale = count ** (2.0 - unit)  # n for probabilities, n^2 for variances
+    window = slice(0, n + 1)
+    maps = [(history.last, scale)]
+    if cfg.attn_mean:
+        maps.append((history.mean(), scale))
+    if cfg.attn_var:
+        maps.append((history.var(), scale * count.square()))
+    parts = [attention_descriptors(m[..., window, window], keep) * s for m, s in maps]
+    desc = torch.cat(parts, dim=-1)  # (B, H, N, 6 * maps)
+    if cfg.head_avg:
+        return desc.mean(1)
+    b, h, _, f = desc.shape
+    return desc.permute(0, 2, 1, 3).reshape(b, n, h * f)
+
+
+def score_tokens(
+    cfg: SpotConfig,
+    predictor: TokenRelevance | None,
+    patches: Tensor,
+    history: AttentionHistory | None,
+    keep: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
+    """Relevance scores ``(B, N)`` of the patch tokens ``(B, N, C)``, and the keep/drop log-probs if learned.
+
+    ``keep`` is the ``(B, N+1)`` bool mask of kept tokens (class token first) in mask mode, None when
+    every present token is kept (prune mode).
+    """
+    n = patches.shape[1]
+    if cfg.selector == "random":
+        return torch.rand(patches.shape[:2], device=patches.device), None
+    if cfg.selector == "cls_attn_avg":
+        # class-token attention averaged over heads and over all layers so far
+        return history.mean()[:, :, 0, 1 : n + 1].mean(1), None
+    features = relevance_features(cfg, history, keep, n)
+    log_probs = predictor(patches, features, None if keep is None else keep[:, 1:])
+    return log_probs[..., 0], log_probs
+
+
+def num_descriptors(cfg: SpotConfig, num_heads: int) -> int:
+    maps = 1 + int(cfg.attn_mean) + int(cfg.attn_var)
+    return 6 * maps * (1 if cfg.head_avg else num_heads)
