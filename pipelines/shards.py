@@ -1,0 +1,402 @@
+"""Write WebDataset tar shards that NVIDIA DALI reads directly, plus a DALI index per shard and a manifest.
+
+Each sample ``<split>-<n>`` holds three members: ``.jpg`` (JPEG bytes), ``.lbl`` (the class index as a raw
+4-byte little-endian int32, so DALI's reader yields it with ``dtypes=INT32``; deliberately not webdataset's
+ASCII ``.cls``) and ``.json`` (key, source, label, class, stored width/height). Samples are shuffled with
+``seed`` before sharding; tar headers carry fixed mtime/owner, so the same input gives byte-identical shards.
+Every image is decoded while writing: unreadable ones are reported and left out (``strict`` raises instead).
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image, ImageOps
+from tqdm import tqdm
+from wds2idx import IndexCreator
+
+from pipelines.manifest import (
+    COMPONENTS,
+    FORMAT,
+    MANIFEST_NAME,
+    CorruptSampleError,
+    DataDirError,
+    DataError,
+    Manifest,
+    ManifestError,
+    MissingLabelError,
+    SourceError,
+    read_manifest,
+    sha256_file,
+)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
+DIGITS_IMG_SIZE = 64
+DIGITS_SPLITS = ("train", "val")
+DIGITS_VAL_FRACTION = 0.2
+JPEG_QUALITY = 90
+CHUNK = 512  # images decoded per round trip to the worker pool (bounds memory on large datasets)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One source sample: where it comes from (for reports and meta) and its class index."""
+
+    source: str
+    label: int
+    path: Path | None = None  # image file, or
+    pixels: np.ndarray | None = None  # digits: 8x8 uint8 grey
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A source sample left out of the shards, why, and the error it becomes in strict mode."""
+
+    source: str
+    reason: str
+    error: type[DataError] = CorruptSampleError
+
+
+def parse_source(source: str) -> tuple[str, Path | None]:
+    """Split ``digits`` / ``imagefolder:DIR`` / ``csv:FILE`` into kind and path."""
+    kind, _, arg = source.partition(":")
+    if kind == "digits" and not arg:
+        return kind, None
+    if kind in ("imagefolder", "csv") and arg:
+        path = Path(arg).expanduser().resolve()
+        if not (path.is_dir() if kind == "imagefolder" else path.is_file()):
+            raise SourceError(f"source {source!r}: {path} does not exist")
+        return kind, path
+    raise SourceError(f"source {source!r}: expected 'digits', 'imagefolder:DIR' or 'csv:FILE'")
+
+
+def _merge_classes(found: list[str], existing: list[str] | None, where: str) -> list[str]:
+    """Class list to use: the directory's existing one (other splits) if any, else ``found``."""
+    if existing is None:
+        return found
+    unknown = [c for c in found if c not in existing]
+    if unknown:
+        raise SourceError(f"{where}: classes {unknown[:5]} are not among the classes of the other splits")
+    return existing
+
+
+def digits_items(split: str) -> list[Item]:
+    """scikit-learn's bundled digits; fixed stratified 80/20 train/val split (seed-independent)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    train, val = train_test_split(
+        np.arange(len(digits.target)), test_size=DIGITS_VAL_FRACTION, stratify=digits.target, random_state=0
+    )
+    pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)
+    chosen = {"train": train, "val": val}[split]
+    return [Item(f"digits:{i}", int(digits.target[i]), pixels=pixels[i]) for i in sorted(chosen)]
+
+
+def imagefolder_items(root: Path, existing: list[str] | None) -> tuple[list[str], list[Item], list[Problem]]:
+    """``root/<class>/**/<image>``; images directly under ``root`` have no class and are reported."""
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = _merge_classes(found, existing, f"imagefolder {root}")
+    items: list[Item] = []
+    problems = [
+        Problem(str(p), "missing label: image is not inside a class folder", MissingLabelError)
+        for p in sorted(root.iterdir())
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    for name in found:
+        for path in sorted((root / name).rglob("*")):
+            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
+                items.append(Item(str(path.relative_to(root)), classes.index(name), path=path))
+    return classes, items, problems
+
+
+def csv_items(path: Path, existing: list[str] | None) -> tuple[list[str], list[Item], list[Problem]]:
+    """Rows ``path,label`` (optional header ``path,label``), paths relative to the CSV's folder.
+
+    ``label`` is a class name, or the class index when every label is a non-negative integer.
+    """
+    rows: list[tuple[int, str, str]] = []
+    problems: list[Problem] = []
+    with open(path, newline="") as f:
+        for line, row in enumerate(csv.reader(f), start=1):
+            cells = [c.strip() for c in row]
+            if not any(cells) or (line == 1 and cells[:2] == ["path", "label"]):
+                continue
+            if len(cells) < 2 or not cells[1]:
+                problems.append(Problem(f"{path}:{line} ({cells[0]})", "missing label", MissingLabelError))
+            else:
+                rows.append((line, cells[0], cells[1]))
+    if rows and all(re.fullmatch(r"\d+", label) for _, _, label in rows):
+        top = max(int(label) for _, _, label in rows)
+        classes = existing if existing is not None else [str(i) for i in range(top + 1)]
+        if top >= len(classes):
+            raise SourceError(f"csv {path}: label {top} is not a class index (only {len(classes)} classes)")
+        index = {label: int(label) for _, _, label in rows}
+    else:
+        found = sorted({label for _, _, label in rows})
+        classes = _merge_classes(found, existing, f"csv {path}")
+        index = {label: classes.index(label) for label in found}
+    items = [Item(rel, index[label], path=path.parent / rel) for _, rel, label in rows]
+    return classes, items, problems
+
+
+EncodeResult = tuple[bytes, int, int] | str
+
+
+def encode(item: Item, img_size: int | None) -> EncodeResult:
+    """Decode and check one image; return (JPEG bytes, width, height) or the reason it is rejected.
+
+    JPEGs in RGB/grey that need no resize or rotation are stored byte for byte; everything else is
+    converted to RGB (EXIF orientation applied, shorter side capped at ``img_size``) and re-encoded.
+    """
+    try:
+        if item.pixels is not None:
+            side = img_size or DIGITS_IMG_SIZE
+            img = Image.fromarray(item.pixels, "L").resize((side, side), Image.Resampling.BICUBIC)
+            data = None
+        else:
+            data = item.path.read_bytes()
+            img = Image.open(io.BytesIO(data))
+            img.load()
+        rotated = ImageOps.exif_transpose(img)
+        too_big = img_size is not None and min(rotated.size) > img_size
+        as_is = data is not None and img.format == "JPEG" and img.mode in ("RGB", "L") and rotated is img
+        if not as_is or too_big:
+            img = rotated.convert("RGB")
+            if too_big:
+                scale = img_size / min(img.size)
+                size = (round(img.width * scale), round(img.height * scale))
+                img = img.resize(size, Image.Resampling.BICUBIC)
+            buffer = io.BytesIO()
+            img.save(buffer, "JPEG", quality=JPEG_QUALITY)
+            data = buffer.getvalue()
+    except Exception as err:  # PIL raises many exception types for bad files; all mean "unreadable"
+        return f"{type(err).__name__}: {err}"
+    return data, img.width, img.height
+
+
+def _encoded(items: list[Item], img_size: int | None, workers: int) -> Iterator[tuple[Item, EncodeResult]]:
+    """``(item, encode(item))`` in order, decoded by ``workers`` processes ``CHUNK`` images at a time."""
+    work = partial(encode, img_size=img_size)
+    if workers <= 1:
+        yield from zip(items, map(work, items), strict=True)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for start in range(0, len(items), CHUNK):
+            chunk = items[start : start + CHUNK]
+            yield from zip(chunk, pool.map(work, chunk, chunksize=16), strict=True)
+
+
+def _skip(problem: Problem, strict: bool) -> None:
+    """Report a left-out sample on stderr, or raise its error in strict mode."""
+    if strict:
+        raise problem.error(f"{problem.source}: {problem.reason} (strict mode)")
+    tqdm.write(f"skipped {problem.source}: {problem.reason}", file=sys.stderr)
+
+
+def _size_stats(values: list[int]) -> dict[str, float]:
+    return {"min": min(values), "max": max(values), "mean": round(sum(values) / len(values), 2)}
+
+
+def _index_shards(stage: Path, split: str) -> list[dict]:
+    """Write DALI's index (``wds2idx``) next to every staged tar; return the manifest's shard entries."""
+    shards = []
+    for tar in sorted(stage.glob(f"{split}-*.tar")):
+        index = tar.with_suffix(".idx")
+        with IndexCreator(str(tar), str(index), verbose=False) as creator:
+            creator.create_index()
+        count = int(index.read_text().split(maxsplit=2)[1])
+        entry = {"tar": tar.name, "index": index.name, "count": count, "bytes": tar.stat().st_size}
+        shards.append({**entry, "sha256": sha256_file(tar)})
+    return shards
+
+
+def _write_split(
+    items: list[Item],
+    problems: list[Problem],
+    stage: Path,
+    split: str,
+    classes: list[str],
+    *,
+    shard_size: int,
+    seed: int,
+    img_size: int | None,
+    workers: int,
+    strict: bool,
+) -> dict:
+    """Shuffle, validate and write one split into ``stage``; return its manifest entry."""
+    for problem in problems:
+        _skip(problem, strict)
+    order = np.random.default_rng(seed).permutation(len(items))
+    items = [items[i] for i in order]
+    widths: list[int] = []
+    heights: list[int] = []
+    class_counts = [0] * len(classes)
+    pattern = str(stage / f"{split}-%06d.tar")
+    writer = None
+    try:
+        encoded = _encoded(items, img_size, workers)
+        for item, result in tqdm(encoded, total=len(items), desc=f"{split} shards", unit="img"):
+            if isinstance(result, str):
+                problems.append(Problem(str(item.path or item.source), result))
+                _skip(problems[-1], strict)
+                continue
+            data, width, height = result
+            key = f"{split}-{len(widths):08d}"
+            meta = {"key": key, "source": item.source, "label": item.label, "class": classes[item.label],
+                    "width": width, "height": height}  # fmt: skip
+            if writer is None:  # fixed mtime and raw bytes (no ASCII encoding): reproducible tars
+                writer = wds.ShardWriter(pattern, maxcount=shard_size, verbose=0, mtime=0, encoder=False)
+            label = np.array(item.label, dtype="<i4").tobytes()
+            writer.write({"__key__": key, "jpg": data, "lbl": label, "json": json.dumps(meta).encode()})
+            widths.append(width)
+            heights.append(height)
+            class_counts[item.label] += 1
+    finally:
+        if writer is not None:
+            writer.close()
+    if not widths:
+        raise SourceError(f"split {split!r}: no valid images ({len(problems)} skipped)")
+    return {
+        "count": len(widths),
+        "shards": _index_shards(stage, split),
+        "class_counts": class_counts,
+        "image_size": {"width": _size_stats(widths), "height": _size_stats(heights)},
+        "skipped": [{"source": p.source, "reason": p.reason} for p in problems],
+    }
+
+
+def _load_raw_manifest(out_dir: Path) -> dict:
+    path = out_dir / MANIFEST_NAME
+    if not path.exists():
+        return {"format": FORMAT, "components": COMPONENTS, "classes": [], "splits": {}}
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ManifestError(f"{path}: not valid JSON ({err}); delete it to start over") from err
+    if raw.get("format") != FORMAT:
+        raise ManifestError(f"{path}: key 'format' is {raw.get('format')!r}, expected {FORMAT!r}")
+    return raw
+
+
+def _commit(stage: Path, out_dir: Path, split: str, entry: dict, classes: list[str]) -> None:
+    """Replace ``split``'s shards in ``out_dir`` by the staged ones, then rewrite the manifest atomically."""
+    for old in [*out_dir.glob(f"{split}-*.tar"), *out_dir.glob(f"{split}-*.idx")]:
+        old.unlink()
+    for new in sorted(stage.iterdir()):
+        new.replace(out_dir / new.name)
+    raw = _load_raw_manifest(out_dir)
+    raw["classes"] = classes
+    raw["splits"][split] = entry
+    tmp = out_dir / f".{MANIFEST_NAME}.tmp"
+    tmp.write_text(json.dumps(raw, indent=1, sort_keys=True) + "\n")
+    tmp.replace(out_dir / MANIFEST_NAME)
+
+
+def write_shards(
+    source: str,
+    out_dir: str | Path,
+    *,
+    split: str | None = None,
+    shard_size: int = 1000,
+    seed: int = 0,
+    img_size: int | None = None,
+    workers: int | None = None,
+    strict: bool = False,
+) -> Manifest:
+    """Write ``source`` (``digits``, ``imagefolder:DIR``, ``csv:FILE``) as ``split`` shards in ``out_dir``.
+
+    ``split=None`` means both ``train`` and ``val`` for digits and ``train`` otherwise. Other splits already
+    in ``out_dir`` are kept, and their class list is reused so indices agree (e.g. ImageNet train, then val).
+    ``img_size``: side of the digits images (default 64); for files, if set, the shorter side is capped at it.
+    Returns the re-read manifest. Raises :class:`SourceError` / :class:`MissingLabelError` on bad input.
+    """
+    kind, path = parse_source(source)
+    splits = list(DIGITS_SPLITS) if kind == "digits" and split is None else [split or "train"]
+    for name in splits:
+        if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+            raise SourceError(f"split {name!r}: use letters, digits and '_' only")
+    if shard_size < 1:
+        raise SourceError(f"shard_size {shard_size} must be >= 1")
+    out = Path(out_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for name in splits:
+        raw = _load_raw_manifest(out)
+        existing = raw["classes"] if set(raw["splits"]) - {name} else None
+        problems: list[Problem] = []
+        if kind == "digits":
+            classes = _merge_classes([str(d) for d in range(10)], existing, "digits")
+            items = digits_items(name) if name in DIGITS_SPLITS else []
+            if not items:
+                raise SourceError(f"digits has splits {DIGITS_SPLITS}, not {name!r}")
+        elif kind == "imagefolder":
+            classes, items, problems = imagefolder_items(path, existing)
+        else:
+            classes, items, problems = csv_items(path, existing)
+        if not items:
+            raise SourceError(f"source {source!r}: no images found")
+        stage = out / f".staging-{name}"
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir()
+        try:
+            entry = _write_split(
+                items,
+                problems,
+                stage,
+                name,
+                classes,
+                shard_size=shard_size,
+                seed=seed,
+                img_size=img_size,
+                workers=workers or os.cpu_count() or 1,
+                strict=strict,
+            )
+            entry["params"] = {
+                "source": source,
+                "seed": seed,
+                "shard_size": shard_size,
+                "img_size": (img_size or DIGITS_IMG_SIZE) if kind == "digits" else img_size,
+            }
+            _commit(stage, out, name, entry, classes)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    return read_manifest(out)
+
+
+def ensure_digits_shards(out_dir: str | Path, img_size: int = DIGITS_IMG_SIZE) -> Path:
+    """Make the built-in digits train/val shards in ``out_dir`` unless valid ones of that size exist.
+
+    Safe to call from several processes at once (file lock). Refuses to overwrite a non-digits dataset.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        raw = _load_raw_manifest(out)
+        params = {name: split.get("params", {}) for name, split in raw["splits"].items()}
+        foreign = sorted(name for name, p in params.items() if p.get("source") != "digits")
+        if foreign:
+            raise DataDirError(f"{out} holds non-digits splits {foreign}; use another directory for digits")
+        try:
+            read_manifest(out, verify=True)
+            if all(params.get(name, {}).get("img_size") == img_size for name in DIGITS_SPLITS):
+                return out
+        except DataError:
+            pass
+        write_shards("digits", out, img_size=img_size, workers=1)
+    return out
