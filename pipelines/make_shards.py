@@ -1,0 +1,63 @@
+"""Turn a dataset into WebDataset shards for the DALI loader (CLI over :mod:`pipelines.shards`).
+
+python pipelines/make_shards.py --source digits --out data/digits
+python pipelines/make_shards.py --source imagefolder:/data/imagenet/train --out data/in1k --split train
+python pipelines/make_shards.py --source csv:/data/imagenet/val.csv --out data/in1k --split val
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from a checkout: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipelines.manifest import DataError  # noqa: E402
+from pipelines.shards import write_shards  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument(
+        "--source", required=True, help="digits | imagefolder:DIR | csv:FILE (path,label rows)"
+    )
+    parser.add_argument("--out", required=True, type=Path, help="shard directory (manifest.json goes here)")
+    parser.add_argument("--split", default=None, help="split (default: train+val for digits, else train)")
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle before sharding")
+    parser.add_argument(
+        "--img-size", type=int, default=None, help="digits: image side (64); files: cap on the shorter side"
+    )
+    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    parser.add_argument("--strict", action="store_true", help="fail on the first unreadable/unlabeled image")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        manifest = write_shards(
+            args.source,
+            args.out,
+            split=args.split,
+            shard_size=args.shard_size,
+            seed=args.seed,
+            img_size=args.img_size,
+            workers=args.workers,
+            strict=args.strict,
+        )
+    except DataError as err:
+        print(f"make_shards: error: {err}", file=sys.stderr)
+        return 2
+    for split, count in sorted(manifest.counts.items()):
+        skipped = len(manifest.info[split]["skipped"])
+        print(f"{split}: {count} samples in {len(manifest.shards(split))} shards ({skipped} skipped)")
+    print(f"{manifest.num_classes} classes -> {manifest.root}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
