@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import webdataset as wds
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 from tqdm import tqdm
 from wds2idx import IndexCreator
 
@@ -173,11 +173,10 @@ def encode(item: Item, img_size: int | None) -> EncodeResult:
             data = item.path.read_bytes()
             img = Image.open(io.BytesIO(data))
             img.load()
-        rotated = ImageOps.exif_transpose(img)
-        too_big = img_size is not None and min(rotated.size) > img_size
-        as_is = data is not None and img.format == "JPEG" and img.mode in ("RGB", "L") and rotated is img
-        if not as_is or too_big:
-            img = rotated.convert("RGB")
+        upright = img.getexif().get(ExifTags.Base.Orientation, 1) == 1
+        too_big = img_size is not None and min(img.size) > img_size
+        if data is None or img.format != "JPEG" or img.mode not in ("RGB", "L") or not upright or too_big:
+            img = ImageOps.exif_transpose(img).convert("RGB")
             if too_big:
                 scale = img_size / min(img.size)
                 size = (round(img.width * scale), round(img.height * scale))
