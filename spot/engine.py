@@ -7,8 +7,9 @@ sparsifying the input of each stage block, in one of two modes:
   through a policy softmax, with Gumbel-Softmax straight-through masks (or deterministic top-k).
 * ``prune`` (inference): the top ``int(N0 * rho**k)`` patch tokens are gathered, the rest removed.
 
-Blocks whose attention map feeds a stage compute attention explicitly; all others call the block's
-own (fused) forward, so a dense model computes exactly what the backbone computes.
+Blocks whose attention map feeds a stage compute attention explicitly; all others run the block's
+own (fused) forward, so a dense model computes exactly what the backbone computes
+(see ``spot/blocks.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 
 from spot.config import MODES, SpotConfig
 from spot.descriptors import AttentionHistory
-from spot.masking import gumbel_keep, policy_softmax, topk_keep
+from spot.masking import gumbel_keep, topk_keep
 from spot.pruning import fuse_tokens, gather_tokens, select_topk, with_prefix
 from spot.schedule import keep_counts
 from spot.selectors import score_tokens
@@ -139,32 +140,6 @@ class TokenRun:
         return None
 
 
-def attention(attn: nn.Module, x: Tensor, policy: Tensor | None) -> tuple[Tensor, Tensor]:
-    """A timm ``Attention`` forward that also returns the attention probabilities (Eq. 1-2).
-
-    With ``policy`` the softmax runs over kept keys only (mask mode).
-    """
-    b, t, _ = x.shape
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    q, k, v = attn.qkv(x).reshape(b, t, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    logits = (q * attn.scale) @ k.transpose(-2, -1)
-    probs = logits.softmax(-1) if policy is None else policy_softmax(logits, policy)
-    out = (attn.attn_drop(probs) @ v).transpose(1, 2).reshape(b, t, -1)
-    out = attn.norm(out)
-    if gate is not None:
-        out = out * gate
-    return attn.proj_drop(attn.proj(out)), probs
-
-
-def block_forward(blk: nn.Module, x: Tensor, policy: Tensor | None) -> tuple[Tensor, Tensor]:
-    """A timm ``Block`` forward with explicit attention; returns the block output and its attention map."""
-    h, probs = attention(blk.attn, blk.norm1(x), policy)
-    x = x + blk.drop_path1(blk.ls1(h))
-    x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-    return x, probs
-
-
 def run_blocks(model: nn.Module, x: Tensor, num_patches: int) -> tuple[Tensor, TokenRun]:
     """Run ``model.blocks`` on tokens ``[cls, patches]`` with SPOT sparsification (prune or mask mode)."""
     cfg: SpotConfig = model.spot_cfg
@@ -174,11 +149,10 @@ def run_blocks(model: nn.Module, x: Tensor, num_patches: int) -> tuple[Tensor, T
     for i, blk in enumerate(model.blocks):
         if i in stage_of:
             x = run.stage(stage_of[i], x, model.stage_predictor(stage_of[i]))
-        if i <= last_read or run.policy is not None:
-            x, probs = block_forward(blk, x, run.policy)
-            if i <= last_read:
-                run.history.add(probs)
+        if i <= last_read:
+            x, probs = blk(x, policy=run.policy, return_probs=True)
+            run.history.add(probs)
         else:
-            x = blk(x)
+            x = blk(x, policy=run.policy)
     return x, run
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from spot.blocks import make_blocks_spot_aware
 from spot.config import MODES, SpotConfig
 from spot.engine import SpotInfo, TokenRun, run_blocks
 from spot.relevance import TokenRelevance
@@ -63,6 +64,7 @@ def attach_spot(model: nn.Module, cfg: SpotConfig, dim: int, num_heads: int) -> 
     depth = len(model.blocks)
     if not cfg.dense and max(cfg.stage_blocks) >= depth:
         raise ValueError(f"stage_blocks {cfg.stage_blocks} do not fit a {depth}-block model")
+    make_blocks_spot_aware(model.blocks)
     model.spot_cfg = cfg
     model.spot_mode = "mask" if model.training else "prune"
     model.spot_predictors = None

@@ -55,7 +55,8 @@ def patch_vit(model: VisionTransformer, cfg: SpotConfig) -> VisionTransformer:
         "class-token pooling": model.global_pool == "token" and model.attn_pool is None,
         "a fixed image size": not getattr(model, "dynamic_img_size", False),
         "standard blocks": all(
-            type(b) is Block and type(b.attn) is Attention and isinstance(b.mlp, Mlp) for b in model.blocks
+            isinstance(b, Block) and isinstance(b.attn, Attention) and isinstance(b.mlp, Mlp)
+            for b in model.blocks
         ),
     }
     missing = [need for need, ok in unsupported.items() if not ok]

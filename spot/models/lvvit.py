@@ -113,9 +113,11 @@ class LVViT(SpotModelMixin, nn.Module):
     def head_logits(self, x: Tensor, run: TokenRun) -> Tensor:
         aux = self.aux_head(run.patches(x))
         keep = run.patch_keep()
-        if keep is not None:  # mask mode: the max runs over kept tokens only
-            aux = aux.masked_fill(~keep[..., None], float("-inf"))
-        return self.head(x[:, 0]) + 0.5 * aux.amax(dim=1)
+        if keep is None:
+            return self.head(x[:, 0]) + 0.5 * aux.amax(dim=1)
+        # mask mode: the max runs over kept tokens only (none kept: no auxiliary term)
+        best = aux.masked_fill(~keep[..., None], float("-inf")).amax(dim=1)
+        return self.head(x[:, 0]) + 0.5 * torch.where(keep.any(1, keepdim=True), best, 0.0)
 
     def spot_filter(self, state_dict: dict) -> dict:
         return checkpoint_filter_fn(state_dict, self)

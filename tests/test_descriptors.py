@@ -1,0 +1,56 @@
+"""Attention descriptors (Eq. 3-9) against a naive float64 reference written from the equations."""
+
+import torch
+
+from spot import attention_descriptors
+
+
+def naive_descriptors(attn: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """Loop-level Eq. 3-9 over kept tokens: plain sums divided by the kept count (population variance)."""
+    b, h, t, _ = attn.shape
+    out = torch.zeros(b, h, t - 1, 6, dtype=torch.float64)
+    for bi in range(b):
+        kept = [i for i in range(1, t) if keep is None or keep[bi, i]]
+        n = len(kept)
+        for hi in range(h):
+            a = attn[bi, hi].double()
+            for tok in kept:
+                row = [a[tok, j].item() for j in kept]
+                col = [a[i, tok].item() for i in kept]
+                rm, cm = sum(row) / n, sum(col) / n
+                rv = sum((v - rm) ** 2 for v in row) / n
+                cv = sum((v - cm) ** 2 for v in col) / n
+                out[bi, hi, tok - 1] = torch.tensor([a[0, tok], a[tok, 0], rm, cm, rv, cv])
+    return out
+
+
+def random_attention(b=2, h=3, t=9, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, h, t, t, generator=g, dtype=torch.float64).mul(2).softmax(-1)
+
+
+def test_descriptors_match_equations_without_mask():
+    attn = random_attention()
+    got = attention_descriptors(attn)
+    assert got.shape == (2, 3, 8, 6)
+    torch.testing.assert_close(got, naive_descriptors(attn, None), rtol=1e-12, atol=1e-12)
+
+
+def test_descriptors_use_kept_tokens_only():
+    attn = random_attention(seed=1)
+    keep = torch.ones(2, 9, dtype=torch.bool)
+    keep[0, [2, 5, 7]] = False
+    keep[1, [1, 8]] = False
+    got = attention_descriptors(attn, keep)
+    torch.testing.assert_close(got, naive_descriptors(attn, keep), rtol=1e-12, atol=1e-12)
+    assert got[0, :, [1, 4, 6]].abs().sum() == 0  # dropped tokens carry no descriptor
+
+
+def test_descriptors_ignore_dropped_rows_and_columns():
+    attn = random_attention(seed=2)
+    keep = torch.ones(2, 9, dtype=torch.bool)
+    keep[:, 4] = False
+    changed = attn.clone()
+    changed[:, :, 4, 1:] = 0.5  # a dropped token's row and column hold anything
+    changed[:, :, 1:, 4] = 0.25
+    torch.testing.assert_close(attention_descriptors(changed, keep), attention_descriptors(attn, keep))

@@ -1,0 +1,142 @@
+"""Mask (training) and prune (inference) modes compute the same function; masks are hierarchical."""
+
+import pytest
+import timm
+import torch
+from tiny import TINY, tiny
+
+import spot
+
+NAMES = ["deit_s", "lvvit_s"]
+OPTIONS = [{}, {"fuse_dropped": True}, {"head_avg": True, "attn_var": False}, {"d_remap": 0}]
+
+
+def copy_weights(dst, src):
+    dst.load_state_dict(src.state_dict(), strict=False)
+    return dst
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("selector", ["learned", "cls_attn_avg"])
+@pytest.mark.parametrize("options", OPTIONS, ids=["default", "fused", "headavg", "noremap"])
+def test_mask_mode_equals_prune_mode_for_the_same_keep_set(name, selector, options):
+    model = tiny(name, selector=selector, rho=0.6, sampling="topk", **options).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        pruned, p_info = model(x, return_info=True)
+        spot.set_mode(model, "mask")
+        masked, m_info = model(x, return_info=True)
+    for p_idx, m_idx in zip(p_info.kept_indices, m_info.kept_indices, strict=True):
+        assert torch.equal(p_idx, m_idx)
+    torch.testing.assert_close(masked, pruned, rtol=1e-4, atol=1e-5)
+    keep = m_info.keep.bool()
+    torch.testing.assert_close(m_info.tokens[keep], p_info.tokens[keep], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_rho_one_prunes_nothing_and_equals_the_dense_model(name):
+    dense = tiny(name, rho=None).eval()
+    full = copy_weights(tiny(name, rho=1.0), dense).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits, info = full(x, return_info=True)
+        assert all(k.shape[1] == 16 for k in info.kept_indices)
+        torch.testing.assert_close(logits, dense(x), rtol=1e-5, atol=1e-5)
+
+
+def test_patched_deit_computes_exactly_what_timm_computes():
+    reference = timm.create_model("deit_small_patch16_224", num_classes=10, **{
+        k: v for k, v in TINY.items() if k != "num_classes"}).eval()
+    patched = copy_weights(tiny("deit_s", rho=None), reference).eval()
+    assert patched.state_dict().keys() == reference.state_dict().keys()
+    assert isinstance(patched, type(reference))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(patched(x), reference(x))
+
+
+def test_keep_counts_follow_rho_powers():
+    assert spot.keep_counts(196, 0.7) == [137, 96, 67]
+    assert spot.keep_counts(196, 0.5) == [98, 49, 24]
+    assert spot.keep_counts(16, 0.6, stages=3) == [9, 5, 3]
+    model = tiny(rho=0.6).eval()
+    with torch.no_grad():
+        _, info = model(torch.randn(2, 3, 32, 32), return_info=True)
+    assert [k.shape for k in info.kept_indices] == [(2, 9), (2, 5), (2, 3)]
+    assert [float(m.sum(1)[0]) for m in info.masks] == [9.0, 5.0, 3.0]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gumbel_masks_are_hierarchical_and_train_every_predictor(name):
+    model = tiny(name, rho=0.7).train()
+    logits, info = model(torch.randn(4, 3, 32, 32), return_info=True)
+    assert len(info.masks) == 3 and info.kept_indices == []
+    for earlier, later in zip(info.masks, info.masks[1:], strict=False):
+        assert torch.all(later <= earlier)  # a dropped token stays dropped
+        assert set(later.unique().tolist()) <= {0.0, 1.0}
+    rate = sum((m.mean(1) - 0.7 ** (k + 1)).square().mean() for k, m in enumerate(info.masks))
+    (logits.square().mean() + rate).backward()
+    for pname, p in model.spot_predictors.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, pname
+
+
+def test_prune_mode_really_removes_tokens():
+    model = tiny(rho=0.5).eval()
+    seen = []
+    for blk in model.blocks:
+        blk.register_forward_hook(lambda m, i, o: seen.append((o[0] if isinstance(o, tuple) else o).shape[1]))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    assert seen == [17, 9, 5, 3]  # stages before blocks 1, 2, 3 of a 4-block model
+
+
+def test_kept_indices_are_original_patch_positions_and_nested():
+    model = tiny(rho=0.7).eval()
+    with torch.no_grad():
+        _, info = model(torch.randn(2, 3, 32, 32), return_info=True)
+    for earlier, later in zip(info.kept_indices, info.kept_indices[1:], strict=False):
+        for b in range(2):
+            assert set(later[b].tolist()) <= set(earlier[b].tolist())
+    assert all(int(k.max()) < 16 for k in info.kept_indices)
+
+
+def test_cls_attn_avg_keeps_the_tokens_the_class_token_attends_to_most():
+    model = tiny(selector="cls_attn_avg", rho=0.5).eval()
+    captured = []
+    first = model.blocks[0]
+
+    def hook(module, args, out):
+        x = first.norm1(args[0])
+        b, t, _ = x.shape
+        q, k, _ = module.qkv(x).reshape(b, t, 3, 2, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        captured.append(((q * module.scale) @ k.transpose(-2, -1)).softmax(-1))
+
+    first.attn.register_forward_hook(hook)
+    with torch.no_grad():
+        _, info = model(torch.randn(2, 3, 32, 32), return_info=True)
+    # stage 1 sits before block 1: its score is block 0's class-token attention averaged over heads
+    score = captured[0][:, :, 0, 1:].mean(1)
+    expected = score.topk(8, dim=-1).indices.sort(-1).values
+    assert torch.equal(info.kept_indices[0], expected)
+
+
+def test_random_selector_needs_no_attention_maps():
+    model = tiny(selector="random", rho=0.5).eval()
+    with torch.no_grad():
+        _, info = model(torch.randn(2, 3, 32, 32), return_info=True)
+    assert [k.shape[1] for k in info.kept_indices] == [8, 4, 2]
+    assert model.spot_predictors is None
+
+
+def test_shared_predictor_has_one_module():
+    assert len(tiny(shared_predictor=True).spot_predictors) == 1
+    assert len(tiny().spot_predictors) == 3
+
+
+def test_spot_config_rebuilds_the_architecture():
+    model = tiny("lvvit_t", rho=0.6, fuse_dropped=True)
+    rebuilt = spot.create_model(**model.spot_config)
+    rebuilt.load_state_dict(model.state_dict())  # strict: same keys and shapes
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), model.eval()(x))

@@ -1,0 +1,11 @@
+"""Tiny backbones for fast tests: same code paths as the real ones, a few thousand parameters."""
+
+import spot
+
+TINY = dict(img_size=32, patch_size=8, depth=4, embed_dim=32, num_heads=2, num_classes=10)
+TINY_LVVIT = dict(img_size=32, patch_size=8, depth=4, embed_dim=36, num_heads=3, num_classes=10)
+
+
+def tiny(name: str = "deit_s", **kwargs):
+    base = TINY_LVVIT if name.startswith("lvvit") else TINY
+    return spot.create_model(name, **{**base, **kwargs})
