@@ -1,0 +1,316 @@
+"""The one data loader: NVIDIA DALI reads the WebDataset shards and decodes, augments and normalises.
+
+Decoding runs on the GPU ("mixed", nvJPEG) when the target device is CUDA, on the CPU otherwise; the
+pipeline is otherwise identical. Sharding across ranks is DALI's, by sample index: rank ``r`` of ``k`` always
+reads the same contiguous ``1/k`` of the (shuffle-written) split (``stick_to_shard``), reshuffled every
+epoch with a buffer of ``INITIAL_FILL`` samples. Epoch length is fixed up front and equal on every rank:
+
+* train: ``len = (N // k) // batch_size`` full batches of distinct samples; each rank leaves out at most
+  ``batch_size`` (+1) of its samples per epoch, a different random few every epoch. No padding.
+* eval: ``len = ceil(ceil(N / k) / batch_size)``. Every sample of the split is yielded exactly once across
+  ranks; the batches are filled up to the fixed size with repeats whose label is ``PAD_LABEL`` (-100,
+  ``torch.nn.functional.cross_entropy``'s default ``ignore_index``). Count correct predictions with
+  ``(pred == labels).sum()`` and samples with ``(labels != PAD_LABEL).sum()`` to get exact accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.pipeline import Pipeline
+from nvidia.dali.plugin.pytorch import feed_ndarray
+
+from pipelines.manifest import (
+    COMPONENTS,
+    CorruptSampleError,
+    DataError,
+    Manifest,
+    MissingLabelError,
+    NotEnoughSamplesError,
+    ShardMismatchError,
+    read_manifest,
+)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PAD_LABEL = -100
+INITIAL_FILL = 1024  # shuffle buffer (samples) of the train reader
+PREFETCH = 2  # batches DALI prepares ahead
+READER = "Reader"
+RANDAUGMENT_N, RANDAUGMENT_M = 2, 9
+
+
+@pipeline_def
+def _dali_graph(
+    files: list[str],
+    index_files: list[str],
+    *,
+    train: bool,
+    img_size: int,
+    crop_pct: float,
+    randaugment: bool,
+    decoder: str,
+    shard_id: int,
+    num_shards: int,
+):
+    jpegs, labels = fn.readers.webdataset(
+        paths=files,
+        index_paths=index_files,
+        ext=[COMPONENTS["image"], COMPONENTS["label"]],
+        dtypes=[types.UINT8, types.INT32],
+        missing_component_behavior="error",
+        shard_id=shard_id,
+        num_shards=num_shards,
+        stick_to_shard=True,
+        pad_last_batch=True,
+        random_shuffle=train,
+        initial_fill=INITIAL_FILL,
+        name=READER,
+    )
+    if train:  # RandomResizedCrop fused into decoding (only the crop is decoded), flip, RandAugment
+        images = fn.decoders.image_random_crop(
+            jpegs, device=decoder, output_type=types.RGB, random_area=[0.08, 1.0],
+            random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
+        )  # fmt: skip
+        images = fn.resize(images, size=[img_size, img_size], antialias=True)
+        if randaugment:
+            from nvidia.dali.auto_aug import rand_augment
+
+            images = rand_augment.rand_augment(images, n=RANDAUGMENT_N, m=RANDAUGMENT_M, shape=[img_size] * 2)
+        mirror = fn.random.coin_flip()
+    else:  # resize shorter side to img_size / crop_pct, center crop
+        images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
+        images = fn.resize(images, resize_shorter=math.floor(img_size / crop_pct), antialias=True)
+        mirror = False
+    images = fn.crop_mirror_normalize(
+        images, dtype=types.FLOAT, output_layout="CHW", crop=(img_size, img_size), mirror=mirror,
+        mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD],
+    )  # fmt: skip
+    return images, labels.gpu() if decoder == "mixed" else labels
+
+
+def _shard_bounds(num_samples: int, shard_id: int, num_shards: int) -> tuple[int, int]:
+    """Sample range ``[begin, end)`` DALI assigns to ``shard_id`` (same formula as DALI's readers)."""
+    return num_samples * shard_id // num_shards, num_samples * (shard_id + 1) // num_shards
+
+
+def _index_entry(index_file: Path, line: int) -> dict[str, tuple[int, int, str]]:
+    """Components ``{ext: (offset, size, member name)}`` of the sample on ``line`` (1 = first sample)."""
+    with open(index_file) as f:
+        for number, text in enumerate(f):
+            if number == line:
+                fields = text.split()
+                groups = range(0, len(fields), 4)
+                return {fields[i]: (int(fields[i + 1]), int(fields[i + 2]), fields[i + 3]) for i in groups}
+    raise ShardMismatchError(f"{index_file}: no sample on line {line}")
+
+
+def _decode_error(data: bytes) -> str | None:
+    """Why DALI's CPU decoder rejects ``data``, or None if it decodes."""
+    import nvidia.dali.experimental.dynamic as ndd
+
+    try:
+        np.asarray(ndd.decoders.image(ndd.tensor(np.frombuffer(data, np.uint8)), device="cpu"))
+    except RuntimeError as err:
+        return str(err.__cause__ or err).strip().splitlines()[-1]
+    return None
+
+
+class DaliLoader:
+    """Iterable of ``(images, labels)`` batches for one rank; each ``iter()`` is one epoch.
+
+    ``images``: float32 ``(B, 3, img_size, img_size)`` normalised with ``IMAGENET_MEAN``/``IMAGENET_STD``;
+    ``labels``: int64 ``(B,)`` (``PAD_LABEL`` marks eval padding); both on ``device``. Stopping an epoch
+    early is allowed: the next ``iter()`` rebuilds the pipeline and starts a fresh epoch.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        split: str,
+        *,
+        batch_size: int,
+        img_size: int,
+        train: bool,
+        shard_id: int,
+        num_shards: int,
+        num_threads: int,
+        seed: int,
+        device: torch.device,
+        crop_pct: float,
+        randaugment: bool,
+    ) -> None:
+        self.manifest, self.split, self.train, self.device = manifest, split, train, device
+        self.batch_size, self.shard_id, self.num_shards = batch_size, shard_id, num_shards
+        self._shards = manifest.shard_infos(split)
+        self._options = {"img_size": img_size, "crop_pct": crop_pct, "randaugment": randaugment,
+                         "decoder": "mixed" if device.type == "cuda" else "cpu"}  # fmt: skip
+        self._num_threads, self._seed = num_threads, seed
+        total = manifest.counts[split]
+        self._begin, end = _shard_bounds(total, shard_id, num_shards)
+        self._rank_samples = end - self._begin
+        self._runs = math.ceil(math.ceil(total / num_shards) / batch_size)  # DALI pads every rank to this
+        self._len = (total // num_shards) // batch_size if train else self._runs
+        self._pipe: Pipeline | None = None
+        self._builds = 0
+        self._run = 0  # batches taken from the pipeline in the current epoch
+
+    @property
+    def num_samples(self) -> int:
+        """Samples per epoch on this rank, padding included (``len(self) * batch_size``)."""
+        return self._len * self.batch_size
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._pipe is None or self._run != 0:
+            self._pipe = self._build()
+        for run in range(self._runs):
+            images, labels = self._next_batch()
+            if run >= self._len:  # train: drain the reader's padded end of epoch
+                continue
+            if not self.train:  # positions past this rank's samples are DALI's padding (repeats)
+                labels[max(self._rank_samples - run * self.batch_size, 0) :] = PAD_LABEL
+            yield images, labels
+        self._run = 0
+
+    def _build(self) -> Pipeline:
+        """A fresh pipeline (its seed depends on seed, rank and how many were built before)."""
+        seed = int(np.random.SeedSequence([self._seed, self.shard_id, self._builds]).generate_state(1)[0])
+        self._builds += 1
+        self._run = 0
+        pipe = _dali_graph(
+            [str(s.path) for s in self._shards],
+            [str(s.index_path) for s in self._shards],
+            train=self.train,
+            shard_id=self.shard_id,
+            num_shards=self.num_shards,
+            **self._options,
+            batch_size=self.batch_size,
+            num_threads=self._num_threads,
+            device_id=self.device.index,  # None (CPU-only pipeline) on the CPU
+            seed=seed,
+            prefetch_queue_depth=PREFETCH,
+            enable_conditionals=self._options["randaugment"],
+        )
+        try:
+            pipe.build()
+        except RuntimeError as err:
+            raise self._diagnose(err) from err
+        epoch_size = pipe.reader_meta(READER)["epoch_size"]
+        if epoch_size != self.manifest.counts[self.split]:
+            raise ShardMismatchError(
+                f"{self.manifest.root}: DALI finds {epoch_size} samples in split {self.split!r}, "
+                f"the manifest records {self.manifest.counts[self.split]}"
+            )
+        return pipe
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            images, labels = self._pipe.run()
+        except RuntimeError as err:
+            self._pipe = None
+            raise self._diagnose(err) from err
+        self._run += 1
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        out = []
+        for batch, dtype in ((images, torch.float32), (labels, torch.int32)):
+            tensor = batch.as_tensor()
+            out.append(
+                feed_ndarray(tensor, torch.empty(tensor.shape(), dtype=dtype, device=self.device), stream)
+            )
+        return out[0], out[1].view(-1).long()
+
+    def _locate(self, position: int) -> tuple[int, int]:
+        """(shard number, sample number in that shard) of the split's ``position``-th sample."""
+        for number, shard in enumerate(self._shards):
+            if position < shard.count:
+                return number, position
+            position -= shard.count
+        raise IndexError(position)
+
+    def _diagnose(self, err: RuntimeError) -> Exception:
+        """Turn a DALI failure into a :class:`DataError` naming the shard and sample key, if it is one."""
+        message = str(err)
+        if match := re.search(r'index file at "([^"]+)" line (\d+)', message):
+            index_file, line = Path(match[1]), int(match[2])
+            tar = next((s.path for s in self._shards if s.index_path == index_file), index_file)
+            entry = _index_entry(index_file, line)
+            key = next(iter(entry.values()))[2].split(".", 1)[0]
+            missing = [ext for ext in COMPONENTS.values() if ext not in entry]
+            error = MissingLabelError if COMPONENTS["label"] in missing else CorruptSampleError
+            return error(f"{tar}: sample {key!r} has no {' / '.join('.' + m for m in missing)} component")
+        if "decoders" not in message:
+            return err
+        return self._find_undecodable(message)
+
+    def _find_undecodable(self, message: str) -> DataError:
+        """Scan this rank's samples back from the furthest one DALI may have read; name the first bad one."""
+        ahead = (self._run + PREFETCH + 1) * self.batch_size + (INITIAL_FILL if self.train else 0)
+        for position in reversed(range(min(ahead, self._rank_samples))):
+            number, line = self._locate(self._begin + position)
+            shard = self._shards[number]
+            offset, size, name = _index_entry(shard.index_path, line + 1)[COMPONENTS["image"]]
+            with open(shard.path, "rb") as f:
+                f.seek(offset)
+                reason = _decode_error(f.read(size))
+            if reason is not None:
+                key = name.split(".", 1)[0]
+                return CorruptSampleError(f"{shard.path}: sample {key!r} cannot be decoded ({reason})")
+        names = ", ".join(s.path.name for s in self._shards)
+        return CorruptSampleError(
+            f"{self.manifest.root} [{names}]: DALI failed to decode a sample: {message}"
+        )
+
+
+def make_loader(
+    data_dir: str | Path,
+    split: str,
+    *,
+    batch_size: int,
+    img_size: int,
+    train: bool,
+    shard_id: int = 0,
+    num_shards: int = 1,
+    num_threads: int = 2,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    crop_pct: float = 0.875,
+    randaugment: bool = False,
+) -> DaliLoader:
+    """DALI loader over ``split`` of the shard directory ``data_dir`` for rank ``shard_id`` of ``num_shards``.
+
+    ``device=None`` picks the current CUDA device if there is one (GPU decoding), else the CPU. Raises a
+    :class:`~pipelines.manifest.DataError` subclass for a missing/empty directory, a manifest that does not
+    match the shards, or too few samples (train: fewer than ``num_shards * batch_size``; eval: fewer than
+    ``num_shards``). Corrupt images and missing labels are reported (shard and key) when read.
+    """
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if batch_size < 1 or not 0 <= shard_id < num_shards or not 0 < crop_pct <= 1:
+        raise ValueError(f"need batch_size >= 1, 0 <= shard_id < num_shards, 0 < crop_pct <= 1; got "
+                         f"{batch_size=}, {shard_id=}, {num_shards=}, {crop_pct=}")  # fmt: skip
+    manifest = read_manifest(data_dir)
+    manifest.shard_infos(split)  # raises ManifestError naming the known splits
+    total = manifest.counts[split]
+    need = num_shards * batch_size if train else num_shards
+    if total < need:
+        raise NotEnoughSamplesError(
+            f"{manifest.root}: split {split!r} has {total} samples, fewer than "
+            + (f"{num_shards} ranks x batch size {batch_size}" if train else f"{num_shards} ranks")
+        )
+    return DaliLoader(
+        manifest, split, batch_size=batch_size, img_size=img_size, train=train, shard_id=shard_id,
+        num_shards=num_shards, num_threads=num_threads, seed=seed, device=device, crop_pct=crop_pct,
+        randaugment=randaugment,
+    )  # fmt: skip
