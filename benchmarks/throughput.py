@@ -1,0 +1,82 @@
+"""Inference throughput of dense vs SPOT in one run: same kernels, random input, warm-up discarded.
+
+    python benchmarks/throughput.py --backbone deit_s --batch-size 64 --rho 0.7
+
+Both models share weights; rounds alternate between them so that machine noise hits both alike.
+Prints images/s per model (median over timed rounds), the speed-up and the GMACs ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+import spot
+
+
+def time_forward(model: torch.nn.Module, x: torch.Tensor, iters: int) -> float:
+    """Seconds per forward pass, averaged over ``iters`` passes."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(iters):
+        model(x)
+    sync()
+    return (time.perf_counter() - start) / iters
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default="deit_s", choices=spot.BACKBONES)
+    p.add_argument("--rho", type=float, default=0.7)
+    p.add_argument("--selector", default="learned")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=8, help="timed rounds per model (first quarter discarded)")
+    p.add_argument("--iters", type=int, default=2, help="forward passes per round")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = p.parse_args(argv)
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    dense = spot.create_model(args.backbone, rho=None, img_size=args.img_size)
+    sparse = spot.create_model(args.backbone, rho=args.rho, selector=args.selector, img_size=args.img_size)
+    sparse.load_state_dict(dense.state_dict(), strict=False)
+    models = {"dense": dense, "spot": sparse}
+    for m in models.values():
+        m.eval().to(device, dtype)
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device, dtype=dtype)
+
+    times = {name: [] for name in models}
+    with torch.inference_mode():
+        for _ in range(args.rounds):
+            for name, m in models.items():
+                times[name].append(time_forward(m, x, args.iters))
+    keep = args.rounds - args.rounds // 4  # ToMe-style: throw away the first quarter as warm-up
+    ips = {name: args.batch_size / statistics.median(t[-keep:]) for name, t in times.items()}
+    result = {
+        "backbone": args.backbone,
+        "rho": args.rho,
+        "batch_size": args.batch_size,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "dense_img_s": round(ips["dense"], 1),
+        "spot_img_s": round(ips["spot"], 1),
+        "speedup": round(ips["spot"] / ips["dense"], 3),
+        "gmacs_dense": round(spot.gmacs(dense, args.img_size), 3),
+        "gmacs_spot": round(spot.gmacs(sparse, args.img_size), 3),
+    }
+    result["flop_ratio"] = round(result["gmacs_dense"] / result["gmacs_spot"], 3)
+    for key, value in result.items():
+        print(f"{key:>12}: {value}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
