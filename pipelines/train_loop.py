@@ -1,0 +1,318 @@
+"""The Ray Train worker function: SPOT (or dense) fine-tuning with DDP, one process per GPU / CPU slot.
+
+``train_loop_per_worker(config)`` is a plain Ray Train V2 function. ``config`` holds the resolved run
+configuration of :func:`pipelines.finetune.resolve_config` (all JSON values) plus ``init_weights``, an
+``ObjectRef`` put by :func:`pipelines.finetune.build_trainer`::
+
+    {"spot_config": {...}, "student": state_dict, "teacher": state_dict | None, "fresh": [param names]}
+
+Keys read here: ``data``, ``img_size``, ``batch_size`` (global), ``epochs``, ``lr``, ``predictor_lr``,
+``min_lr``, ``weight_decay``, ``warmup_epochs``, ``freeze_epochs``, ``mixup``, ``cutmix``,
+``label_smoothing``, ``randaugment``, ``rho`` (None = dense), ``lambda_rate``, ``lambda_kl``,
+``lambda_token``, ``pretrained``, ``amp``, ``seed``, ``cpus_per_worker``, ``vis_images``.
+
+Every epoch: train in mask mode (``model.train()``), validate in prune mode (``model.eval()``) on this rank's
+shard of the val split, all-reduce the sums, and ``ray.train.report`` the same metrics from every rank with
+a checkpoint from rank 0. Every epoch draws its random numbers (Gumbel noise, mixup, DALI augmentation) from
+seeds derived from ``(seed, rank, epoch)``, so an epoch re-run after a restart sees the same randomness as it
+would have in the uninterrupted run. A restart resumes from ``ray.train.get_checkpoint()``: model,
+optimizer, scheduler, gradient scaler and epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import spot
+from pipelines.loader import IMAGENET_MEAN, IMAGENET_STD, PAD_LABEL, make_loader
+from pipelines.recipe import build_mixup, build_optimizer, freeze_embeddings
+from spot.flops import gmacs
+from spot.losses import spot_loss
+from spot.visualize import draw_token_masks
+
+MODEL_FILE = "model.pt"
+CONFIG_FILE = "spot_config.json"
+STATE_FILE = "train_state.pt"
+METRICS_FILE = "metrics.json"
+MASKS_FILE = "token_masks.png"
+VIS_MIN_SIDE = 128  # token-mask figures upscale small images to at least this many pixels
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def derived_seed(*parts: int) -> int:
+    """A 32-bit seed mixed from integers (e.g. seed, rank, epoch)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_models(init: dict, device: torch.device) -> tuple[nn.Module, nn.Module | None]:
+    """Student and frozen teacher (or None) from the driver's ``init_weights`` payload, on ``device``."""
+    student = spot.create_model(**init["spot_config"])
+    student.load_state_dict(init["student"])
+    teacher = None
+    if init["teacher"] is not None:
+        teacher = spot.create_model(**{**init["spot_config"], "rho": None})
+        teacher.load_state_dict(init["teacher"])
+        teacher.requires_grad_(False)
+        teacher.eval().to(device)
+    return student, teacher
+
+
+def save_checkpoint(
+    directory: Path, model: nn.Module, optimizer, scheduler, scaler, epoch: int, metrics: dict
+) -> None:
+    """Write what a restart or the registry needs: weights + architecture apart from the training state."""
+    net = unwrap(model)
+    torch.save(net.state_dict(), directory / MODEL_FILE)
+    (directory / CONFIG_FILE).write_text(json.dumps(net.spot_config, indent=1))
+    state = {
+        "epoch": epoch,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+    }
+    torch.save(state, directory / STATE_FILE)
+    (directory / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
+
+
+def load_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, scaler) -> int:
+    """Restore a :func:`save_checkpoint` directory (no code is unpickled); returns its epoch."""
+    unwrap(model).load_state_dict(torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True))
+    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    return int(state["epoch"])
+
+
+def all_reduce_sum(values: Tensor) -> Tensor:
+    """Sum a float64 vector over ranks (no-op on one worker)."""
+    if dist.is_available() and dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
+
+
+def gather_node_ids() -> list[str]:
+    """The Ray node id of every worker, in rank order."""
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [node]
+    nodes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return nodes
+
+
+def autocast(device: torch.device, amp: str):
+    """bf16 / fp16 autocast on CUDA; nothing on the CPU."""
+    if device.type != "cuda" or amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def _lambdas(config: dict) -> dict[str, float]:
+    return {"rate": config["lambda_rate"], "kl": config["lambda_kl"], "token": config["lambda_token"]}
+
+
+def _teacher_outputs(teacher: nn.Module | None, images: Tensor, lambdas: dict) -> tuple[Tensor | None, ...]:
+    if teacher is None:
+        return None, None
+    with torch.no_grad():
+        logits, info = teacher(images, return_info=True)
+    return logits, (info.tokens if lambdas["token"] > 0 else None)
+
+
+def train_one_epoch(model, teacher, loader, optimizer, scheduler, scaler, mixup, config, device) -> dict:
+    """One epoch in mask mode; returns mean loss parts, mean kept ratio per stage, lr and images/s."""
+    model.train()
+    lambdas = _lambdas(config)
+    sums: dict[str, float] = {}
+    kept = None
+    start, steps, images_seen = time.perf_counter(), 0, 0
+    for images, labels in loader:
+        targets = labels
+        if mixup is not None:
+            images, targets = mixup(images, labels)
+        with autocast(device, config["amp"]):
+            logits, info = model(images, return_info=True)
+            teacher_logits, teacher_tokens = _teacher_outputs(teacher, images, lambdas)
+            loss, parts = spot_loss(
+                logits,
+                targets,
+                info,
+                rho=config["rho"] or 1.0,
+                lambdas=lambdas,
+                teacher_logits=teacher_logits,
+                teacher_tokens=teacher_tokens,
+                label_smoothing=0.0 if mixup is not None else config["label_smoothing"],
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        for name, value in parts.items():
+            sums[name] = sums.get(name, 0.0) + value
+        if info.masks:
+            stage_kept = torch.stack([m.detach().float().mean() for m in info.masks])
+            kept = stage_kept if kept is None else kept + stage_kept
+        steps += 1
+        images_seen += images.shape[0]
+    elapsed = time.perf_counter() - start
+    metrics = {f"train_{name}": value / max(steps, 1) for name, value in sums.items()}
+    if kept is not None:
+        metrics.update({f"train_kept_s{k + 1}": v / steps for k, v in enumerate(kept.tolist())})
+    for group in optimizer.param_groups:
+        metrics[f"lr_{group['name']}"] = group["lr"]
+    metrics["train_images_per_s"] = images_seen / elapsed
+    return metrics
+
+
+@torch.no_grad()
+def validate(model, teacher, loader, config, device) -> tuple[dict, tuple[Tensor, list[Tensor]] | None]:
+    """Top-1/5, loss parts and kept ratio per stage in prune mode over the whole val split (all ranks).
+
+    Also returns the first ``vis_images`` images of this rank's first batch with their kept indices (the
+    fixed images of the token-mask figure), or None for a dense model.
+    """
+    net = unwrap(model).eval()
+    lambdas = _lambdas(config)
+    names = ("ce", "rate", "kl", "token", "total")
+    sums = torch.zeros(3 + len(names), dtype=torch.float64)  # samples, top-1, top-5, loss parts
+    kept_sums = None
+    shown = None
+    for images, labels in loader:
+        with autocast(device, config["amp"]):
+            logits, info = net(images, return_info=True)
+            teacher_logits, teacher_tokens = _teacher_outputs(teacher, images, lambdas)
+        if shown is None and info.kept_indices:
+            n = config["vis_images"]
+            shown = (images[:n].float().cpu(), [k[:n].cpu() for k in info.kept_indices])
+        valid = labels != PAD_LABEL
+        count = int(valid.sum())
+        if count == 0:
+            continue
+        subset = SimpleNamespace(
+            masks=[m[valid] for m in info.masks], tokens=info.tokens[valid], keep=info.keep[valid]
+        )
+        _, parts = spot_loss(
+            logits[valid].float(),
+            labels[valid],
+            subset,
+            rho=config["rho"] or 1.0,
+            lambdas=lambdas,
+            teacher_logits=None if teacher_logits is None else teacher_logits[valid],
+            teacher_tokens=None if teacher_tokens is None else teacher_tokens[valid],
+        )
+        top = logits[valid].topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == labels[valid, None]
+        batch = [count, hits[:, 0].sum().item(), hits.any(dim=1).sum().item()]
+        sums += torch.tensor(batch + [parts[name] * count for name in names], dtype=torch.float64)
+        if info.masks:
+            stage_kept = torch.tensor([m[valid].float().sum().item() / m.shape[1] for m in info.masks])
+            kept_sums = stage_kept if kept_sums is None else kept_sums + stage_kept
+    sums = all_reduce_sum(sums.to(device)).cpu()
+    total = sums[0].item()
+    metrics = {"val_acc1": sums[1].item() / total, "val_acc5": sums[2].item() / total}
+    metrics.update({f"val_{name}": sums[3 + i].item() / total for i, name in enumerate(names)})
+    if kept_sums is not None:
+        kept_sums = all_reduce_sum(kept_sums.double().to(device)).cpu()
+        metrics.update({f"val_kept_s{k + 1}": v / total for k, v in enumerate(kept_sums.tolist())})
+    metrics["val_samples"] = int(total)
+    return metrics, shown
+
+
+def draw_masks(shown: tuple[Tensor, list[Tensor]], patch_size: int, path: Path) -> None:
+    """Paper Fig. 3 style figure of the fixed validation images, upscaled so that patches are visible."""
+    images, kept = shown
+    scale = max(1, -(-VIS_MIN_SIDE // images.shape[-1]))
+    if scale > 1:
+        images = F.interpolate(images, scale_factor=scale, mode="nearest")
+    draw_token_masks(images, kept, patch_size * scale, path, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point (see the module docstring for ``config``)."""
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
+    seed_everything(derived_seed(config["seed"], rank))
+    init = ray.get(config["init_weights"])
+    student, teacher = build_models(init, device)
+    if config["pretrained"]:
+        freeze_embeddings(student)
+    patch_size = student.patch_embed.patch_size[0]
+    gflops = gmacs(student, config["img_size"])
+    model = ray.train.torch.prepare_model(student)
+    batch = config["batch_size"] // world
+    loader_args = {"img_size": config["img_size"], "shard_id": rank, "num_shards": world,
+                   "num_threads": max(1, int(config["cpus_per_worker"])), "device": device}  # fmt: skip
+
+    def train_loader(epoch: int):
+        return make_loader(
+            config["data"], "train", batch_size=batch, train=True, randaugment=config["randaugment"],
+            seed=derived_seed(config["seed"], epoch), **loader_args,
+        )  # fmt: skip
+
+    val_loader = make_loader(config["data"], "val", batch_size=batch, train=False, **loader_args)
+    num_classes = init["spot_config"]["num_classes"]
+    mixup = build_mixup(config, num_classes)
+    start = 0
+    loader = train_loader(start)
+    optimizer, scheduler = build_optimizer(
+        unwrap(model), {**config, "steps_per_epoch": len(loader)}, set(init["fresh"])
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and config["amp"] == "fp16")
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            start = load_checkpoint(Path(directory), model, optimizer, scheduler, scaler) + 1
+        loader = train_loader(start)
+    node_ids = gather_node_ids()
+    for epoch in range(start, config["epochs"]):
+        seed_everything(derived_seed(config["seed"], rank, epoch))
+        began = time.perf_counter()
+        metrics = {"epoch": epoch, **train_one_epoch(
+            model, teacher, loader, optimizer, scheduler, scaler, mixup, config, device
+        )}  # fmt: skip
+        val_metrics, shown = validate(model, teacher, val_loader, config, device)
+        metrics.update(val_metrics)
+        metrics.update({"gflops": gflops, "epoch_time_s": time.perf_counter() - began})
+        metrics["worker_node_ids"] = node_ids
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                save_checkpoint(Path(tmp), model, optimizer, scheduler, scaler, epoch, metrics)
+                if shown is not None:
+                    draw_masks(shown, patch_size, Path(tmp) / MASKS_FILE)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+        if epoch + 1 < config["epochs"]:
+            del loader
+            loader = train_loader(epoch + 1)
