@@ -47,9 +47,9 @@ def attention_descriptors(attn: Tensor, keep: Tensor | None = None) -> Tensor:
 class AttentionHistory:
     """Running element-wise mean M and variance Sigma of the attention maps of all layers so far.
 
-    Keeps the sums of A and A^2 (both ``(B, H, T, T)``), from which M = S1 / L and
-    Sigma = S2 / L - M^2 (population variance over layers). When tokens are pruned, the sums are
-    gathered to the kept tokens, so M and Sigma always cover the tokens still present.
+    Keeps the sums S1 of A and S2 of A^2 (both ``(B, H, T, T)``) over the L layers so far, from which
+    M = S1 / L and Sigma = S2 / L - M^2 (population variance over layers). When tokens are pruned,
+    the sums are gathered to the kept tokens, so M and Sigma always cover the tokens still present.
     """
 
     def __init__(self, track_var: bool) -> None:
@@ -70,13 +70,6 @@ class AttentionHistory:
         self.sum.add_(attn)
         if self.track_var:
             self.sum_sq.addcmul_(attn, attn)
-
-    def mean(self) -> Tensor:
-        return self.sum / self.layers
-
-    def var(self) -> Tensor:
-        mean = self.mean()
-        return (self.sum_sq / self.layers - mean.square()).clamp_min(0.0)
 
     def gather(self, index: Tensor) -> None:
         """Keep only tokens ``index`` ((B, T') long, prefix included) on both token axes."""

@@ -49,6 +49,7 @@ class TokenRun:
         self.history = AttentionHistory(track_var=cfg.attn_var) if cfg.needs_attention else None
         self.info = SpotInfo()
         self.fused = False  # whether the sequence ends with a fused token
+        self.last_stage = False  # whether the stage being run is the last one
         self.policy: Tensor | None = None  # mask mode: (B, T) keep policy once a stage has run
         self.patch_mask = x.new_ones(b, num_patches)  # mask mode: cumulative (B, N0)
         self.orig = torch.arange(num_patches, device=x.device).expand(b, -1)  # prune mode: (B, n)
@@ -57,6 +58,7 @@ class TokenRun:
         return x[:, 1 : x.shape[1] - int(self.fused)]
 
     def stage(self, k: int, x: Tensor, predictor: nn.Module | None) -> Tensor:
+        self.last_stage = k == self.cfg.num_stages - 1
         if self.mode == "mask":
             return self._mask_stage(k, x, predictor)
         return self._prune_stage(k, x, predictor)
@@ -89,8 +91,7 @@ class TokenRun:
             x = self._fuse(x, dropped=dropped, kept_seq=seq)
         else:
             x = gather_tokens(x, seq)
-            if self.history is not None:
-                self.history.gather(seq)
+            self._gather_history(seq)
         self.orig = torch.gather(self.orig, 1, idx)
         self.info.kept_indices.append(self.orig)
         self.info.masks.append(torch.zeros_like(self.patch_mask).scatter(1, self.orig, 1.0))
@@ -113,14 +114,22 @@ class TokenRun:
         fused = fuse_tokens(x, weights * cls_attn)
         if kept_seq is not None:
             x = gather_tokens(x, kept_seq)
-            if self.history is not None:
-                self.history.gather(kept_seq)
+            self._gather_history(kept_seq)
         if self.fused:
             return torch.cat((x[:, :-1], fused), dim=1)
         self.fused = True
-        if self.history is not None:
+        if self.history is not None and self.history.sum is not None:
             self.history.pad_one()
         return torch.cat((x, fused), dim=1)
+
+    def _gather_history(self, seq: Tensor) -> None:
+        """Restrict the attention history to the surviving tokens, unless no later stage reads it."""
+        if self.history is None:
+            return
+        if not self.last_stage:
+            self.history.gather(seq)
+        else:
+            self.history.sum = self.history.sum_sq = None  # last stage: free the memory instead
 
     def finish(self, x_normed: Tensor) -> SpotInfo:
         """Attach the final-normed patch tokens in original order and the final keep mask."""

@@ -15,21 +15,26 @@ def relevance_features(cfg: SpotConfig, history: AttentionHistory, keep: Tensor 
 
     ``history`` holds the maps over tokens ``[cls, N patches, (fused)]``; only ``[cls, patches]`` are read.
     Raw statistics of attention probabilities are of order 1/N and their variances 1/N^2; the module
-    reads them relative to uniform attention (probability-valued entries times the kept patch count
-    n, variances times n^2, for Sigma one more n^2), so features do not shrink with the token count.
-    Mask and prune modes see the same n, so this keeps their features equal.
+    reads them relative to uniform attention (A and M times the kept patch count n, Sigma times n^2),
+    so features do not shrink with the token count. Mask and prune modes see the same n, so this
+    keeps their features equal.
+
+    Descriptors are homogeneous (cls/mean entries of degree 1, variances of degree 2 in the map), so
+    M = S1 / L and Sigma = (L * S2 - S1^2) / L^2 enter through their sums and a scale factor c:
+    D(c * X) = D(X) * [c, c, c, c, c^2, c^2], which saves full passes over the maps.
     """
-    count = (keep[:, 1:].sum(-1) if keep is not None else torch.full((history.sum.shape[0],), n))
-    count = count.to(history.sum.dtype).clamp_min(1.0)[:, None, None, None]
-    unit = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0], device=count.device)
-    scale = count ** (2.0 - unit)  # n for probabilities, n^2 for variances
-    window = slice(0, n + 1)
-    maps = [(history.last, scale)]
+    count = keep[:, 1:].sum(-1) if keep is not None else torch.full((history.sum.shape[0],), n)
+    n_kept = count.to(history.sum.dtype).clamp_min(1.0)[:, None, None, None]
+    degree = torch.tensor([1.0, 1.0, 1.0, 1.0, 2.0, 2.0], device=n_kept.device)
+    layers = history.layers
+    maps = [(history.last, n_kept)]
     if cfg.attn_mean:
-        maps.append((history.mean(), scale))
+        maps.append((history.sum, n_kept / layers))
     if cfg.attn_var:
-        maps.append((history.var(), scale * count.square()))
-    parts = [attention_descriptors(m[..., window, window], keep) * s for m, s in maps]
+        spread = torch.addcmul(history.sum_sq * layers, history.sum, history.sum, value=-1.0)
+        maps.append((spread, n_kept.square() / layers**2))
+    window = slice(0, n + 1)
+    parts = [attention_descriptors(m[..., window, window], keep) * c**degree for m, c in maps]
     desc = torch.cat(parts, dim=-1)  # (B, H, N, 6 * maps)
     if cfg.head_avg:
         return desc.mean(1)
@@ -54,7 +59,7 @@ def score_tokens(
         return torch.rand(patches.shape[:2], device=patches.device), None
     if cfg.selector == "cls_attn_avg":
         # class-token attention averaged over heads and over all layers so far
-        return history.mean()[:, :, 0, 1 : n + 1].mean(1), None
+        return history.sum[:, :, 0, 1 : n + 1].mean(1), None
     features = relevance_features(cfg, history, keep, n)
     log_probs = predictor(patches, features, None if keep is None else keep[:, 1:])
     return log_probs[..., 0], log_probs

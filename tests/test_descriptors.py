@@ -54,3 +54,31 @@ def test_descriptors_ignore_dropped_rows_and_columns():
     changed[:, :, 4, 1:] = 0.5  # a dropped token's row and column hold anything
     changed[:, :, 1:, 4] = 0.25
     torch.testing.assert_close(attention_descriptors(changed, keep), attention_descriptors(attn, keep))
+
+
+def test_relevance_features_read_mean_and_variance_over_layers():
+    """[D^A, D^M, D^Sigma] (Eq. 9-10) from the history equal descriptors of explicit M and Sigma."""
+    from spot.config import SpotConfig
+    from spot.descriptors import AttentionHistory
+    from spot.selectors import relevance_features
+
+    maps = [random_attention(seed=s).float() for s in range(3)]
+    keep = torch.ones(2, 9, dtype=torch.bool)
+    keep[1, [3, 6]] = False
+    history = AttentionHistory(track_var=True)
+    for m in maps:
+        history.add(m)
+    got = relevance_features(SpotConfig(), history, keep, n=8)
+
+    stacked = torch.stack([m.double() for m in maps])
+    mean, var = stacked.mean(0), stacked.var(0, correction=0)
+    n = keep[:, 1:].sum(-1).double()[:, None, None, None]
+    relative = torch.tensor([1.0, 1, 1, 1, 2, 2], dtype=torch.float64)  # degree of each descriptor
+    expected = torch.cat(
+        [naive_descriptors(maps[-1], keep) * n**relative,
+         naive_descriptors(mean, keep) * n**relative,
+         naive_descriptors(var, keep) * (n * n) ** relative],
+        dim=-1,
+    )  # (B, H, N, 18) -> per token, heads major
+    expected = expected.permute(0, 2, 1, 3).reshape(2, 8, -1)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)
