@@ -19,6 +19,7 @@ import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -113,7 +114,7 @@ def _index_entry(index_file: Path, line: int) -> dict[str, tuple[int, int, str]]
 
 def _decode_error(data: bytes) -> str | None:
     """Why DALI's CPU decoder rejects ``data``, or None if it decodes."""
-    import nvidia.dali.experimental.dynamic as ndd
+    import nvidia.dali.experimental.dynamic as ndd  # eager DALI ops; only needed on this error path
 
     try:
         np.asarray(ndd.decoders.image(ndd.tensor(np.frombuffer(data, np.uint8)), device="cpu"))
@@ -203,7 +204,7 @@ class DaliLoader:
         try:
             pipe.build()
         except RuntimeError as err:
-            raise self._diagnose(err) from err
+            self._raise_data_error(err)
         epoch_size = pipe.reader_meta(READER)["epoch_size"]
         if epoch_size != self.manifest.counts[self.split]:
             raise ShardMismatchError(
@@ -217,7 +218,7 @@ class DaliLoader:
             images, labels = self._pipe.run()
         except RuntimeError as err:
             self._pipe = None
-            raise self._diagnose(err) from err
+            self._raise_data_error(err)
         self._run += 1
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         out = []
@@ -236,8 +237,8 @@ class DaliLoader:
             position -= shard.count
         raise IndexError(position)
 
-    def _diagnose(self, err: RuntimeError) -> Exception:
-        """Turn a DALI failure into a :class:`DataError` naming the shard and sample key, if it is one."""
+    def _raise_data_error(self, err: RuntimeError) -> NoReturn:
+        """Re-raise a DALI failure as a :class:`DataError` naming shard and sample key, if it is one."""
         message = str(err)
         if match := re.search(r'index file at "([^"]+)" line (\d+)', message):
             index_file, line = Path(match[1]), int(match[2])
@@ -246,10 +247,12 @@ class DaliLoader:
             key = next(iter(entry.values()))[2].split(".", 1)[0]
             missing = [ext for ext in COMPONENTS.values() if ext not in entry]
             error = MissingLabelError if COMPONENTS["label"] in missing else CorruptSampleError
-            return error(f"{tar}: sample {key!r} has no {' / '.join('.' + m for m in missing)} component")
+            raise error(
+                f"{tar}: sample {key!r} has no {' / '.join('.' + m for m in missing)} component"
+            ) from err
         if "decoders" not in message:
-            return err
-        return self._find_undecodable(message)
+            raise err
+        raise self._find_undecodable(message) from err
 
     def _find_undecodable(self, message: str) -> DataError:
         """Scan this rank's samples back from the furthest one DALI may have read; name the first bad one."""
