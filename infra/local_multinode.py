@@ -53,8 +53,11 @@ class RehearsalError(RuntimeError):
     """A step of the rehearsal failed; the message says which and why."""
 
 
+_T0 = time.monotonic()
+
+
 def log(msg: str) -> None:
-    print(f"[rehearsal] {msg}", flush=True)
+    print(f"[rehearsal {time.monotonic() - _T0:5.0f}s] {msg}", flush=True)
 
 
 def free_ports(n: int) -> list[int]:
@@ -110,26 +113,27 @@ class Proc:
         return self.popen.pid  # start_new_session=True makes the child its own session leader
 
 
-def start_proc(name: str, cmd: list[str], env: dict[str, str], log_dir: Path) -> Proc:
+def start_proc(name: str, cmd: list[str], env: dict[str, str], log_dir: Path, cwd: Path = REPO) -> Proc:
+    """Start cmd as the leader of a new session, output to <log_dir>/<name>.log."""
     log_path = log_dir / f"{name}.log"
     with open(log_path, "wb") as out:
         popen = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     return Proc(name, popen, log_path)
 
 
-def stop_sessions(sids: list[int], grace_s: float = 5.0) -> list[int]:
+def stop_sessions(sids: list[int], grace_s: float = 3.0) -> list[int]:
     """Stop every process of the given sessions: SIGTERM to the session leaders (a `ray start --block`
-    shuts its node down), then SIGTERM to every member, then SIGKILL, each step after grace_s.
+    shuts its node down), then SIGKILL to whatever is left after grace_s.
 
     Returns the PIDs still alive afterwards (empty when the teardown worked).
     """
 
-    def wait_empty() -> None:
-        deadline = time.monotonic() + grace_s
+    def wait_empty(timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and any(session_members(s) for s in sids):
-            time.sleep(0.25)
+            time.sleep(0.2)
 
     def kill(pids: list[int], sig: int) -> None:
         for pid in pids:
@@ -137,10 +141,9 @@ def stop_sessions(sids: list[int], grace_s: float = 5.0) -> list[int]:
                 os.kill(pid, sig)
 
     kill(sids, signal.SIGTERM)
-    wait_empty()
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        kill([pid for sid in sids for pid in session_members(sid)], sig)
-        wait_empty()
+    wait_empty(grace_s)
+    kill([pid for sid in sids for pid in session_members(sid)], signal.SIGKILL)
+    wait_empty(5.0)
     return [pid for sid in sids for pid in session_members(sid)]
 
 
@@ -273,7 +276,8 @@ class LocalRayCluster:
                 f"--ray-client-server-port={client_port}",
             ],
         )  # fmt: skip
-        wait_until("the head node", lambda: len(self.alive_nodes()) == 1, timeout_s, [head])
+        # Workers may join as soon as the head's processes are up (the dashboard comes a little later).
+        wait_until("the head node", lambda: "Ray runtime started" in tail(head.log_path), timeout_s, [head])
         for name in self.worker_nodes:
             log(f"starting worker node {name} ({self.worker_cpus} CPU, resource {name!r})")
             self._ray_start(
@@ -400,10 +404,12 @@ def run_finetune(cluster: LocalRayCluster, mlflow: LocalMlflowServer, args, run_
         "--run-name", run_name,
         "--epochs", str(args.epochs),
         "--img-size", str(args.img_size),
+        "--max-failures", "0",  # a rehearsal should fail at once, not retry
         *args.finetune_arg,
     ]  # fmt: skip
     log("running: " + " ".join(cmd))
-    proc = start_proc("finetune", cmd, {**cluster.env, **mlflow.client_env}, cluster.root)
+    # cwd = the rehearsal's temp dir: the built-in digits shards are made there, not in the checkout.
+    proc = start_proc("finetune", cmd, {**cluster.env, **mlflow.client_env}, cluster.root, cwd=cluster.root)
     try:
         rc = proc.popen.wait(timeout=args.job_timeout)
     except subprocess.TimeoutExpired:
@@ -438,28 +444,26 @@ def check_placement(cluster: LocalRayCluster, result: dict) -> dict:
     return {"worker_node_ids": reported, "train_worker_actor_nodes": actor_nodes, "nodes": cluster.node_ids}
 
 
-def check_mlflow(mlflow: LocalMlflowServer, experiment: str, run_name: str) -> dict:
-    """The job's run is in the experiment and FINISHED; with auth on, anonymous requests get HTTP 401."""
+def check_mlflow(mlflow: LocalMlflowServer, result: dict, run_name: str) -> dict:
+    """The job's MLflow run exists on the server under its name and is FINISHED; with auth on, anonymous
+    requests are refused with HTTP 401."""
     if mlflow.auth:
         status, _ = mlflow.api("/api/2.0/mlflow/experiments/search?max_results=10", auth=False)
         if status != 401:
             raise RehearsalError(f"MLflow answered an anonymous request with HTTP {status}, expected 401")
-    status, body = mlflow.api(f"/api/2.0/mlflow/experiments/get-by-name?experiment_name={experiment}")
+    run_id = result.get("mlflow_run_id")
+    if not run_id:
+        raise RehearsalError(f"RESULT_JSON has no 'mlflow_run_id': keys {sorted(result)}")
+    status, body = mlflow.api(f"/api/2.0/mlflow/runs/get?run_id={run_id}")
     if status != 200:
-        raise RehearsalError(f"MLflow experiment {experiment!r} not found (HTTP {status}): {body}")
-    exp_id = body["experiment"]["experiment_id"]
-    status, body = mlflow.api("/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id], "max_results": 100})
-    runs = body.get("runs", []) if status == 200 else []
-    named = [r for r in runs if r["info"].get("run_name") == run_name]
-    if not named:
+        raise RehearsalError(f"MLflow run {run_id} not found on {mlflow.url} (HTTP {status}): {body}")
+    info = body["run"]["info"]
+    if info.get("run_name") != run_name or info.get("status") != "FINISHED":
         raise RehearsalError(
-            f"no MLflow run named {run_name!r} in experiment {experiment!r} (HTTP {status}); "
-            f"runs: {[r['info'].get('run_name') for r in runs]}"
+            f"MLflow run {run_id} is {info.get('run_name')!r} {info.get('status')}, "
+            f"expected {run_name!r} FINISHED"
         )
-    statuses = sorted({r["info"]["status"] for r in named})
-    if statuses != ["FINISHED"]:
-        raise RehearsalError(f"MLflow run {run_name!r} has status {statuses}, expected FINISHED")
-    return {"auth": mlflow.auth, "experiment_id": exp_id, "run_ids": [r["info"]["run_id"] for r in named]}
+    return {"auth": mlflow.auth, "run_id": run_id, "experiment_id": info["experiment_id"]}
 
 
 def rehearse(args) -> dict:
@@ -480,8 +484,8 @@ def rehearse(args) -> dict:
         result = run_finetune(cluster, mlflow, args, run_name)
         report["placement"] = check_placement(cluster, result)
         log(f"placement OK: {report['placement']['worker_node_ids']} on {cluster.node_ids}")
-        report["mlflow"] = check_mlflow(mlflow, args.experiment, run_name)
-        log(f"MLflow OK: run {report['mlflow']['run_ids']} FINISHED (auth checked: {mlflow.auth})")
+        report["mlflow"] = check_mlflow(mlflow, result, run_name)
+        log(f"MLflow OK: run {report['mlflow']['run_id']} FINISHED (basic auth checked: {mlflow.auth})")
         report["ok"] = True
         return report
     finally:
