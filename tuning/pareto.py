@@ -57,8 +57,8 @@ def plot_pareto(
                    color="0.55", s=36, label=f"over budget ({len(infeasible)})", zorder=3)  # fmt: skip
     front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["gflops"])
     if front:
-        ax.plot([r["gflops"] for r in front], [100 * r["val_acc1"] for r in front], "-", color="tab:red",
-                lw=1.6, zorder=2, label="Pareto front")  # fmt: skip
+        ax.plot([r["gflops"] for r in front], [100 * r["val_acc1"] for r in front], "-o", color="tab:red",
+                mfc="none", ms=11, lw=1.6, zorder=2, label="Pareto front")  # fmt: skip
         for r in front:
             ax.annotate(f"ρ={r['rho']:.2f}", (r["gflops"], 100 * r["val_acc1"]), textcoords="offset points",
                         xytext=(4, -11), fontsize=7, color="tab:red")  # fmt: skip
@@ -72,7 +72,8 @@ def plot_pareto(
     ax.set_ylabel("Top-1 accuracy (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.margins(0.12)
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -36,6 +36,7 @@ from pathlib import Path
 import mlflow
 import yaml
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -253,7 +254,7 @@ class TrialReport(TuneReportCallback):
         self.mlflow_run_id = mlflow_run_id
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        report = metrics[0]
+        report = {k: v for k, v in metrics[0].items() if not isinstance(v, list)}  # node ids: not for Tune
         feasible = space.is_feasible(report["gflops"], self.budget)
         extra = {
             METRIC: report["val_acc1"] if feasible else report["val_acc1"] - 1.0,
@@ -453,10 +454,10 @@ def _rank(row: dict) -> tuple:
     return (row["feasible"], row["val_acc1"], -row["gflops"])
 
 
-def results_table(grid, setup: dict) -> list[dict]:
-    """Rows of all trials, best first, with their Pareto-front and best-feasible marks."""
-    rows = [_trial_row(result, setup) for result in grid]
-    rows.sort(key=_rank, reverse=True)
+def mark_rows(rows: list[dict]) -> list[dict]:
+    """The result rows best first, each marked ``pareto`` (on the front of the completed trials) and
+    ``best`` (the first row, if it is feasible and has a checkpoint: the one to register)."""
+    rows = sorted(rows, key=_rank, reverse=True)
     contenders = [r for r in rows if r["status"] == pareto.FRONT_STATUS]
     front = pareto.pareto_front([r["gflops"] for r in contenders], [r["val_acc1"] for r in contenders])
     on_front = {contenders[i]["trial_id"] for i in front}
@@ -464,6 +465,11 @@ def results_table(grid, setup: dict) -> list[dict]:
         row["pareto"] = row["trial_id"] in on_front
         row["best"] = i == 0 and row["feasible"] and "mlflow_run_id" in row
     return rows
+
+
+def results_table(grid, setup: dict) -> list[dict]:
+    """Marked rows (:func:`mark_rows`) of all trials of a finished sweep."""
+    return mark_rows([_trial_row(result, setup) for result in grid])
 
 
 def _format(value) -> str:
@@ -586,6 +592,12 @@ def sweep(args: argparse.Namespace) -> dict | None:
         _check(record is not None and "sweep" in record, f"--resume {args.resume}: not a sweep directory")
         setup = record["sweep"]
         tracking.check_reachable(setup["tracking_uri"])
+        try:
+            status = MlflowClient(setup["tracking_uri"]).get_run(setup["parent_run_id"]).info.status
+        except MlflowException as err:
+            raise SweepError(f"--resume {args.resume}: its MLflow run: {_first_line(err)}") from None
+        _check(status != "FINISHED", f"--resume {args.resume}: the sweep has finished (MLflow run "
+               f"{setup['parent_run_id']})")  # fmt: skip
         tracking.start_run(setup["tracking_uri"], setup["experiment"], name, artifact_location=None,
                            run_id=setup["parent_run_id"])  # fmt: skip
     else:
@@ -617,7 +629,11 @@ def sweep(args: argparse.Namespace) -> dict | None:
                 + ", ".join(f"{k} ~ {d.describe()}" for k, d in dims.items() if not d.fixed),
                 flush=True,
             )
-        grid = tuner.fit()
+        try:
+            grid = tuner.fit()
+        except Exception:
+            tracking.end_run(setup["tracking_uri"], setup["parent_run_id"], "FAILED")
+            raise
         if _interrupted(grid):
             tracking.end_run(setup["tracking_uri"], setup["parent_run_id"], "KILLED")
             print(f"sweep interrupted; continue it with: python tuning/sweep_lambdas.py --resume "

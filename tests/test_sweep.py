@@ -1,0 +1,244 @@
+"""The Ray Tune sweep: Pareto front and ranking by hand, then real sweeps (Ray Tune, Ray Train trials, MLflow
+SQLite store) of a tiny model on the digits shards: tracking, plot, registry, budget, interrupt + resume."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from PIL import Image
+
+import spot
+from spot.flops import macs
+from tuning.pareto import pareto_front
+from tuning.sweep_lambdas import SweepError, default_max_concurrent, mark_rows, train_name
+
+SCRIPT = Path(__file__).parents[1] / "tuning" / "sweep_lambdas.py"
+TINY = {"patch_size": 8, "depth": 4, "embed_dim": 32, "num_heads": 2}
+TINY_ARGS = [
+    *(arg for key, value in TINY.items() for arg in ("--model-arg", f"{key}={value}")),
+    "--img-size", "32", "--num-workers", "1", "--seed", "3",
+]  # fmt: skip
+BUDGET_RHO = 0.65  # the budget of the budget sweep: the tiny model's cost at this rho
+
+
+def test_pareto_front_hand_computed():
+    # (GFLOPs, accuracy): C and D are dominated by B, H by A; A and G are equal, so both stay on the front.
+    points = {"A": (1.0, 0.70), "B": (2.0, 0.80), "C": (2.0, 0.75), "D": (3.0, 0.78), "E": (0.5, 0.60),
+              "F": (4.0, 0.90), "G": (1.0, 0.70), "H": (1.5, 0.70)}  # fmt: skip
+    names = list(points)
+    front = pareto_front([points[n][0] for n in names], [points[n][1] for n in names])
+    assert [names[i] for i in front] == ["E", "A", "G", "B", "F"]
+    assert pareto_front([], []) == []
+    with pytest.raises(ValueError, match="2 costs but 1 scores"):
+        pareto_front([1.0, 2.0], [0.5])
+
+
+def _row(trial_id, acc, gflops, *, feasible=True, status="completed"):
+    return {"trial_id": trial_id, "val_acc1": acc, "gflops": gflops, "feasible": feasible, "status": status,
+            "mlflow_run_id": f"run-{trial_id}"}  # fmt: skip
+
+
+def test_ranking_never_picks_an_infeasible_trial():
+    rows = mark_rows([
+        _row("over", 0.99, 3.0, feasible=False),
+        _row("early", 0.95, 1.0, status="stopped early"),
+        _row("cheap", 0.90, 1.0),
+        _row("dear", 0.90, 2.0),
+        _row("slow", 0.80, 0.5),
+        {"trial_id": "crash", "val_acc1": math.nan, "gflops": math.nan, "feasible": False, "status": "error"},
+    ])  # fmt: skip
+    assert [r["trial_id"] for r in rows] == ["early", "cheap", "dear", "slow", "over", "crash"]
+    assert [r["trial_id"] for r in rows if r["best"]] == ["early"]
+    # the front holds completed trials only ("early" was stopped by ASHA), feasible or not: "over" is the
+    # most accurate (the plot marks it over the budget); "dear" is dominated by "cheap"
+    assert {r["trial_id"] for r in rows if r["pareto"]} == {"cheap", "slow", "over"}
+    only_infeasible = mark_rows([_row("over", 0.99, 3.0, feasible=False)])
+    assert not only_infeasible[0]["best"]
+
+
+def test_default_max_concurrent_counts_train_workers():
+    cpu = {"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": None}
+    assert default_max_concurrent({"CPU": 2.0}, cpu) == 1  # 1 worker CPU + the driver's share
+    assert default_max_concurrent({"CPU": 16.0}, cpu | {"num_workers": 2}) == 7
+    gpu = {"num_workers": 8, "cpus_per_worker": 10, "gpus_per_worker": None}
+    assert default_max_concurrent({"CPU": 192.0, "GPU": 16.0}, gpu) == 2
+    assert default_max_concurrent({"CPU": 192.0, "GPU": 16.0}, gpu | {"gpus_per_worker": 0.5}) == 4
+    with pytest.raises(SweepError, match="shows no GPUs"):
+        default_max_concurrent({"CPU": 8.0}, gpu | {"gpus_per_worker": 1})
+    with pytest.raises(SweepError, match="a trial needs 4.25 CPUs"):
+        default_max_concurrent({"CPU": 2.0}, cpu | {"num_workers": 4})
+
+
+# ---------------------------------------------------------------------------------------- real sweeps
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("sweeps")
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    return env | {"PYTHONUNBUFFERED": "1"}
+
+
+def run_sweep(workdir: Path, *args: str, timeout: float = 600) -> tuple[int, str, dict | None]:
+    """Run the CLI in ``workdir``; (exit code, stdout, RESULT_JSON or None)."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=workdir, env=_env(), capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT_JSON: ")]
+    result = json.loads(lines[-1].removeprefix("RESULT_JSON: ")) if lines else None
+    assert proc.returncode != 0 or result is not None, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.returncode, proc.stdout, result
+
+
+def runs_of(client: MlflowClient, experiment: str) -> tuple:
+    """(parent run, child runs) of the only sweep in ``experiment``."""
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == len(runs) - 1
+    return parents[0], children
+
+
+@pytest.fixture(scope="module")
+def budget_sweep(workdir):
+    """4 trials, 2 epochs, rho searched over (0.3, 1) without clipping to a budget that cuts that range."""
+    model = spot.create_model("deit_t", rho=0.5, img_size=32, num_classes=10, **TINY)
+    budget = macs(model, 32, rho=BUDGET_RHO) / 1e9
+    code, out, result = run_sweep(
+        workdir, *TINY_ARGS, "--num-samples", "4", "--epochs", "2", "--rho", "0.3:1.0",
+        "--gflops-budget", repr(budget), "--no-budget-clip", "--experiment", "budget",
+        "--register-as", "tiny-budget", "--name", "budget",
+    )  # fmt: skip
+    assert code == 0, out[-3000:]
+    return budget, out, result, MlflowClient(result["mlflow_tracking_uri"])
+
+
+@pytest.mark.integration
+def test_sweep_tracks_parent_and_children_plots_and_registers(budget_sweep, workdir):
+    budget, out, result, client = budget_sweep
+    parent, children = runs_of(client, "budget")
+    assert result["trials"] == 4 == len(children)
+    assert parent.info.status == "FINISHED" and parent.info.run_id == result["mlflow_run_id"]
+    assert parent.data.params["space_rho"] == "uniform(0.3, 1)"
+    assert parent.data.params["budget"] == str(budget)
+    assert len({c.data.tags["sweep_trial_id"] for c in children}) == 4
+    for child in children:
+        trial = child.data.tags["sweep_trial_id"]
+        assert child.info.run_name == train_name(trial)
+        status = child.data.tags["trial_status"]
+        assert (status, child.info.status) in {("completed", "FINISHED"), ("stopped early", "KILLED")}, trial
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_acc1")]
+        assert steps == ([0, 1] if status == "completed" else [0]), trial
+        assert {"rho", "lambda_rate", "lr", "predictor_lr", "gflops"} <= set(child.data.params)
+        assert child.data.metrics["gflops"] == pytest.approx(float(child.data.params["gflops"]), abs=1e-6)
+        assert f"trial {trial}: {status} after" in out
+    assert result["completed"] + result["stopped_early"] == 4
+    # the artifacts of the sweep's run: the plot is a real PNG, the table has one row per trial
+    local = Path(client.download_artifacts(parent.info.run_id, "pareto.png", str(workdir)))
+    assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(local) as image:
+        assert image.size[0] > 300 and image.size[1] > 200
+    table = Path(client.download_artifacts(parent.info.run_id, "sweep_results.csv", str(workdir)))
+    assert len(table.read_text().strip().splitlines()) == 1 + 4
+    # the champion exists, is the best trial's, and loads as a working model
+    version = client.get_model_version_by_alias("tiny-budget", "champion")
+    assert version.run_id == next(c.info.run_id for c in children
+                                  if c.data.tags["sweep_trial_id"] == result["best_trial"])  # fmt: skip
+    import mlflow
+
+    from pipelines.registry import load_model
+
+    mlflow.set_tracking_uri(result["mlflow_tracking_uri"])
+    model = load_model("models:/tiny-budget@champion")
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.integration
+def test_budget_sweep_never_registers_an_infeasible_trial(budget_sweep):
+    budget, out, result, client = budget_sweep
+    _, children = runs_of(client, "budget")
+    gflops = {c.info.run_id: float(c.data.params["gflops"]) for c in children}
+    over = {run for run, g in gflops.items() if g > budget}
+    assert over and len(over) < len(children), f"seed gave no mix of feasible and infeasible trials: {gflops}"
+    for child in children:
+        assert child.data.tags["feasible"] == str(child.info.run_id not in over)
+    best_acc = {c.info.run_id: max(m.value for m in client.get_metric_history(c.info.run_id, "val_acc1"))
+                for c in children}  # fmt: skip
+    feasible_best = max(acc for run, acc in best_acc.items() if run not in over)
+    versions = client.search_model_versions("name = 'tiny-budget'")
+    assert len(versions) == 1
+    (version,) = versions
+    assert version.run_id not in over
+    assert float(version.tags["gflops"]) <= budget
+    assert float(version.tags["val_acc1"]) == pytest.approx(feasible_best, abs=1e-6)
+    assert result["best_val_acc1"] == pytest.approx(feasible_best) and result["best_gflops"] <= budget
+    assert "over the GFLOPs budget" in out
+
+
+@pytest.mark.integration
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(workdir):
+    args = [
+        *TINY_ARGS, "--num-samples", "3", "--epochs", "1", "--max-concurrent", "1", "--searcher", "random",
+        "--experiment", "resume", "--register-as", "tiny-resume", "--name", "resumable",
+    ]  # fmt: skip
+    log = workdir / "interrupted.out"
+    with open(log, "w") as out, open(workdir / "interrupted.err", "w") as err:
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=workdir, env=_env(), stdout=out,
+                                stderr=err)  # fmt: skip
+        deadline = time.monotonic() + 420
+        first = None
+        while first is None and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(1)
+            done = [line.split()[1].rstrip(":") for line in log.read_text().splitlines()
+                    if line.startswith("trial ") and ": completed after" in line]  # fmt: skip
+            first = done[0] if done else None
+        assert first is not None, log.read_text()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=300) == 130, log.read_text()[-3000:]
+    assert "--resume" in (workdir / "interrupted.err").read_text()
+    path = workdir / "ray_results" / "resumable"
+    first_run = path / "train_runs" / train_name(first)
+    before = {p.relative_to(first_run): p.stat().st_mtime_ns for p in first_run.rglob("*")}
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    parent, _ = runs_of(client, "resume")
+    assert parent.info.status == "KILLED"
+
+    code, out, result = run_sweep(workdir, "--resume", str(path))
+    assert code == 0, out[-3000:]
+    assert result["trials"] == 3 and result["completed"] == 3
+    assert f"trial {first}:" not in out  # finished before the interruption: not run (nor closed) again
+    assert {p.relative_to(first_run): p.stat().st_mtime_ns for p in first_run.rglob("*")} == before
+    parent, children = runs_of(client, "resume")
+    assert parent.info.status == "FINISHED"
+    assert sorted(c.data.tags["sweep_trial_id"] for c in children) == sorted(
+        p.name for p in (path / "train_runs").iterdir()
+    )  # fmt: skip
+    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
+    for child in children:
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_acc1")] == [0]
+    champion = client.get_model_version_by_alias("tiny-resume", "champion")
+    assert champion.run_id in {c.info.run_id for c in children}
+    # a finished sweep is not resumed again
+    code, _, _ = run_sweep(workdir, "--resume", str(path))
+    assert code == 2
+
+
+def test_resume_takes_no_other_options(tmp_path, capsys):
+    from tuning.sweep_lambdas import main
+
+    assert main(["--resume", str(tmp_path), "--epochs", "3"]) == 2
+    assert "--resume continues a sweep as it was started; remove epochs" in capsys.readouterr().err
+    assert main(["--resume", str(tmp_path / "nothing")]) == 2
+    assert "not a sweep directory" in capsys.readouterr().err
