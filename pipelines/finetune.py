@@ -33,6 +33,7 @@ import spot
 from pipelines.manifest import DataError, read_manifest
 from pipelines.recipe import PAPER_RECIPE
 from pipelines.shards import ensure_digits_shards
+from pipelines.tracking import TrackingError, resolve_tracking_uri
 from spot.checkpoint import load_pretrained
 from spot.config import SELECTORS
 from spot.flops import gmacs
@@ -336,10 +337,10 @@ def _resolve_training(config: dict) -> None:
            f"mixup/cutmix need an even batch per worker; got {per_worker}")  # fmt: skip
 
 
-def _resolve_data(config: dict) -> int:
+def _resolve_data(config: dict, cwd: Path) -> int:
     """Make the digits shards if no --data; returns the class count (raises DataError for bad data)."""
     if config["data"] is None:
-        config["data"] = str(ensure_digits_shards(Path.cwd() / DIGITS_DIR))
+        config["data"] = str(ensure_digits_shards(cwd / DIGITS_DIR))
     config["data"] = str(Path(config["data"]).expanduser().resolve())
     manifest = read_manifest(config["data"])
     for split in ("train", "val"):
@@ -358,7 +359,9 @@ def resolve_config(given: dict, *, cwd: Path | None = None) -> dict:
 
     Defaults: :data:`DEFAULTS` (the paper's recipe), with :data:`DIGITS_DEFAULTS` on top when no ``data`` is
     given. With ``resume``, the training options come from the run's record in ``storage`` and may not be
-    changed. Adds ``num_classes``. Raises :class:`ConfigError` / ``DataError`` / ``FileNotFoundError``.
+    changed. Paths (data, storage, SQLite URI) are made absolute against ``cwd`` here, on the driver: Ray
+    workers run in directories of their own. Adds ``num_classes``. Raises :class:`ConfigError`,
+    ``DataError`` or ``FileNotFoundError``.
     """
     cwd = cwd or Path.cwd()
     given = dict(given)
@@ -379,7 +382,7 @@ def resolve_config(given: dict, *, cwd: Path | None = None) -> dict:
         changed = [k for k in TRAINING_KEYS if k in given and given[k] != saved[k]]
         _check(not changed, f"--resume cannot change training options: {', '.join(changed)}")
         config.update({k: saved[k] for k in (*TRAINING_KEYS, "num_classes", "experiment", "register_as")})
-        config["mlflow_uri"] = given.get("mlflow_uri") or record["tracking_uri"]
+        config["mlflow_uri"] = resolve_tracking_uri(given.get("mlflow_uri") or record["tracking_uri"], cwd)
         config.pop("dense", None)
         config["resume"] = True
         return config
@@ -390,7 +393,8 @@ def resolve_config(given: dict, *, cwd: Path | None = None) -> dict:
         if not path.is_file():
             raise FileNotFoundError(f"--pretrained {path}: file not found")
         config["pretrained"] = str(path)
-    config["num_classes"] = _resolve_data(config)
+    config["num_classes"] = _resolve_data(config, cwd)
+    config["mlflow_uri"] = resolve_tracking_uri(config["mlflow_uri"], cwd)
     dense = config["rho"] is None
     rho_text = "dense" if dense else f"rho{config['rho']}"
     config["run_name"] = (
@@ -557,8 +561,7 @@ def run(config: dict) -> dict:
 
     started = time.monotonic()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    cwd = Path.cwd()
-    uri = tracking.resolve_tracking_uri(config["mlflow_uri"], cwd)
+    uri = config["mlflow_uri"]
     tracking.check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     init, summary = prepare_init(config)
@@ -570,7 +573,7 @@ def run(config: dict) -> dict:
     else:
         _check(record is None, f"run {name!r} already exists in {storage}: pass --resume to continue it "
                "or choose another --run-name")  # fmt: skip
-        artifacts = tracking.local_artifact_root(uri, cwd)
+        artifacts = tracking.local_artifact_root(uri, Path.cwd())
         run_id = tracking.start_run(uri, config["experiment"], name, artifact_location=artifacts)
         write_run_record(storage, name, {"config": config, "mlflow_run_id": run_id, "tracking_uri": uri})
         params = {k: config[k] for k in TRAINING_KEYS} | {
@@ -633,8 +636,6 @@ def run(config: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.tracking import TrackingError
-
     args = build_parser().parse_args(argv)
     try:
         config = resolve_config(given_values(args))

@@ -1,11 +1,12 @@
 """MLflow tracking for a training run: where the store is, one run per training run, what gets logged.
 
 The driver resolves the tracking URI (``--mlflow-uri``, else ``MLFLOW_TRACKING_URI``, else an absolute
-``sqlite:///<project>/mlflow.db`` with artifacts in ``<project>/mlartifacts``), checks that it answers before
-any Ray worker starts, creates the experiment and the run (or reopens it on ``--resume``) and logs params
-and tags. During training, :class:`MlflowReportCallback` runs on the Ray Train controller and logs each
-committed report (metrics with step = epoch, the token-mask figure from the checkpoint), so a worker restart
-neither duplicates nor loses an epoch. The driver ends the run after registering the model.
+``sqlite:///<cwd>/mlflow.db`` with artifacts in ``<cwd>/mlartifacts``),
+checks that it answers before any Ray worker starts, creates the experiment and the run (or reopens it on
+``--resume``) and logs params and tags. During training, :class:`MlflowReportCallback` runs on the Ray
+Train controller and logs each committed report (metrics with step = epoch, the token-mask figure from the
+checkpoint), so a worker restart neither duplicates nor loses an epoch. The driver ends the run after
+registering the model.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def resolve_tracking_uri(uri: str | None, base: str | Path) -> str:
 
 
 def local_artifact_root(uri: str, base: str | Path) -> str | None:
-    """Absolute artifact location for new experiments of a local store (None: the server decides)."""
+    """Absolute artifact location ``<base>/mlartifacts`` for new experiments of a local store (None for a
+    server, which decides itself)."""
     if uri.startswith(("sqlite:", "file:")):
         return (Path(base).resolve() / ARTIFACTS_DIR).as_uri()
     return None
