@@ -1,0 +1,139 @@
+"""The local multi-node rehearsal (infra/local_multinode.py): a Ray head plus two worker nodes on this
+machine, the real pipelines/finetune.py with two workers STRICT_SPREAD over them, then teardown.
+
+The integration test runs the rehearsal as a subprocess (about 3-4 minutes on 2 cores) and re-checks its
+report; the unit tests check that the placement and teardown checks can fail.
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "infra" / "local_multinode.py"
+
+
+def _load_rehearsal():
+    spec = importlib.util.spec_from_file_location("local_multinode", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+lm = _load_rehearsal()
+
+NODES = {"head": "h" * 56, "node_a": "a" * 56, "node_b": "b" * 56}
+
+
+class FakeCluster:
+    """What check_placement reads from a LocalRayCluster, with Train worker actors on given nodes."""
+
+    worker_nodes = lm.WORKER_NODES
+    node_ids = NODES
+
+    def __init__(self, actor_nodes):
+        self.actor_nodes = actor_nodes
+
+    def list_state(self, resource, detail=False):
+        assert resource == "actors"
+        return [{"class_name": lm.TRAIN_WORKER_CLASS, "node_id": n} for n in self.actor_nodes] + [
+            {"class_name": "TrainController", "node_id": NODES["head"]}
+        ]
+
+
+def test_placement_check_accepts_one_worker_per_worker_node():
+    ids = [NODES["node_b"], NODES["node_a"]]
+    report = lm.check_placement(FakeCluster(ids), {"worker_node_ids": ids})
+    assert sorted(report["train_worker_actor_nodes"]) == sorted(ids)
+
+
+@pytest.mark.parametrize(
+    "reported, actors, match",
+    [
+        (["a" * 56, "a" * 56], ["a" * 56, "b" * 56], "expected one worker on each"),  # both on one node
+        (["h" * 56, "a" * 56], ["h" * 56, "a" * 56], "expected one worker on each"),  # one on the head
+        (["a" * 56], ["a" * 56], "expected one worker on each"),  # one worker only
+        (["a" * 56, "b" * 56], ["a" * 56, "a" * 56], "state API"),  # finetune's report disagrees with Ray
+        (None, ["a" * 56, "b" * 56], "no 'worker_node_ids'"),
+    ],
+)
+def test_placement_check_rejects_wrong_placement(reported, actors, match):
+    result = {} if reported is None else {"worker_node_ids": reported}
+    with pytest.raises(lm.RehearsalError, match=match):
+        lm.check_placement(FakeCluster(actors), result)
+
+
+def test_result_json_is_the_last_marked_line():
+    out = 'noise\nRESULT_JSON: {"a": 1}\nmore\nRESULT_JSON: {"a": 2, "worker_node_ids": []}\n'
+    assert lm.parse_result_json(out) == {"a": 2, "worker_node_ids": []}
+    with pytest.raises(lm.RehearsalError, match="no 'RESULT_JSON"):
+        lm.parse_result_json("no result here")
+
+
+def test_stop_sessions_stops_a_whole_session_and_only_it():
+    """A session leader with a child that ignores SIGTERM: both end; this test process survives."""
+    code = "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); " + (
+        "subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)']); time.sleep(600)"
+    )
+    leader = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        lm.wait_until("the child", lambda: len(lm.session_members(leader.pid)) == 2, 30, [])
+        leftovers = lm.stop_sessions([leader.pid], grace_s=0.5)
+        assert leftovers == [] and lm.session_members(leader.pid) == []
+    finally:
+        if leader.poll() is None:
+            leader.kill()
+        leader.wait()
+
+
+@pytest.fixture(scope="module")
+def rehearsal(tmp_path_factory):
+    """Run `python infra/local_multinode.py` once; returns (exit code, output, report)."""
+    report_path = tmp_path_factory.mktemp("rehearsal") / "report.json"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--report", str(report_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    return done.returncode, done.stdout + done.stderr, report
+
+
+@pytest.mark.integration
+def test_rehearsal_runs_finetune_on_two_nodes_and_tears_down(rehearsal):
+    returncode, output, report = rehearsal
+    assert returncode == 0, output[-6000:]
+    assert report["ok"], report
+    placement = report["placement"]
+    nodes = placement["nodes"]
+    assert set(nodes) == {"head", *lm.WORKER_NODES} and len(set(nodes.values())) == 3
+    workers = placement["worker_node_ids"]
+    assert len(workers) == 2 and len(set(workers)) == 2, "the two workers must be on two different nodes"
+    assert set(workers) == {nodes["node_a"], nodes["node_b"]} and nodes["head"] not in workers
+    assert set(placement["train_worker_actor_nodes"]) == set(workers)
+    # torn down: the script saw nothing left, and nothing of its sessions is alive now
+    assert report["leftover_pids"] == []
+    assert len(report["sessions"]) == 4  # 3 Ray nodes + the MLflow server
+    assert all(lm.session_members(sid) == [] for sid in report["sessions"])
+    assert not Path(report["root"]).exists(), "the rehearsal's temp dir is removed after a success"
+    assert report["mlflow"]["run_id"]
+
+
+@pytest.mark.integration
+def test_rehearsal_mlflow_server_enforces_basic_auth(rehearsal):
+    returncode, output, report = rehearsal
+    assert returncode == 0, output[-3000:]
+    if not report["mlflow"]["auth"]:
+        pytest.skip(
+            "mlflow[auth] (Flask-WTF) is not installed, so the rehearsal ran MLflow without basic auth; "
+            "the project should depend on mlflow[auth]"
+        )
+    assert report["mlflow"]["auth"] is True  # check_mlflow got 401 anonymously, 200 with the password
