@@ -212,6 +212,38 @@ def test_rayjob_runs_finetune_on_the_raycluster_with_valid_flags():
         assert any(path.startswith(m + "/") for m in mounts), f"{path} is on no volume of the head pod"
 
 
+def documented_commands() -> list[tuple[str, str, list[str]]]:
+    """(file, script, args) of every `python <script> ...` in docs/cluster.md and the launcher configs'
+    comments, with line continuations joined."""
+    found = []
+    for rel in ["docs/cluster.md", *LAUNCHER_CONFIGS]:
+        lines = [re.sub(r"^#\s?", "", ln) for ln in (REPO / rel).read_text().splitlines()]
+        text = re.sub(r"\\\n\s*", " ", "\n".join(lines))
+        for script, rest in re.findall(r"python (\S+\.py)((?:(?!&&|;)[^'\n`])*)", text):
+            found.append((rel, script, shlex.split(rest)))
+    return found
+
+
+def test_documented_commands_use_existing_scripts_and_flags():
+    """The commands a reader copies from docs/cluster.md and ray_cluster.yaml parse with the real CLIs."""
+    from pipelines.make_shards import parse_args as make_shards_args
+    from tuning.sweep_lambdas import build_parser as sweep_parser
+
+    parsers = {
+        "pipelines/finetune.py": build_parser().parse_args,
+        "tuning/sweep_lambdas.py": sweep_parser().parse_args,
+        "pipelines/make_shards.py": make_shards_args,
+    }
+    commands = documented_commands()
+    assert {script for _, script, _ in commands} >= set(parsers) - {"tuning/sweep_lambdas.py"}
+    for rel, script, args in commands:
+        if script == "infra/local_multinode.py":
+            continue
+        assert script in parsers, f"{rel}: unexpected script {script}"
+        assert (REPO / script).is_file()
+        parsers[script](args)  # SystemExit on an unknown flag or a bad value
+
+
 def test_finetune_parser_rejects_unknown_flags():
     """The entrypoint check above relies on the parser refusing what it does not know."""
     with pytest.raises(SystemExit):
