@@ -6,7 +6,7 @@ reads the same contiguous ``1/k`` of the (shuffle-written) split (``stick_to_sha
 epoch with a buffer of ``INITIAL_FILL`` samples. Epoch length is fixed up front and equal on every rank:
 
 * train: ``len = (N // k) // batch_size`` full batches of distinct samples; each rank leaves out at most
-  ``batch_size`` (+1) of its samples per epoch, a different random few every epoch. No padding.
+  ``batch_size`` of its samples per epoch, a different random few every epoch. No padding.
 * eval: ``len = ceil(ceil(N / k) / batch_size)``. Every sample of the split is yielded exactly once across
   ranks; the batches are filled up to the fixed size with repeats whose label is ``PAD_LABEL`` (-100,
   ``torch.nn.functional.cross_entropy``'s default ``ignore_index``). Count correct predictions with
@@ -101,15 +101,12 @@ def _shard_bounds(num_samples: int, shard_id: int, num_shards: int) -> tuple[int
     return num_samples * shard_id // num_shards, num_samples * (shard_id + 1) // num_shards
 
 
-def _index_entry(index_file: Path, line: int) -> dict[str, tuple[int, int, str]]:
-    """Components ``{ext: (offset, size, member name)}`` of the sample on ``line`` (1 = first sample)."""
-    with open(index_file) as f:
-        for number, text in enumerate(f):
-            if number == line:
-                fields = text.split()
-                groups = range(0, len(fields), 4)
-                return {fields[i]: (int(fields[i + 1]), int(fields[i + 2]), fields[i + 3]) for i in groups}
-    raise ShardMismatchError(f"{index_file}: no sample on line {line}")
+def _components(index_line: str) -> dict[str, tuple[int, int, str]]:
+    """``{ext: (offset, size, member name)}`` of one sample line of a DALI index file."""
+    fields = index_line.split()
+    return {
+        fields[i]: (int(fields[i + 1]), int(fields[i + 2]), fields[i + 3]) for i in range(0, len(fields), 4)
+    }
 
 
 def _decode_error(data: bytes) -> str | None:
@@ -243,7 +240,7 @@ class DaliLoader:
         if match := re.search(r'index file at "([^"]+)" line (\d+)', message):
             index_file, line = Path(match[1]), int(match[2])
             tar = next((s.path for s in self._shards if s.index_path == index_file), index_file)
-            entry = _index_entry(index_file, line)
+            entry = _components(index_file.read_text().splitlines()[line])  # line 0 is the header
             key = next(iter(entry.values()))[2].split(".", 1)[0]
             missing = [ext for ext in COMPONENTS.values() if ext not in entry]
             error = MissingLabelError if COMPONENTS["label"] in missing else CorruptSampleError
@@ -257,10 +254,12 @@ class DaliLoader:
     def _find_undecodable(self, message: str) -> DataError:
         """Scan this rank's samples back from the furthest one DALI may have read; name the first bad one."""
         ahead = (self._run + PREFETCH + 1) * self.batch_size + (INITIAL_FILL if self.train else 0)
+        index_lines: dict[int, list[str]] = {}
         for position in reversed(range(min(ahead, self._rank_samples))):
-            number, line = self._locate(self._begin + position)
+            number, sample = self._locate(self._begin + position)
             shard = self._shards[number]
-            offset, size, name = _index_entry(shard.index_path, line + 1)[COMPONENTS["image"]]
+            lines = index_lines.setdefault(number, shard.index_path.read_text().splitlines())
+            offset, size, name = _components(lines[sample + 1])[COMPONENTS["image"]]
             with open(shard.path, "rb") as f:
                 f.seek(offset)
                 reason = _decode_error(f.read(size))
