@@ -1,4 +1,4 @@
-"""Turn a dataset into WebDataset shards for the DALI loader (CLI over :mod:`pipelines.shards`).
+"""Turn a dataset into WebDataset shards for the DALI loader (command line over pipelines/shards.py).
 
 python pipelines/make_shards.py --source digits --out data/digits
 python pipelines/make_shards.py --source imagefolder:/data/imagenet/train --out data/in1k --split train
