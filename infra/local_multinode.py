@@ -213,6 +213,9 @@ class LocalRayCluster:
     worker_cpus: int = 1
     object_store_bytes: int = 150 * 1024**2
     token: str = field(default_factory=lambda: secrets.token_hex(32))
+    # Each node's worker processes bind ports from its own block of 1000, below Linux's ephemeral range and
+    # apart from Ray's default 10002-19999 (other local Ray instances), placed at random per rehearsal.
+    worker_port_base: int = field(default_factory=lambda: 20000 + 1000 * secrets.randbelow(9))
     procs: list[Proc] = field(default_factory=list)
     gcs_address: str = ""
     dashboard_url: str = ""
@@ -241,8 +244,8 @@ class LocalRayCluster:
             f"--dashboard-agent-grpc-port={ports[3]}",
             f"--runtime-env-agent-port={ports[4]}",
             f"--metrics-export-port={ports[5]}",
-            f"--min-worker-port={20000 + 1000 * len(self.procs)}",
-            f"--max-worker-port={20999 + 1000 * len(self.procs)}",
+            f"--min-worker-port={self.worker_port_base + 1000 * len(self.procs)}",
+            f"--max-worker-port={self.worker_port_base + 999 + 1000 * len(self.procs)}",
             *role_args,
         ]  # fmt: skip
         proc = start_proc(f"ray-{name}", cmd, self.env, self.root)
