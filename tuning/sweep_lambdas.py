@@ -27,6 +27,7 @@ import io
 import json
 import math
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -52,6 +53,7 @@ STATUS_TAG = "trial_status"
 TRIAL_RETRIES = 1  # a trial whose driver dies is restarted once (its Train run resumes)
 DRIVER_CPUS = 0.25  # a trial driver only waits on its Train run
 TOP = 10
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 SEARCHERS = ("tpe", "random")
 # Without --data: a small sweep of the digits model that finishes in minutes on two CPU cores.
 DIGITS_SWEEP = {"epochs": 2, "num_workers": 1}
@@ -572,8 +574,26 @@ def summarize(grid, setup: dict, started: float) -> dict:
     }
 
 
-def _interrupted(grid) -> bool:
-    return grid.num_terminated + grid.num_errors < len(grid)
+def _interrupted(grid, num_samples: int) -> bool:
+    """Whether Tune stopped before every trial ended (Ctrl-C): some not started or not finished."""
+    return grid.num_terminated + grid.num_errors < num_samples
+
+
+def _start_local_ray() -> None:
+    """Start a local Ray whose processes reach its State API even when other Ray instances run on this host.
+
+    Ray Train's placement-group cleaner asks the State API whether the controller of a trial that Tune
+    stopped is gone; with several local instances it cannot tell which one to ask and gives up, so the
+    stopped trial's workers keep their CPUs / GPUs and the next trial never starts. The local Ray's
+    processes inherit the driver's environment: naming the dashboard's address there avoids that.
+    """
+    import ray
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    ray.init(dashboard_port=port)
 
 
 def sweep(args: argparse.Namespace) -> dict | None:
@@ -610,7 +630,9 @@ def sweep(args: argparse.Namespace) -> dict | None:
         tracking.check_reachable(setup["tracking_uri"])
     mlflow.set_tracking_uri(setup["tracking_uri"])
     local = args.address is None and not ray.is_initialized()
-    if not ray.is_initialized():
+    if local:
+        _start_local_ray()
+    elif not ray.is_initialized():
         ray.init(address=args.address)
     try:
         if args.resume:
@@ -634,7 +656,7 @@ def sweep(args: argparse.Namespace) -> dict | None:
         except Exception:
             tracking.end_run(setup["tracking_uri"], setup["parent_run_id"], "FAILED")
             raise
-        if _interrupted(grid):
+        if _interrupted(grid, setup["num_samples"]):
             tracking.end_run(setup["tracking_uri"], setup["parent_run_id"], "KILLED")
             print(f"sweep interrupted; continue it with: python tuning/sweep_lambdas.py --resume "
                   f"{setup['storage']}/{setup['name']}", file=sys.stderr, flush=True)  # fmt: skip
@@ -643,6 +665,7 @@ def sweep(args: argparse.Namespace) -> dict | None:
     finally:
         if local:
             ray.shutdown()
+            os.environ.pop(API_SERVER_ENV, None)
 
 
 def main(argv: list[str] | None = None) -> int:
