@@ -4,10 +4,11 @@
 Starts, on this one machine, a Ray head and two Ray worker "nodes" (separate `ray start --block` processes
 with their own temp dirs, ports and custom resources `node_a` / `node_b`), plus the cluster MLflow server
 (`infra/mlflow/start_server.sh`, basic auth on, with SQLite and a local directory standing in for
-PostgreSQL and S3). It then runs the real `pipelines/finetune.py` against the cluster address with two
-Train workers placed STRICT_SPREAD and checks, both from finetune's `RESULT_JSON` line and independently
-from Ray's state API, that the two workers ran on the two different worker nodes. Everything is torn down
-at the end, also on failure or Ctrl-C.
+PostgreSQL and S3; a plain `mlflow server` and a warning when `mlflow[auth]` is not installed). It then
+runs the real `pipelines/finetune.py` against the cluster address with two Train workers placed
+STRICT_SPREAD and checks, both from finetune's `RESULT_JSON` line and independently from Ray's state API,
+that the two workers ran on the two different worker nodes, and that the MLflow run finished. Everything
+is torn down at the end, also on failure or Ctrl-C.
 
 Ray token authentication is on (`RAY_AUTH_MODE=token`, a fresh random `RAY_AUTH_TOKEN` per rehearsal,
 passed by environment only; nothing is written to ~/.ray). Teardown stops only the processes this script
@@ -391,7 +392,11 @@ def parse_result_json(output: str) -> dict:
     return json.loads(lines[-1][len(RESULT_PREFIX) :])
 
 
-def run_finetune(cluster: LocalRayCluster, mlflow: LocalMlflowServer, args, run_name: str) -> dict:
+def run_finetune(
+    cluster: LocalRayCluster, mlflow: LocalMlflowServer, args, run_name: str, started: list[Proc]
+) -> dict:
+    """Run pipelines/finetune.py against the cluster (its Proc is appended to `started` for the teardown);
+    returns its RESULT_JSON."""
     if not FINETUNE.exists():
         raise RehearsalError(f"{FINETUNE.relative_to(REPO)} does not exist (yet)")
     cmd = [
@@ -413,10 +418,10 @@ def run_finetune(cluster: LocalRayCluster, mlflow: LocalMlflowServer, args, run_
     log("running: " + " ".join(cmd))
     # cwd = the rehearsal's temp dir: the built-in digits shards are made there, not in the checkout.
     proc = start_proc("finetune", cmd, {**cluster.env, **mlflow.client_env}, cluster.root, cwd=cluster.root)
+    started.append(proc)
     try:
         rc = proc.popen.wait(timeout=args.job_timeout)
     except subprocess.TimeoutExpired:
-        stop_procs([proc])
         raise RehearsalError(
             f"finetune did not finish in {args.job_timeout}s; last lines:\n{tail(proc.log_path)}"
         ) from None
@@ -477,14 +482,14 @@ def rehearse(args) -> dict:
     if not mlflow.auth:
         log("WARNING: mlflow[auth] (Flask-WTF) is not installed: the MLflow server runs WITHOUT basic auth")
     report: dict = {"root": str(root), "ok": False}
+    jobs: list[Proc] = []
     started = time.monotonic()
     try:
         mlflow.start()  # starts in the background while Ray comes up
-        cluster.start()
-        report["sessions"] = [p.sid for p in cluster.procs] + [mlflow.proc.sid]
-        mlflow.wait_ready()
+        cluster.start(timeout_s=args.start_timeout)
+        mlflow.wait_ready(timeout_s=args.start_timeout)
         run_name = f"rehearsal-{secrets.token_hex(4)}"
-        result = run_finetune(cluster, mlflow, args, run_name)
+        result = run_finetune(cluster, mlflow, args, run_name, jobs)
         report["placement"] = check_placement(cluster, result)
         log(f"placement OK: {report['placement']['worker_node_ids']} on {cluster.node_ids}")
         report["mlflow"] = check_mlflow(mlflow, result, run_name)
@@ -492,7 +497,9 @@ def rehearse(args) -> dict:
         report["ok"] = True
         return report
     finally:
-        leftovers = cluster.stop() + mlflow.stop()
+        everything = jobs + cluster.procs + ([mlflow.proc] if mlflow.proc else [])
+        report["sessions"] = [p.sid for p in everything]
+        leftovers = stop_procs(jobs) + cluster.stop() + mlflow.stop()
         report["leftover_pids"] = leftovers
         report["seconds"] = round(time.monotonic() - started, 1)
         if args.report:
@@ -512,7 +519,10 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--experiment", default="multinode-rehearsal")
-    p.add_argument("--job-timeout", type=float, default=240.0, help="seconds allowed for finetune")
+    p.add_argument("--job-timeout", type=float, default=420.0, help="seconds allowed for finetune")
+    p.add_argument(
+        "--start-timeout", type=float, default=180.0, help="seconds allowed for Ray / MLflow to come up"
+    )
     p.add_argument(
         "--finetune-arg", action="append", default=[], help="extra argument for finetune.py (repeatable)"
     )

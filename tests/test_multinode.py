@@ -1,8 +1,8 @@
 """The local multi-node rehearsal (infra/local_multinode.py): a Ray head plus two worker nodes on this
 machine, the real pipelines/finetune.py with two workers STRICT_SPREAD over them, then teardown.
 
-The integration test runs the rehearsal as a subprocess (about 3-4 minutes on 2 cores) and re-checks its
-report; the unit tests check that the placement and teardown checks can fail.
+The integration test runs the rehearsal as a subprocess (3-4 minutes on 2 cores, longer when the machine
+is busy) and re-checks its report; the unit tests check that the placement and teardown checks can fail.
 """
 
 import importlib.util
@@ -101,7 +101,7 @@ def rehearsal(tmp_path_factory):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=840,  # within pytest's 900 s per test
     )
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
     return done.returncode, done.stdout + done.stderr, report
@@ -121,7 +121,7 @@ def test_rehearsal_runs_finetune_on_two_nodes_and_tears_down(rehearsal):
     assert set(placement["train_worker_actor_nodes"]) == set(workers)
     # torn down: the script saw nothing left, and nothing of its sessions is alive now
     assert report["leftover_pids"] == []
-    assert len(report["sessions"]) == 4  # 3 Ray nodes + the MLflow server
+    assert len(report["sessions"]) == 5  # finetune, 3 Ray nodes, the MLflow server
     assert all(lm.session_members(sid) == [] for sid in report["sessions"])
     assert not Path(report["root"]).exists(), "the rehearsal's temp dir is removed after a success"
     assert report["mlflow"]["run_id"]
