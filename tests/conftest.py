@@ -7,3 +7,76 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# --- pipelines (finetune, registry, evaluate): real Ray, DALI on the CPU and MLflow SQLite, tiny models ---
+
+TINY_PIPELINE_MODEL = {"depth": 4, "embed_dim": 32, "num_heads": 2, "patch_size": 8}
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory):
+    """The built-in digits as shards (train 1437, val 360 images of 32 px), made once per session."""
+    from pipelines.shards import ensure_digits_shards
+
+    return ensure_digits_shards(tmp_path_factory.mktemp("digits"), img_size=32)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local 2-CPU Ray (with the dashboard: the state API finds Train workers); its GCS address."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=True)
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def pipeline_dir(tmp_path_factory):
+    """Working directory of the pipeline runs: mlflow.db, mlartifacts/, ray_results/."""
+    return tmp_path_factory.mktemp("pipeline")
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(pipeline_dir):
+    return f"sqlite:///{pipeline_dir / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def tiny_options(digits_shards, pipeline_dir, mlflow_uri):
+    """finetune options of a tiny 2-worker run on the digits shards (add run_name, epochs, rho...)."""
+    return {
+        "backbone": "deit_t",
+        "data": str(digits_shards),
+        "img_size": 32,
+        "model_args": TINY_PIPELINE_MODEL,
+        "batch_size": 64,
+        "num_workers": 2,
+        "warmup_epochs": 1,
+        "freeze_epochs": 1,
+        "randaugment": False,
+        "vis_images": 4,
+        "storage": str(pipeline_dir / "ray_results"),
+        "mlflow_uri": mlflow_uri,
+        "experiment": "tests",
+    }
+
+
+@pytest.fixture(scope="session")
+def trained(ray_cluster, pipeline_dir, tiny_options):
+    """A dense 2-worker run, then a SPOT run fine-tuned from the registered dense model: RESULT_JSON dicts."""
+    import contextlib
+
+    from pipelines import finetune
+
+    with contextlib.chdir(pipeline_dir):
+        dense = finetune.run(finetune.resolve_config({**tiny_options, "dense": True, "epochs": 2,
+                                                      "run_name": "dense"}))  # fmt: skip
+        teacher = f"models:/{dense['registered_model']}/{dense['registered_version']}"
+        sparse = finetune.run(finetune.resolve_config({**tiny_options, "pretrained": teacher, "epochs": 2,
+                                                       "run_name": "spot"}))  # fmt: skip
+    return {"dense": dense, "spot": sparse}

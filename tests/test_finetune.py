@@ -1,0 +1,286 @@
+"""pipelines/finetune.py end to end: real local Ray Train (2 workers, DDP over gloo), DALI on the CPU,
+MLflow on SQLite with the model registry; plus the recipe and the option handling on their own."""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from pipelines import finetune
+from pipelines.recipe import build_optimizer, lr_factor
+from pipelines.train_loop import CONFIG_FILE, MASKS_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE
+from tests.tiny import tiny
+
+FINETUNE = Path(finetune.__file__)
+
+
+def runs_named(uri: str, experiment: str, name: str) -> list:
+    client = MlflowClient(uri)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    return client.search_runs([experiment_id], filter_string=f"attributes.run_name = '{name}'")
+
+
+def history_steps(uri: str, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+# --- the recipe -------------------------------------------------------------------------------------------
+
+
+def test_lr_factor_freezes_warms_up_then_decays_to_min():
+    kw = {"steps_per_epoch": 10, "epochs": 10, "warmup_epochs": 2, "min_ratio": 0.01}
+    assert [lr_factor(s, frozen_epochs=3, **kw) for s in (0, 29)] == [0.0, 0.0]
+    assert lr_factor(0, frozen_epochs=0, **kw) == pytest.approx(1 / 20)
+    assert lr_factor(19, frozen_epochs=0, **kw) == pytest.approx(1.0)
+    decay = [lr_factor(s, frozen_epochs=0, **kw) for s in range(20, 100)]
+    assert decay == sorted(decay, reverse=True) and decay[0] == pytest.approx(1.0)
+    assert lr_factor(100, frozen_epochs=0, **kw) == pytest.approx(0.01)
+
+
+def test_optimizer_groups_predictor_lr_no_decay_and_freeze_of_pretrained_weights():
+    model = tiny("deit_s", rho=0.7)
+    fresh = {n for n, _ in model.named_parameters() if n.startswith(("spot_predictors.", "head."))}
+    config = {"lr": 1e-3, "predictor_lr": 1e-2, "weight_decay": 0.05, "min_lr": 1e-6, "epochs": 4,
+              "warmup_epochs": 1, "freeze_epochs": 2, "steps_per_epoch": 5}  # fmt: skip
+    optimizer, scheduler = build_optimizer(model, config, fresh)
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in groups["predictor_fresh"]["params"]} <= fresh
+    assert all(names[id(p)].startswith("head.") for p in groups["backbone_fresh"]["params"])
+    assert all(p.ndim <= 1 for p in groups["backbone_no_decay"]["params"])
+    assert groups["backbone_no_decay"]["weight_decay"] == 0 and groups["backbone"]["weight_decay"] == 0.05
+    for _ in range(5):  # first epoch: warm-up of the fresh groups, pretrained backbone at lr 0
+        optimizer.step()
+        scheduler.step()
+    assert groups["backbone"]["lr"] == 0.0 and groups["backbone_no_decay"]["lr"] == 0.0
+    assert groups["backbone_fresh"]["lr"] > 0
+    assert groups["predictor_fresh"]["lr"] == pytest.approx(10 * groups["backbone_fresh"]["lr"])
+    for _ in range(5):  # second epoch still frozen, third epoch the backbone trains
+        scheduler.step()
+    assert groups["backbone"]["lr"] > 0
+
+
+# --- option handling (no Ray) ----------------------------------------------------------------------------
+
+
+def test_paper_defaults_with_data_and_digits_defaults_without(digits_shards, tmp_path):
+    config = finetune.resolve_config({"data": str(digits_shards), "batch_size": 64}, cwd=tmp_path)
+    assert (config["epochs"], config["img_size"], config["lr"], config["predictor_lr"]) == (
+        80,
+        224,
+        1e-3,
+        1e-2,
+    )
+    assert (config["mixup"], config["cutmix"], config["label_smoothing"]) == (0.8, 1.0, 0.1)
+    assert config["lambda_rate"] == 2.0 and config["lambda_kl"] == 0.0  # no --pretrained: no teacher
+    assert config["register_as"] == "spot-deit_s" and config["num_classes"] == 10
+    assert config["mlflow_uri"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert config["storage"] == str(tmp_path / finetune.RUNS_DIR)
+    # no --data: the built-in digits, made on first use in ./data/digits, with the small digits defaults
+    digits = finetune.resolve_config({"dense": True}, cwd=tmp_path)
+    assert digits["data"] == str(tmp_path / "data" / "digits")
+    assert (tmp_path / "data" / "digits" / "manifest.json").is_file()
+    assert (digits["backbone"], digits["img_size"], digits["rho"]) == ("deit_t", 32, None)
+    assert digits["register_as"] == "spot-deit_t-dense" and digits["lambda_rate"] == 0.0
+
+
+def test_yaml_config_and_command_line_precedence(digits_shards, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"data": str(digits_shards), "epochs": 3, "batch-size": 32,
+                                    "model_args": {"depth": 4}, "rho": 0.5}))  # fmt: skip
+    args = finetune.build_parser().parse_args(
+        ["--config", str(path), "--epochs", "5", "--model-arg", "depth=6"]
+    )
+    config = finetune.resolve_config(finetune.given_values(args), cwd=tmp_path)
+    assert (config["epochs"], config["batch_size"], config["rho"]) == (5, 32, 0.5)
+    assert config["model_args"] == {"depth": 6}
+    path.write_text("epochz: 3\n")
+    with pytest.raises(finetune.ConfigError, match="unknown option 'epochz'"):
+        finetune.given_values(finetune.build_parser().parse_args(["--config", str(path)]))
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"lambda_kl": 0.5}, "needs a teacher"),
+        ({"batch_size": 63, "num_workers": 2}, "multiple of --num-workers"),
+        ({"dense": True, "rho": 0.5}, "--dense contradicts"),
+        ({"selector": "best"}, "--selector 'best'"),
+        ({"resume": True}, "--resume needs the --run-name"),
+        ({"model_args": {"img_size": 64}}, "use --img-size"),
+    ],
+)
+def test_inconsistent_options_are_refused(digits_shards, tmp_path, given, message):
+    with pytest.raises(finetune.ConfigError, match=message):
+        finetune.resolve_config({"data": str(digits_shards), "batch_size": 64, **given}, cwd=tmp_path)
+
+
+# --- end to end -----------------------------------------------------------------------------------------
+
+
+def test_two_worker_runs_report_checkpoint_track_and_register(trained, tiny_options, mlflow_uri):
+    dense, sparse = trained["dense"], trained["spot"]
+    for result in (dense, sparse):
+        assert result["epochs_logged"] == [0, 1]
+        assert len(result["worker_node_ids"]) == 2
+        [run] = runs_named(mlflow_uri, "tests", result["run_name"])
+        assert run.info.run_id == result["mlflow_run_id"] and run.info.status == "FINISHED"
+        assert history_steps(mlflow_uri, run.info.run_id, "val_acc1") == [0, 1]
+        assert run.data.params["world_size"] == "2"
+        accuracies = [
+            m.value for m in MlflowClient(mlflow_uri).get_metric_history(run.info.run_id, "val_acc1")
+        ]
+        assert result["best_val_acc1"] == max(accuracies)
+    assert sparse["gflops"] < sparse["dense_gflops"] == dense["gflops"]
+
+    checkpoint = Path(sparse["checkpoint"])
+    for name in (MODEL_FILE, CONFIG_FILE, STATE_FILE, METRICS_FILE, MASKS_FILE):
+        assert (checkpoint / name).is_file(), name
+    assert json.loads((checkpoint / METRICS_FILE).read_text())["epoch"] == sparse["best_epoch"]
+    kept = [p for p in Path(sparse["storage"]).glob("checkpoint_*") if p.is_dir()]
+    assert 1 <= len(kept) <= 2
+
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(sparse["mlflow_run_id"])
+    assert run.data.params["pretrained"].startswith("models:/spot-deit_t-dense/")
+    assert float(run.data.params["lambda_kl"]) == 0.5 and run.data.metrics["train_kl"] > 0  # teacher in use
+    assert {f"val_kept_s{k}" for k in (1, 2, 3)} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config", "evaluation.md", "token_masks"} <= artifacts
+    masks = [a.path for a in client.list_artifacts(run.info.run_id, "token_masks")]
+    assert masks == ["token_masks/epoch_000.png", "token_masks/epoch_001.png"]
+    for result in (dense, sparse):
+        version = client.get_model_version_by_alias(result["registered_model"], "champion")
+        assert (
+            int(version.version) == result["registered_version"] and version.run_id == result["mlflow_run_id"]
+        )
+        assert float(version.tags["val_acc1"]) == pytest.approx(result["best_val_acc1"], abs=1e-6)
+        assert float(version.tags["gflops"]) == pytest.approx(result["gflops"], abs=1e-6)
+    assert version.tags["rho"] == "0.7"
+
+
+def test_killed_worker_resumes_from_last_checkpoint(
+    ray_cluster, pipeline_dir, tiny_options, trained, mlflow_uri
+):
+    from ray.util.state import list_actors
+
+    name = "fault"
+    pretrained = Path(trained["dense"]["checkpoint"]) / MODEL_FILE
+    config = finetune.resolve_config({**tiny_options, "pretrained": str(pretrained), "epochs": 3,
+                                      "run_name": name})  # fmt: skip
+    snapshot = Path(tiny_options["storage"]) / name / "checkpoint_manager_snapshot.json"
+    killed, errors = [], []
+
+    def kill_a_worker_after_first_checkpoint():
+        deadline = time.monotonic() + 300
+        while not snapshot.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+        try:
+            victim = max(list_actors(address=ray_cluster, filters=alive), key=lambda a: a.pid)
+            os.kill(victim.pid, signal.SIGKILL)
+            killed.append(victim.pid)
+        except Exception as err:  # reported by the assertion below
+            errors.append(repr(err))
+
+    killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, daemon=True)
+    killer.start()
+    with contextlib.chdir(pipeline_dir):
+        result = finetune.run(config)
+    killer.join(timeout=10)
+    assert killed, f"no Train worker was killed: {errors}"
+    assert result["epochs_logged"] == [0, 1, 2]
+    [run] = runs_named(mlflow_uri, "tests", name)
+    assert run.info.status == "FINISHED" and run.data.tags["worker_failures"] == "1"
+    # one value per epoch: nothing lost, and epoch 0 was not trained again (resumed from its checkpoint)
+    for key in ("val_acc1", "train_total", "epoch"):
+        assert history_steps(mlflow_uri, run.info.run_id, key) == [0, 1, 2], key
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _finetune(*args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(FINETUNE), *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _result(stdout: str) -> dict:
+    [line] = [ln for ln in stdout.splitlines() if ln.startswith("RESULT_JSON: ")]
+    return json.loads(line.removeprefix("RESULT_JSON: "))
+
+
+def test_resume_continues_a_run_whose_driver_died(
+    ray_cluster, pipeline_dir, tiny_options, trained, mlflow_uri
+):
+    name = "driver-died"
+    options = pipeline_dir / "resume.yaml"
+    options.write_text(yaml.safe_dump({**tiny_options, "dense": True, "epochs": 3, "run_name": name}))
+    driver = _finetune("--config", str(options), "--address", ray_cluster, cwd=pipeline_dir)
+    record = Path(tiny_options["storage"]) / name / finetune.RUN_RECORD
+    deadline = time.monotonic() + 300
+    run_id = None
+    while time.monotonic() < deadline and driver.poll() is None:
+        if run_id is None and record.exists():
+            run_id = json.loads(record.read_text())["mlflow_run_id"]
+        if run_id and history_steps(mlflow_uri, run_id, "val_acc1"):
+            break
+        time.sleep(0.2)
+    assert driver.poll() is None, (
+        f"the driver ended before it could be killed: {driver.communicate()[1][-2000:]}"
+    )
+    driver.send_signal(signal.SIGKILL)
+    driver.communicate()
+
+    resumed = _finetune("--run-name", name, "--resume", "--address", ray_cluster, cwd=pipeline_dir)
+    stdout, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr[-3000:]
+    result = _result(stdout)
+    assert result["mlflow_run_id"] == run_id and result["epochs_logged"] == [0, 1, 2]
+    [run] = runs_named(mlflow_uri, "tests", name)
+    assert run.info.status == "FINISHED"
+    assert history_steps(mlflow_uri, run_id, "val_acc1") == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("flags", "reason"),
+    [
+        (["--data", "/nonexistent/shards"], "/nonexistent/shards does not exist"),
+        (["--backbone", "vit_huge"], "--backbone 'vit_huge': choose one of"),
+        (["--rho", "0"], "--rho 0.0: must be in (0, 1]"),
+        (["--mlflow-uri", "http://127.0.0.1:{port}"], "is unreachable"),
+        (
+            ["--pretrained", "/nonexistent/weights.pth"],
+            "--pretrained /nonexistent/weights.pth: file not found",
+        ),
+    ],
+)
+def test_bad_input_exits_non_zero_with_one_line(digits_shards, tmp_path, flags, reason):
+    flags = [f.format(port=_free_port()) for f in flags]
+    data = [] if "--data" in flags else ["--data", str(digits_shards)]
+    started = time.monotonic()
+    proc = _finetune(*data, "--batch-size", "64", *flags, cwd=tmp_path)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 2
+    assert stderr.strip().splitlines() == [stderr.strip()], stderr  # one line, no traceback, no Ray start
+    assert stderr.startswith("finetune: error: ") and reason in stderr, stderr
+    assert "RESULT_JSON" not in stdout and time.monotonic() - started < 120
+    assert not (tmp_path / finetune.RUNS_DIR).exists()  # failed before any Ray run was set up
