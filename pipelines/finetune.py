@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse_model_args(items: list[str], where: str) -> dict:
+def parse_model_args(items: list[str], where: str) -> dict:
+    """``["depth=6", "drop_path_rate=0.1"]`` -> ``{"depth": 6, "drop_path_rate": 0.1}`` (YAML values)."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -235,7 +236,7 @@ def read_config_file(path: str) -> dict:
         if name not in DEFAULTS and name not in ("dense", "resume"):
             raise ConfigError(f"--config {file}: unknown option {key!r}")
         if name == "model_args" and isinstance(value, list):
-            value = _parse_model_args([str(v) for v in value], f"--config {file}")
+            value = parse_model_args([str(v) for v in value], f"--config {file}")
         values[name] = value
     return values
 
@@ -246,7 +247,7 @@ def given_values(args: argparse.Namespace) -> dict:
     for key, value in vars(args).items():
         if key == "config" or value is None:
             continue
-        values[key] = _parse_model_args(value, "--model-arg") if key == "model_args" else value
+        values[key] = parse_model_args(value, "--model-arg") if key == "model_args" else value
     return values
 
 
