@@ -11,22 +11,36 @@ from spot.config import SpotConfig
 from spot.descriptors import attention_descriptors
 from spot.engine import SpotInfo
 from spot.flops import gmacs, predictor_gmacs, rho_for_budget
-from spot.losses import default_lambdas, spot_loss
+from spot.losses import (
+    classification_loss,
+    default_lambdas,
+    kl_loss,
+    rate_loss,
+    spot_loss,
+    token_cosine_loss,
+)
 from spot.models import BACKBONES, create_model, set_mode
 from spot.schedule import keep_counts
+from spot.visualize import draw_token_masks, stage_keep_maps
 
 __all__ = [
     "BACKBONES",
     "SpotConfig",
     "SpotInfo",
     "attention_descriptors",
+    "classification_loss",
     "create_model",
     "default_lambdas",
+    "draw_token_masks",
     "gmacs",
     "keep_counts",
+    "kl_loss",
     "load_pretrained",
     "predictor_gmacs",
+    "rate_loss",
     "rho_for_budget",
     "set_mode",
     "spot_loss",
+    "stage_keep_maps",
+    "token_cosine_loss",
 ]
