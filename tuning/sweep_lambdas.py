@@ -55,8 +55,9 @@ DRIVER_CPUS = 0.25  # a trial driver only waits on its Train run
 TOP = 10
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 SEARCHERS = ("tpe", "random")
-# Without --data: a small sweep of the digits model that finishes in minutes on two CPU cores.
-DIGITS_SWEEP = {"epochs": 2, "num_workers": 1}
+# Without --data: a small sweep of the digits model that finishes in minutes on two CPU cores (a quarter
+# epoch of warm-up: the digits fine-tuning default of one would be half of these short runs).
+DIGITS_SWEEP = {"epochs": 2, "num_workers": 1, "warmup_epochs": 0.25}
 # Options derived from searched ones: each trial re-derives them unless they were given.
 DERIVED = ("rho", "predictor_lr", "lambda_rate", "lambda_kl", "lambda_token")
 # Fine-tuning options of the sweep's command line (the rest via --finetune-config).
@@ -383,9 +384,10 @@ def _tuner(setup: dict, dims: dict):
 
     searched, _ = space.split(dims, "search space")
     if setup["searcher"] == "tpe":
-        searcher = OptunaSearch(seed=setup["seed"])
-    else:
-        searcher = BasicVariantGenerator(random_state=setup["seed"])
+        searcher, limit = OptunaSearch(seed=setup["seed"]), setup["max_concurrent"]
+    else:  # not a Searcher: Tune's max_concurrent_trials would not apply, it takes its own limit
+        limit = None
+        searcher = BasicVariantGenerator(random_state=setup["seed"], max_concurrent=setup["max_concurrent"])
     scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=setup["epochs"], grace_period=setup["grace_period"],
                               reduction_factor=setup["reduction_factor"])  # fmt: skip
     return tune.Tuner(
@@ -397,7 +399,7 @@ def _tuner(setup: dict, dims: dict):
             search_alg=searcher,
             scheduler=scheduler,
             num_samples=setup["num_samples"],
-            max_concurrent_trials=setup["max_concurrent"],
+            max_concurrent_trials=limit,
             trial_dirname_creator=trial_dirname,
         ),  # fmt: skip
         run_config=tune.RunConfig(
@@ -575,8 +577,10 @@ def summarize(grid, setup: dict, started: float) -> dict:
 
 
 def _interrupted(grid, num_samples: int) -> bool:
-    """Whether Tune stopped before every trial ended (Ctrl-C): some not started or not finished."""
-    return grid.num_terminated + grid.num_errors < num_samples
+    """Whether Tune stopped (Ctrl-C) before every trial ended, by the experiment state it saved for a resume
+    (the result grid shows the trials after Tune's cleanup, which ends the running ones)."""
+    trials = tune.ExperimentAnalysis(grid.experiment_path).trials
+    return sum(t.status in ("TERMINATED", "ERROR") for t in trials) < num_samples
 
 
 def _start_local_ray() -> None:
