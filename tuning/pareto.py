@@ -25,14 +25,20 @@ def pareto_front(costs: Sequence[float], scores: Sequence[float]) -> list[int]:
 
 
 def plot_pareto(
-    rows: Sequence[dict], path: str | Path, *, budget: float | None = None, title: str = ""
+    rows: Sequence[dict],
+    path: str | Path,
+    *,
+    budget: float | None = None,
+    dense_gflops: float | None = None,
+    title: str = "",
 ) -> Path:
     """Top-1 accuracy (%) against GFLOPs of every trial with the Pareto front drawn, written as a PNG.
 
     ``rows`` are result-table rows with ``gflops``, ``val_acc1`` (0-1), ``rho``, ``status``, ``feasible``,
     ``pareto`` and ``best``. Completed trials are filled circles, trials stopped early hollow ones,
     trials over the ``budget`` grey crosses; the front is a line through its points, labelled with rho;
-    the best feasible trial is a star; the budget a dashed vertical line.
+    the best feasible trial is a star; the budget a dashed vertical line, the dense backbone's cost a
+    dotted one.
     """
     import matplotlib
 
@@ -68,6 +74,10 @@ def plot_pareto(
                        edgecolors="black", linewidths=0.6, zorder=4, label="best (registered)")  # fmt: skip
     if budget is not None:
         ax.axvline(budget, color="0.3", ls="--", lw=1, label=f"budget {budget:g} GFLOPs")
+    if dense_gflops is not None:
+        ax.axvline(
+            dense_gflops, color="0.5", ls=":", lw=1.2, label=f"dense backbone {dense_gflops:.3g} GFLOPs"
+        )
     ax.set_xlabel("GFLOPs per image")
     ax.set_ylabel("Top-1 accuracy (%)")
     ax.set_title(title, fontsize=10)

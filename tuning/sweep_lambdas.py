@@ -41,8 +41,8 @@ from mlflow.exceptions import MlflowException
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+import spot
 from pipelines import finetune, tracking
-from pipelines.manifest import DataError
 from tuning import pareto, space
 
 EXPERIMENT = "spot-sweep"
@@ -65,6 +65,13 @@ TRAIN_FLAGS: dict = {
     "data": str, "backbone": str, "pretrained": str, "epochs": int, "batch_size": int, "img_size": int,
     "num_workers": int, "gpus_per_worker": float, "cpus_per_worker": float, "seed": int, "register_as": str,
 }  # fmt: skip
+METAVARS = {
+    "data": "DIR",
+    "backbone": "NAME",
+    "pretrained": "SOURCE",
+    "img_size": "PX",
+    "register_as": "NAME",
+}
 RESUME_OPTIONS = ("resume", "address")
 RESULT_KEYS = ("trial_id", "status", "epochs", "val_acc1", "val_acc5", "best_epoch", "gflops", "feasible",
                "pareto", "best", *space.SEARCHABLE, "mlflow_run_id")  # fmt: skip
@@ -97,9 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     for key, text in described.items():
         group.add_argument(space.flag(key), dest=key, metavar="SPEC", help=f"{text} [default: from --space]")
     group = parser.add_argument_group("search")
-    group.add_argument("--num-samples", type=int, default=8, help="trials [default: 8]")
-    group.add_argument("--max-concurrent", type=int, help="trials at once [default: what the cluster fits: "
-                       "GPUs (CPUs without GPUs) / (workers x GPUs (CPUs) per worker)]")  # fmt: skip
+    group.add_argument("--num-samples", type=int, default=8, metavar="N", help="trials [default: 8]")
+    group.add_argument(
+        "--max-concurrent",
+        type=int,
+        metavar="N",
+        help="trials at once [default: what the cluster fits: GPUs (CPUs without GPUs) / (workers x GPUs "
+        "(CPUs) per worker)]",
+    )
     group.add_argument(
         "--searcher",
         choices=SEARCHERS,
@@ -109,12 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--grace-period",
         type=int,
+        metavar="EPOCHS",
         default=1,
         help="epochs every trial runs before ASHA may stop it [default: 1]",
     )
     group.add_argument(
         "--reduction-factor",
         type=float,
+        metavar="F",
         default=2.0,
         help="ASHA keeps 1/F of the trials at each rung [default: 2]",
     )
@@ -135,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("each trial (fine-tuning options, see pipelines/finetune.py --help)")
     helps = {
         "data": "shard directory [default: the built-in digits shards in ./data/digits]",
-        "backbone": "backbone [default: deit_s; digits: deit_t]",
+        "backbone": f"backbone {{{','.join(spot.BACKBONES)}}} [default: deit_s; digits: deit_t]",
         "pretrained": "initial weights (file, models:/NAME@ALIAS, hub); enables the distillation losses",
         "epochs": "epochs per trial (ASHA's max) [default: the fine-tuning default; digits: 2]",
         "batch_size": "global batch size [default: the fine-tuning default]",
@@ -147,22 +161,34 @@ def build_parser() -> argparse.ArgumentParser:
         "register_as": "registered model name [default: spot-<backbone>]",
     }
     for key, kind in TRAIN_FLAGS.items():
-        group.add_argument(space.flag(key), dest=key, type=kind, help=helps[key])
+        group.add_argument(
+            space.flag(key), dest=key, type=kind, metavar=METAVARS.get(key, "N"), help=helps[key]
+        )
     group.add_argument("--model-arg", dest="model_args", action="append", metavar="KEY=VALUE",
                        help="backbone override, repeatable (e.g. depth=4)")  # fmt: skip
     group.add_argument("--finetune-config", metavar="FILE.yaml",
                        help="any other fine-tuning options (pipelines/finetune.py --config format); "
                        "the search space and the flags above win")  # fmt: skip
     group = parser.add_argument_group("where")
-    group.add_argument("--address", help="Ray cluster address [default: start a local Ray]")
-    group.add_argument("--storage", help="sweep and Train run storage: local dir, s3://, gs://, shared FS "
-                       f"[default: ./{finetune.RUNS_DIR}]")  # fmt: skip
+    group.add_argument("--address", metavar="ADDR", help="Ray cluster address [default: start a local Ray]")
     group.add_argument(
-        "--name", help="sweep name = its directory in --storage [default: sweep-<backbone>-<time>]"
+        "--storage",
+        metavar="URI",
+        help=f"sweep and Train run storage: local dir, s3://, gs://, NFS [default: ./{finetune.RUNS_DIR}]",
     )
-    group.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment [default: {EXPERIMENT}]")
-    group.add_argument("--mlflow-uri", help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else "
-                       f"sqlite:///<cwd>/{tracking.DB_FILE}]")  # fmt: skip
+    group.add_argument(
+        "--name",
+        metavar="NAME",
+        help="sweep name = its directory in --storage [default: sweep-<backbone>-<time>]",
+    )
+    group.add_argument(
+        "--experiment", default=EXPERIMENT, metavar="NAME", help=f"MLflow experiment [default: {EXPERIMENT}]"
+    )
+    group.add_argument(
+        "--mlflow-uri",
+        metavar="URI",
+        help=f"MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/{tracking.DB_FILE}]",
+    )
     group.add_argument("--resume", metavar="PATH",
                        help="continue the interrupted sweep in PATH (<storage>/<name>) where it stopped; "
                        "takes no other option but --address")  # fmt: skip
@@ -321,12 +347,10 @@ class TrialRuns(tune.Callback):
         print(f"trial {trial.trial_id}: failed, see {trial.error_file}", flush=True)
 
 
-def _setup(args: argparse.Namespace, cwd: Path) -> tuple[dict, dict, dict, list[str]]:
-    """Validate everything before Ray starts: ``(setup, config, space, notes)``.
-
-    ``setup`` is what trials and a later ``--resume`` need (JSON); ``config`` the driver's resolved
-    fine-tuning configuration; ``space`` the validated dimensions.
-    """
+def _prepare_new(args: argparse.Namespace, cwd: Path) -> dict:
+    """The plan of a new sweep, everything checked: ``setup`` (what trials and a later ``--resume`` need,
+    JSON), ``config`` (the driver's resolved fine-tuning configuration), ``dims`` (the search space),
+    ``notes`` (what the sweep decided for the user) and ``summary`` (the model's GFLOPs and size)."""
     overrides = {k: getattr(args, k) for k in space.SEARCHABLE if getattr(args, k) is not None}
     dims = space.load_space(args.space, overrides)
     _check(args.num_samples >= 1, f"--num-samples {args.num_samples}: must be >= 1")
@@ -345,6 +369,13 @@ def _setup(args: argparse.Namespace, cwd: Path) -> tuple[dict, dict, dict, list[
         dims = space.clip_rho(dims, rho_max, args.gflops_budget, finetune.DEFAULTS["rho"])
     _, fixed = space.split(dims, args.space)  # the Tuner samples the rest
     name = args.name or f"sweep-{config['backbone']}-{datetime.now():%Y%m%d-%H%M%S}"
+    _check(finetune.read_run_record(config["storage"], name) is None,
+           f"sweep {name!r} already exists in {config['storage']}: pass --resume {config['storage']}/{name} "
+           "or another --name")  # fmt: skip
+    uri = tracking.resolve_tracking_uri(args.mlflow_uri, cwd)
+    tracking.check_reachable(uri)
+    mlflow.set_tracking_uri(uri)  # --pretrained models:/...
+    _, summary = finetune.prepare_init(config)  # a --pretrained that does not fit fails here, not per trial
     setup = {
         "name": name,
         "storage": config["storage"],
@@ -360,9 +391,36 @@ def _setup(args: argparse.Namespace, cwd: Path) -> tuple[dict, dict, dict, list[
         "seed": config["seed"],
         "register_as": config["register_as"],
         "experiment": args.experiment,
-        "tracking_uri": tracking.resolve_tracking_uri(args.mlflow_uri, cwd),
+        "tracking_uri": uri,
+        "dense_gflops": summary["dense_gflops"],
     }
-    return setup, config, dims, notes
+    return {"setup": setup, "config": config, "dims": dims, "notes": notes, "summary": summary}
+
+
+def _prepare_resume(args: argparse.Namespace, cwd: Path) -> dict:
+    """The plan of ``--resume PATH``: the sweep's recorded ``setup`` and its ``path``, checked."""
+    path = args.resume.rstrip("/")
+    storage, name = path.rsplit("/", 1) if "/" in path else (str(cwd), path)
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    record = finetune.read_run_record(storage, name)
+    _check(record is not None and "sweep" in record, f"--resume {args.resume}: not a sweep directory")
+    setup = record["sweep"]
+    tracking.check_reachable(setup["tracking_uri"])
+    try:
+        status = MlflowClient(setup["tracking_uri"]).get_run(setup["parent_run_id"]).info.status
+    except MlflowException as err:
+        raise SweepError(f"--resume {args.resume}: its MLflow run: {_first_line(err)}") from None
+    _check(status != "FINISHED", f"--resume {args.resume}: the sweep has finished (MLflow run "
+           f"{setup['parent_run_id']})")  # fmt: skip
+    return {"setup": setup, "path": f"{storage}/{name}", "notes": []}
+
+
+def prepare(args: argparse.Namespace, cwd: Path) -> dict:
+    """Check everything that can be checked before Ray starts; the plan :func:`sweep` runs."""
+    if args.resume:
+        return _prepare_resume(args, cwd)
+    return _prepare_new(args, cwd)
 
 
 def _check(condition: bool, message: str) -> None:
@@ -411,7 +469,7 @@ def _tuner(setup: dict, dims: dict):
     )
 
 
-def _start_parent(setup: dict, config: dict, dims: dict, cwd: Path) -> None:
+def _start_parent(setup: dict, config: dict, dims: dict, summary: dict, cwd: Path) -> None:
     """Create the sweep's MLflow run (and experiment) on the driver, before any trial: no SQLite races."""
     uri = setup["tracking_uri"]
     run_id = tracking.start_run(uri, setup["experiment"], setup["name"],
@@ -422,7 +480,8 @@ def _start_parent(setup: dict, config: dict, dims: dict, cwd: Path) -> None:
     sweep = {k: setup[k] for k in ("num_samples", "max_concurrent", "searcher", "grace_period",
                                    "reduction_factor", "budget")}  # fmt: skip
     fixed = {k: config[k] for k in finetune.TRAINING_KEYS if k not in dims}
-    tracking.log_params(uri, run_id, searched | sweep | fixed | tracking.versions())
+    model = {"dense_gflops": round(summary["dense_gflops"], 6), "params": summary["params"]}
+    tracking.log_params(uri, run_id, searched | sweep | fixed | model | tracking.versions())
     tracking.set_tags(
         uri, run_id, tracking.system_info() | {"storage": f"{setup['storage']}/{setup['name']}"}
     )
@@ -523,7 +582,8 @@ def summarize(grid, setup: dict, started: float) -> dict:
         title = f"{setup['name']}: {len(rows)} trials" + (f", budget {setup['budget']:g} GFLOPs"
                                                           if setup["budget"] is not None else "")  # fmt: skip
         measured = [r for r in rows if not math.isnan(r["val_acc1"])]
-        plot = pareto.plot_pareto(measured, Path(tmp) / "pareto.png", budget=setup["budget"], title=title)
+        plot = pareto.plot_pareto(measured, Path(tmp) / "pareto.png", budget=setup["budget"],
+                                  dense_gflops=setup["dense_gflops"], title=title)  # fmt: skip
         mlflow.log_artifact(str(plot), run_id=parent)
     mlflow.log_text(_csv(rows), "sweep_results.csv", run_id=parent)
     mlflow.log_text(markdown(rows), "sweep_results.md", run_id=parent)
@@ -600,53 +660,35 @@ def _start_local_ray() -> None:
     ray.init(dashboard_port=port)
 
 
-def sweep(args: argparse.Namespace) -> dict | None:
-    """Run (or ``--resume``) the sweep; returns the RESULT_JSON dict, or None if it was interrupted."""
+def sweep(plan: dict, address: str | None) -> dict | None:
+    """Run a :func:`prepare` d sweep (or resume one); the RESULT_JSON dict, or None if it was interrupted.
+
+    Raises :class:`SweepError` before any trial if the cluster cannot run one.
+    """
     import ray
 
     started = time.monotonic()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    cwd = Path.cwd()
-    if args.resume:
-        path = args.resume.rstrip("/")
-        storage, name = path.rsplit("/", 1) if "/" in path else (str(cwd), path)
-        if "://" not in storage:
-            storage = str(Path(storage).expanduser().resolve())
-        record = finetune.read_run_record(storage, name)
-        _check(record is not None and "sweep" in record, f"--resume {args.resume}: not a sweep directory")
-        setup = record["sweep"]
-        tracking.check_reachable(setup["tracking_uri"])
-        try:
-            status = MlflowClient(setup["tracking_uri"]).get_run(setup["parent_run_id"]).info.status
-        except MlflowException as err:
-            raise SweepError(f"--resume {args.resume}: its MLflow run: {_first_line(err)}") from None
-        _check(status != "FINISHED", f"--resume {args.resume}: the sweep has finished (MLflow run "
-               f"{setup['parent_run_id']})")  # fmt: skip
-        tracking.start_run(setup["tracking_uri"], setup["experiment"], name, artifact_location=None,
-                           run_id=setup["parent_run_id"])  # fmt: skip
-    else:
-        setup, config, dims, notes = _setup(args, cwd)
-        for note in notes:
-            print(f"note: {note}", flush=True)
-        _check(finetune.read_run_record(setup["storage"], setup["name"]) is None,
-               f"sweep {setup['name']!r} already exists in {setup['storage']}: pass --resume "
-               f"{setup['storage']}/{setup['name']} or another --name")  # fmt: skip
-        tracking.check_reachable(setup["tracking_uri"])
-    mlflow.set_tracking_uri(setup["tracking_uri"])
-    local = args.address is None and not ray.is_initialized()
+    setup = plan["setup"]
+    uri = setup["tracking_uri"]
+    mlflow.set_tracking_uri(uri)
+    local = address is None and not ray.is_initialized()
     if local:
         _start_local_ray()
     elif not ray.is_initialized():
-        ray.init(address=args.address)
+        ray.init(address=address)
     try:
-        if args.resume:
-            tuner = tune.Tuner.restore(f"{storage}/{name}", _trainable(setup), resume_unfinished=True,
+        if "path" in plan:
+            tracking.start_run(uri, setup["experiment"], setup["name"], artifact_location=None,
+                               run_id=setup["parent_run_id"])  # fmt: skip
+            tuner = tune.Tuner.restore(plan["path"], _trainable(setup), resume_unfinished=True,
                                        resume_errored=True)  # fmt: skip
         else:
+            config, dims = plan["config"], plan["dims"]
             setup["max_concurrent"] = setup["max_concurrent"] or default_max_concurrent(
                 ray.cluster_resources(), config
             )
-            _start_parent(setup, config, dims, cwd)
+            _start_parent(setup, config, dims, plan["summary"], Path.cwd())
             finetune.write_run_record(setup["storage"], setup["name"], {"sweep": setup})
             tuner = _tuner(setup, dims)
             print(
@@ -658,18 +700,23 @@ def sweep(args: argparse.Namespace) -> dict | None:
         try:
             grid = tuner.fit()
         except Exception:
-            tracking.end_run(setup["tracking_uri"], setup["parent_run_id"], "FAILED")
+            tracking.end_run(uri, setup["parent_run_id"], "FAILED")
             raise
         if _interrupted(grid, setup["num_samples"]):
-            tracking.end_run(setup["tracking_uri"], setup["parent_run_id"], "KILLED")
+            tracking.end_run(uri, setup["parent_run_id"], "KILLED")
             print(f"sweep interrupted; continue it with: python tuning/sweep_lambdas.py --resume "
-                  f"{setup['storage']}/{setup['name']}", file=sys.stderr, flush=True)  # fmt: skip
+                  f"{grid.experiment_path}", file=sys.stderr, flush=True)  # fmt: skip
             return None
         return summarize(grid, setup, started)
     finally:
         if local:
             ray.shutdown()
             os.environ.pop(API_SERVER_ENV, None)
+
+
+def _bad_input(err: BaseException) -> int:
+    print(f"sweep_lambdas: error: {_first_line(err)}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -681,11 +728,15 @@ def main(argv: list[str] | None = None) -> int:
                 k for k, v in vars(args).items() if k not in RESUME_OPTIONS and v != parser.get_default(k)
             ]
             _check(not extra, f"--resume continues a sweep as it was started; remove {', '.join(extra)}")
-        result = sweep(args)
-    except (space.SpaceError, SweepError, finetune.ConfigError, DataError, FileNotFoundError,
-            tracking.TrackingError) as err:  # fmt: skip
-        print(f"sweep_lambdas: error: {_first_line(err)}", file=sys.stderr)
-        return 2
+        plan = prepare(args, Path.cwd())
+    except (ValueError, FileNotFoundError, tracking.TrackingError) as err:
+        return _bad_input(err)
+    for note in plan["notes"]:
+        print(f"note: {note}", flush=True)
+    try:
+        result = sweep(plan, args.address)
+    except SweepError as err:  # the cluster cannot run a trial
+        return _bad_input(err)
     if result is None:
         return 130
     print("RESULT_JSON: " + json.dumps(result), flush=True)
