@@ -90,7 +90,7 @@ DEFAULTS: dict = {
 # Without --data: the built-in digits (8x8 scans, 10 classes) with a small DeiT that trains in minutes on CPU.
 DIGITS_DEFAULTS: dict = {
     "backbone": "deit_t",
-    "epochs": 12,
+    "epochs": 15,
     "batch_size": 64,
     "img_size": 32,
     "model_args": {"patch_size": 4, "depth": 6, "embed_dim": 96, "num_heads": 3},

@@ -1,0 +1,131 @@
+#!/usr/bin/env python
+"""Time of one fine-tuning step on one worker: SPOT (mask mode + frozen dense teacher) vs the dense backbone.
+
+Both run the project's training step (``pipelines.train_loop.train_one_epoch`` over pre-made random batches,
+so no data loading is timed): forward, loss, backward, AdamW step, scheduler step. SPOT adds the relevance
+modules, the Gumbel masks with the policy attention and the teacher's forward. Reported: wall-clock ms per
+step (median of the repeats) and CPU-ms per step (process CPU time: meaningful when other jobs share the
+machine). ``--demo`` also times ``make demo``'s script end to end in a scratch directory.
+
+    python benchmarks/train_step.py                  # the demo's model (digits defaults), batch 32
+    python benchmarks/train_step.py --preset paper   # DeiT-S at 224, batch 8
+    python benchmarks/train_step.py --demo           # also the demo's wall time
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pipelines import finetune
+from pipelines.recipe import build_optimizer
+from pipelines.shards import ensure_digits_shards
+from pipelines.train_loop import build_models, train_one_epoch
+
+DEMO = Path(__file__).resolve().parents[1] / "pipelines" / "demo.py"
+PRESETS = {
+    "demo": {key: finetune.DIGITS_DEFAULTS[key] for key in ("backbone", "img_size", "model_args")}
+    | {"batch_size": 32},  # per worker, as in the demo (global 64 over 2 workers)
+    "paper": {"backbone": "deit_s", "img_size": 224, "model_args": {}, "batch_size": 8},
+}
+
+
+def step_times(config: dict, *, steps: int, repeats: int, warmup: int) -> dict:
+    """Median wall and CPU milliseconds per training step of ``config`` (random data, CPU)."""
+    init, summary = finetune.prepare_init(config)
+    device = torch.device("cpu")
+    student, teacher = build_models(init, device)
+    batch = config["batch_size"]
+    side, classes = config["img_size"], config["num_classes"]
+    batches = [(torch.randn(batch, 3, side, side), torch.randint(0, classes, (batch,))) for _ in range(steps)]
+    optimizer, scheduler = build_optimizer(
+        student, {**config, "steps_per_epoch": steps, "epochs": warmup + repeats}, set(init["fresh"])
+    )
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    wall, cpu = [], []
+    for run in range(warmup + repeats):
+        cpu_start, wall_start = time.process_time(), time.perf_counter()
+        train_one_epoch(student, teacher, batches, optimizer, scheduler, scaler, None, config, device)
+        if run >= warmup:
+            wall.append((time.perf_counter() - wall_start) * 1e3 / steps)
+            cpu.append((time.process_time() - cpu_start) * 1e3 / steps)
+    return {
+        "wall_ms_per_step": statistics.median(wall),
+        "cpu_ms_per_step": statistics.median(cpu),
+        "wall_ms_per_run": [round(w, 1) for w in wall],
+        "gflops": summary["gflops"],
+        "params": summary["params"],
+    }
+
+
+def teacher_checkpoint(config: dict, directory: Path) -> str:
+    """A dense checkpoint of the architecture (random weights): SPOT then trains with a teacher, as in
+    the demo, where the teacher is the trained dense model."""
+    init, _ = finetune.prepare_init({**config, "rho": None, "pretrained": None})
+    path = directory / "dense.pt"
+    torch.save(init["student"], path)
+    return str(path)
+
+
+def time_demo(workdir: Path) -> float:
+    """Seconds of ``python pipelines/demo.py`` in ``workdir`` (fresh data, MLflow store and Ray)."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(DEMO)], cwd=workdir, check=True)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="demo",
+        help="demo: the demo's model (digits defaults); paper: DeiT-S at 224 [default: demo]",
+    )
+    parser.add_argument("--batch-size", type=int, help="per-worker batch [default: the preset's]")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads [default: 1, as a demo worker]")
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed run [default: 10]")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs [default: 5]")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first [default: 1]")
+    parser.add_argument("--demo", action="store_true", help="also time pipelines/demo.py end to end")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    preset = PRESETS[args.preset] | ({"batch_size": args.batch_size} if args.batch_size else {})
+    results: dict = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}"}
+    with tempfile.TemporaryDirectory() as tmp:
+        base = {**preset, "num_workers": 1, "mixup": 0.0, "cutmix": 0.0}
+        base["data"] = str(ensure_digits_shards(Path(tmp) / "digits"))
+        dense = finetune.resolve_config({**base, "dense": True}, cwd=Path(tmp))
+        results["dense"] = step_times(dense, steps=args.steps, repeats=args.repeats, warmup=args.warmup)
+        sparse = finetune.resolve_config({**base, "pretrained": teacher_checkpoint(dense, Path(tmp))},
+                                         cwd=Path(tmp))  # fmt: skip
+        results["spot"] = step_times(sparse, steps=args.steps, repeats=args.repeats, warmup=args.warmup)
+        if args.demo:
+            demo_dir = Path(tmp) / "demo"
+            demo_dir.mkdir()
+            results["demo_wall_s"] = round(time_demo(demo_dir), 1)
+    ratio = results["spot"]["wall_ms_per_step"] / results["dense"]["wall_ms_per_step"]
+    print("| model | GFLOPs (prune mode) | ms/step (wall) | CPU-ms/step | ms/step per run |")
+    print("| --- | ---: | ---: | ---: | --- |")
+    for name in ("dense", "spot"):
+        r = results[name]
+        print(f"| {name} | {r['gflops']:.4g} | {r['wall_ms_per_step']:.1f} | {r['cpu_ms_per_step']:.1f} | "
+              f"{', '.join(map(str, r['wall_ms_per_run']))} |")  # fmt: skip
+    print(f"SPOT / dense wall time per step: {ratio:.2f}x")
+    if "demo_wall_s" in results:
+        print(f"demo wall time: {results['demo_wall_s']:.0f} s")
+    print("JSON: " + json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
