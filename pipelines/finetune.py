@@ -547,26 +547,33 @@ def _evaluation_table(rows: list[dict], best: dict, summary: dict) -> str:
     )
 
 
-def run(config: dict) -> dict:
-    """Train ``config`` (from :func:`resolve_config`) on Ray, track it in MLflow, register the best model.
-
-    Returns the ``RESULT_JSON`` dict. Raises ``TrackingError`` before any worker starts if MLflow is not
-    usable, and ``ray.train.TrainingFailedError`` if training fails for good (the MLflow run is then FAILED).
-    """
-    import mlflow
+def _connect_ray(config: dict) -> bool:
+    """Join ``--address`` or start a local Ray (unless one is running); True if started here."""
     import ray
-    from ray.train import TrainingFailedError
+
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address=config["address"])
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise ConfigError(f"--address {config['address']}: {_one_line(err)}") from None
+    if config["address"] is not None:
+        return False
+    try:
+        _check_local_resources(config)
+    except ConfigError:
+        ray.shutdown()
+        raise
+    return True
+
+
+def _open_mlflow_run(config: dict, summary: dict) -> str:
+    """Create the run's MLflow run (params, resolved config, run record) or reopen it on resume; its id."""
+    import mlflow
 
     from pipelines import tracking
-    from pipelines.registry import register_checkpoint
 
-    started = time.monotonic()
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    uri = config["mlflow_uri"]
-    tracking.check_reachable(uri)
-    mlflow.set_tracking_uri(uri)
-    init, summary = prepare_init(config)
-    name, storage = config["run_name"], config["storage"]
+    uri, name, storage = config["mlflow_uri"], config["run_name"], config["storage"]
     record = read_run_record(storage, name)
     if config["resume"]:
         run_id = tracking.start_run(uri, config["experiment"], name, artifact_location=None,
@@ -587,12 +594,32 @@ def run(config: dict) -> dict:
         "storage": f"{storage}/{name}", "address": config["address"] or "local",
         "num_workers": config["num_workers"], "placement_strategy": config["placement_strategy"],
     })  # fmt: skip
-    local = config["address"] is None and not ray.is_initialized()
-    if not ray.is_initialized():
-        ray.init(address=config["address"])
+    return run_id
+
+
+def run(config: dict) -> dict:
+    """Train ``config`` (from :func:`resolve_config`) on Ray, track it in MLflow, register the best model.
+
+    Returns the ``RESULT_JSON`` dict. Before any worker starts, raises ``TrackingError`` if MLflow is not
+    usable and :class:`ConfigError` for a bad ``--pretrained``, ``--address`` or run name; raises
+    ``ray.train.TrainingFailedError`` if training fails for good (the MLflow run is then FAILED).
+    """
+    import mlflow
+    import ray
+    from ray.train import TrainingFailedError
+
+    from pipelines import tracking
+    from pipelines.registry import register_checkpoint
+
+    started = time.monotonic()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    uri, name, storage = config["mlflow_uri"], config["run_name"], config["storage"]
+    tracking.check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    init, summary = prepare_init(config)
+    local = _connect_ray(config)
     try:
-        if local:
-            _check_local_resources(config)
+        run_id = _open_mlflow_run(config, summary)
         trainer = build_trainer(
             config, name=name, storage=storage, init=init,
             callbacks=[tracking.MlflowReportCallback(uri, run_id)],
