@@ -260,9 +260,9 @@ def train_loop_per_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    threads = max(1, int(config["cpus_per_worker"]))
     if device.type == "cpu":
-        torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
-    seed_everything(derived_seed(config["seed"], rank))
+        torch.set_num_threads(threads)
     init = ray.get(config["init_weights"])
     student, teacher = build_models(init, device)
     if config["pretrained"]:
@@ -272,7 +272,7 @@ def train_loop_per_worker(config: dict) -> None:
     model = ray.train.torch.prepare_model(student)
     batch = config["batch_size"] // world
     loader_args = {"img_size": config["img_size"], "shard_id": rank, "num_shards": world,
-                   "num_threads": max(1, int(config["cpus_per_worker"])), "device": device}  # fmt: skip
+                   "num_threads": threads, "device": device}  # fmt: skip
 
     def train_loader(epoch: int):
         return make_loader(
