@@ -9,6 +9,12 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _no_inherited_tracking_uri(monkeypatch):
+    """``mlflow.set_tracking_uri`` exports MLFLOW_TRACKING_URI; keep one test's store out of the next."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 # --- pipelines (finetune, registry, evaluate): real Ray, DALI on the CPU and MLflow SQLite, tiny models ---
 
 TINY_PIPELINE_MODEL = {"depth": 4, "embed_dim": 32, "num_heads": 2, "patch_size": 8}
