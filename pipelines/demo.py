@@ -23,7 +23,7 @@ import ray
 import torch
 
 from pipelines import evaluate, finetune
-from pipelines.tracking import TrackingError
+from pipelines.tracking import TrackingError, first_line
 
 EXPERIMENT = "spot-demo"
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         demo = run_demo(args.num_workers, args.epochs)
     except (ValueError, FileNotFoundError, TrackingError) as err:
-        print(f"demo: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"demo: error: {first_line(err)}", file=sys.stderr)
         return 2
     print(f"\n{demo['table']}\n")
     for label in ("dense", "spot"):

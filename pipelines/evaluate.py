@@ -21,12 +21,12 @@ import mlflow
 import torch
 from torch import nn
 
+from pipelines.finetune import DIGITS_DIR
 from pipelines.loader import PAD_LABEL, make_loader
 from pipelines.manifest import DataError, read_manifest
 from pipelines.shards import ensure_digits_shards
 from spot.flops import gmacs
 
-DIGITS_DIR = "data/digits"
 COLUMNS = ("model", "top-1", "top-5", "GFLOPs", "params (M)", "images/s")
 
 
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.tracking import TrackingError, resolve_tracking_uri
+    from pipelines.tracking import TrackingError, first_line, resolve_tracking_uri
 
     args = build_parser().parse_args(argv)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -181,8 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             run_id = log_to_mlflow(rows, table, tracking_uri=uri, experiment=args.experiment, data=data)
             print(f"logged to MLflow run {run_id} (experiment {args.experiment!r}, {uri})")
     except (ValueError, FileNotFoundError, TrackingError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"evaluate: error: {message}", file=sys.stderr)
+        print(f"evaluate: error: {first_line(err)}", file=sys.stderr)
         return 2
     return 0
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -33,7 +34,7 @@ import spot
 from pipelines.manifest import DataError, read_manifest
 from pipelines.recipe import PAPER_RECIPE
 from pipelines.shards import ensure_digits_shards
-from pipelines.tracking import TrackingError, resolve_tracking_uri
+from pipelines.tracking import TrackingError, first_line, resolve_tracking_uri
 from spot.checkpoint import load_pretrained
 from spot.config import SELECTORS
 from spot.flops import gmacs
@@ -162,11 +163,6 @@ FLAG_TYPES: dict = {
 }  # fmt: skip
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 class ConfigError(ValueError):
     """Invalid or inconsistent options; the message names the option and value."""
 
@@ -227,7 +223,7 @@ def read_config_file(path: str) -> dict:
     try:
         raw = yaml.safe_load(file.read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"--config {file}: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"--config {file}: {first_line(err)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {file}: expected a mapping of options, got {type(raw).__name__}")
     values = {}
@@ -260,7 +256,7 @@ def _run_root(storage: str) -> tuple[pyarrow.fs.FileSystem, str]:
     try:
         return pyarrow.fs.FileSystem.from_uri(storage)
     except (pyarrow.ArrowInvalid, OSError) as err:
-        raise ConfigError(f"--storage {storage}: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"--storage {storage}: {first_line(err)}") from None
 
 
 def read_run_record(storage: str, run_name: str) -> dict | None:
@@ -467,7 +463,7 @@ class ProgressCallback(UserCallback):
 
     def after_exception(self, run_context, worker_exceptions: dict) -> None:
         for rank, error in sorted(worker_exceptions.items()):
-            print(f"worker rank {rank} failed: {_one_line(error)}; restarting from the latest checkpoint",
+            print(f"worker rank {rank} failed: {first_line(error)}; restarting from the latest checkpoint",
                   flush=True)  # fmt: skip
 
 
@@ -547,16 +543,30 @@ def _evaluation_table(rows: list[dict], best: dict, summary: dict) -> str:
     )
 
 
+def _probe_address(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast if a ``host:port`` or ``ray://host:port`` address does not accept connections (``ray.init``
+    itself retries for minutes)."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto" and friends: Ray resolves them itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConfigError(f"--address {address}: no Ray cluster answers there ({err})") from None
+
+
 def _connect_ray(config: dict) -> bool:
     """Join ``--address`` or start a local Ray (unless one is running); True if started here."""
     import ray
 
     if ray.is_initialized():
         return False
+    if config["address"] is not None:
+        _probe_address(config["address"])
     try:
         ray.init(address=config["address"])
     except (ConnectionError, RuntimeError, ValueError) as err:
-        raise ConfigError(f"--address {config['address']}: {_one_line(err)}") from None
+        raise ConfigError(f"--address {config['address']}: {first_line(err)}") from None
     if config["address"] is not None:
         return False
     try:
@@ -669,14 +679,14 @@ def main(argv: list[str] | None = None) -> int:
         config = resolve_config(given_values(args))
         result = run(config)
     except (ConfigError, DataError, FileNotFoundError, TrackingError, ValueError) as err:
-        print(f"finetune: error: {_one_line(err)}", file=sys.stderr)
+        print(f"finetune: error: {first_line(err)}", file=sys.stderr)
         return 2
     except Exception as err:
         from ray.train import TrainingFailedError
 
         if not isinstance(err, TrainingFailedError):
             raise
-        print(f"finetune: training failed: {_one_line(err)}", file=sys.stderr)
+        print(f"finetune: training failed: {first_line(err)}", file=sys.stderr)
         return 1
     print("RESULT_JSON: " + json.dumps(result), flush=True)
     return 0

@@ -25,6 +25,7 @@ from mlflow.types.schema import Schema, TensorSpec
 from torch import nn
 
 import spot
+from pipelines.tracking import first_line
 from pipelines.train_loop import CONFIG_FILE, MODEL_FILE
 
 CHAMPION = "champion"
@@ -63,7 +64,7 @@ def load_model(uri: str | Path) -> nn.Module:
     try:
         loaded = mlflow.pyfunc.load_model(uri)
     except MlflowException as err:
-        raise ValueError(f"cannot load MLflow model {uri}: {str(err).strip().splitlines()[0]}") from None
+        raise ValueError(f"cannot load MLflow model {uri}: {first_line(err)}") from None
     return loaded.unwrap_python_model().model
 
 

@@ -44,7 +44,8 @@ class TrackingError(RuntimeError):
     """The tracking server or store cannot be used; the message is one line saying why."""
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (its type name if empty): one-line error reports."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
 
@@ -92,7 +93,7 @@ def check_reachable(uri: str, timeout_s: float = REACHABILITY_TIMEOUT_S) -> None
             MlflowClient(uri).search_experiments(max_results=1)
         except MlflowException as err:
             raise TrackingError(
-                f"MLflow tracking server {uri} refused the request: {_first_line(err)}"
+                f"MLflow tracking server {uri} refused the request: {first_line(err)}"
             ) from None
     elif uri.startswith("sqlite:///"):
         directory = Path(uri.removeprefix("sqlite:///")).parent
@@ -133,7 +134,7 @@ def start_run(
         run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
         return run.info.run_id
     except MlflowException as err:
-        raise TrackingError(f"MLflow store {uri}: {_first_line(err)}") from None
+        raise TrackingError(f"MLflow store {uri}: {first_line(err)}") from None
 
 
 def _version(package: str) -> str:
@@ -234,7 +235,7 @@ class MlflowReportCallback(UserCallback):
                 client.set_tag(self.run_id, "latest_checkpoint", checkpoint.path)
                 self._log_masks(client, checkpoint, step)
         except Exception as err:  # never let tracking take the training run down
-            log.warning("MLflow logging of epoch %d failed: %s", step, _first_line(err))
+            log.warning("MLflow logging of epoch %d failed: %s", step, first_line(err))
 
     def _log_masks(self, client: MlflowClient, checkpoint: Checkpoint, step: int) -> None:
         source = f"{checkpoint.path}/{MASKS_FILE}"
@@ -254,11 +255,11 @@ class MlflowReportCallback(UserCallback):
                 self.run_id,
                 tags=[
                     RunTag("worker_failures", str(self._failures)),
-                    RunTag("last_worker_error", f"rank {rank}: {_first_line(error)}"[:5000]),
+                    RunTag("last_worker_error", f"rank {rank}: {first_line(error)}"[:5000]),
                 ],
             )
         except Exception as err:
-            log.warning("MLflow logging of a worker failure failed: %s", _first_line(err))
+            log.warning("MLflow logging of a worker failure failed: %s", first_line(err))
 
 
 def end_run(uri: str, run_id: str, status: str) -> None:
