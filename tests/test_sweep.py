@@ -91,12 +91,13 @@ def _env() -> dict:
 
 
 def run_sweep(workdir: Path, *args: str, timeout: float = 600) -> tuple[int, str, dict | None]:
-    """Run the CLI in ``workdir``; (exit code, stdout, RESULT_JSON or None)."""
+    """Run the CLI in ``workdir``; (exit code, stdout, RESULT_JSON or None). Prints the end of stderr."""
     proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=workdir, env=_env(), capture_output=True,
                           text=True, timeout=timeout)  # fmt: skip
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT_JSON: ")]
     result = json.loads(lines[-1].removeprefix("RESULT_JSON: ")) if lines else None
     assert proc.returncode != 0 or result is not None, proc.stdout[-3000:] + proc.stderr[-3000:]
+    print(proc.stderr[-5000:], file=sys.stderr)  # shown by pytest when a test fails
     return proc.returncode, proc.stdout, result
 
 

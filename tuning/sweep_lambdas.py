@@ -496,10 +496,11 @@ def _trial_row(result, setup: dict) -> dict:
     row = {"trial_id": Path(result.path).name, **{k: setup["options"].get(k) for k in space.SEARCHABLE},
            **result.config}  # fmt: skip
     history = result.metrics_dataframe
-    if history is None or history.empty or "val_acc1" not in history:
+    if history is None or "val_acc1" not in history or history["val_acc1"].isna().all():
         error = _first_line(result.error) if result.error else ""
         return row | {"status": "error", "epochs": 0, "feasible": False, "val_acc1": math.nan,
                       "gflops": math.nan, "error": error}  # fmt: skip
+    history = history.dropna(subset=["val_acc1"])  # only reports with a validation result
     best = history.sort_values(["val_acc1", "epoch"]).iloc[-1]
     done = int(history[TIME_ATTR].max())
     status = "error" if result.error else ("completed" if done >= setup["epochs"] else "stopped early")
@@ -697,17 +698,22 @@ def sweep(plan: dict, address: str | None) -> dict | None:
                 + ", ".join(f"{k} ~ {d.describe()}" for k, d in dims.items() if not d.fixed),
                 flush=True,
             )
+        resume = f"python tuning/sweep_lambdas.py --resume {setup['storage']}/{setup['name']}"
         try:
             grid = tuner.fit()
+            if _interrupted(grid, setup["num_samples"]):
+                tracking.end_run(uri, setup["parent_run_id"], "KILLED")
+                print(f"sweep interrupted; continue it with: {resume}", file=sys.stderr, flush=True)
+                return None
+            return summarize(grid, setup, started)
         except Exception:
             tracking.end_run(uri, setup["parent_run_id"], "FAILED")
+            print(
+                f"sweep failed; finished trials are kept, continue it with: {resume}",
+                file=sys.stderr,
+                flush=True,
+            )
             raise
-        if _interrupted(grid, setup["num_samples"]):
-            tracking.end_run(uri, setup["parent_run_id"], "KILLED")
-            print(f"sweep interrupted; continue it with: python tuning/sweep_lambdas.py --resume "
-                  f"{grid.experiment_path}", file=sys.stderr, flush=True)  # fmt: skip
-            return None
-        return summarize(grid, setup, started)
     finally:
         if local:
             ray.shutdown()
