@@ -209,7 +209,7 @@ def validate(model, teacher, loader, config, device) -> tuple[dict, tuple[Tensor
         with autocast(device, config["amp"]):
             logits, info = net(images, return_info=True)
             teacher_logits, teacher_tokens = _teacher_outputs(teacher, images, lambdas)
-        if shown is None and info.kept_indices:
+        if shown is None and info.kept_indices and config["vis_images"] > 0:
             n = config["vis_images"]
             shown = (images[:n].float().cpu(), [k[:n].cpu() for k in info.kept_indices])
         valid = labels != PAD_LABEL

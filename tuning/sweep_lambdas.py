@@ -195,11 +195,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _given(args: argparse.Namespace) -> dict:
     """Fine-tuning options given explicitly: --finetune-config's, overridden by the flags."""
     flags = {k: getattr(args, k) for k in (*TRAIN_FLAGS, "model_args")}
@@ -410,7 +405,7 @@ def _prepare_resume(args: argparse.Namespace, cwd: Path) -> dict:
     try:
         status = MlflowClient(setup["tracking_uri"]).get_run(setup["parent_run_id"]).info.status
     except MlflowException as err:
-        raise SweepError(f"--resume {args.resume}: its MLflow run: {_first_line(err)}") from None
+        raise SweepError(f"--resume {args.resume}: its MLflow run: {tracking.first_line(err)}") from None
     _check(status != "FINISHED", f"--resume {args.resume}: the sweep has finished (MLflow run "
            f"{setup['parent_run_id']})")  # fmt: skip
     return {"setup": setup, "path": f"{storage}/{name}", "notes": []}
@@ -497,7 +492,7 @@ def _trial_row(result, setup: dict) -> dict:
            **result.config}  # fmt: skip
     history = result.metrics_dataframe
     if history is None or "val_acc1" not in history or history["val_acc1"].isna().all():
-        error = _first_line(result.error) if result.error else ""
+        error = tracking.first_line(result.error) if result.error else ""
         return row | {"status": "error", "epochs": 0, "feasible": False, "val_acc1": math.nan,
                       "gflops": math.nan, "error": error}  # fmt: skip
     history = history.dropna(subset=["val_acc1"])  # only reports with a validation result
@@ -721,7 +716,7 @@ def sweep(plan: dict, address: str | None) -> dict | None:
 
 
 def _bad_input(err: BaseException) -> int:
-    print(f"sweep_lambdas: error: {_first_line(err)}", file=sys.stderr)
+    print(f"sweep_lambdas: error: {tracking.first_line(err)}", file=sys.stderr)
     return 2
 
 
