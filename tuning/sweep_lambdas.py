@@ -233,10 +233,12 @@ def train_name(trial_id: str) -> str:
 
 
 def trial_dirname(trial) -> str:
+    """A trial's Tune directory: its id (the results table reads it back from the result's path)."""
     return trial.trial_id
 
 
-def _find_child(client: MlflowClient, setup: dict, trial_id: str):
+def _find_child(client: MlflowClient, setup: dict, trial_id: str) -> str | None:
+    """The id of the trial's MLflow run under the sweep's run, if it exists."""
     parent = setup["parent_run_id"]
     runs = client.search_runs(
         [setup["experiment_id"]],
