@@ -58,10 +58,6 @@ class SpotConfig:
         """Whether stages read attention maps (random selection does not)."""
         return not self.dense and self.selector != "random"
 
-    @property
-    def cross_layer(self) -> bool:
-        return self.attn_mean or self.attn_var or self.selector == "cls_attn_avg"
-
     def to_dict(self) -> dict:
         d = asdict(self)
         d["stage_blocks"] = list(self.stage_blocks)

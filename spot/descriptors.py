@@ -10,8 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DESCRIPTOR_NAMES = ("cls_out", "cls_in", "row_mean", "col_mean", "row_var", "col_var")
-
 
 def attention_descriptors(attn: Tensor, keep: Tensor | None = None) -> Tensor:
     """Per-head token descriptors D^A of one attention map (Eq. 3-9).
