@@ -1,16 +1,22 @@
 """timm ``Block`` / ``Attention`` made SPOT-aware in place (class swap, as ToMe's timm patch).
 
 The swapped classes keep every parameter and module name; called without SPOT arguments they run
-timm's own (fused) forward. With ``policy`` or ``return_probs`` they compute attention explicitly
-(Eq. 1-2), optionally over kept keys only, and return the attention probabilities. Blocks are still
-called as modules, so forward hooks on blocks and attention keep working.
+timm's own (fused) forward. With ``policy`` or ``history`` they compute attention explicitly
+(Eq. 1-2), optionally over kept keys only, and add the attention probabilities to ``history``.
+Blocks are still called as modules, so forward hooks on blocks and attention keep working.
+
+Explicit attention runs over batch chunks (``spot.descriptors.batch_chunks``): on CPU it then costs
+little more than the fused kernel, about half of what it costs over the whole batch at once
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import torch
 from timm.models.vision_transformer import Attention, Block
 from torch import Tensor, nn
 
+from spot.descriptors import AttentionHistory, batch_chunks
 from spot.masking import policy_softmax
 
 
@@ -21,21 +27,25 @@ class SpotAttention(Attention):
         attn_mask: Tensor | None = None,
         is_causal: bool = False,
         policy: Tensor | None = None,
-        return_probs: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        if policy is None and not return_probs:
+        history: AttentionHistory | None = None,
+    ) -> Tensor:
+        if policy is None and history is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         b, t, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         q, k, v = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        logits = (q * self.scale) @ k.transpose(-2, -1)
-        probs = logits.softmax(-1) if policy is None else policy_softmax(logits, policy)
-        out = self.norm((self.attn_drop(probs) @ v).transpose(1, 2).reshape(b, t, self.attn_dim))
+        outs = []
+        for rows in batch_chunks(b, self.num_heads, t, x.device):
+            logits = (q[rows] * self.scale) @ k[rows].transpose(-2, -1)
+            probs = logits.softmax(-1) if policy is None else policy_softmax(logits, policy[rows])
+            if history is not None:
+                history.add(probs, rows)
+            outs.append(self.attn_drop(probs) @ v[rows])
+        out = self.norm(torch.cat(outs).transpose(1, 2).reshape(b, t, self.attn_dim))
         if gate is not None:
             out = out * gate
-        out = self.proj_drop(self.proj(out))
-        return (out, probs) if return_probs else out
+        return self.proj_drop(self.proj(out))
 
 
 class SpotBlock(Block):
@@ -45,14 +55,12 @@ class SpotBlock(Block):
         attn_mask: Tensor | None = None,
         is_causal: bool = False,
         policy: Tensor | None = None,
-        return_probs: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        if policy is None and not return_probs:
+        history: AttentionHistory | None = None,
+    ) -> Tensor:
+        if policy is None and history is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        h, probs = self.attn(self.norm1(x), policy=policy, return_probs=True)
-        x = x + self.drop_path1(self.ls1(h))
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return (x, probs) if return_probs else x
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), policy=policy, history=history)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 def make_blocks_spot_aware(blocks: nn.Sequential) -> None:

@@ -10,6 +10,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+CPU_CHUNK_BYTES = 2 << 20  # attention maps per batch chunk on CPU: small enough to stay in cache
+
+
+def batch_chunks(batch: int, heads: int, tokens: int, device: torch.device) -> list[slice]:
+    """Batch slices for work on attention maps: cache-sized chunks on CPU, the whole batch on GPU.
+
+    A whole batch's maps (60 MB per layer for DeiT-S at batch 64) are page-faulted in afresh by every
+    operation that allocates one and streamed through memory by each pass (softmax, ``probs @ v``,
+    the history sums, the descriptors); on CPU, chunks whose maps stay in cache avoid both.
+    """
+    if device.type != "cpu":
+        return [slice(0, batch)]
+    step = max(1, CPU_CHUNK_BYTES // (heads * tokens * tokens * 4))
+    return [slice(i, min(i + step, batch)) for i in range(0, batch, step)]
+
 
 def attention_descriptors(attn: Tensor, keep: Tensor | None = None) -> Tensor:
     """Per-head token descriptors D^A of one attention map (Eq. 3-9).
@@ -48,26 +63,41 @@ class AttentionHistory:
     Keeps the sums S1 of A and S2 of A^2 (both ``(B, H, T, T)``) over the L layers so far, from which
     M = S1 / L and Sigma = S2 / L - M^2 (population variance over layers). When tokens are pruned,
     the sums are gathered to the kept tokens, so M and Sigma always cover the tokens still present.
+    A layer is added with ``start_layer`` and then ``add`` per batch chunk; ``last`` holds the
+    current layer's map when ``start_layer`` asked for it (the layer right before a stage).
     """
 
-    def __init__(self, track_var: bool) -> None:
+    def __init__(self, batch: int, track_var: bool) -> None:
+        self.batch = batch
         self.track_var = track_var
         self.layers = 0
         self.sum: Tensor | None = None
         self.sum_sq: Tensor | None = None
         self.last: Tensor | None = None
+        self._keep_last = False
 
-    def add(self, attn: Tensor) -> None:
-        attn = attn.detach()  # statistics are inputs of the predictor, not a path into the backbone
-        self.last = attn
+    def start_layer(self, keep_last: bool = True) -> None:
         self.layers += 1
-        if self.sum is None:
-            self.sum = attn.clone()
-            self.sum_sq = attn.square() if self.track_var else None
+        self._keep_last = keep_last
+        self.last = None
+
+    def add(self, attn: Tensor, rows: slice = slice(None)) -> None:
+        """Add the current layer's attention probabilities ``(b, H, T, T)`` of batch rows ``rows``."""
+        attn = attn.detach()  # statistics are inputs of the predictor, not a path into the backbone
+        full = (self.batch, *attn.shape[1:])
+        if self._keep_last:
+            self.last = attn.new_empty(full) if self.last is None else self.last
+            self.last[rows] = attn
+        if self.layers == 1:
+            self.sum = attn.new_empty(full) if self.sum is None else self.sum
+            self.sum[rows] = attn
+            if self.track_var:
+                self.sum_sq = attn.new_empty(full) if self.sum_sq is None else self.sum_sq
+                torch.mul(attn, attn, out=self.sum_sq[rows])
             return
-        self.sum.add_(attn)
+        self.sum[rows].add_(attn)
         if self.track_var:
-            self.sum_sq.addcmul_(attn, attn)
+            self.sum_sq[rows].addcmul_(attn, attn)
 
     def gather(self, index: Tensor) -> None:
         """Keep only tokens ``index`` ((B, T') long, prefix included) on both token axes."""
@@ -84,7 +114,8 @@ class AttentionHistory:
 
 
 def _gather_square(mat: Tensor, index: Tensor) -> Tensor:
-    b, h, _, t = mat.shape
+    """``mat[b, h, index[b], :][..., index[b]]`` in one gather over the flattened maps."""
+    b, h, t, _ = mat.shape
     k = index.shape[1]
-    rows = torch.gather(mat, 2, index[:, None, :, None].expand(b, h, k, t))
-    return torch.gather(rows, 3, index[:, None, None, :].expand(b, h, k, k))
+    flat = (index[:, :, None] * t + index[:, None, :]).view(b, 1, k * k).expand(b, h, k * k)
+    return torch.gather(mat.reshape(b, h, t * t), 2, flat).view(b, h, k, k)

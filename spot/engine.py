@@ -46,7 +46,7 @@ class TokenRun:
         b = x.shape[0]
         self.cfg, self.mode, self.num_patches = cfg, mode, num_patches
         self.counts = keep_counts(num_patches, cfg.rho, cfg.num_stages) if not cfg.dense else []
-        self.history = AttentionHistory(track_var=cfg.attn_var) if cfg.needs_attention else None
+        self.history = AttentionHistory(b, track_var=cfg.attn_var) if cfg.needs_attention else None
         self.info = SpotInfo()
         self.fused = False  # whether the sequence ends with a fused token
         self.last_stage = False  # whether the stage being run is the last one
@@ -159,8 +159,8 @@ def run_blocks(model: nn.Module, x: Tensor, num_patches: int) -> tuple[Tensor, T
         if i in stage_of:
             x = run.stage(stage_of[i], x, model.stage_predictor(stage_of[i]))
         if i <= last_read:
-            x, probs = blk(x, policy=run.policy, return_probs=True)
-            run.history.add(probs)
+            run.history.start_layer(keep_last=i + 1 in stage_of)
+            x = blk(x, policy=run.policy, history=run.history)
         else:
             x = blk(x, policy=run.policy)
     return x, run

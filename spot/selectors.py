@@ -6,12 +6,16 @@ import torch
 from torch import Tensor
 
 from spot.config import SpotConfig
-from spot.descriptors import AttentionHistory, attention_descriptors
+from spot.descriptors import AttentionHistory, attention_descriptors, batch_chunks
 from spot.relevance import TokenRelevance
 
+DEGREE = (1.0, 1.0, 1.0, 1.0, 2.0, 2.0)  # of each descriptor in the map: cls/means 1, variances 2
 
-def relevance_features(cfg: SpotConfig, history: AttentionHistory, keep: Tensor | None, n: int) -> Tensor:
-    """Descriptors [D^A, D^M, D^Sigma] per patch token as ``(B, N, F)`` (Eq. 9-10).
+
+def relevance_features(
+    cfg: SpotConfig, history: AttentionHistory, keep: Tensor | None, n: int, rows: slice = slice(None)
+) -> Tensor:
+    """Descriptors [D^A, D^M, D^Sigma] per patch token of batch rows ``rows`` as ``(b, N, F)`` (Eq. 9-10).
 
     ``history`` holds the maps over tokens ``[cls, N patches, (fused)]``; only ``[cls, patches]`` are read.
     Raw statistics of attention probabilities are of order 1/N and their variances 1/N^2; the module
@@ -23,23 +27,23 @@ def relevance_features(cfg: SpotConfig, history: AttentionHistory, keep: Tensor 
     M = S1 / L and Sigma = (L * S2 - S1^2) / L^2 enter through their sums and a scale factor c:
     D(c * X) = D(X) * [c, c, c, c, c^2, c^2], which saves full passes over the maps.
     """
-    count = keep[:, 1:].sum(-1) if keep is not None else torch.full((history.sum.shape[0],), n)
-    n_kept = count.to(history.sum.dtype).clamp_min(1.0)[:, None, None, None]
-    degree = torch.tensor([1.0, 1.0, 1.0, 1.0, 2.0, 2.0], device=n_kept.device)
+    window = (rows, slice(None), slice(0, n + 1), slice(0, n + 1))
+    s1 = history.sum[window]
+    keep = _rows(keep, rows)
+    count = keep[:, 1:].sum(-1) if keep is not None else s1.new_full(s1.shape[:1], n)
+    scale = count.to(s1.dtype).clamp_min(1.0)[:, None, None, None]
     layers = history.layers
-    maps = [(history.last, n_kept)]
+    maps = [(history.last[window], scale)]
     if cfg.attn_mean:
-        maps.append((history.sum, n_kept / layers))
+        maps.append((s1, scale / layers))
     if cfg.attn_var:
-        spread = torch.addcmul(history.sum_sq * layers, history.sum, history.sum, value=-1.0)
-        maps.append((spread, n_kept.square() / layers**2))
-    window = slice(0, n + 1)
-    parts = [attention_descriptors(m[..., window, window], keep) * c**degree for m, c in maps]
-    desc = torch.cat(parts, dim=-1)  # (B, H, N, 6 * maps)
+        spread = torch.addcmul(history.sum_sq[window] * layers, s1, s1, value=-1.0)
+        maps.append((spread, scale.square() / layers**2))
+    degree = scale.new_tensor(DEGREE)
+    desc = torch.cat([attention_descriptors(m, keep) * c**degree for m, c in maps], dim=-1)  # (b, H, N, F/H)
     if cfg.head_avg:
         return desc.mean(1)
-    b, h, _, f = desc.shape
-    return desc.permute(0, 2, 1, 3).reshape(b, n, h * f)
+    return desc.permute(0, 2, 1, 3).flatten(2)
 
 
 def score_tokens(
@@ -60,9 +64,18 @@ def score_tokens(
     if cfg.selector == "cls_attn_avg":
         # class-token attention averaged over heads and over all layers so far
         return history.sum[:, :, 0, 1 : n + 1].mean(1), None
-    features = relevance_features(cfg, history, keep, n)
-    log_probs = predictor(patches, features, None if keep is None else keep[:, 1:])
+    # features and predictor per batch chunk: cache-sized on CPU, the whole batch on GPU
+    chunks = batch_chunks(patches.shape[0], history.sum.shape[1], n + 1, patches.device)
+    token_keep = None if keep is None else keep[:, 1:]
+    log_probs = torch.cat([
+        predictor(patches[rows], relevance_features(cfg, history, keep, n, rows), _rows(token_keep, rows))
+        for rows in chunks
+    ])
     return log_probs[..., 0], log_probs
+
+
+def _rows(x: Tensor | None, rows: slice) -> Tensor | None:
+    return None if x is None else x[rows]
 
 
 def num_descriptors(cfg: SpotConfig, num_heads: int) -> int:

@@ -65,9 +65,11 @@ def test_relevance_features_read_mean_and_variance_over_layers():
     maps = [random_attention(seed=s).float() for s in range(3)]
     keep = torch.ones(2, 9, dtype=torch.bool)
     keep[1, [3, 6]] = False
-    history = AttentionHistory(track_var=True)
-    for m in maps:
-        history.add(m)
+    history = AttentionHistory(batch=2, track_var=True)
+    for m in maps:  # each layer added in two batch chunks, as explicit attention does on CPU
+        history.start_layer(keep_last=True)
+        history.add(m[:1], slice(0, 1))
+        history.add(m[1:], slice(1, 2))
     got = relevance_features(SpotConfig(), history, keep, n=8)
 
     stacked = torch.stack([m.double() for m in maps])

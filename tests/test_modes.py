@@ -140,3 +140,31 @@ def test_spot_config_rebuilds_the_architecture():
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval()(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("mode", ["prune", "mask"])
+def test_attention_in_batch_chunks_equals_one_chunk(mode, monkeypatch):
+    """Cache-sized batch chunks (CPU) change neither logits nor decisions nor gradients."""
+    import spot.descriptors
+    from spot.descriptors import batch_chunks
+
+    assert batch_chunks(5, 6, 197, torch.device("cpu")) == [slice(0, 2), slice(2, 4), slice(4, 5)]  # 0.9 MB
+    assert batch_chunks(5, 6, 197, torch.device("cuda")) == [slice(0, 5)]
+    model = tiny("deit_s", rho=0.6, sampling="topk")
+    spot.set_mode(model, mode)
+    x = torch.randn(3, 3, 32, 32)
+
+    def run():
+        model.zero_grad()
+        logits, info = model(x, return_info=True)
+        logits.square().sum().backward()
+        return logits, info.kept_indices, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    whole = run()
+    monkeypatch.setattr(spot.descriptors, "CPU_CHUNK_BYTES", 1)  # one sample per chunk
+    chunked = run()
+    torch.testing.assert_close(chunked[0], whole[0], rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(chunked[1], whole[1], strict=True))
+    assert len(chunked[2]) == len(whole[2]) > 0
+    for a, b in zip(chunked[2], whole[2], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
