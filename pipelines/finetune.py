@@ -67,6 +67,8 @@ DEFAULTS: dict = {
     "cutmix": PAPER_RECIPE["cutmix"],
     "label_smoothing": PAPER_RECIPE["label_smoothing"],
     "randaugment": PAPER_RECIPE["randaugment"],
+    "crop_scale": PAPER_RECIPE["crop_scale"],
+    "hflip": PAPER_RECIPE["hflip"],
     "lambda_rate": None,
     "lambda_kl": None,
     "lambda_token": None,
@@ -100,13 +102,15 @@ DIGITS_DEFAULTS: dict = {
     "mixup": 0.0,
     "cutmix": 0.0,
     "randaugment": False,
+    "crop_scale": 0.5,  # small crops of an 8x8 scan lose the digit
+    "hflip": 0.0,  # a mirrored digit is another glyph
 }
 # What a run computes; fixed for its lifetime (--resume refuses to change these).
 TRAINING_KEYS = (
     "backbone", "data", "pretrained", "rho", "selector", "epochs", "batch_size", "lr", "predictor_lr",
     "min_lr", "weight_decay", "warmup_epochs", "freeze_epochs", "mixup", "cutmix", "label_smoothing",
-    "randaugment", "lambda_rate", "lambda_kl", "lambda_token", "img_size", "model_args", "amp", "seed",
-    "vis_images",
+    "randaugment", "crop_scale", "hflip", "lambda_rate", "lambda_kl", "lambda_token", "img_size",
+    "model_args", "amp", "seed", "vis_images",
 )  # fmt: skip
 HELP = {
     "backbone": f"backbone {{{','.join(spot.BACKBONES)}}}",
@@ -129,6 +133,8 @@ HELP = {
     "cutmix": "cutmix alpha (0 = off)",
     "label_smoothing": "label smoothing",
     "randaugment": "RandAugment (m9, n2) on training images",
+    "crop_scale": "smallest area fraction of the random resized crop of training images",
+    "hflip": "probability of a horizontal flip of a training image",
     "lambda_rate": "weight of the keep-rate loss (default: per backbone, 2.0)",
     "lambda_kl": "weight of the KL to the teacher (default: 0.5 with --pretrained, else 0)",
     "lambda_token": "weight of the token cosine loss (default: 0 for DeiT, 10 for LV-ViT with --pretrained)",
@@ -156,6 +162,7 @@ FLAG_TYPES: dict = {
     "backbone": str, "data": str, "pretrained": str, "rho": float, "selector": str, "epochs": int,
     "batch_size": int, "lr": float, "predictor_lr": float, "min_lr": float, "weight_decay": float,
     "warmup_epochs": float, "freeze_epochs": int, "mixup": float, "cutmix": float, "label_smoothing": float,
+    "crop_scale": float, "hflip": float,
     "lambda_rate": float, "lambda_kl": float, "lambda_token": float, "img_size": int, "amp": str, "seed": int,
     "vis_images": int, "num_workers": int, "gpus_per_worker": float, "cpus_per_worker": float,
     "placement_strategy": str, "address": str, "storage": str, "experiment": str, "run_name": str,
@@ -306,6 +313,8 @@ def _resolve_training(config: dict) -> None:
     _check(config["lr"] > 0 and config["min_lr"] >= 0, "--lr must be > 0 and --min-lr >= 0")
     _check(config["img_size"] >= 8, f"--img-size {config['img_size']}: too small")
     _check(config["vis_images"] >= 0, "--vis-images must be >= 0")
+    _check(0 < config["crop_scale"] <= 1, f"--crop-scale {config['crop_scale']}: must be in (0, 1]")
+    _check(0 <= config["hflip"] <= 1, f"--hflip {config['hflip']}: must be in [0, 1]")
     _check(isinstance(config["model_args"], dict), "model_args must be a mapping of backbone overrides")
     for key in ("img_size", "num_classes", "pretrained"):
         _check(key not in config["model_args"], f"--model-arg {key}: use --{key.replace('_', '-')} instead")

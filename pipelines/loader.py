@@ -55,6 +55,8 @@ def _dali_graph(
     train: bool,
     img_size: int,
     crop_pct: float,
+    crop_scale: float,
+    hflip: float,
     randaugment: bool,
     decoder: str,
     shard_id: int,
@@ -76,7 +78,7 @@ def _dali_graph(
     )
     if train:  # RandomResizedCrop fused into decoding (only the crop is decoded), flip, RandAugment
         images = fn.decoders.image_random_crop(
-            jpegs, device=decoder, output_type=types.RGB, random_area=[0.08, 1.0],
+            jpegs, device=decoder, output_type=types.RGB, random_area=[crop_scale, 1.0],
             random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
         )  # fmt: skip
         images = fn.resize(images, size=[img_size, img_size], antialias=True)
@@ -84,7 +86,7 @@ def _dali_graph(
             from nvidia.dali.auto_aug import rand_augment
 
             images = rand_augment.rand_augment(images, n=RANDAUGMENT_N, m=RANDAUGMENT_M, shape=[img_size] * 2)
-        mirror = fn.random.coin_flip()
+        mirror = fn.random.coin_flip(probability=hflip)
     else:  # resize shorter side to img_size / crop_pct, center crop
         images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
         images = fn.resize(images, resize_shorter=math.floor(img_size / crop_pct), antialias=True)
@@ -142,13 +144,17 @@ class DaliLoader:
         seed: int,
         device: torch.device,
         crop_pct: float,
+        crop_scale: float,
+        hflip: float,
         randaugment: bool,
     ) -> None:
         self.manifest, self.split, self.train, self.device = manifest, split, train, device
         self.batch_size, self.shard_id, self.num_shards = batch_size, shard_id, num_shards
         self._shards = manifest.shard_infos(split)
-        self._options = {"img_size": img_size, "crop_pct": crop_pct, "randaugment": randaugment,
-                         "decoder": "mixed" if device.type == "cuda" else "cpu"}  # fmt: skip
+        self._options = {
+            "img_size": img_size, "crop_pct": crop_pct, "crop_scale": crop_scale, "hflip": hflip,
+            "randaugment": randaugment, "decoder": "mixed" if device.type == "cuda" else "cpu",
+        }  # fmt: skip
         self._num_threads, self._seed = num_threads, seed
         total = manifest.counts[split]
         self._begin, end = _shard_bounds(total, shard_id, num_shards)
@@ -285,10 +291,15 @@ def make_loader(
     seed: int = 0,
     device: torch.device | str | None = None,
     crop_pct: float = 0.875,
+    crop_scale: float = 0.08,
+    hflip: float = 0.5,
     randaugment: bool = False,
 ) -> DaliLoader:
     """DALI loader over ``split`` of the shard directory ``data_dir`` for rank ``shard_id`` of ``num_shards``.
 
+    Training images: a random crop of ``crop_scale`` to all of the image area (aspect 3/4 to 4/3) resized
+    to ``img_size``, flipped horizontally with probability ``hflip``, then RandAugment if asked; evaluation
+    images: shorter side resized to ``img_size / crop_pct``, centre crop.
     ``device=None`` picks the current CUDA device if there is one (GPU decoding), else the CPU. Raises a
     :class:`~pipelines.manifest.DataError` subclass for a missing/empty directory, a manifest that does not
     match the shards, or too few samples (train: fewer than ``num_shards * batch_size``; eval: fewer than
@@ -302,6 +313,8 @@ def make_loader(
     if batch_size < 1 or not 0 <= shard_id < num_shards or not 0 < crop_pct <= 1:
         raise ValueError(f"need batch_size >= 1, 0 <= shard_id < num_shards, 0 < crop_pct <= 1; got "
                          f"{batch_size=}, {shard_id=}, {num_shards=}, {crop_pct=}")  # fmt: skip
+    if not 0 < crop_scale <= 1 or not 0 <= hflip <= 1:
+        raise ValueError(f"need 0 < crop_scale <= 1 and 0 <= hflip <= 1; got {crop_scale=}, {hflip=}")
     manifest = read_manifest(data_dir)
     manifest.shard_infos(split)  # raises ManifestError naming the known splits
     total = manifest.counts[split]
@@ -314,5 +327,5 @@ def make_loader(
     return DaliLoader(
         manifest, split, batch_size=batch_size, img_size=img_size, train=train, shard_id=shard_id,
         num_shards=num_shards, num_threads=num_threads, seed=seed, device=device, crop_pct=crop_pct,
-        randaugment=randaugment,
+        crop_scale=crop_scale, hflip=hflip, randaugment=randaugment,
     )  # fmt: skip

@@ -4,7 +4,7 @@ SPOT (Sec. 6.2) fine-tunes with AdamW, lr 1e-3 for the backbone and 1e-2 for the
 batch 512, 80 epochs; the rest follows DynamicViT, whose setup SPOT adopts: linear warm-up then cosine decay
 to ``min_lr``, weight decay 0.05 (none on biases, norms and embeddings), the pretrained backbone frozen for
 the first epochs while the new modules warm up, ``cls_token`` / ``pos_embed`` frozen throughout, mixup 0.8,
-cutmix 1.0, label smoothing 0.1, RandAugment.
+cutmix 1.0, label smoothing 0.1, RandAugment, random resized crops (8-100 % of the area), horizontal flips.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ PAPER_RECIPE: dict = {
     "cutmix": 1.0,
     "label_smoothing": 0.1,
     "randaugment": True,
+    "crop_scale": 0.08,  # RandomResizedCrop area (0.08, 1)
+    "hflip": 0.5,
 }
 FROZEN_WHEN_PRETRAINED = ("cls_token", "pos_embed")
 PREDICTOR_PREFIX = "spot_predictors."

@@ -8,8 +8,8 @@ configuration of :func:`pipelines.finetune.resolve_config` (all JSON values) plu
 
 Keys read here: ``data``, ``img_size``, ``batch_size`` (global), ``epochs``, ``lr``, ``predictor_lr``,
 ``min_lr``, ``weight_decay``, ``warmup_epochs``, ``freeze_epochs``, ``mixup``, ``cutmix``,
-``label_smoothing``, ``randaugment``, ``rho`` (None = dense), ``lambda_rate``, ``lambda_kl``,
-``lambda_token``, ``pretrained``, ``amp``, ``seed``, ``cpus_per_worker``, ``vis_images``.
+``label_smoothing``, ``randaugment``, ``crop_scale``, ``hflip``, ``rho`` (None = dense), ``lambda_rate``,
+``lambda_kl``, ``lambda_token``, ``pretrained``, ``amp``, ``seed``, ``cpus_per_worker``, ``vis_images``.
 
 Every epoch: train in mask mode (``model.train()``), validate in prune mode (``model.eval()``) on this rank's
 shard of the val split, all-reduce the sums, and ``ray.train.report`` the same metrics from every rank with
@@ -277,7 +277,8 @@ def train_loop_per_worker(config: dict) -> None:
     def train_loader(epoch: int):
         return make_loader(
             config["data"], "train", batch_size=batch, train=True, randaugment=config["randaugment"],
-            seed=derived_seed(config["seed"], epoch), **loader_args,
+            crop_scale=config["crop_scale"], hflip=config["hflip"], seed=derived_seed(config["seed"], epoch),
+            **loader_args,
         )  # fmt: skip
 
     val_loader = make_loader(config["data"], "val", batch_size=batch, train=False, **loader_args)

@@ -82,6 +82,7 @@ def test_paper_defaults_with_data_and_digits_defaults_without(digits_shards, tmp
         1e-2,
     )
     assert (config["mixup"], config["cutmix"], config["label_smoothing"]) == (0.8, 1.0, 0.1)
+    assert (config["crop_scale"], config["hflip"]) == (0.08, 0.5)
     assert config["lambda_rate"] == 2.0 and config["lambda_kl"] == 0.0  # no --pretrained: no teacher
     assert config["register_as"] == "spot-deit_s" and config["num_classes"] == 10
     assert config["mlflow_uri"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -91,6 +92,7 @@ def test_paper_defaults_with_data_and_digits_defaults_without(digits_shards, tmp
     assert digits["data"] == str(tmp_path / "data" / "digits")
     assert (tmp_path / "data" / "digits" / "manifest.json").is_file()
     assert (digits["backbone"], digits["img_size"], digits["rho"]) == ("deit_t", 32, None)
+    assert (digits["crop_scale"], digits["hflip"]) == (0.5, 0.0)  # digits are not mirrored
     assert digits["register_as"] == "spot-deit_t-dense" and digits["lambda_rate"] == 0.0
 
 
@@ -118,6 +120,8 @@ def test_yaml_config_and_command_line_precedence(digits_shards, tmp_path):
         ({"selector": "best"}, "--selector 'best'"),
         ({"resume": True}, "--resume needs the --run-name"),
         ({"model_args": {"img_size": 64}}, "use --img-size"),
+        ({"crop_scale": 0}, r"--crop-scale 0: must be in \(0, 1\]"),
+        ({"hflip": 1.5}, r"--hflip 1.5: must be in \[0, 1\]"),
     ],
 )
 def test_inconsistent_options_are_refused(digits_shards, tmp_path, given, message):

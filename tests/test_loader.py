@@ -154,6 +154,23 @@ def test_randaugment_and_eval_crop(digits_dir):
     assert images.shape == (32, 3, 48, 48)
 
 
+def test_flip_probability_and_crop_scale(digits_dir):
+    """hflip=1 mirrors every training image that hflip=0 leaves as is (same seed: same crops, same order)."""
+
+    def first_batch(**options):
+        loader = make_loader(digits_dir, "train", batch_size=16, img_size=32, train=True, seed=5, **options)
+        return next(iter(loader))
+
+    kept, labels = first_batch(crop_scale=0.3, hflip=0.0)
+    mirrored, same_labels = first_batch(crop_scale=0.3, hflip=1.0)
+    assert torch.equal(labels, same_labels)
+    assert not torch.equal(kept, mirrored)
+    torch.testing.assert_close(mirrored, kept.flip(-1))
+    for bad in ({"crop_scale": 0.0}, {"crop_scale": 1.5}, {"hflip": -0.1}, {"hflip": 2.0}):
+        with pytest.raises(ValueError, match="crop_scale <= 1 and 0 <= hflip <= 1"):
+            make_loader(digits_dir, "train", batch_size=16, img_size=32, train=True, **bad)
+
+
 def test_dataset_errors(digits_dir, unique_dir, tmp_path, copy_of):
     with pytest.raises(DataDirError, match="does not exist"):
         make_loader(tmp_path / "missing", "train", batch_size=4, img_size=16, train=True)
