@@ -586,6 +586,14 @@ def _connect_ray(config: dict) -> bool:
     return True
 
 
+def run_params(config: dict, summary: dict) -> dict:
+    """The MLflow params of a training run: its training options and the model they give."""
+    return {k: config[k] for k in TRAINING_KEYS} | {
+        "num_classes": config["num_classes"], "world_size": config["num_workers"],
+        "params": summary["params"], "gflops": round(summary["gflops"], 6),
+    }  # fmt: skip
+
+
 def _open_mlflow_run(config: dict, summary: dict) -> str:
     """Create the run's MLflow run (params, resolved config, run record) or reopen it on resume; its id."""
     import mlflow
@@ -603,11 +611,7 @@ def _open_mlflow_run(config: dict, summary: dict) -> str:
         artifacts = tracking.local_artifact_root(uri, Path.cwd())
         run_id = tracking.start_run(uri, config["experiment"], name, artifact_location=artifacts)
         write_run_record(storage, name, {"config": config, "mlflow_run_id": run_id, "tracking_uri": uri})
-        params = {k: config[k] for k in TRAINING_KEYS} | {
-            "num_classes": config["num_classes"], "world_size": config["num_workers"],
-            "params": summary["params"], "gflops": round(summary["gflops"], 6),
-        }  # fmt: skip
-        tracking.log_params(uri, run_id, params | tracking.versions())
+        tracking.log_params(uri, run_id, run_params(config, summary) | tracking.versions())
         mlflow.log_dict(config, "config/resolved_config.json", run_id=run_id)
     tracking.set_tags(uri, run_id, tracking.system_info() | {
         "storage": f"{storage}/{name}", "address": config["address"] or "local",

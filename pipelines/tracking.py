@@ -118,9 +118,15 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
 
 
 def start_run(
-    uri: str, experiment: str, run_name: str, *, artifact_location: str | None, run_id: str | None = None
+    uri: str,
+    experiment: str,
+    run_name: str,
+    *,
+    artifact_location: str | None,
+    run_id: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> str:
-    """Create the run named ``run_name`` (returns its id), or reopen ``run_id`` (``--resume``).
+    """Create the run named ``run_name`` with ``tags`` (returns its id), or reopen ``run_id`` (``--resume``).
 
     Creating the store, experiment and run here on the driver, before workers start, avoids SQLite races.
     """
@@ -131,8 +137,8 @@ def start_run(
             client.update_run(run_id, status="RUNNING")
             return run_id
         experiment_id = ensure_experiment(client, experiment, artifact_location)
-        run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
-        return run.info.run_id
+        tags = {**(tags or {}), RUN_NAME_TAG: run_name}
+        return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
     except MlflowException as err:
         raise TrackingError(f"MLflow store {uri}: {first_line(err)}") from None
 

@@ -250,19 +250,12 @@ def _find_child(client: MlflowClient, setup: dict, trial_id: str) -> str | None:
 def child_run(setup: dict, trial_id: str, config: dict, summary: dict) -> str:
     """The trial's MLflow run under the sweep's run: created with its params, or reopened on a retry."""
     uri = setup["tracking_uri"]
-    client = MlflowClient(uri)
-    run_id = _find_child(client, setup, trial_id)
-    if run_id is not None:
-        client.update_run(run_id, status="RUNNING")
-        return run_id
-    tags = {"mlflow.parentRunId": setup["parent_run_id"], TRIAL_TAG: trial_id, STATUS_TAG: "running",
-            tracking.RUN_NAME_TAG: train_name(trial_id)}  # fmt: skip
-    run_id = client.create_run(setup["experiment_id"], run_name=train_name(trial_id), tags=tags).info.run_id
-    params = {k: config[k] for k in finetune.TRAINING_KEYS} | {
-        "world_size": config["num_workers"], "params": summary["params"],
-        "gflops": round(summary["gflops"], 6),
-    }  # fmt: skip
-    tracking.log_params(uri, run_id, params)
+    existing = _find_child(MlflowClient(uri), setup, trial_id)
+    tags = {"mlflow.parentRunId": setup["parent_run_id"], TRIAL_TAG: trial_id, STATUS_TAG: "running"}
+    run_id = tracking.start_run(uri, setup["experiment"], train_name(trial_id), artifact_location=None,
+                                run_id=existing, tags=tags)  # fmt: skip
+    if existing is None:
+        tracking.log_params(uri, run_id, finetune.run_params(config, summary))
     return run_id
 
 
