@@ -76,7 +76,7 @@ class AttentionHistory:
         self.last: Tensor | None = None
         self._keep_last = False
 
-    def start_layer(self, keep_last: bool = True) -> None:
+    def start_layer(self, keep_last: bool) -> None:
         self.layers += 1
         self._keep_last = keep_last
         self.last = None
@@ -84,20 +84,23 @@ class AttentionHistory:
     def add(self, attn: Tensor, rows: slice = slice(None)) -> None:
         """Add the current layer's attention probabilities ``(b, H, T, T)`` of batch rows ``rows``."""
         attn = attn.detach()  # statistics are inputs of the predictor, not a path into the backbone
-        full = (self.batch, *attn.shape[1:])
         if self._keep_last:
-            self.last = attn.new_empty(full) if self.last is None else self.last
-            self.last[rows] = attn
+            self.last = self._write(self.last, attn, rows)
         if self.layers == 1:
-            self.sum = attn.new_empty(full) if self.sum is None else self.sum
-            self.sum[rows] = attn
+            self.sum = self._write(self.sum, attn, rows)
             if self.track_var:
-                self.sum_sq = attn.new_empty(full) if self.sum_sq is None else self.sum_sq
-                torch.mul(attn, attn, out=self.sum_sq[rows])
+                self.sum_sq = self._write(self.sum_sq, attn * attn, rows)
             return
         self.sum[rows].add_(attn)
         if self.track_var:
             self.sum_sq[rows].addcmul_(attn, attn)
+
+    def _write(self, buffer: Tensor | None, values: Tensor, rows: slice) -> Tensor:
+        """``buffer`` (allocated for the whole batch on first use) with ``values`` written to ``rows``."""
+        if buffer is None:
+            buffer = values.new_empty((self.batch, *values.shape[1:]))
+        buffer[rows] = values
+        return buffer
 
     def gather(self, index: Tensor) -> None:
         """Keep only tokens ``index`` ((B, T') long, prefix included) on both token axes."""
