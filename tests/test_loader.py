@@ -154,8 +154,9 @@ def test_randaugment_and_eval_crop(digits_dir):
     assert images.shape == (32, 3, 48, 48)
 
 
-def test_flip_probability_and_crop_scale(digits_dir):
-    """hflip=1 mirrors every training image that hflip=0 leaves as is (same seed: same crops, same order)."""
+def test_hflip_mirrors_exactly_and_bad_augmentation_options_are_refused(digits_dir):
+    """hflip=1 mirrors every training image that hflip=0 leaves as is (same seed: same crops, same order);
+    crop_scale outside (0, 1] and hflip outside [0, 1] are refused."""
 
     def first_batch(**options):
         loader = make_loader(digits_dir, "train", batch_size=16, img_size=32, train=True, seed=5, **options)
