@@ -3,7 +3,9 @@
     python benchmarks/throughput.py --backbone deit_s --batch-size 64 --rho 0.7
 
 Both models share weights; rounds alternate between them so that machine noise hits both alike.
-Prints images/s per model (median over timed rounds), the speed-up and the GMACs ratio.
+Prints images/s per model (median over timed rounds), the speed-up (ratio of the medians), the quartiles
+of the per-round ratios (``speedup_q1_q3``: how far the machine's noise moves one round) and the GMACs
+ratio.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
                 times[name].append(time_forward(m, x, args.iters))
     keep = args.rounds - args.rounds // 4  # ToMe-style: throw away the first quarter as warm-up
     ips = {name: args.batch_size / statistics.median(t[-keep:]) for name, t in times.items()}
+    per_round = [d / s for d, s in zip(times["dense"][-keep:], times["spot"][-keep:], strict=True)]
+    spread = per_round * 3 if len(per_round) < 2 else statistics.quantiles(per_round, n=4, method="inclusive")
     result = {
         "backbone": args.backbone,
         "rho": args.rho,
@@ -69,12 +73,13 @@ def main(argv: list[str] | None = None) -> dict:
         "dense_img_s": round(ips["dense"], 1),
         "spot_img_s": round(ips["spot"], 1),
         "speedup": round(ips["spot"] / ips["dense"], 3),
+        "speedup_q1_q3": [round(spread[0], 3), round(spread[2], 3)],  # quartiles of the per-round ratios
         "gmacs_dense": round(spot.gmacs(dense, args.img_size), 3),
         "gmacs_spot": round(spot.gmacs(sparse, args.img_size), 3),
     }
     result["flop_ratio"] = round(result["gmacs_dense"] / result["gmacs_spot"], 3)
     for key, value in result.items():
-        print(f"{key:>12}: {value}")
+        print(f"{key:>13}: {value}")
     return result
 
 
