@@ -1,8 +1,11 @@
 """Inference throughput of dense vs SPOT in one run: same kernels, random input, warm-up discarded.
 
     python benchmarks/throughput.py --backbone deit_s --batch-size 64 --rho 0.7
+    python benchmarks/throughput.py --backbone deit_s --batch-size 64 --rho 0.7 --compile
 
-Both models share weights; rounds alternate between them so that machine noise hits both alike.
+Both models share weights; rounds alternate between them so that machine noise hits both alike. With
+``--compile`` both run through ``torch.compile`` (Inductor); the first call of each, which compiles, is
+timed on its own (``compile_s``) and not counted.
 Prints images/s per model (median over timed rounds), the speed-up (ratio of the medians), the quartiles
 of the per-round ratios (``speedup_q1_q3``: how far the machine's noise moves one round) and the GMACs
 ratio.
@@ -42,6 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--iters", type=int, default=2, help="forward passes per round")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--compile", action="store_true", help="run both models through torch.compile")
     args = p.parse_args(argv)
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -53,11 +57,15 @@ def main(argv: list[str] | None = None) -> dict:
         m.eval().to(device, dtype)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device, dtype=dtype)
 
+    runners = {name: torch.compile(m) if args.compile else m for name, m in models.items()}
     times = {name: [] for name in models}
     with torch.inference_mode():
+        compile_s = None
+        if args.compile:  # the first call of each model compiles it: timed on its own, not counted
+            compile_s = {name: round(time_forward(r, x, 1), 1) for name, r in runners.items()}
         for _ in range(args.rounds):
-            for name, m in models.items():
-                times[name].append(time_forward(m, x, args.iters))
+            for name, r in runners.items():
+                times[name].append(time_forward(r, x, args.iters))
     keep = args.rounds - args.rounds // 4  # ToMe-style: throw away the first quarter as warm-up
     ips = {name: args.batch_size / statistics.median(t[-keep:]) for name, t in times.items()}
     per_round = [d / s for d, s in zip(times["dense"][-keep:], times["spot"][-keep:], strict=True)]
@@ -70,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "dtype": args.dtype,
         "torch": torch.__version__,
+        "compile_s": compile_s,
         "dense_img_s": round(ips["dense"], 1),
         "spot_img_s": round(ips["spot"], 1),
         "speedup": round(ips["spot"] / ips["dense"], 3),

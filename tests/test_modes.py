@@ -168,3 +168,21 @@ def test_attention_in_batch_chunks_equals_one_chunk(mode, monkeypatch):
     assert len(chunked[2]) == len(whole[2]) > 0
     for a, b in zip(chunked[2], whole[2], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_torch_compile_gives_the_eager_prune_mode_and_one_chunk():
+    """``torch.compile`` (Inductor, which fuses the map passes itself) sees the batch as one chunk."""
+    from spot.descriptors import batch_chunks
+
+    @torch.compile(fullgraph=True)
+    def chunk_count(x):
+        return x + len(batch_chunks(5, 6, 197, x.device))
+
+    assert chunk_count(torch.zeros(1)).item() == 1.0
+    model = tiny("deit_s", rho=0.6).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        eager, e_info = model(x, return_info=True)
+        compiled, c_info = torch.compile(model)(x, return_info=True)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(c_info.kept_indices, e_info.kept_indices, strict=True))
