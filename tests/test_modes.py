@@ -170,9 +170,12 @@ def test_attention_in_batch_chunks_equals_one_chunk(mode, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_torch_compile_gives_the_eager_prune_mode_and_one_chunk():
-    """``torch.compile`` (Inductor, which fuses the map passes itself) sees the batch as one chunk."""
+def test_torch_compile_gives_the_eager_prune_mode_and_one_chunk(monkeypatch):
+    """``torch.compile`` sees the batch as one chunk and computes what the chunked eager model does."""
+    import spot.descriptors
     from spot.descriptors import batch_chunks
+
+    monkeypatch.setattr(spot.descriptors, "CPU_CHUNK_BYTES", 1)  # eager: one sample per chunk
 
     @torch.compile(fullgraph=True)
     def chunk_count(x):
