@@ -33,16 +33,18 @@ class SpotAttention(Attention):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         b, t, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        q, k, v = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+        qkv = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim)
         outs = []
         for rows in batch_chunks(b, self.num_heads, t, x.device):
-            logits = (q[rows] * self.scale) @ k[rows].transpose(-2, -1)
+            # one copy of the chunk to (3, b, H, T, d): the matmuls then read q, k, v without copies
+            q, k, v = qkv[rows].permute(2, 0, 3, 1, 4).contiguous().unbind(0)
+            q, k = self.q_norm(q), self.k_norm(k)
+            logits = (q * self.scale) @ k.transpose(-2, -1)
             probs = logits.softmax(-1) if policy is None else policy_softmax(logits, policy[rows])
             if history is not None:
                 history.add(probs, rows)
-            outs.append(self.attn_drop(probs) @ v[rows])
-        out = self.norm(torch.cat(outs).transpose(1, 2).reshape(b, t, self.attn_dim))
+            outs.append((self.attn_drop(probs) @ v).transpose(1, 2))  # (b, T, H, d)
+        out = self.norm(torch.cat(outs).reshape(b, t, self.attn_dim))
         if gate is not None:
             out = out * gate
         return self.proj_drop(self.proj(out))

@@ -6,11 +6,16 @@ Every statistic is taken over KEPT tokens only, so that a token gets the same fe
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 CPU_CHUNK_BYTES = 2 << 20  # attention maps per batch chunk on CPU: small enough to stay in cache
+
+# what a stage reads of one batch chunk: f(A, S1, S2 or None, L, rows) -> (b, N, F) features
+Describe = Callable[[Tensor, Tensor, Tensor | None, int, slice], Tensor]
 
 
 def batch_chunks(batch: int, heads: int, tokens: int, device: torch.device) -> list[slice]:
@@ -65,8 +70,11 @@ class AttentionHistory:
     Keeps the sums S1 of A and S2 of A^2 (both ``(B, H, T, T)``) over the L layers so far, from which
     M = S1 / L and Sigma = S2 / L - M^2 (population variance over layers). When tokens are pruned,
     the sums are gathered to the kept tokens, so M and Sigma always cover the tokens still present.
-    A layer is added with ``start_layer`` and then ``add`` per batch chunk; ``last`` holds the
-    current layer's map when ``start_layer`` asked for it (the layer right before a stage).
+
+    A layer is added with ``start_layer`` and then ``add`` per batch chunk. For the layer right before
+    a stage, ``start_layer(describe=f)`` has ``add`` call ``f(A, S1, S2, L, rows)`` on each chunk once
+    it is added, while the chunk's maps are still in cache; the results, in batch order, are
+    ``features``. ``cls_row`` is the latest layer's class-token attention row ``(B, H, T)``.
     """
 
     def __init__(self, batch: int, track_var: bool) -> None:
@@ -75,27 +83,36 @@ class AttentionHistory:
         self.layers = 0
         self.sum: Tensor | None = None
         self.sum_sq: Tensor | None = None
-        self.last: Tensor | None = None
-        self._keep_last = False
+        self.cls_row: Tensor | None = None
+        self._describe: Describe | None = None
+        self._features: list[Tensor] = []
 
-    def start_layer(self, keep_last: bool) -> None:
+    def start_layer(self, describe: Describe | None = None) -> None:
         self.layers += 1
-        self._keep_last = keep_last
-        self.last = None
+        self._describe = describe
+        self._features = []
+        self.cls_row = None
 
     def add(self, attn: Tensor, rows: slice = slice(None)) -> None:
         """Add the current layer's attention probabilities ``(b, H, T, T)`` of batch rows ``rows``."""
         attn = attn.detach()  # statistics are inputs of the predictor, not a path into the backbone
-        if self._keep_last:
-            self.last = self._write(self.last, attn, rows)
+        self.cls_row = self._write(self.cls_row, attn[:, :, 0], rows)
         if self.layers == 1:
             self.sum = self._write(self.sum, attn, rows)
             if self.track_var:
                 self.sum_sq = self._write(self.sum_sq, attn * attn, rows)
-            return
-        self.sum[rows].add_(attn)
-        if self.track_var:
-            self.sum_sq[rows].addcmul_(attn, attn)
+        else:
+            self.sum[rows].add_(attn)
+            if self.track_var:
+                self.sum_sq[rows].addcmul_(attn, attn)
+        if self._describe is not None:
+            sum_sq = self.sum_sq[rows] if self.track_var else None
+            self._features.append(self._describe(attn, self.sum[rows], sum_sq, self.layers, rows))
+
+    @property
+    def features(self) -> Tensor:
+        """What ``describe`` gave for the whole batch of the last layer, concatenated in batch order."""
+        return torch.cat(self._features) if len(self._features) > 1 else self._features[0]
 
     def _write(self, buffer: Tensor | None, values: Tensor, rows: slice) -> Tensor:
         """``buffer`` (allocated for the whole batch on first use) with ``values`` written to ``rows``."""
@@ -106,10 +123,9 @@ class AttentionHistory:
 
     def gather(self, index: Tensor) -> None:
         """Keep only tokens ``index`` ((B, T') long, prefix included) on both token axes."""
-        self.sum = _gather_square(self.sum, index)
+        self.sum = _compact_square(self.sum, index)
         if self.sum_sq is not None:
-            self.sum_sq = _gather_square(self.sum_sq, index)
-        self.last = None
+            self.sum_sq = _compact_square(self.sum_sq, index)
 
     def pad_one(self) -> None:
         """Add a token slot (all-zero history) at the end, for a newly appended fused token."""
@@ -124,3 +140,22 @@ def _gather_square(mat: Tensor, index: Tensor) -> Tensor:
     k = index.shape[1]
     flat = (index[:, :, None] * t + index[:, None, :]).view(b, 1, k * k).expand(b, h, k * k)
     return torch.gather(mat.reshape(b, h, t * t), 2, flat).view(b, h, k, k)
+
+
+def _compact_square(mat: Tensor, index: Tensor) -> Tensor:
+    """``_gather_square(mat, index)`` written over the front of ``mat``'s own storage, chunk by chunk.
+
+    Each chunk is gathered into a cache-sized buffer first, and the place it is written to ends
+    before the next chunk's source begins (k <= T), so nothing is overwritten before it is read. On
+    CPU this saves a fresh whole-batch buffer and its first-touch page faults; on GPU (one chunk)
+    it is the plain gather.
+    """
+    b, h, t, _ = mat.shape
+    chunks = batch_chunks(b, h, t, mat.device)
+    if len(chunks) == 1:
+        return _gather_square(mat, index)
+    k = index.shape[1]
+    out = mat.view(-1)[: b * h * k * k].view(b, h, k, k)
+    for rows in chunks:
+        out[rows] = _gather_square(mat[rows], index[rows])
+    return out

@@ -15,16 +15,17 @@ own (fused) forward, so a dense model computes exactly what the backbone compute
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
 from spot.config import MODES, SpotConfig
-from spot.descriptors import AttentionHistory
+from spot.descriptors import AttentionHistory, Describe
 from spot.masking import gumbel_keep, topk_keep
 from spot.pruning import fuse_tokens, gather_tokens, select_topk, with_prefix
 from spot.schedule import keep_counts
-from spot.selectors import score_tokens
+from spot.selectors import relevance_features, score_tokens
 
 
 @dataclass
@@ -63,9 +64,22 @@ class TokenRun:
             return self._mask_stage(k, x, predictor)
         return self._prune_stage(k, x, predictor)
 
+    def describer(self, x: Tensor) -> Describe | None:
+        """What the layer before a stage computes of its maps for the stage (learned selector's features)."""
+        if self.cfg.selector != "learned":
+            return None
+        return partial(relevance_features, self.cfg, keep=self.stage_keep(), n=self.patches(x).shape[1])
+
+    def stage_keep(self) -> Tensor | None:
+        """Mask mode: ``(B, 1 + N0)`` bool of tokens kept so far, class token first; None in prune mode."""
+        if self.mode != "mask":
+            return None
+        prev = self.patch_mask
+        return torch.cat((prev.new_ones(prev.shape[0], 1), prev), dim=1) > 0.5
+
     def _mask_stage(self, k: int, x: Tensor, predictor: nn.Module | None) -> Tensor:
         prev = self.patch_mask
-        keep = torch.cat((prev.new_ones(prev.shape[0], 1), prev), dim=1) > 0.5
+        keep = self.stage_keep()
         scores, log_probs = score_tokens(self.cfg, predictor, self.patches(x), self.history, keep)
         if log_probs is not None and self.cfg.sampling == "gumbel":
             mask = gumbel_keep(log_probs, prev, self.cfg.tau)
@@ -103,10 +117,8 @@ class TokenRun:
         Weights: the class token's attention of the current layer, averaged over heads (EViT);
         uniform when no attention is tracked. ``kept_seq`` (prune mode) gathers the survivors.
         """
-        if self.history is not None:
-            cls_attn = self.history.last[:, :, 0, :].mean(1)  # (B, T)
-        else:
-            cls_attn = x.new_ones(x.shape[:2])
+        # (B, T)
+        cls_attn = self.history.cls_row.mean(1) if self.history is not None else x.new_ones(x.shape[:2])
         weights = torch.zeros_like(cls_attn)
         weights[:, 1 : 1 + dropped.shape[1]] = dropped
         if self.fused:
@@ -159,7 +171,7 @@ def run_blocks(model: nn.Module, x: Tensor, num_patches: int) -> tuple[Tensor, T
         if i in stage_of:
             x = run.stage(stage_of[i], x, model.stage_predictor(stage_of[i]))
         if i <= last_read:
-            run.history.start_layer(keep_last=i + 1 in stage_of)
+            run.history.start_layer(describe=run.describer(x) if i + 1 in stage_of else None)
             x = blk(x, policy=run.policy, history=run.history)
         else:
             x = blk(x, policy=run.policy)

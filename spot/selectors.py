@@ -6,39 +6,49 @@ import torch
 from torch import Tensor
 
 from spot.config import SpotConfig
-from spot.descriptors import AttentionHistory, attention_descriptors, batch_chunks
+from spot.descriptors import AttentionHistory, attention_descriptors
 from spot.relevance import TokenRelevance
 
 DEGREE = (1.0, 1.0, 1.0, 1.0, 2.0, 2.0)  # of each descriptor in the map: cls/means 1, variances 2
 
 
 def relevance_features(
-    cfg: SpotConfig, history: AttentionHistory, keep: Tensor | None, n: int, rows: slice = slice(None)
+    cfg: SpotConfig,
+    attn: Tensor,
+    s1: Tensor,
+    s2: Tensor | None,
+    layers: int,
+    rows: slice = slice(None),
+    *,
+    keep: Tensor | None,
+    n: int,
 ) -> Tensor:
-    """Descriptors [D^A, D^M, D^Sigma] per patch token of batch rows ``rows`` as ``(b, N, F)`` (Eq. 9-10).
+    """Descriptors [D^A, D^M, D^Sigma] per patch token of one batch chunk as ``(b, N, F)`` (Eq. 9-10).
 
-    ``history`` holds the maps over tokens ``[cls, N patches, (fused)]``; only ``[cls, patches]`` are read.
+    ``attn`` is the chunk's attention map of the layer right before the stage, ``s1`` / ``s2`` the
+    history's sums of A and A^2 over the ``layers`` layers so far (that one included), all over tokens
+    ``[cls, N patches, (fused)]``; only ``[cls, patches]`` are read. ``keep`` is the whole batch's
+    ``(B, N+1)`` bool mask of kept tokens in mask mode (rows ``rows`` apply), None in prune mode.
+
     Raw statistics of attention probabilities are of order 1/N and their variances 1/N^2; the module
     reads them relative to uniform attention (A and M times the kept patch count n, Sigma times n^2),
     so features do not shrink with the token count. Mask and prune modes see the same n, so this
     keeps their features equal.
 
     Descriptors are homogeneous (cls/mean entries of degree 1, variances of degree 2 in the map), so
-    M = S1 / L and Sigma = (L * S2 - S1^2) / L^2 enter through their sums and a scale factor c:
+    M = S1 / L and Sigma = (S2 - S1^2 / L) / L enter through S1, S2 - S1^2 / L and a scale factor c:
     D(c * X) = D(X) * [c, c, c, c, c^2, c^2], which saves full passes over the maps.
     """
-    window = (rows, slice(None), slice(0, n + 1), slice(0, n + 1))
-    s1 = history.sum[window]
-    keep = _rows(keep, rows)
-    count = keep[:, 1:].sum(-1) if keep is not None else s1.new_full(s1.shape[:1], n)
-    scale = count.to(s1.dtype).clamp_min(1.0)[:, None, None, None]
-    layers = history.layers
-    maps = [(history.last[window], scale)]
+    window = (slice(None), slice(None), slice(0, n + 1), slice(0, n + 1))
+    keep = None if keep is None else keep[rows]
+    count = keep[:, 1:].sum(-1) if keep is not None else attn.new_full(attn.shape[:1], n)
+    scale = count.to(attn.dtype).clamp_min(1.0)[:, None, None, None]
+    maps = [(attn[window], scale)]
     if cfg.attn_mean:
-        maps.append((s1, scale / layers))
+        maps.append((s1[window], scale / layers))
     if cfg.attn_var:
-        spread = torch.addcmul(history.sum_sq[window] * layers, s1, s1, value=-1.0)
-        maps.append((spread, scale.square() / layers**2))
+        spread = torch.addcmul(s2[window], s1[window], s1[window], value=-1.0 / layers)  # L * Sigma
+        maps.append((spread, scale.square() / layers))
     degree = scale.new_tensor(DEGREE)
     desc = torch.cat([attention_descriptors(m, keep) * c**degree for m, c in maps], dim=-1)  # (b, H, N, F/H)
     if cfg.head_avg:
@@ -56,7 +66,8 @@ def score_tokens(
     """Relevance scores ``(B, N)`` of the patch tokens ``(B, N, C)``, and the keep/drop log-probs if learned.
 
     ``keep`` is the ``(B, N+1)`` bool mask of kept tokens (class token first) in mask mode, None when
-    every present token is kept (prune mode).
+    every present token is kept (prune mode). The learned selector reads ``history.features``, which
+    ``relevance_features`` gave in the layer before the stage.
     """
     n = patches.shape[1]
     if cfg.selector == "random":
@@ -64,18 +75,8 @@ def score_tokens(
     if cfg.selector == "cls_attn_avg":
         # class-token attention averaged over heads and over all layers so far
         return history.sum[:, :, 0, 1 : n + 1].mean(1), None
-    # features and predictor per batch chunk: cache-sized on CPU, the whole batch on GPU
-    chunks = batch_chunks(patches.shape[0], history.sum.shape[1], n + 1, patches.device)
-    token_keep = None if keep is None else keep[:, 1:]
-    log_probs = torch.cat([
-        predictor(patches[rows], relevance_features(cfg, history, keep, n, rows), _rows(token_keep, rows))
-        for rows in chunks
-    ])
+    log_probs = predictor(patches, history.features, None if keep is None else keep[:, 1:])
     return log_probs[..., 0], log_probs
-
-
-def _rows(x: Tensor | None, rows: slice) -> Tensor | None:
-    return None if x is None else x[rows]
 
 
 def num_descriptors(cfg: SpotConfig, num_heads: int) -> int:

@@ -1,5 +1,7 @@
 """Attention descriptors (Eq. 3-9) against a naive float64 reference written from the equations."""
 
+from functools import partial
+
 import torch
 
 from spot import attention_descriptors
@@ -66,11 +68,12 @@ def test_relevance_features_read_mean_and_variance_over_layers():
     keep = torch.ones(2, 9, dtype=torch.bool)
     keep[1, [3, 6]] = False
     history = AttentionHistory(batch=2, track_var=True)
-    for m in maps:  # each layer added in two batch chunks, as explicit attention does on CPU
-        history.start_layer(keep_last=True)
+    describe = partial(relevance_features, SpotConfig(), keep=keep, n=8)
+    for i, m in enumerate(maps):  # each layer added in two batch chunks, as explicit attention does on CPU
+        history.start_layer(describe=describe if i == len(maps) - 1 else None)
         history.add(m[:1], slice(0, 1))
         history.add(m[1:], slice(1, 2))
-    got = relevance_features(SpotConfig(), history, keep, n=8)
+    got = history.features
 
     stacked = torch.stack([m.double() for m in maps])
     mean, var = stacked.mean(0), stacked.var(0, correction=0)
@@ -84,3 +87,27 @@ def test_relevance_features_read_mean_and_variance_over_layers():
     )  # (B, H, N, 18) -> per token, heads major
     expected = expected.permute(0, 2, 1, 3).reshape(2, 8, -1)
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_history_gather_in_chunks_keeps_exactly_the_kept_rows_and_columns(monkeypatch):
+    """Pruning compacts S1 / S2 over their own storage chunk by chunk: the result is plain indexing."""
+    import spot.descriptors
+    from spot.descriptors import AttentionHistory
+
+    monkeypatch.setattr(spot.descriptors, "CPU_CHUNK_BYTES", 1)  # one sample per chunk
+    maps = [random_attention(b=5, h=2, t=9, seed=s).float() for s in range(2)]
+    history = AttentionHistory(batch=5, track_var=True)
+    for m in maps:
+        history.start_layer()
+        for i in range(5):
+            history.add(m[i : i + 1], slice(i, i + 1))
+    s1, s2 = history.sum.clone(), history.sum_sq.clone()
+    g = torch.Generator().manual_seed(3)
+    index = torch.stack([torch.randperm(8, generator=g)[:5].sort().values + 1 for _ in range(5)])
+    index = torch.cat((torch.zeros(5, 1, dtype=torch.long), index), dim=1)  # class token first
+    history.gather(index)
+    for b in range(5):
+        sel = index[b]
+        torch.testing.assert_close(history.sum[b], s1[b][:, sel][:, :, sel], rtol=0, atol=0)
+        torch.testing.assert_close(history.sum_sq[b], s2[b][:, sel][:, :, sel], rtol=0, atol=0)
+    torch.testing.assert_close(s1, maps[0] + maps[1])  # the layers' sums, before the gather
