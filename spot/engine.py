@@ -117,8 +117,8 @@ class TokenRun:
         Weights: the class token's attention of the current layer, averaged over heads (EViT);
         uniform when no attention is tracked. ``kept_seq`` (prune mode) gathers the survivors.
         """
-        # (B, T)
-        cls_attn = self.history.cls_row.mean(1) if self.history is not None else x.new_ones(x.shape[:2])
+        history = self.history
+        cls_attn = history.cls_row.mean(1) if history is not None else x.new_ones(x.shape[:2])  # (B, T)
         weights = torch.zeros_like(cls_attn)
         weights[:, 1 : 1 + dropped.shape[1]] = dropped
         if self.fused:
