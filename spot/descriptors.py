@@ -74,12 +74,14 @@ class AttentionHistory:
     A layer is added with ``start_layer`` and then ``add`` per batch chunk. For the layer right before
     a stage, ``start_layer(describe=f)`` has ``add`` call ``f(A, S1, S2, L, rows)`` on each chunk once
     it is added, while the chunk's maps are still in cache; the results, in batch order, are
-    ``features``. ``cls_row`` is the latest layer's class-token attention row ``(B, H, T)``.
+    ``features``. With ``track_cls_row``, ``cls_row`` is the latest layer's class-token attention
+    row ``(B, H, T)``.
     """
 
-    def __init__(self, batch: int, track_var: bool) -> None:
+    def __init__(self, batch: int, track_var: bool, track_cls_row: bool = False) -> None:
         self.batch = batch
         self.track_var = track_var
+        self.track_cls_row = track_cls_row
         self.layers = 0
         self.sum: Tensor | None = None
         self.sum_sq: Tensor | None = None
@@ -96,7 +98,8 @@ class AttentionHistory:
     def add(self, attn: Tensor, rows: slice = slice(None)) -> None:
         """Add the current layer's attention probabilities ``(b, H, T, T)`` of batch rows ``rows``."""
         attn = attn.detach()  # statistics are inputs of the predictor, not a path into the backbone
-        self.cls_row = self._write(self.cls_row, attn[:, :, 0], rows)
+        if self.track_cls_row:
+            self.cls_row = self._write(self.cls_row, attn[:, :, 0], rows)
         if self.layers == 1:
             self.sum = self._write(self.sum, attn, rows)
             if self.track_var:

@@ -47,7 +47,11 @@ class TokenRun:
         b = x.shape[0]
         self.cfg, self.mode, self.num_patches = cfg, mode, num_patches
         self.counts = keep_counts(num_patches, cfg.rho, cfg.num_stages) if not cfg.dense else []
-        self.history = AttentionHistory(b, track_var=cfg.attn_var) if cfg.needs_attention else None
+        self.history = (
+            AttentionHistory(b, track_var=cfg.attn_var, track_cls_row=cfg.fuse_dropped)
+            if cfg.needs_attention
+            else None
+        )
         self.info = SpotInfo()
         self.fused = False  # whether the sequence ends with a fused token
         self.last_stage = False  # whether the stage being run is the last one
