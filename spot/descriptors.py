@@ -14,8 +14,8 @@ from torch import Tensor
 
 CPU_CHUNK_BYTES = 2 << 20  # attention maps per batch chunk on CPU: small enough to stay in cache
 
-# what a stage reads of one batch chunk: f(A, S1, S2 or None, L, rows) -> (b, N, F) features
-Describe = Callable[[Tensor, Tensor, Tensor | None, int, slice], Tensor]
+# what a stage reads of one batch chunk: f(A, S1 or None, S2 or None, L, rows) -> (b, N, F) features
+Describe = Callable[[Tensor, Tensor | None, Tensor | None, int, slice], Tensor]
 
 
 def batch_chunks(batch: int, heads: int, tokens: int, device: torch.device) -> list[slice]:
@@ -67,24 +67,36 @@ def attention_descriptors(attn: Tensor, keep: Tensor | None = None) -> Tensor:
 class AttentionHistory:
     """Running element-wise mean M and variance Sigma of the attention maps of all layers so far.
 
-    Keeps the sums S1 of A and S2 of A^2 (both ``(B, H, T, T)``) over the L layers so far, from which
-    M = S1 / L and Sigma = S2 / L - M^2 (population variance over layers). When tokens are pruned,
-    the sums are gathered to the kept tokens, so M and Sigma always cover the tokens still present.
+    Keeps what the stages read, over the L layers so far: with ``maps``, the sums S1 of A (and with
+    ``squares`` S2 of A^2), both ``(B, H, T, T)``, from which M = S1 / L and Sigma = S2 / L - M^2
+    (population variance over layers); with ``cls_rows``, only the sum of the class-token rows
+    ``(B, H, T)`` (``cls_sum``, all that the class-attention baseline reads). With ``last_cls_row``,
+    ``cls_row`` is the latest layer's class-token row ``(B, H, T)``. When tokens are pruned, the sums
+    are gathered to the kept tokens, so they always cover the tokens still present.
 
     A layer is added with ``start_layer`` and then ``add`` per batch chunk. For the layer right before
     a stage, ``start_layer(describe=f)`` has ``add`` call ``f(A, S1, S2, L, rows)`` on each chunk once
     it is added, while the chunk's maps are still in cache; the results, in batch order, are
-    ``features``. With ``track_cls_row``, ``cls_row`` is the latest layer's class-token attention
-    row ``(B, H, T)``.
+    ``features``.
     """
 
-    def __init__(self, batch: int, track_var: bool, track_cls_row: bool = False) -> None:
+    def __init__(
+        self,
+        batch: int,
+        *,
+        maps: bool = True,
+        squares: bool = True,
+        cls_rows: bool = False,
+        last_cls_row: bool = False,
+    ) -> None:
+        if squares and not maps:
+            raise ValueError("the sums of A^2 are kept only with the sums of A (maps=True)")
         self.batch = batch
-        self.track_var = track_var
-        self.track_cls_row = track_cls_row
+        self.maps, self.squares, self.cls_rows, self.last_cls_row = maps, squares, cls_rows, last_cls_row
         self.layers = 0
         self.sum: Tensor | None = None
         self.sum_sq: Tensor | None = None
+        self.cls_sum: Tensor | None = None
         self.cls_row: Tensor | None = None
         self._describe: Describe | None = None
         self._features: list[Tensor] = []
@@ -98,19 +110,19 @@ class AttentionHistory:
     def add(self, attn: Tensor, rows: slice = slice(None)) -> None:
         """Add the current layer's attention probabilities ``(b, H, T, T)`` of batch rows ``rows``."""
         attn = attn.detach()  # statistics are inputs of the predictor, not a path into the backbone
-        if self.track_cls_row:
+        if self.last_cls_row:
             self.cls_row = self._write(self.cls_row, attn[:, :, 0], rows)
-        if self.layers == 1:
-            self.sum = self._write(self.sum, attn, rows)
-            if self.track_var:
-                self.sum_sq = self._write(self.sum_sq, attn * attn, rows)
-        else:
-            self.sum[rows].add_(attn)
-            if self.track_var:
-                self.sum_sq[rows].addcmul_(attn, attn)
+        if self.cls_rows:
+            self.cls_sum = self._accumulate(self.cls_sum, attn[:, :, 0], rows)
+        if self.maps:
+            self.sum = self._accumulate(self.sum, attn, rows)
+        if self.squares and self.layers == 1:
+            self.sum_sq = self._write(self.sum_sq, attn * attn, rows)
+        elif self.squares:
+            self.sum_sq[rows].addcmul_(attn, attn)
         if self._describe is not None:
-            sum_sq = self.sum_sq[rows] if self.track_var else None
-            self._features.append(self._describe(attn, self.sum[rows], sum_sq, self.layers, rows))
+            s1, s2 = (None if s is None else s[rows] for s in (self.sum, self.sum_sq))
+            self._features.append(self._describe(attn, s1, s2, self.layers, rows))
 
     @property
     def features(self) -> Tensor:
@@ -124,17 +136,35 @@ class AttentionHistory:
         buffer[rows] = values
         return buffer
 
+    def _accumulate(self, buffer: Tensor | None, values: Tensor, rows: slice) -> Tensor:
+        """``buffer[rows] += values``; in the first layer ``values`` are written to a fresh buffer."""
+        if self.layers == 1:
+            return self._write(buffer, values, rows)
+        buffer[rows].add_(values)
+        return buffer
+
     def gather(self, index: Tensor) -> None:
-        """Keep only tokens ``index`` ((B, T') long, prefix included) on both token axes."""
-        self.sum = _compact_square(self.sum, index)
+        """Keep only tokens ``index`` ((B, T') long, prefix included) on every token axis."""
+        if self.sum is not None:
+            self.sum = _compact_square(self.sum, index)
         if self.sum_sq is not None:
             self.sum_sq = _compact_square(self.sum_sq, index)
+        if self.cls_sum is not None:
+            heads = self.cls_sum.shape[1]
+            self.cls_sum = torch.gather(self.cls_sum, 2, index[:, None, :].expand(-1, heads, -1))
 
     def pad_one(self) -> None:
         """Add a token slot (all-zero history) at the end, for a newly appended fused token."""
-        self.sum = F.pad(self.sum, (0, 1, 0, 1))
+        if self.sum is not None:
+            self.sum = F.pad(self.sum, (0, 1, 0, 1))
         if self.sum_sq is not None:
             self.sum_sq = F.pad(self.sum_sq, (0, 1, 0, 1))
+        if self.cls_sum is not None:
+            self.cls_sum = F.pad(self.cls_sum, (0, 1))
+
+    def free(self) -> None:
+        """Drop the sums (after the last stage, which no later stage reads)."""
+        self.sum = self.sum_sq = self.cls_sum = None
 
 
 def _gather_square(mat: Tensor, index: Tensor) -> Tensor:

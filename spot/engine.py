@@ -47,11 +47,16 @@ class TokenRun:
         b = x.shape[0]
         self.cfg, self.mode, self.num_patches = cfg, mode, num_patches
         self.counts = keep_counts(num_patches, cfg.rho, cfg.num_stages) if not cfg.dense else []
-        self.history = (
-            AttentionHistory(b, track_var=cfg.attn_var, track_cls_row=cfg.fuse_dropped)
-            if cfg.needs_attention
-            else None
-        )
+        self.history = None
+        if cfg.needs_attention:  # the history keeps only what the selector reads
+            learned = cfg.selector == "learned"
+            self.history = AttentionHistory(
+                b,
+                maps=learned and (cfg.attn_mean or cfg.attn_var),
+                squares=learned and cfg.attn_var,
+                cls_rows=not learned,
+                last_cls_row=cfg.fuse_dropped,
+            )
         self.info = SpotInfo()
         self.fused = False  # whether the sequence ends with a fused token
         self.last_stage = False  # whether the stage being run is the last one
@@ -134,7 +139,7 @@ class TokenRun:
         if self.fused:
             return torch.cat((x[:, :-1], fused), dim=1)
         self.fused = True
-        if self.history is not None and self.history.sum is not None:
+        if self.history is not None:
             self.history.pad_one()
         return torch.cat((x, fused), dim=1)
 
@@ -145,7 +150,7 @@ class TokenRun:
         if not self.last_stage:
             self.history.gather(seq)
         else:
-            self.history.sum = self.history.sum_sq = None  # last stage: free the memory instead
+            self.history.free()  # last stage: free the memory instead
 
     def finish(self, x_normed: Tensor) -> SpotInfo:
         """Attach the final-normed patch tokens in original order and the final keep mask."""

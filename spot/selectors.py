@@ -15,7 +15,7 @@ DEGREE = (1.0, 1.0, 1.0, 1.0, 2.0, 2.0)  # of each descriptor in the map: cls/me
 def relevance_features(
     cfg: SpotConfig,
     attn: Tensor,
-    s1: Tensor,
+    s1: Tensor | None,
     s2: Tensor | None,
     layers: int,
     rows: slice = slice(None),
@@ -26,8 +26,9 @@ def relevance_features(
     """Descriptors [D^A, D^M, D^Sigma] per patch token of one batch chunk as ``(b, N, F)`` (Eq. 9-10).
 
     ``attn`` is the chunk's attention map of the layer right before the stage, ``s1`` / ``s2`` the
-    history's sums of A and A^2 over the ``layers`` layers so far (that one included), all over tokens
-    ``[cls, N patches, (fused)]``; only ``[cls, patches]`` are read. ``keep`` is the whole batch's
+    history's sums of A and A^2 over the ``layers`` layers so far (that one included; None when the
+    options read no mean or variance), all over tokens ``[cls, N patches, (fused)]``; only
+    ``[cls, patches]`` are read. ``keep`` is the whole batch's
     ``(B, N+1)`` bool mask of kept tokens in mask mode (rows ``rows`` apply), None in prune mode.
 
     Raw statistics of attention probabilities are of order 1/N and their variances 1/N^2; the module
@@ -74,7 +75,7 @@ def score_tokens(
         return torch.rand(patches.shape[:2], device=patches.device), None
     if cfg.selector == "cls_attn_avg":
         # class-token attention averaged over heads and over all layers so far
-        return history.sum[:, :, 0, 1 : n + 1].mean(1), None
+        return history.cls_sum[:, :, 1 : n + 1].mean(1), None
     log_probs = predictor(patches, history.features, None if keep is None else keep[:, 1:])
     return log_probs[..., 0], log_probs
 

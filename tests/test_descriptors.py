@@ -67,7 +67,7 @@ def test_relevance_features_read_mean_and_variance_over_layers():
     maps = [random_attention(seed=s).float() for s in range(3)]
     keep = torch.ones(2, 9, dtype=torch.bool)
     keep[1, [3, 6]] = False
-    history = AttentionHistory(batch=2, track_var=True)
+    history = AttentionHistory(batch=2)
     describe = partial(relevance_features, SpotConfig(), keep=keep, n=8)
     for i, m in enumerate(maps):  # each layer added in two batch chunks, as explicit attention does on CPU
         history.start_layer(describe=describe if i == len(maps) - 1 else None)
@@ -90,18 +90,20 @@ def test_relevance_features_read_mean_and_variance_over_layers():
 
 
 def test_history_gather_in_chunks_keeps_exactly_the_kept_rows_and_columns(monkeypatch):
-    """Pruning compacts S1 / S2 over their own storage chunk by chunk: the result is plain indexing."""
+    """Pruning compacts S1 / S2 over their own storage chunk by chunk (and gathers the class-row sums):
+    the result is plain indexing."""
     import spot.descriptors
     from spot.descriptors import AttentionHistory
 
     monkeypatch.setattr(spot.descriptors, "CPU_CHUNK_BYTES", 1)  # one sample per chunk
     maps = [random_attention(b=5, h=2, t=9, seed=s).float() for s in range(2)]
-    history = AttentionHistory(batch=5, track_var=True)
+    history = AttentionHistory(batch=5, cls_rows=True)
     for m in maps:
         history.start_layer()
         for i in range(5):
             history.add(m[i : i + 1], slice(i, i + 1))
     s1, s2 = history.sum.clone(), history.sum_sq.clone()
+    torch.testing.assert_close(history.cls_sum, s1[:, :, 0], rtol=0, atol=0)
     g = torch.Generator().manual_seed(3)
     index = torch.stack([torch.randperm(8, generator=g)[:5].sort().values + 1 for _ in range(5)])
     index = torch.cat((torch.zeros(5, 1, dtype=torch.long), index), dim=1)  # class token first
@@ -110,4 +112,5 @@ def test_history_gather_in_chunks_keeps_exactly_the_kept_rows_and_columns(monkey
         sel = index[b]
         torch.testing.assert_close(history.sum[b], s1[b][:, sel][:, :, sel], rtol=0, atol=0)
         torch.testing.assert_close(history.sum_sq[b], s2[b][:, sel][:, :, sel], rtol=0, atol=0)
+        torch.testing.assert_close(history.cls_sum[b], s1[b][:, 0, sel], rtol=0, atol=0)
     torch.testing.assert_close(s1, maps[0] + maps[1])  # the layers' sums, before the gather

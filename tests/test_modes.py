@@ -8,7 +8,8 @@ from tiny import TINY, tiny
 import spot
 
 NAMES = ["deit_s", "lvvit_s"]
-OPTIONS = [{}, {"fuse_dropped": True}, {"head_avg": True, "attn_var": False}, {"d_remap": 0}]
+OPTIONS = [{}, {"fuse_dropped": True}, {"head_avg": True, "attn_var": False}, {"d_remap": 0},
+           {"attn_mean": False, "attn_var": False}]
 
 
 def copy_weights(dst, src):
@@ -18,7 +19,7 @@ def copy_weights(dst, src):
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("selector", ["learned", "cls_attn_avg"])
-@pytest.mark.parametrize("options", OPTIONS, ids=["default", "fused", "headavg", "noremap"])
+@pytest.mark.parametrize("options", OPTIONS, ids=["default", "fused", "headavg", "noremap", "nocross"])
 def test_mask_mode_equals_prune_mode_for_the_same_keep_set(name, selector, options):
     model = tiny(name, selector=selector, rho=0.6, sampling="topk", **options).eval()
     x = torch.randn(3, 3, 32, 32)
@@ -100,24 +101,49 @@ def test_kept_indices_are_original_patch_positions_and_nested():
     assert all(int(k.max()) < 16 for k in info.kept_indices)
 
 
-def test_cls_attn_avg_keeps_the_tokens_the_class_token_attends_to_most():
+def test_cls_attn_avg_keeps_the_tokens_the_class_token_attends_to_most_over_all_layers_so_far():
+    """Each stage keeps the top tokens by class-token attention averaged over heads and earlier layers."""
     model = tiny(selector="cls_attn_avg", rho=0.5).eval()
-    captured = []
-    first = model.blocks[0]
+    stages = model.spot_cfg.stage_blocks
+    rows = []  # per block: class-token attention to each present patch, mean over heads (B, n)
 
     def hook(module, args, out):
-        x = first.norm1(args[0])
+        x = args[0]  # the block's normed tokens
         b, t, _ = x.shape
-        q, k, _ = module.qkv(x).reshape(b, t, 3, 2, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        captured.append(((q * module.scale) @ k.transpose(-2, -1)).softmax(-1))
+        q, k, _ = module.qkv(x).reshape(b, t, 3, module.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        rows.append(((q * module.scale) @ k.transpose(-2, -1)).softmax(-1)[:, :, 0, 1:].mean(1))
 
-    first.attn.register_forward_hook(hook)
+    for blk in model.blocks:
+        blk.attn.register_forward_hook(hook)
     with torch.no_grad():
         _, info = model(torch.randn(2, 3, 32, 32), return_info=True)
-    # stage 1 sits before block 1: its score is block 0's class-token attention averaged over heads
-    score = captured[0][:, :, 0, 1:].mean(1)
-    expected = score.topk(8, dim=-1).indices.sort(-1).values
-    assert torch.equal(info.kept_indices[0], expected)
+    present = [torch.arange(16).expand(2, -1), *info.kept_indices]  # original indices before each stage
+    total = torch.zeros(2, 16, dtype=torch.float64)  # summed over layers, by original patch index
+    for i in range(stages[-1]):
+        total.scatter_add_(1, present[sum(i >= s for s in stages)], rows[i].double())
+        if i + 1 in stages:
+            k = stages.index(i + 1)
+            best = total.gather(1, present[k]).topk(info.kept_indices[k].shape[1], dim=-1).indices
+            assert torch.equal(info.kept_indices[k], present[k].gather(1, best).sort(-1).values)
+
+
+@pytest.mark.parametrize(
+    "options, kept",
+    [({}, {"sum", "sum_sq"}), ({"attn_var": False}, {"sum"}),
+     ({"attn_mean": False, "attn_var": False}, set()), ({"selector": "cls_attn_avg"}, {"cls_sum"})],
+)
+def test_attention_history_keeps_only_what_the_selector_reads(options, kept):
+    model = tiny(rho=0.5, **options).eval()
+    held = []  # which sums the history holds once block 0 has added its maps
+
+    def hook(module, args, kwargs, out):
+        history = kwargs["history"]
+        held.append({name for name in ("sum", "sum_sq", "cls_sum") if getattr(history, name) is not None})
+
+    model.blocks[0].register_forward_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    assert held == [kept]
 
 
 def test_random_selector_needs_no_attention_maps():
