@@ -28,8 +28,8 @@ def relevance_features(
     ``attn`` is the chunk's attention map of the layer right before the stage, ``s1`` / ``s2`` the
     history's sums of A and A^2 over the ``layers`` layers so far (that one included; None when the
     options read no mean or variance), all over tokens ``[cls, N patches, (fused)]``; only
-    ``[cls, patches]`` are read. ``keep`` is the whole batch's
-    ``(B, N+1)`` bool mask of kept tokens in mask mode (rows ``rows`` apply), None in prune mode.
+    ``[cls, patches]`` are read. ``keep`` is the whole batch's ``(B, N+1)`` bool mask of kept tokens
+    in mask mode (rows ``rows`` apply), None in prune mode.
 
     Raw statistics of attention probabilities are of order 1/N and their variances 1/N^2; the module
     reads them relative to uniform attention (A and M times the kept patch count n, Sigma times n^2),
