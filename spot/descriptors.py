@@ -101,6 +101,11 @@ class AttentionHistory:
         self._describe: Describe | None = None
         self._features: list[Tensor] = []
 
+    @property
+    def accumulates(self) -> bool:
+        """Whether the history sums maps over layers (else only the layer before a stage is read)."""
+        return self.maps or self.cls_rows
+
     def start_layer(self, describe: Describe | None = None) -> None:
         self.layers += 1
         self._describe = describe

@@ -179,8 +179,10 @@ def run_blocks(model: nn.Module, x: Tensor, num_patches: int) -> tuple[Tensor, T
     for i, blk in enumerate(model.blocks):
         if i in stage_of:
             x = run.stage(stage_of[i], x, model.stage_predictor(stage_of[i]))
-        if i <= last_read:
-            run.history.start_layer(describe=run.describer(x) if i + 1 in stage_of else None)
+        before_stage = i + 1 in stage_of
+        # attention maps are needed by the layer before a stage, and by every layer the history sums
+        if i <= last_read and (before_stage or run.history.accumulates):
+            run.history.start_layer(describe=run.describer(x) if before_stage else None)
             x = blk(x, policy=run.policy, history=run.history)
         else:
             x = blk(x, policy=run.policy)

@@ -146,6 +146,20 @@ def test_attention_history_keeps_only_what_the_selector_reads(options, kept):
     assert held == [kept]
 
 
+@pytest.mark.parametrize(
+    "options, explicit", [({}, [0, 1, 2]), ({"attn_mean": False, "attn_var": False}, [1, 2])])
+def test_only_layers_whose_maps_are_read_compute_explicit_attention(options, explicit):
+    model = tiny(rho=0.5, stage_blocks=(2, 3), **options).eval()
+    seen = []
+    for i, blk in enumerate(model.blocks):
+        blk.register_forward_hook(
+            lambda module, args, kwargs, out, i=i: seen.append(i) if kwargs.get("history") is not None else None,
+            with_kwargs=True)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    assert seen == explicit
+
+
 def test_random_selector_needs_no_attention_maps():
     model = tiny(selector="random", rho=0.5).eval()
     with torch.no_grad():
