@@ -150,10 +150,10 @@ def test_attention_history_keeps_only_what_the_selector_reads(options, kept):
     "options, explicit", [({}, [0, 1, 2]), ({"attn_mean": False, "attn_var": False}, [1, 2])])
 def test_only_layers_whose_maps_are_read_compute_explicit_attention(options, explicit):
     model = tiny(rho=0.5, stage_blocks=(2, 3), **options).eval()
-    seen = []
+    seen = []  # blocks called with an attention history (explicit attention)
     for i, blk in enumerate(model.blocks):
-        blk.register_forward_hook(
-            lambda module, args, kwargs, out, i=i: seen.append(i) if kwargs.get("history") is not None else None,
+        blk.register_forward_pre_hook(
+            lambda module, args, kwargs, i=i: seen.extend([i] if kwargs.get("history") is not None else []),
             with_kwargs=True)
     with torch.no_grad():
         model(torch.randn(2, 3, 32, 32))
