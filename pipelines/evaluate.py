@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.tracking import TrackingError, first_line, resolve_tracking_uri
+    from pipelines.errors import TrackingError, first_line
+    from pipelines.tracking import resolve_tracking_uri
 
     args = build_parser().parse_args(argv)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

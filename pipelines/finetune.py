@@ -31,10 +31,11 @@ import yaml
 from ray.train import UserCallback
 
 import spot
+from pipelines.errors import ConfigError, TrackingError, check, first_line
 from pipelines.manifest import DataError, read_manifest
 from pipelines.recipe import PAPER_RECIPE
 from pipelines.shards import ensure_digits_shards
-from pipelines.tracking import TrackingError, first_line, resolve_tracking_uri
+from pipelines.tracking import resolve_tracking_uri
 from spot.checkpoint import load_pretrained
 from spot.config import SELECTORS
 from spot.flops import gmacs
@@ -170,10 +171,6 @@ FLAG_TYPES: dict = {
 }  # fmt: skip
 
 
-class ConfigError(ValueError):
-    """Invalid or inconsistent options; the message names the option and value."""
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, no usage dump
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -254,11 +251,6 @@ def given_values(args: argparse.Namespace) -> dict:
     return values
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
 def _run_root(storage: str) -> tuple[pyarrow.fs.FileSystem, str]:
     try:
         return pyarrow.fs.FileSystem.from_uri(storage)
@@ -287,37 +279,37 @@ def _validate_choices(config: dict) -> None:
     choices = {"backbone": spot.BACKBONES, "selector": SELECTORS, "amp": AMP_MODES,
                "placement_strategy": PLACEMENT_STRATEGIES}  # fmt: skip
     for key, allowed in choices.items():
-        _check(config[key] in allowed, f"--{key.replace('_', '-')} {config[key]!r}: choose one of "
+        check(config[key] in allowed, f"--{key.replace('_', '-')} {config[key]!r}: choose one of "
                f"{', '.join(allowed)}")  # fmt: skip
     for key, kind in FLAG_TYPES.items():
         value = config.get(key)
         if value is not None and kind in (int, float):
             ok = isinstance(value, int | float) and not isinstance(value, bool)
-            _check(ok and (kind is float or float(value).is_integer()),
+            check(ok and (kind is float or float(value).is_integer()),
                    f"--{key.replace('_', '-')} {value!r}: expected a number")  # fmt: skip
 
 
 def _resolve_rho(config: dict, given: dict) -> None:
     rho = config["rho"]
     if config.pop("dense", None):
-        _check(given.get("rho") in (None, 1), f"--dense contradicts --rho {given.get('rho')}")
+        check(given.get("rho") in (None, 1), f"--dense contradicts --rho {given.get('rho')}")
         rho = 1.0
-    _check(isinstance(rho, int | float) and 0 < rho <= 1,
+    check(isinstance(rho, int | float) and 0 < rho <= 1,
            f"--rho {rho!r}: must be in (0, 1] (1 = dense backbone)")  # fmt: skip
     config["rho"] = None if rho == 1 else float(rho)
 
 
 def _resolve_training(config: dict) -> None:
     """Validate values and derive the defaults that depend on others (lrs, lambdas)."""
-    _check(config["epochs"] >= 1, f"--epochs {config['epochs']}: must be >= 1")
-    _check(config["lr"] > 0 and config["min_lr"] >= 0, "--lr must be > 0 and --min-lr >= 0")
-    _check(config["img_size"] >= 8, f"--img-size {config['img_size']}: too small")
-    _check(config["vis_images"] >= 0, "--vis-images must be >= 0")
-    _check(0 < config["crop_scale"] <= 1, f"--crop-scale {config['crop_scale']}: must be in (0, 1]")
-    _check(0 <= config["hflip"] <= 1, f"--hflip {config['hflip']}: must be in [0, 1]")
-    _check(isinstance(config["model_args"], dict), "model_args must be a mapping of backbone overrides")
+    check(config["epochs"] >= 1, f"--epochs {config['epochs']}: must be >= 1")
+    check(config["lr"] > 0 and config["min_lr"] >= 0, "--lr must be > 0 and --min-lr >= 0")
+    check(config["img_size"] >= 8, f"--img-size {config['img_size']}: too small")
+    check(config["vis_images"] >= 0, "--vis-images must be >= 0")
+    check(0 < config["crop_scale"] <= 1, f"--crop-scale {config['crop_scale']}: must be in (0, 1]")
+    check(0 <= config["hflip"] <= 1, f"--hflip {config['hflip']}: must be in [0, 1]")
+    check(isinstance(config["model_args"], dict), "model_args must be a mapping of backbone overrides")
     for key in ("img_size", "num_classes", "pretrained"):
-        _check(key not in config["model_args"], f"--model-arg {key}: use --{key.replace('_', '-')} instead")
+        check(key not in config["model_args"], f"--model-arg {key}: use --{key.replace('_', '-')} instead")
     if config["predictor_lr"] is None:
         config["predictor_lr"] = config["lr"] * PAPER_RECIPE["predictor_lr_scale"]
     teacher = config["rho"] is not None and config["pretrained"] is not None
@@ -329,17 +321,17 @@ def _resolve_training(config: dict) -> None:
         elif config[key] is None:
             config[key] = paper[part] if (teacher or part == "rate") else 0.0
         else:
-            _check(config[key] >= 0, f"--lambda-{part} {config[key]}: must be >= 0")
-            _check(teacher or part == "rate" or config[key] == 0,
+            check(config[key] >= 0, f"--lambda-{part} {config[key]}: must be >= 0")
+            check(teacher or part == "rate" or config[key] == 0,
                    f"--lambda-{part} {config[key]} needs a teacher, i.e. --pretrained weights")  # fmt: skip
     mixing = config["mixup"] > 0 or config["cutmix"] > 0
     per_worker = config["batch_size"] // config["num_workers"]
-    _check(config["num_workers"] >= 1, "--num-workers must be >= 1")
-    _check(
+    check(config["num_workers"] >= 1, "--num-workers must be >= 1")
+    check(
         config["batch_size"] % config["num_workers"] == 0 and per_worker >= 1,
         f"--batch-size {config['batch_size']} must be a multiple of --num-workers {config['num_workers']}",
     )
-    _check(not mixing or per_worker % 2 == 0,
+    check(not mixing or per_worker % 2 == 0,
            f"mixup/cutmix need an even batch per worker; got {per_worker}")  # fmt: skip
 
 
@@ -352,7 +344,7 @@ def _resolve_data(config: dict, cwd: Path) -> int:
     for split in ("train", "val"):
         manifest.shard_infos(split)
     need = config["batch_size"]
-    _check(
+    check(
         manifest.counts["train"] >= need,
         f"--data {config['data']}: {manifest.counts['train']} training samples < --batch-size {need}",
     )
@@ -381,12 +373,12 @@ def resolve_config(given: dict, *, cwd: Path | None = None) -> dict:
         config["storage"] = str(Path(config["storage"]).expanduser().resolve())
     _validate_choices(config)
     if resume:
-        _check(given.get("run_name") is not None, "--resume needs the --run-name of the run to continue")
+        check(given.get("run_name") is not None, "--resume needs the --run-name of the run to continue")
         record = read_run_record(config["storage"], config["run_name"])
-        _check(record is not None, f"--resume: no run {config['run_name']!r} in {config['storage']}")
+        check(record is not None, f"--resume: no run {config['run_name']!r} in {config['storage']}")
         saved = record["config"]
         changed = [k for k in TRAINING_KEYS if k in given and given[k] != saved[k]]
-        _check(not changed, f"--resume cannot change training options: {', '.join(changed)}")
+        check(not changed, f"--resume cannot change training options: {', '.join(changed)}")
         config.update({k: saved[k] for k in (*TRAINING_KEYS, "num_classes", "experiment", "register_as")})
         config["mlflow_uri"] = resolve_tracking_uri(given.get("mlflow_uri") or record["tracking_uri"], cwd)
         config.pop("dense", None)
@@ -534,7 +526,7 @@ def _check_local_resources(config: dict) -> None:
 
     have = ray.cluster_resources().get("CPU", 0)
     need = config["num_workers"] * config["cpus_per_worker"]
-    _check(
+    check(
         need <= have,
         f"{config['num_workers']} workers x {config['cpus_per_worker']} CPUs need {need} CPUs; the local "
         f"Ray has {have:g} (lower --num-workers / --cpus-per-worker)",
@@ -606,7 +598,7 @@ def _open_mlflow_run(config: dict, summary: dict) -> str:
         run_id = tracking.start_run(uri, config["experiment"], name, artifact_location=None,
                                     run_id=record["mlflow_run_id"])  # fmt: skip
     else:
-        _check(record is None, f"run {name!r} already exists in {storage}: pass --resume to continue it "
+        check(record is None, f"run {name!r} already exists in {storage}: pass --resume to continue it "
                "or choose another --run-name")  # fmt: skip
         artifacts = tracking.local_artifact_root(uri, Path.cwd())
         run_id = tracking.start_run(uri, config["experiment"], name, artifact_location=artifacts)

@@ -9,12 +9,15 @@ cutmix 1.0, label smoothing 0.1, RandAugment, random resized crops (8-100 % of t
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection
 
 import torch
 from timm.data import Mixup
+from timm.optim import param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
 from torch import nn
+
+from spot.config import PREDICTOR_PREFIX
 
 PAPER_RECIPE: dict = {
     "epochs": 80,
@@ -33,7 +36,6 @@ PAPER_RECIPE: dict = {
     "hflip": 0.5,
 }
 FROZEN_WHEN_PRETRAINED = ("cls_token", "pos_embed")
-PREDICTOR_PREFIX = "spot_predictors."
 
 
 def freeze_embeddings(model: nn.Module) -> list[str]:
@@ -47,18 +49,23 @@ def freeze_embeddings(model: nn.Module) -> list[str]:
 def param_groups(
     model: nn.Module, *, lr: float, predictor_lr: float, weight_decay: float, fresh: Collection[str]
 ) -> list[dict]:
-    """AdamW groups: predictors at ``predictor_lr``; the rest at ``lr``, with no decay on 1-d parameters.
+    """AdamW groups: predictors at ``predictor_lr``, the rest at ``lr``; weight decay as timm decides it
+    (``param_groups_weight_decay``: none on biases, norms and the model's ``no_weight_decay()`` names such
+    as ``pos_embed`` / ``cls_token``).
 
     ``fresh`` names parameters that did not come from the pretrained checkpoint (predictors, a re-initialised
     head): they train from the first step. Every other group has ``"pretrained": True`` and is held at lr 0
-    during the freeze epochs (see :func:`lr_factor`). Parameters without ``requires_grad`` are left out.
+    during the freeze epochs (see :class:`WarmupCosine`). Parameters without ``requires_grad`` are left out.
     """
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    decided = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
+    no_decay_ids = {id(p) for group in decided if group["weight_decay"] == 0 for p in group["params"]}
     buckets: dict[tuple[bool, bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         predictor = name.startswith(PREDICTOR_PREFIX)
-        no_decay = param.ndim <= 1 or name.endswith(".bias")
+        no_decay = id(param) in no_decay_ids
         buckets.setdefault((predictor, no_decay, name not in fresh), []).append(param)
     return [
         {
@@ -73,33 +80,36 @@ def param_groups(
     ]
 
 
-def lr_factor(
-    step: int,
-    *,
-    steps_per_epoch: int,
-    epochs: int,
-    warmup_epochs: float,
-    min_ratio: float,
-    frozen_epochs: int,
-) -> float:
-    """Multiplier of a group's base lr at optimizer ``step``: 0 while frozen, linear warm-up, then cosine.
+class WarmupCosine(CosineLRScheduler):
+    """timm's per-step schedule (linear warm-up from 0, then cosine to ``min_lr``), with the groups marked
+    ``"pretrained"`` held at lr 0 for the first ``freeze_steps`` updates.
 
-    The cosine runs from the end of warm-up to the last step and ends at ``min_ratio`` (min_lr / base lr).
+    Call ``step_update(n)`` after the ``n``-th optimizer step: the groups then hold the lr of update ``n + 1``
+    (so the first update already has a non-zero warm-up lr).
     """
-    if step < frozen_epochs * steps_per_epoch:
-        return 0.0
-    warmup = int(warmup_epochs * steps_per_epoch)
-    if step < warmup:
-        return (step + 1) / warmup
-    total = max(epochs * steps_per_epoch - warmup, 1)
-    progress = min((step - warmup) / total, 1.0)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int, min_lr: float,
+        freeze_steps: int,
+    ) -> None:  # fmt: skip
+        self.freeze_steps = freeze_steps
+        self.frozen = [bool(group.get("pretrained")) for group in optimizer.param_groups]
+        super().__init__(
+            optimizer, t_initial=max(total_steps - warmup_steps, 1), lr_min=min_lr, warmup_t=warmup_steps,
+            warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False,
+        )  # fmt: skip
+        self.step_update(0)
+
+    def _get_lr(self, t: int) -> list[float]:
+        lrs = super()._get_lr(t + 1)
+        frozen = t < self.freeze_steps
+        return [0.0 if frozen and held else lr for lr, held in zip(lrs, self.frozen, strict=True)]
 
 
 def build_optimizer(
     model: nn.Module, config: dict, fresh: Collection[str]
-) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over :func:`param_groups` and its per-step scheduler (call ``scheduler.step()`` every step).
+) -> tuple[torch.optim.AdamW, WarmupCosine]:
+    """AdamW over :func:`param_groups` and its per-step scheduler (``scheduler.step_update(n)`` after step n).
 
     ``config`` keys: ``lr``, ``predictor_lr``, ``weight_decay``, ``min_lr``, ``epochs``, ``warmup_epochs``,
     ``freeze_epochs``, ``steps_per_epoch``. The freeze applies to pretrained groups only, and only when the
@@ -113,22 +123,14 @@ def build_optimizer(
         fresh=fresh,
     )
     optimizer = torch.optim.AdamW(groups)
-    freeze = config["freeze_epochs"] if fresh else 0
-
-    def factor_for(group: dict):
-        def factor(step: int) -> float:
-            return lr_factor(
-                step,
-                steps_per_epoch=config["steps_per_epoch"],
-                epochs=config["epochs"],
-                warmup_epochs=config["warmup_epochs"],
-                min_ratio=min(config["min_lr"] / group["lr"], 1.0) if group["lr"] > 0 else 0.0,
-                frozen_epochs=freeze if group["pretrained"] else 0,
-            )
-
-        return factor
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [factor_for(g) for g in optimizer.param_groups])
+    steps = config["steps_per_epoch"]
+    scheduler = WarmupCosine(
+        optimizer,
+        total_steps=config["epochs"] * steps,
+        warmup_steps=int(config["warmup_epochs"] * steps),
+        min_lr=config["min_lr"],
+        freeze_steps=(config["freeze_epochs"] if fresh else 0) * steps,
+    )
     return optimizer, scheduler
 
 

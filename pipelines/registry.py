@@ -10,46 +10,25 @@ validation accuracy beats the current champion's at equal or lower GFLOPs.
 
 from __future__ import annotations
 
-import json
 import warnings
 from importlib import metadata
 from pathlib import Path
 
 import mlflow
 import numpy as np
-import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 from torch import nn
 
-import spot
-from pipelines.tracking import first_line
-from pipelines.train_loop import CONFIG_FILE, MODEL_FILE
+from pipelines.checkpoints import CONFIG_FILE, MODEL_FILE, model_from_checkpoint, read_checkpoint
+from pipelines.errors import first_line
 
 CHAMPION = "champion"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 MODEL_ARTIFACT = "model"
 REQUIREMENTS = ("torch", "timm", "numpy", "mlflow")
-
-
-def read_checkpoint(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(spot_config, state_dict)`` of a checkpoint directory; raises FileNotFoundError naming the file."""
-    directory = Path(directory)
-    for name in (CONFIG_FILE, MODEL_FILE):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory} is not a SPOT checkpoint: {name} is missing")
-    config = json.loads((directory / CONFIG_FILE).read_text())
-    return config, torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
-
-
-def model_from_checkpoint(directory: str | Path) -> nn.Module:
-    """Rebuild a checkpoint's model in eval (prune) mode."""
-    config, state = read_checkpoint(directory)
-    model = spot.create_model(**config)
-    model.load_state_dict(state)
-    return model.eval()
 
 
 def load_model(uri: str | Path) -> nn.Module:

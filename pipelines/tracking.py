@@ -29,7 +29,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from ray.train import Checkpoint, UserCallback
 
-from pipelines.train_loop import MASKS_FILE
+from pipelines.checkpoints import MASKS_FILE
+from pipelines.errors import TrackingError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +39,6 @@ ARTIFACTS_DIR = "mlartifacts"
 REACHABILITY_TIMEOUT_S = 5.0
 RUN_NAME_TAG = "ray_train_run"
 PACKAGES = ("torch", "timm", "ray", "mlflow", "nvidia-dali-cuda130", "webdataset", "spot-vit")
-
-
-class TrackingError(RuntimeError):
-    """The tracking server or store cannot be used; the message is one line saying why."""
-
-
-def first_line(err: BaseException) -> str:
-    """The first line of an error's message (its type name if empty): one-line error reports."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def resolve_tracking_uri(uri: str | None, base: str | Path) -> str:

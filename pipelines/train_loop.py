@@ -22,7 +22,6 @@ optimizer, scheduler, gradient scaler and epoch.
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import tempfile
 import time
@@ -39,23 +38,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import spot
+from pipelines.checkpoints import MASKS_FILE, load_checkpoint, save_checkpoint, unwrap
 from pipelines.loader import IMAGENET_MEAN, IMAGENET_STD, PAD_LABEL, make_loader
 from pipelines.recipe import build_mixup, build_optimizer, freeze_embeddings
 from spot.flops import gmacs
 from spot.losses import spot_loss
 from spot.visualize import draw_token_masks
 
-MODEL_FILE = "model.pt"
-CONFIG_FILE = "spot_config.json"
-STATE_FILE = "train_state.pt"
-METRICS_FILE = "metrics.json"
-MASKS_FILE = "token_masks.png"
 VIS_MIN_SIDE = 128  # token-mask figures upscale small images to at least this many pixels
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DDP wrapper (or the model itself)."""
-    return getattr(model, "module", model)
 
 
 def derived_seed(*parts: int) -> int:
@@ -80,33 +70,6 @@ def build_models(init: dict, device: torch.device) -> tuple[nn.Module, nn.Module
         teacher.requires_grad_(False)
         teacher.eval().to(device)
     return student, teacher
-
-
-def save_checkpoint(
-    directory: Path, model: nn.Module, optimizer, scheduler, scaler, epoch: int, metrics: dict
-) -> None:
-    """Write what a restart or the registry needs: weights + architecture apart from the training state."""
-    net = unwrap(model)
-    torch.save(net.state_dict(), directory / MODEL_FILE)
-    (directory / CONFIG_FILE).write_text(json.dumps(net.spot_config, indent=1))
-    state = {
-        "epoch": epoch,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-    }
-    torch.save(state, directory / STATE_FILE)
-    (directory / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
-
-
-def load_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, scaler) -> int:
-    """Restore a :func:`save_checkpoint` directory (no code is unpickled); returns its epoch."""
-    unwrap(model).load_state_dict(torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True))
-    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    return int(state["epoch"])
 
 
 def all_reduce_sum(values: Tensor) -> Tensor:
@@ -146,7 +109,9 @@ def _teacher_outputs(teacher: nn.Module | None, images: Tensor, lambdas: dict) -
     return logits, (info.tokens if lambdas["token"] > 0 else None)
 
 
-def train_one_epoch(model, teacher, loader, optimizer, scheduler, scaler, mixup, config, device) -> dict:
+def train_one_epoch(
+    model, teacher, loader, optimizer, scheduler, scaler, mixup, config, device, epoch: int = 0
+) -> dict:
     """One epoch in mask mode; returns mean loss parts, mean kept ratio per stage, lr and images/s."""
     model.train()
     lambdas = _lambdas(config)
@@ -174,7 +139,7 @@ def train_one_epoch(model, teacher, loader, optimizer, scheduler, scaler, mixup,
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        scheduler.step()
+        scheduler.step_update(epoch * len(loader) + steps + 1)
         for name, value in parts.items():
             sums[name] = sums.get(name, 0.0) + value
         if info.masks:
@@ -300,7 +265,7 @@ def train_loop_per_worker(config: dict) -> None:
         seed_everything(derived_seed(config["seed"], rank, epoch))
         began = time.perf_counter()
         metrics = {"epoch": epoch, **train_one_epoch(
-            model, teacher, loader, optimizer, scheduler, scaler, mixup, config, device
+            model, teacher, loader, optimizer, scheduler, scaler, mixup, config, device, epoch
         )}  # fmt: skip
         val_metrics, shown = validate(model, teacher, val_loader, config, device)
         metrics.update(val_metrics)

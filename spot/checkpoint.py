@@ -5,40 +5,41 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
+from timm.models import load_state_dict as timm_load_state_dict
 from torch import Tensor, nn
+
+from spot.config import PREDICTOR_PREFIX
 
 log = logging.getLogger(__name__)
 
-WRAPPER_KEYS = ("model", "state_dict", "state_dict_ema")
+WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")  # timm's order
 HEAD_KEYS = ("head.", "aux_head.")
-PREDICTOR_PREFIX = "spot_predictors."
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Tensors of a checkpoint file: plain or wrapped in ``model`` / ``state_dict`` / ``state_dict_ema``,
-    with a DDP ``module.`` prefix stripped. Loaded with ``weights_only=True`` (no code is unpickled)."""
+    """Tensors of a checkpoint file through timm's ``load_state_dict``: ``.safetensors`` or a torch file
+    (loaded with ``weights_only=True``), EMA weights preferred, then ``state_dict`` / ``model``, a DDP
+    ``module.`` prefix stripped."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for corrupt / foreign files
+        state = timm_load_state_dict(str(path), use_ema=True, weights_only=True)
+    except AttributeError:  # timm read the file but found no mapping in it
+        state = None
+    except Exception as err:  # torch / safetensors raise several types for corrupt or foreign files
         raise ValueError(f"cannot read checkpoint {path}: {err}") from err
-    if isinstance(obj, dict):
-        obj = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), obj)
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path} holds no state_dict (expected tensors, optionally under {WRAPPER_KEYS})")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return dict(state)
 
 
 def hub_state_dict(model: nn.Module, tag: str | None) -> dict[str, Tensor]:
-    """Download the backbone's pretrained weights through timm (needs network access)."""
+    """Download the backbone's pretrained weights through timm (needs network access); the architecture
+    is the model's own ``pretrained_cfg``."""
     import timm
 
-    from spot.models.factory import TIMM_NAMES
-
-    arch = TIMM_NAMES[model.spot_config["name"]] + (f".{tag}" if tag else "")
+    arch = model.pretrained_cfg["architecture"] + (f".{tag}" if tag else "")
     try:
         return timm.create_model(arch, pretrained=True).state_dict()
     except Exception as err:

@@ -9,6 +9,7 @@ from spot.schedule import check_rho
 SELECTORS = ("learned", "cls_attn_avg", "random")
 SAMPLINGS = ("gumbel", "topk")
 MODES = ("mask", "prune")
+PREDICTOR_PREFIX = "spot_predictors."  # state_dict keys of the relevance modules
 
 
 @dataclass(frozen=True)

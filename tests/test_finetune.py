@@ -17,8 +17,8 @@ import yaml
 from mlflow import MlflowClient
 
 from pipelines import finetune
-from pipelines.recipe import build_optimizer, lr_factor
-from pipelines.train_loop import CONFIG_FILE, MASKS_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE
+from pipelines.checkpoints import CONFIG_FILE, MASKS_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE
+from pipelines.recipe import build_optimizer
 from tests.tiny import tiny
 
 FINETUNE = Path(finetune.__file__)
@@ -37,14 +37,47 @@ def history_steps(uri: str, run_id: str, key: str) -> list[int]:
 # --- the recipe -------------------------------------------------------------------------------------------
 
 
-def test_lr_factor_freezes_warms_up_then_decays_to_min():
-    kw = {"steps_per_epoch": 10, "epochs": 10, "warmup_epochs": 2, "min_ratio": 0.01}
-    assert [lr_factor(s, frozen_epochs=3, **kw) for s in (0, 29)] == [0.0, 0.0]
-    assert lr_factor(0, frozen_epochs=0, **kw) == pytest.approx(1 / 20)
-    assert lr_factor(19, frozen_epochs=0, **kw) == pytest.approx(1.0)
-    decay = [lr_factor(s, frozen_epochs=0, **kw) for s in range(20, 100)]
-    assert decay == sorted(decay, reverse=True) and decay[0] == pytest.approx(1.0)
-    assert lr_factor(100, frozen_epochs=0, **kw) == pytest.approx(0.01)
+def _lrs(scheduler, optimizer, steps: int) -> list[list[float]]:
+    """The lr of every group at each of ``steps`` updates (as the train loop drives the scheduler)."""
+    out = []
+    for n in range(steps):
+        out.append([g["lr"] for g in optimizer.param_groups])
+        scheduler.step_update(n + 1)
+    return out
+
+
+def test_schedule_freezes_warms_up_then_decays_to_min():
+    model = tiny("deit_s", rho=0.7)
+    fresh = {n for n, _ in model.named_parameters() if n.startswith("spot_predictors.")}
+    config = {"lr": 1e-3, "predictor_lr": 1e-2, "weight_decay": 0.05, "min_lr": 1e-5, "epochs": 10,
+              "warmup_epochs": 2, "freeze_epochs": 3, "steps_per_epoch": 10}  # fmt: skip
+    optimizer, scheduler = build_optimizer(model, config, fresh)
+    names = [g["name"] for g in optimizer.param_groups]
+    lrs = _lrs(scheduler, optimizer, 100)
+    backbone, predictor = names.index("backbone"), names.index("predictor_fresh")
+    assert all(step[backbone] == 0.0 for step in lrs[:30])  # frozen for 3 epochs
+    assert lrs[30][backbone] > 0
+    warmup = [step[predictor] for step in lrs[:20]]
+    assert warmup[0] == pytest.approx(1e-2 / 20) and warmup == sorted(warmup)  # linear, from the first update
+    assert lrs[19][predictor] == pytest.approx(1e-2)
+    decay = [step[predictor] for step in lrs[20:]]
+    assert decay == sorted(decay, reverse=True)
+    scheduler.step_update(100)
+    assert optimizer.param_groups[predictor]["lr"] == pytest.approx(1e-5)
+
+
+def test_no_weight_decay_on_position_embedding_and_class_token():
+    """Without pretrained weights nothing is frozen: pos_embed / cls_token must still not be decayed."""
+    for name in ("deit_s", "lvvit_s"):
+        model = tiny(name, rho=0.7)
+        fresh = {n for n, _ in model.named_parameters()}
+        config = {"lr": 1e-3, "predictor_lr": 1e-2, "weight_decay": 0.05, "min_lr": 1e-6, "epochs": 2,
+                  "warmup_epochs": 1, "freeze_epochs": 1, "steps_per_epoch": 5}  # fmt: skip
+        optimizer, _ = build_optimizer(model, config, fresh)
+        decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+        for key in ("pos_embed", "cls_token"):
+            assert decay_of[id(model.get_parameter(key))] == 0.0, (name, key)
+        assert decay_of[id(model.get_parameter("blocks.0.attn.qkv.weight"))] == 0.05, name
 
 
 def test_optimizer_groups_predictor_lr_no_decay_and_freeze_of_pretrained_weights():
@@ -57,16 +90,17 @@ def test_optimizer_groups_predictor_lr_no_decay_and_freeze_of_pretrained_weights
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)] for p in groups["predictor_fresh"]["params"]} <= fresh
     assert all(names[id(p)].startswith("head.") for p in groups["backbone_fresh"]["params"])
-    assert all(p.ndim <= 1 for p in groups["backbone_no_decay"]["params"])
+    assert all(p.ndim <= 1 or names[id(p)] in ("pos_embed", "cls_token")
+               for p in groups["backbone_no_decay"]["params"])  # fmt: skip
     assert groups["backbone_no_decay"]["weight_decay"] == 0 and groups["backbone"]["weight_decay"] == 0.05
-    for _ in range(5):  # first epoch: warm-up of the fresh groups, pretrained backbone at lr 0
+    for n in range(1, 6):  # first epoch: warm-up of the fresh groups, pretrained backbone at lr 0
         optimizer.step()
-        scheduler.step()
+        scheduler.step_update(n)
     assert groups["backbone"]["lr"] == 0.0 and groups["backbone_no_decay"]["lr"] == 0.0
     assert groups["backbone_fresh"]["lr"] > 0
-    assert groups["predictor_fresh"]["lr"] == pytest.approx(10 * groups["backbone_fresh"]["lr"])
-    for _ in range(5):  # second epoch still frozen, third epoch the backbone trains
-        scheduler.step()
+    assert groups["predictor_fresh"]["lr"] == pytest.approx(10 * groups["backbone_fresh"]["lr"], rel=1e-3)
+    for n in range(6, 11):  # second epoch still frozen, third epoch the backbone trains
+        scheduler.step_update(n)
     assert groups["backbone"]["lr"] > 0
 
 

@@ -43,6 +43,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 import spot
 from pipelines import finetune, tracking
+from pipelines.errors import ConfigError, TrackingError, check, first_line
 from tuning import pareto, space
 
 EXPERIMENT = "spot-sweep"
@@ -77,7 +78,7 @@ RESULT_KEYS = ("trial_id", "status", "epochs", "val_acc1", "val_acc5", "best_epo
                "pareto", "best", *space.SEARCHABLE, "mlflow_run_id")  # fmt: skip
 
 
-class SweepError(ValueError):
+class SweepError(ConfigError):
     """An invalid sweep invocation; the message says which option and why."""
 
 
@@ -343,11 +344,11 @@ def _prepare_new(args: argparse.Namespace, cwd: Path) -> dict:
     ``notes`` (what the sweep decided for the user) and ``summary`` (the model's GFLOPs and size)."""
     overrides = {k: getattr(args, k) for k in space.SEARCHABLE if getattr(args, k) is not None}
     dims = space.load_space(args.space, overrides)
-    _check(args.num_samples >= 1, f"--num-samples {args.num_samples}: must be >= 1")
-    _check(args.max_concurrent is None or args.max_concurrent >= 1, "--max-concurrent must be >= 1")
-    _check(args.grace_period >= 1, f"--grace-period {args.grace_period}: must be >= 1")
-    _check(args.reduction_factor > 1, f"--reduction-factor {args.reduction_factor}: must be > 1")
-    _check(args.gflops_budget is None or args.gflops_budget > 0, "--gflops-budget must be > 0")
+    check(args.num_samples >= 1, f"--num-samples {args.num_samples}: must be >= 1")
+    check(args.max_concurrent is None or args.max_concurrent >= 1, "--max-concurrent must be >= 1")
+    check(args.grace_period >= 1, f"--grace-period {args.grace_period}: must be >= 1")
+    check(args.reduction_factor > 1, f"--reduction-factor {args.reduction_factor}: must be > 1")
+    check(args.gflops_budget is None or args.gflops_budget > 0, "--gflops-budget must be > 0")
     given = _given(args)
     storage = args.storage or str(cwd / finetune.RUNS_DIR)
     config = finetune.resolve_config({**given, "storage": storage}, cwd=cwd)
@@ -359,7 +360,7 @@ def _prepare_new(args: argparse.Namespace, cwd: Path) -> dict:
         dims = space.clip_rho(dims, rho_max, args.gflops_budget, finetune.DEFAULTS["rho"])
     _, fixed = space.split(dims, args.space)  # the Tuner samples the rest
     name = args.name or f"sweep-{config['backbone']}-{datetime.now():%Y%m%d-%H%M%S}"
-    _check(finetune.read_run_record(config["storage"], name) is None,
+    check(finetune.read_run_record(config["storage"], name) is None,
            f"sweep {name!r} already exists in {config['storage']}: pass --resume {config['storage']}/{name} "
            "or another --name")  # fmt: skip
     uri = tracking.resolve_tracking_uri(args.mlflow_uri, cwd)
@@ -394,14 +395,14 @@ def _prepare_resume(args: argparse.Namespace, cwd: Path) -> dict:
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
     record = finetune.read_run_record(storage, name)
-    _check(record is not None and "sweep" in record, f"--resume {args.resume}: not a sweep directory")
+    check(record is not None and "sweep" in record, f"--resume {args.resume}: not a sweep directory")
     setup = record["sweep"]
     tracking.check_reachable(setup["tracking_uri"])
     try:
         status = MlflowClient(setup["tracking_uri"]).get_run(setup["parent_run_id"]).info.status
     except MlflowException as err:
-        raise SweepError(f"--resume {args.resume}: its MLflow run: {tracking.first_line(err)}") from None
-    _check(status != "FINISHED", f"--resume {args.resume}: the sweep has finished (MLflow run "
+        raise SweepError(f"--resume {args.resume}: its MLflow run: {first_line(err)}") from None
+    check(status != "FINISHED", f"--resume {args.resume}: the sweep has finished (MLflow run "
            f"{setup['parent_run_id']})")  # fmt: skip
     return {"setup": setup, "path": f"{storage}/{name}", "notes": []}
 
@@ -411,11 +412,6 @@ def prepare(args: argparse.Namespace, cwd: Path) -> dict:
     if args.resume:
         return _prepare_resume(args, cwd)
     return _prepare_new(args, cwd)
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise SweepError(message)
 
 
 def _trainable(setup: dict):
@@ -487,7 +483,7 @@ def _trial_row(result, setup: dict) -> dict:
            **result.config}  # fmt: skip
     history = result.metrics_dataframe
     if history is None or "val_acc1" not in history or history["val_acc1"].isna().all():
-        error = tracking.first_line(result.error) if result.error else ""
+        error = first_line(result.error) if result.error else ""
         return row | {"status": "error", "epochs": 0, "feasible": False, "val_acc1": math.nan,
                       "gflops": math.nan, "error": error}  # fmt: skip
     history = history.dropna(subset=["val_acc1"])  # only reports with a validation result
@@ -711,7 +707,7 @@ def sweep(plan: dict, address: str | None) -> dict | None:
 
 
 def _bad_input(err: BaseException) -> int:
-    print(f"sweep_lambdas: error: {tracking.first_line(err)}", file=sys.stderr)
+    print(f"sweep_lambdas: error: {first_line(err)}", file=sys.stderr)
     return 2
 
 
@@ -723,9 +719,9 @@ def main(argv: list[str] | None = None) -> int:
             extra = [
                 k for k, v in vars(args).items() if k not in RESUME_OPTIONS and v != parser.get_default(k)
             ]
-            _check(not extra, f"--resume continues a sweep as it was started; remove {', '.join(extra)}")
+            check(not extra, f"--resume continues a sweep as it was started; remove {', '.join(extra)}")
         plan = prepare(args, Path.cwd())
-    except (ValueError, FileNotFoundError, tracking.TrackingError) as err:
+    except (ValueError, FileNotFoundError, TrackingError) as err:
         return _bad_input(err)
     for note in plan["notes"]:
         print(f"note: {note}", flush=True)

@@ -122,6 +122,10 @@ class LVViT(SpotModelMixin, nn.Module):
     def spot_filter(self, state_dict: dict) -> dict:
         return checkpoint_filter_fn(state_dict, self)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters without weight decay besides biases and norms (timm's convention)."""
+        return {"pos_embed", "cls_token"}
+
 
 def _init_weights(m: nn.Module) -> None:
     if isinstance(m, nn.Linear):

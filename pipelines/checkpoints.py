@@ -1,0 +1,82 @@
+"""A training checkpoint directory: what it holds, writing and reading it, and picking the best one.
+
+``model.pt`` (state_dict) and ``spot_config.json`` (architecture: ``spot.create_model(**spot_config)``) are
+what the registry and evaluation need; ``train_state.pt`` (optimizer, scheduler, scaler, epoch) is what a
+restart needs; ``metrics.json`` is the epoch's report and ``token_masks.png`` its figure (SPOT models).
+Everything is read with ``weights_only=True``: no code is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import spot
+
+MODEL_FILE = "model.pt"
+CONFIG_FILE = "spot_config.json"
+STATE_FILE = "train_state.pt"
+METRICS_FILE = "metrics.json"
+MASKS_FILE = "token_masks.png"
+SCORE = "val_acc1"  # what "best" means: validation top-1
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def save_checkpoint(
+    directory: Path, model: nn.Module, optimizer, scheduler, scaler, epoch: int, metrics: dict
+) -> None:
+    """Write what a restart or the registry needs: weights + architecture apart from the training state."""
+    net = unwrap(model)
+    torch.save(net.state_dict(), directory / MODEL_FILE)
+    (directory / CONFIG_FILE).write_text(json.dumps(net.spot_config, indent=1))
+    state = {
+        "epoch": epoch,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+    }
+    torch.save(state, directory / STATE_FILE)
+    (directory / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
+
+
+def load_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, scaler) -> int:
+    """Restore a :func:`save_checkpoint` directory into a training run; returns its epoch."""
+    unwrap(model).load_state_dict(torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True))
+    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    return int(state["epoch"])
+
+
+def read_checkpoint(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(spot_config, state_dict)`` of a checkpoint directory; raises FileNotFoundError naming the file."""
+    directory = Path(directory)
+    for name in (CONFIG_FILE, MODEL_FILE):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory} is not a SPOT checkpoint: {name} is missing")
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    return config, torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
+
+
+def model_from_checkpoint(directory: str | Path) -> nn.Module:
+    """Rebuild a checkpoint's model in eval (prune) mode."""
+    config, state = read_checkpoint(directory)
+    model = spot.create_model(**config)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def best_checkpoint(result) -> tuple:
+    """``(checkpoint, metrics)`` of a Ray Train ``Result`` with the highest validation top-1 (the later
+    epoch on ties)."""
+    if not result.best_checkpoints:
+        raise RuntimeError(f"run {result.path} reported no checkpoint")
+    return max(result.best_checkpoints, key=lambda item: (item[1][SCORE], item[1]["epoch"]))

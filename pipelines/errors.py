@@ -1,0 +1,23 @@
+"""Errors the pipelines report to a user in one line (exit code 2), and that line."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """Invalid or inconsistent options; the message names the option and the value."""
+
+
+class TrackingError(RuntimeError):
+    """The tracking server or store cannot be used; the message says why in one line."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (its type name if empty): one-line error reports."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def check(condition: bool, message: str, error: type[Exception] = ConfigError) -> None:
+    """Raise ``error(message)`` unless ``condition``."""
+    if not condition:
+        raise error(message)
