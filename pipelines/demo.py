@@ -23,7 +23,7 @@ import ray
 import torch
 
 from pipelines import evaluate, finetune
-from pipelines.tracking import TrackingError, first_line
+from pipelines.errors import TrackingError, first_line
 
 EXPERIMENT = "spot-demo"
 
