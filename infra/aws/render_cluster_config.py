@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""Fill ray_cluster.yaml's REPLACE-<Name> placeholders from the CloudFormation stack of
+infra/aws/spot-cluster.cfn.yaml, and pin the AMI (resolved once, so head and workers get the same driver).
+
+    python infra/aws/render_cluster_config.py --stack spot-ray --region us-east-1 \
+        --out ~/.spot/ray_cluster.yaml
+    ray up ~/.spot/ray_cluster.yaml        # from the repo root (file_mounts sync "." to the nodes)
+
+Every placeholder must be filled: a name the stack does not output is an error, not a silent leftover.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PLACEHOLDER = re.compile(r"REPLACE-([A-Za-z0-9]+)")
+# The AWS Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 24.04): Docker, NVIDIA driver >= 580,
+# NVIDIA container toolkit, EFA driver, AWS CLI v2.
+AMI_PARAMETER = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-24.04/latest/ami-id"
+
+
+def placeholders(text: str) -> list[str]:
+    """The distinct placeholder names of a config, in order of appearance."""
+    return list(dict.fromkeys(PLACEHOLDER.findall(text)))
+
+
+def render(text: str, values: dict[str, str]) -> str:
+    """text with every REPLACE-<Name> replaced by values[Name]; KeyError names the missing ones."""
+    missing = [name for name in placeholders(text) if name not in values]
+    if missing:
+        raise KeyError(f"no value for {', '.join('REPLACE-' + m for m in missing)}")
+    return PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
+
+
+def stack_values(stack: str, region: str) -> dict[str, str]:
+    """The stack's outputs, plus AmiId resolved from the public SSM parameter."""
+    import boto3
+
+    (described,) = boto3.client("cloudformation", region_name=region).describe_stacks(StackName=stack)[
+        "Stacks"
+    ]
+    values = {o["OutputKey"]: o["OutputValue"] for o in described.get("Outputs", [])}
+    ssm = boto3.client("ssm", region_name=region)
+    values["AmiId"] = ssm.get_parameter(Name=AMI_PARAMETER)["Parameter"]["Value"]
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--stack", default="spot-ray")
+    p.add_argument("--region", required=True)
+    p.add_argument("--config", type=Path, default=REPO / "ray_cluster.yaml")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--ami", help="an AMI id to use instead of the current one (e.g. the one of a running cluster)"
+    )
+    args = p.parse_args(argv)
+    values = stack_values(args.stack, args.region)
+    if args.ami:
+        values["AmiId"] = args.ami
+    try:
+        text = render(args.config.read_text(), values)
+    except KeyError as err:
+        print(f"render_cluster_config.py: {err.args[0]}", file=sys.stderr)
+        return 2
+    out = args.out.expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"wrote {out} (AMI {values['AmiId']}); start the cluster from the repo root: ray up {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
