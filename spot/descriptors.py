@@ -123,6 +123,8 @@ class AttentionHistory:
             self.sum = self._accumulate(self.sum, attn, rows)
         if self.squares and self.layers == 1:
             self.sum_sq = self._write(self.sum_sq, attn * attn, rows)
+        elif self.squares and torch.compiler.is_exporting():  # one chunk; no in-place writes in the graph
+            self.sum_sq = torch.addcmul(self.sum_sq, attn, attn)
         elif self.squares:
             self.sum_sq[rows].addcmul_(attn, attn)
         if self._describe is not None:
@@ -136,6 +138,8 @@ class AttentionHistory:
 
     def _write(self, buffer: Tensor | None, values: Tensor, rows: slice) -> Tensor:
         """``buffer`` (allocated for the whole batch on first use) with ``values`` written to ``rows``."""
+        if torch.compiler.is_exporting():  # one chunk covers the batch: the values are the buffer
+            return values
         if buffer is None:
             buffer = values.new_empty((self.batch, *values.shape[1:]))
         buffer[rows] = values
@@ -145,6 +149,8 @@ class AttentionHistory:
         """``buffer[rows] += values``; in the first layer ``values`` are written to a fresh buffer."""
         if self.layers == 1:
             return self._write(buffer, values, rows)
+        if torch.compiler.is_exporting():
+            return buffer + values
         buffer[rows].add_(values)
         return buffer
 

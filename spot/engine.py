@@ -61,6 +61,7 @@ class TokenRun:
         self.fused = False  # whether the sequence ends with a fused token
         self.last_stage = False  # whether the stage being run is the last one
         self.policy: Tensor | None = None  # mask mode: (B, T) keep policy once a stage has run
+        self.replay: list[Tensor] | None = None  # prune mode: kept original indices to use per stage
         self.patch_mask = x.new_ones(b, num_patches)  # mask mode: cumulative (B, N0)
         self.orig = torch.arange(num_patches, device=x.device).expand(b, -1)  # prune mode: (B, n)
 
@@ -106,6 +107,8 @@ class TokenRun:
     def _prune_stage(self, k: int, x: Tensor, predictor: nn.Module | None) -> Tensor:
         scores, _ = score_tokens(self.cfg, predictor, self.patches(x), self.history, None)
         idx = select_topk(scores, self.counts[k])  # positions among present patches
+        if self.replay is not None:  # another run's selection (parity checks; self.orig is ascending)
+            idx = torch.searchsorted(self.orig.contiguous(), self.replay[k].to(self.orig.device))
         seq = with_prefix(idx, 1)
         if self.fused:
             seq = torch.cat((seq, seq.new_full((seq.shape[0], 1), x.shape[1] - 1)), dim=1)
@@ -174,6 +177,7 @@ def run_blocks(model: nn.Module, x: Tensor, num_patches: int) -> tuple[Tensor, T
     """Run ``model.blocks`` on tokens ``[cls, patches]`` with SPOT sparsification (prune or mask mode)."""
     cfg: SpotConfig = model.spot_cfg
     run = TokenRun(cfg, model.spot_mode, x, num_patches)
+    run.replay = getattr(model, "spot_replay", None)
     stage_of = {b: k for k, b in enumerate(cfg.stage_blocks)} if not cfg.dense else {}
     last_read = max(stage_of) - 1 if run.history is not None else -1
     for i, blk in enumerate(model.blocks):
