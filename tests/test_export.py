@@ -169,3 +169,20 @@ def test_cli_exports_a_checkpoint_directory_without_mlflow(tmp_path):
     )
     assert (tmp_path / "d.onnx").is_file()
     assert export_cli.main(["--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.onnx")]) == 1
+
+
+def test_parity_script_checks_any_runtimes_saved_outputs(tmp_path, capsys):
+    from pipelines import parity
+
+    model = tiny("deit_s", rho=0.7).eval()
+    checkpoint = _checkpoint(tmp_path / "ckpt", model)
+    images = tmp_path / "images.npy"
+    assert parity.main(["--model", str(checkpoint), "--write-images", str(images), "--batch", "4"]) == 0
+    outputs = eager_outputs(model, np.load(images))  # what a faithful runtime would give
+    np.savez(tmp_path / "good.npz", **outputs)
+    argv = ["--model", str(checkpoint), "--images", str(images)]
+    assert parity.main([*argv, "--outputs", str(tmp_path / "good.npz")]) == 0
+    outputs["logits"][1, 3] += 1e-3
+    np.savez(tmp_path / "bad.npz", **outputs)
+    assert parity.main([*argv, "--outputs", str(tmp_path / "bad.npz")]) == 1
+    assert "batch 4: FAILED" in capsys.readouterr().out
