@@ -5,8 +5,7 @@
         every node: the MLflow account jobs log with (MLFLOW_TRACKING_USERNAME / _PASSWORD), the region
     node_env.py server --jobs-secret ARN --admin-secret ARN --db-secret ARN --db-host HOST --bucket B
                        --region R --out ~/.spot/server.env
-        head only: what infra/mlflow/head_service.sh needs; also creates the `mlflow_auth` database when
-        it does not exist yet (MLflow's user store must not share the tracking database)
+        head only: what infra/mlflow/head_service.sh needs (database URIs, MLflow admin and jobs accounts)
 
 Nothing secret is passed on the command line or printed; the files are written with mode 600. The head's
 instance profile may read all three secrets, the workers' only the jobs secret (see
@@ -71,22 +70,6 @@ def server_values(
     }
 
 
-def ensure_auth_database(db: dict, db_host: str) -> None:
-    """CREATE DATABASE mlflow_auth unless it exists (RDS creates only the `mlflow` database)."""
-    import psycopg2
-
-    conn = psycopg2.connect(host=db_host, user=db["username"], password=db["password"], dbname="mlflow",
-                            connect_timeout=10)  # fmt: skip
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute("SELECT 1 FROM pg_database WHERE datname = 'mlflow_auth'")
-            if cur.fetchone() is None:
-                cur.execute("CREATE DATABASE mlflow_auth")
-    finally:
-        conn.close()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("kind", choices=["jobs", "server"])
@@ -111,7 +94,6 @@ def main(argv: list[str] | None = None) -> int:
         db = read_secret(client, args.db_secret)
         values = server_values(jobs, read_secret(client, args.admin_secret), db, args.db_host, args.bucket,
                                args.region)  # fmt: skip
-        ensure_auth_database(db, args.db_host)
     write_private(args.out.expanduser(), env_lines(values))
     print(f"node_env.py: wrote {args.out} ({', '.join(values)})")
     return 0
