@@ -2,9 +2,9 @@
 started by Ray's autoscaler through the fake multi-node provider, join only after a boot delay.
 
 It shows both sides of item 2 of issue 15. With Ray Train's worker-group start timeout too short for the
-boot (3 s against a 45 s boot here, the ratio of Ray's 60 s default to a p4d node's 10-15 minutes), the
-fine-tune gives up before any node exists. With the timeout ray_cluster.yaml sets, a fine-tune and a
-2-trial sweep wait for the nodes and finish.
+boot (2 s against a 60 s boot here; Ray's 60 s default against a p4d node's 10-15 minutes), the fine-tune
+gives up on the timeout. With the timeout ray_cluster.yaml sets, a fine-tune and a 2-trial sweep started
+while the node is still booting wait for it and finish.
 
 Ray's own default was measured once against a 330 s boot (`python infra/autoscaling_rehearsal.py
 --only-short --short-timeout 60 --boot-delay 330`): the fine-tune exited with code 1 after 281 s, after 4
@@ -42,7 +42,7 @@ def test_the_autoscaler_config_offers_the_jobs_resources_only_on_late_nodes(tmp_
     config = ar.autoscaling_config("127.0.0.1:1", 45.0, tmp_path, 2)
     types = config["available_node_types"]
     assert types[config["head_node_type"]]["resources"] == {"CPU": 0}
-    assert types[ar.WORKER_TYPE]["min_workers"] == 0 and types[ar.WORKER_TYPE]["resources"]["CPU"] >= 2
+    assert types[ar.WORKER_TYPE]["min_workers"] == 0 and types[ar.WORKER_TYPE]["resources"]["CPU"] >= 3.5
     assert config["provider"]["module"] == "autoscaling_rehearsal.SlowBootProvider"
 
 
@@ -54,9 +54,10 @@ def test_cold_cluster_a_short_start_timeout_fails_and_the_clusters_one_waits(tmp
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
     short = report["short_timeout"]
-    assert short["exit_code"] != 0 and short["timed_out"] and short["alive_worker_nodes_at_exit"] == 0
+    assert short["exit_code"] != 0 and short["timed_out"]
     jobs = report["jobs"]
-    assert jobs["first_worker_node_at_s"] > jobs["started_at_s"], "the nodes came after the jobs asked"
+    # the second pair started after the short-timeout run had given up, and before the node joined
+    assert jobs["first_worker_node_at_s"] > jobs["started_at_s"], "the node came after the jobs asked"
     assert jobs["sweep"]["result"]["completed"] == 2
     assert all(n != ar.FAKE_HEAD_ID for n in jobs["finetune"]["result"]["worker_node_ids"])
     assert report["leftover_pids"] == []
