@@ -1,5 +1,6 @@
 """Turn a dataset into WebDataset shards for the DALI loader (command line over pipelines/shards.py).
 
+python pipelines/make_shards.py --source cluttered-digits --out data/cluttered-digits
 python pipelines/make_shards.py --source digits --out data/digits
 python pipelines/make_shards.py --source imagefolder:/data/imagenet/train --out data/in1k --split train
 python pipelines/make_shards.py --source csv:/data/imagenet/val.csv --out data/in1k --split val
@@ -22,14 +23,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument(
-        "--source", required=True, help="digits | imagefolder:DIR | csv:FILE (path,label rows)"
+        "--source", required=True,
+        help="cluttered-digits | digits (built in) | imagefolder:DIR | csv:FILE (path,label rows)",
     )
     parser.add_argument("--out", required=True, type=Path, help="shard directory (manifest.json goes here)")
-    parser.add_argument("--split", default=None, help="split (default: train+val for digits, else train)")
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle before sharding")
     parser.add_argument(
-        "--img-size", type=int, default=None, help="digits: image side (64); files: cap on the shorter side"
+        "--split", default=None, help="split (default: train+val for built-in sources, else train)"
+    )
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the shuffle (and of the cluttered-digits canvases)"
+    )
+    parser.add_argument(
+        "--img-size", type=int, default=None, help="built-in: image side (64); files: cap on the shorter side"
     )
     parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
     parser.add_argument("--strict", action="store_true", help="fail on the first unreadable/unlabeled image")

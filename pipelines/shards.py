@@ -29,6 +29,7 @@ from PIL import ExifTags, Image, ImageOps
 from tqdm import tqdm
 from wds2idx import IndexCreator
 
+from pipelines import cluttered_digits
 from pipelines.manifest import (
     COMPONENTS,
     FORMAT,
@@ -47,6 +48,7 @@ from pipelines.manifest import (
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
 DIGITS_IMG_SIZE = 64
 DIGITS_SPLITS = ("train", "val")
+BUILTIN_SOURCES = ("digits", "cluttered-digits")  # made by this project, no path
 DIGITS_VAL_FRACTION = 0.2
 JPEG_QUALITY = 90
 CHUNK = 512  # images decoded per round trip to the worker pool (bounds memory on large datasets)
@@ -59,7 +61,8 @@ class Item:
     source: str
     label: int
     path: Path | None = None  # image file, or
-    pixels: np.ndarray | None = None  # digits: 8x8 uint8 grey
+    pixels: np.ndarray | None = None  # built-in sources: uint8 grey
+    meta: dict | None = None  # extra fields of the sample's JSON meta
 
 
 @dataclass(frozen=True)
@@ -72,16 +75,18 @@ class Problem:
 
 
 def parse_source(source: str) -> tuple[str, Path | None]:
-    """Split ``digits`` / ``imagefolder:DIR`` / ``csv:FILE`` into kind and path."""
+    """Split ``digits`` / ``cluttered-digits`` / ``imagefolder:DIR`` / ``csv:FILE`` into kind and path."""
     kind, _, arg = source.partition(":")
-    if kind == "digits" and not arg:
+    if kind in BUILTIN_SOURCES and not arg:
         return kind, None
     if kind in ("imagefolder", "csv") and arg:
         path = Path(arg).expanduser().resolve()
         if not (path.is_dir() if kind == "imagefolder" else path.is_file()):
             raise SourceError(f"source {source!r}: {path} does not exist")
         return kind, path
-    raise SourceError(f"source {source!r}: expected 'digits', 'imagefolder:DIR' or 'csv:FILE'")
+    raise SourceError(
+        f"source {source!r}: expected 'digits', 'cluttered-digits', 'imagefolder:DIR' or 'csv:FILE'"
+    )
 
 
 def _merge_classes(found: list[str], existing: list[str] | None, where: str) -> list[str]:
@@ -106,6 +111,19 @@ def digits_items(split: str) -> list[Item]:
     pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)
     chosen = {"train": train, "val": val}[split]
     return [Item(f"digits:{i}", int(digits.target[i]), pixels=pixels[i]) for i in sorted(chosen)]
+
+
+def cluttered_digits_items(split: str, seed: int) -> list[Item]:
+    """The canvases of ``split`` (:mod:`pipelines.cluttered_digits`), with the digit's box in the meta."""
+    return [
+        Item(
+            f"cluttered-digits:{c.scan}:{i}",
+            c.label,
+            pixels=c.pixels,
+            meta={"scan": c.scan, "digit_box": list(c.box), "clutter_scans": list(c.clutter)},
+        )
+        for i, c in enumerate(cluttered_digits.make_canvases(split, seed))
+    ]
 
 
 def imagefolder_items(root: Path, existing: list[str] | None) -> tuple[list[str], list[Item], list[Problem]]:
@@ -258,7 +276,7 @@ def _write_split(
             data, width, height = result
             key = f"{split}-{len(widths):08d}"
             meta = {"key": key, "source": item.source, "label": item.label, "class": classes[item.label],
-                    "width": width, "height": height}  # fmt: skip
+                    "width": width, "height": height, **(item.meta or {})}  # fmt: skip
             if writer is None:  # fixed mtime and raw bytes (no ASCII encoding): reproducible tars
                 writer = wds.ShardWriter(pattern, maxcount=shard_size, verbose=0, mtime=0, encoder=False)
             label = np.array(item.label, dtype="<i4").tobytes()
@@ -318,15 +336,17 @@ def write_shards(
     workers: int | None = None,
     strict: bool = False,
 ) -> Manifest:
-    """Write ``source`` (``digits``, ``imagefolder:DIR``, ``csv:FILE``) as ``split`` shards in ``out_dir``.
+    """Write ``source`` (``digits``, ``cluttered-digits``, ``imagefolder:DIR``, ``csv:FILE``) as shards.
 
-    ``split=None`` means both ``train`` and ``val`` for digits and ``train`` otherwise. Other splits already
-    in ``out_dir`` are kept, and their class list is reused so indices agree (e.g. ImageNet train, then val).
-    ``img_size``: side of the digits images (default 64); for files, if set, the shorter side is capped at it.
+    ``split=None`` means both ``train`` and ``val`` for the built-in sources and ``train`` otherwise. Other
+    splits already in ``out_dir`` are kept, and their class list is reused so indices agree (e.g. ImageNet
+    train, then val). ``img_size``: side of the built-in images (default 64); for files, if set, the shorter
+    side is capped at it.
+    ``seed`` shuffles the samples (and draws the cluttered-digits canvases).
     Returns the re-read manifest. Raises :class:`SourceError` / :class:`MissingLabelError` on bad input.
     """
     kind, path = parse_source(source)
-    splits = list(DIGITS_SPLITS) if kind == "digits" and split is None else [split or "train"]
+    splits = list(DIGITS_SPLITS) if kind in BUILTIN_SOURCES and split is None else [split or "train"]
     for name in splits:
         if not re.fullmatch(r"[A-Za-z0-9_]+", name):
             raise SourceError(f"split {name!r}: use letters, digits and '_' only")
@@ -338,11 +358,11 @@ def write_shards(
         raw = _load_raw_manifest(out)
         existing = raw["classes"] if set(raw["splits"]) - {name} else None
         problems: list[Problem] = []
-        if kind == "digits":
-            classes = _merge_classes([str(d) for d in range(10)], existing, "digits")
-            items = digits_items(name) if name in DIGITS_SPLITS else []
-            if not items:
-                raise SourceError(f"digits has splits {DIGITS_SPLITS}, not {name!r}")
+        if kind in BUILTIN_SOURCES:
+            classes = _merge_classes([str(d) for d in range(10)], existing, kind)
+            if name not in DIGITS_SPLITS:
+                raise SourceError(f"{kind} has splits {DIGITS_SPLITS}, not {name!r}")
+            items = digits_items(name) if kind == "digits" else cluttered_digits_items(name, seed)
         elif kind == "imagefolder":
             classes, items, problems = imagefolder_items(path, existing)
         else:
@@ -369,7 +389,7 @@ def write_shards(
                 "source": source,
                 "seed": seed,
                 "shard_size": shard_size,
-                "img_size": (img_size or DIGITS_IMG_SIZE) if kind == "digits" else img_size,
+                "img_size": (img_size or DIGITS_IMG_SIZE) if kind in BUILTIN_SOURCES else img_size,
             }
             _commit(stage, out, name, entry, classes)
         finally:
@@ -377,25 +397,36 @@ def write_shards(
     return read_manifest(out)
 
 
-def ensure_digits_shards(out_dir: str | Path, img_size: int = DIGITS_IMG_SIZE) -> Path:
-    """Make the built-in digits train/val shards in ``out_dir`` unless valid ones of that size exist.
+def ensure_builtin_shards(
+    out_dir: str | Path, source: str = "digits", img_size: int = DIGITS_IMG_SIZE
+) -> Path:
+    """Make a built-in source's train/val shards in ``out_dir`` unless valid ones of that size exist.
 
-    Safe to call from several processes at once (file lock). Refuses to overwrite a non-digits dataset.
+    Safe to call from several processes at once (file lock). Refuses to overwrite another dataset.
     """
+    if source not in BUILTIN_SOURCES:
+        raise SourceError(f"source {source!r} is not built in; choose one of {BUILTIN_SOURCES}")
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         raw = _load_raw_manifest(out)
         params = {name: split.get("params", {}) for name, split in raw["splits"].items()}
-        foreign = sorted(name for name, p in params.items() if p.get("source") != "digits")
+        foreign = sorted(name for name, p in params.items() if p.get("source") != source)
         if foreign:
-            raise DataDirError(f"{out} holds non-digits splits {foreign}; use another directory for digits")
+            raise DataDirError(
+                f"{out} holds splits {foreign} of another source; use another directory for {source}"
+            )
         try:
             read_manifest(out, verify=True)
             if all(params.get(name, {}).get("img_size") == img_size for name in DIGITS_SPLITS):
                 return out
         except DataError:
             pass
-        write_shards("digits", out, img_size=img_size, workers=1)
+        write_shards(source, out, img_size=img_size, workers=1)
     return out
+
+
+def ensure_digits_shards(out_dir: str | Path, img_size: int = DIGITS_IMG_SIZE) -> Path:
+    """The plain digits shards (8x8 scans blown up to ``img_size``): :func:`ensure_builtin_shards`."""
+    return ensure_builtin_shards(out_dir, "digits", img_size)

@@ -234,7 +234,7 @@ def test_ensure_digits_shards_builds_once_and_guards_other_data(image_folder, tm
     (out / "val-000000.tar").unlink()  # damaged: rebuilt
     assert read_manifest(ensure_digits_shards(out, img_size=48), verify=True).counts["val"] == 360
     write_shards(f"imagefolder:{image_folder}", tmp_path / "photos", workers=1)
-    with pytest.raises(DataDirError, match="non-digits"):
+    with pytest.raises(DataDirError, match="another source"):
         ensure_digits_shards(tmp_path / "photos")
 
 
