@@ -626,3 +626,16 @@ def test_dockerfile_passes_hadolint():
         [hadolint, str(REPO / "infra/Dockerfile")], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_file_the_cluster_doc_names_exists():
+    """docs/cluster.md's checklist and tables name files of this repository: they must all be there."""
+    text = (REPO / "docs/cluster.md").read_text()
+    named = set(re.findall(r"(?<![\w/~.])((?:infra|tests|pipelines|tuning)/[\w./-]*[\w/])", text))
+    assert {
+        "infra/aws/deploy.sh",
+        "infra/aws/render_cluster_config.py",
+        "infra/aws/spot-cluster.cfn.yaml",
+    } <= named
+    missing = sorted(p for p in named if not (REPO / p).exists())
+    assert not missing, missing
