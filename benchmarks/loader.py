@@ -92,7 +92,7 @@ def dali_batches(args: argparse.Namespace, train: bool) -> Iterator[tuple]:
     loader = make_loader(
         args.shards, args.split, batch_size=args.batch_size, img_size=args.img_size, train=train,
         num_threads=args.threads, device=args.device, crop_pct=args.crop_pct,
-    )  # fmt: skip
+    )
     while True:
         yield from loader
 
@@ -133,7 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--make-photos", type=int, default=0, metavar="N",
         help="if --shards has no manifest yet, fill it with N photo-like 500x375 JPEGs",
-    )  # fmt: skip
+    )
     parser.add_argument("--split", default="train")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--img-size", type=int, default=224)

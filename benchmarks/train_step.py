@@ -22,26 +22,29 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from pipelines import finetune
+from pipelines.config import RunConfig, digits_preset, resolve_config
 from pipelines.recipe import build_optimizer
 from pipelines.shards import ensure_digits_shards
 from pipelines.train_loop import build_models, train_one_epoch
+from pipelines.weights import prepare_init
 
 DEMO = Path(__file__).resolve().parents[1] / "pipelines" / "demo.py"
 PRESETS = {
-    "demo": {key: finetune.DIGITS_DEFAULTS[key] for key in ("backbone", "img_size", "model_args")}
+    "demo": {key: digits_preset()[key] for key in ("backbone", "img_size", "model_args")}
     | {"batch_size": 32},  # per worker, as in the demo (global 64 over 2 workers)
     "paper": {"backbone": "deit_s", "img_size": 224, "model_args": {}, "batch_size": 8},
 }
 
 
-def step_times(config: dict, *, steps: int, repeats: int, warmup: int) -> dict:
-    """Median wall and CPU milliseconds per training step of ``config`` (random data, CPU)."""
-    init, summary = finetune.prepare_init(config)
+def step_times(run_config: RunConfig, *, steps: int, repeats: int, warmup: int) -> dict:
+    """Median wall and CPU milliseconds per training step of ``run_config`` (random data, CPU)."""
+    init, summary = prepare_init(run_config)
+    config = run_config.to_dict()
     device = torch.device("cpu")
     student, teacher = build_models(init, device)
     batch = config["batch_size"]
@@ -62,15 +65,15 @@ def step_times(config: dict, *, steps: int, repeats: int, warmup: int) -> dict:
         "wall_ms_per_step": statistics.median(wall),
         "cpu_ms_per_step": statistics.median(cpu),
         "wall_ms_per_run": [round(w, 1) for w in wall],
-        "gflops": summary["gflops"],
-        "params": summary["params"],
+        "gflops": summary.gmacs,
+        "params": summary.params,
     }
 
 
-def teacher_checkpoint(config: dict, directory: Path) -> str:
+def teacher_checkpoint(config: RunConfig, directory: Path) -> str:
     """A dense checkpoint of the architecture (random weights): SPOT then trains with a teacher, as in
     the demo, where the teacher is the trained dense model."""
-    init, _ = finetune.prepare_init({**config, "rho": None, "pretrained": None})
+    init, _ = prepare_init(replace(config, rho=None, pretrained=None))
     path = directory / "dense.pt"
     torch.save(init["student"], path)
     return str(path)
@@ -104,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         base = {**preset, "num_workers": 1, "mixup": 0.0, "cutmix": 0.0}
         base["data"] = str(ensure_digits_shards(Path(tmp) / "digits"))
-        dense = finetune.resolve_config({**base, "dense": True}, cwd=Path(tmp))
+        dense = resolve_config({**base, "dense": True}, cwd=Path(tmp))
         results["dense"] = step_times(dense, steps=args.steps, repeats=args.repeats, warmup=args.warmup)
-        sparse = finetune.resolve_config({**base, "pretrained": teacher_checkpoint(dense, Path(tmp))},
-                                         cwd=Path(tmp))  # fmt: skip
+        sparse = resolve_config({**base, "pretrained": teacher_checkpoint(dense, Path(tmp))},
+                                         cwd=Path(tmp))
         results["spot"] = step_times(sparse, steps=args.steps, repeats=args.repeats, warmup=args.warmup)
         if args.demo:
             demo_dir = Path(tmp) / "demo"
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("dense", "spot"):
         r = results[name]
         print(f"| {name} | {r['gflops']:.4g} | {r['wall_ms_per_step']:.1f} | {r['cpu_ms_per_step']:.1f} | "
-              f"{', '.join(map(str, r['wall_ms_per_run']))} |")  # fmt: skip
+              f"{', '.join(map(str, r['wall_ms_per_run']))} |")
     print(f"SPOT / dense wall time per step: {ratio:.2f}x")
     if "demo_wall_s" in results:
         print(f"demo wall time: {results['demo_wall_s']:.0f} s")

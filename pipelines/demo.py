@@ -22,8 +22,11 @@ from pathlib import Path
 import ray
 import torch
 
-from pipelines import evaluate, finetune
+from pipelines import evaluate
+from pipelines.config import resolve_config
 from pipelines.errors import TrackingError, first_line
+from pipelines.job import run as run_job
+from pipelines.ray_session import start_local_ray
 
 EXPERIMENT = "spot-demo"
 
@@ -47,35 +50,35 @@ def run_demo(num_workers: int = 2, epochs: int | None = None) -> dict:
     """Dense baseline, SPOT from it, evaluation of both; returns the two RESULT dicts, the rows, the table."""
     options = {"experiment": EXPERIMENT, "num_workers": num_workers} | ({"epochs": epochs} if epochs else {})
     stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
-    dense_config = finetune.resolve_config({**options, "dense": True, "run_name": f"demo-dense-{stamp}"})
-    ray.init(num_cpus=max(os.cpu_count() or 1, num_workers))
+    dense_config = resolve_config({**options, "dense": True, "run_name": f"demo-dense-{stamp}"})
+    start_local_ray(max(os.cpu_count() or 1, num_workers))
     try:
-        print(f"== 1/3 dense baseline: {dense_config['backbone']} {dense_config['model_args']}, "
-              f"{dense_config['epochs']} epochs, {num_workers} Ray Train workers", flush=True)  # fmt: skip
-        dense = finetune.run(dense_config)
+        print(f"== 1/3 dense baseline: {dense_config.backbone} {dense_config.model_args}, "
+              f"{dense_config.epochs} epochs, {num_workers} Ray Train workers", flush=True)  # fmt: skip
+        dense = run_job(dense_config)
         teacher = f"models:/{dense['registered_model']}/{dense['registered_version']}"
-        spot_config = finetune.resolve_config(
+        spot_config = resolve_config(
             {**options, "pretrained": teacher, "run_name": f"demo-spot-{stamp}"}
         )
         print(
-            f"== 2/3 SPOT rho {spot_config['rho']}: fine-tuned from {teacher}, its frozen teacher", flush=True
+            f"== 2/3 SPOT rho {spot_config.rho}: fine-tuned from {teacher}, its frozen teacher", flush=True
         )
-        sparse = finetune.run(spot_config)
+        sparse = run_job(spot_config)
     finally:
         ray.shutdown()
     print("== 3/3 evaluation on the digits validation split", flush=True)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     rows = [
-        evaluate.evaluate(f"models:/{r['registered_model']}/{r['registered_version']}", dense_config["data"],
+        evaluate.evaluate(f"models:/{r['registered_model']}/{r['registered_version']}", dense_config.data,
                           batch_size=64, throughput_batch=64, device=device, label=label)
         for label, r in (("SPOT", sparse), ("dense", dense))
     ]  # fmt: skip
     table = evaluate.format_table(rows)
     run_id = evaluate.log_to_mlflow(
-        rows, table, tracking_uri=dense_config["mlflow_uri"], experiment=EXPERIMENT, data=dense_config["data"]
+        rows, table, tracking_uri=dense_config.mlflow_uri, experiment=EXPERIMENT, data=dense_config.data
     )
     return {"dense": dense, "spot": sparse, "rows": rows, "table": table, "evaluation_run_id": run_id,
-            "tracking_uri": dense_config["mlflow_uri"]}  # fmt: skip
+            "tracking_uri": dense_config.mlflow_uri}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

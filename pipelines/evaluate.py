@@ -21,10 +21,11 @@ import mlflow
 import torch
 from torch import nn
 
-from pipelines.finetune import DIGITS_DIR
+from pipelines.config import DIGITS_DIR
 from pipelines.loader import PAD_LABEL, make_loader
 from pipelines.manifest import DataError, read_manifest
 from pipelines.shards import ensure_digits_shards
+from pipelines.table import markdown_table
 from spot.flops import gmacs
 
 COLUMNS = ("model", "top-1", "top-5", "GFLOPs", "params (M)", "images/s")
@@ -92,44 +93,41 @@ def evaluate(
     return row
 
 
+def _cells(row: dict) -> dict:
+    return dict(zip(COLUMNS, [row["model"], f"{100 * row['top1']:.2f}", f"{100 * row['top5']:.2f}",
+                              f"{row['gflops']:.4g}", f"{row['params_m']:.3f}", f"{row['images_per_s']:.0f}"],
+                    strict=True))
+
+
 def format_table(rows: list[dict]) -> str:
     """Markdown table of :func:`evaluate` rows; with two rows, a last line compares the first to the
     second."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    for r in rows:
-        cells = [r["model"], f"{100 * r['top1']:.2f}", f"{100 * r['top5']:.2f}", f"{r['gflops']:.4g}",
-                 f"{r['params_m']:.3f}", f"{r['images_per_s']:.0f}"]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
+    table = markdown_table([_cells(r) for r in rows], COLUMNS).rstrip("\n")
     if len(rows) == 2:
         a, b = rows
-        lines.append(
-            f"\n{a['model']} vs {b['model']}: top-1 {100 * (a['top1'] - b['top1']):+.2f} points, "
+        table += (
+            f"\n\n{a['model']} vs {b['model']}: top-1 {100 * (a['top1'] - b['top1']):+.2f} points, "
             f"{b['gflops'] / a['gflops']:.2f}x fewer GFLOPs, {a['images_per_s'] / b['images_per_s']:.2f}x "
             "throughput"
         )
-    return "\n".join(lines)
+    return table
 
 
 def log_to_mlflow(rows: list[dict], table: str, *, tracking_uri: str, experiment: str, data: str) -> str:
     """Log the rows as one MLflow run (metrics prefixed by the row's label, table as artifact); returns
     its id."""
     from pipelines import tracking
+    from pipelines.mlflow_run import MlflowRun
 
     tracking.check_reachable(tracking_uri)
-    mlflow.set_tracking_uri(tracking_uri)
-    client = mlflow.MlflowClient()
-    experiment_id = tracking.ensure_experiment(
-        client, experiment, tracking.local_artifact_root(tracking_uri, Path.cwd())
-    )
-    with mlflow.start_run(experiment_id=experiment_id, run_name="evaluate") as run:
-        mlflow.log_param("data", data)
-        for r in rows:
-            mlflow.log_param(f"{r['model']}_uri", r["uri"])
-            mlflow.log_metrics(
-                {f"{r['model']}_{k}": r[k] for k in ("top1", "top5", "gflops", "images_per_s")}
-            )
-        mlflow.log_text(table + "\n", "evaluation.md")
-    return run.info.run_id
+    run = MlflowRun.create(tracking_uri, experiment, "evaluate",
+                           artifact_location=tracking.local_artifact_root(tracking_uri, Path.cwd()))
+    run.log_params({"data": data} | {f"{r['model']}_uri": r["uri"] for r in rows})
+    for r in rows:
+        run.log_metrics({f"{r['model']}_{k}": r[k] for k in ("top1", "top5", "gflops", "images_per_s")})
+    run.log_text(table + "\n", "evaluation.md")
+    run.end("FINISHED")
+    return run.run_id
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.errors import TrackingError, first_line
+    from pipelines.cli import bad_input
+    from pipelines.errors import TrackingError
     from pipelines.tracking import resolve_tracking_uri
 
     args = build_parser().parse_args(argv)
@@ -175,15 +174,14 @@ def main(argv: list[str] | None = None) -> int:
             evaluate(m, data, batch_size=args.batch_size, throughput_batch=args.throughput_batch,
                      device=device, label=label)
             for label, m in pairs
-        ]  # fmt: skip
+        ]
         table = format_table(rows)
         print(table)
         if args.mlflow:
             run_id = log_to_mlflow(rows, table, tracking_uri=uri, experiment=args.experiment, data=data)
             print(f"logged to MLflow run {run_id} (experiment {args.experiment!r}, {uri})")
     except (ValueError, FileNotFoundError, TrackingError) as err:
-        print(f"evaluate: error: {first_line(err)}", file=sys.stderr)
-        return 2
+        return bad_input("evaluate", err)
     return 0
 
 

@@ -80,7 +80,7 @@ def _dali_graph(
         images = fn.decoders.image_random_crop(
             jpegs, device=decoder, output_type=types.RGB, random_area=[crop_scale, 1.0],
             random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
-        )  # fmt: skip
+        )
         images = fn.resize(images, size=[img_size, img_size], antialias=True)
         if randaugment:
             from nvidia.dali.auto_aug import rand_augment
@@ -94,7 +94,7 @@ def _dali_graph(
     images = fn.crop_mirror_normalize(
         images, dtype=types.FLOAT, output_layout="CHW", crop=(img_size, img_size), mirror=mirror,
         mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD],
-    )  # fmt: skip
+    )
     return images, labels.gpu() if decoder == "mixed" else labels
 
 
@@ -154,7 +154,7 @@ class DaliLoader:
         self._options = {
             "img_size": img_size, "crop_pct": crop_pct, "crop_scale": crop_scale, "hflip": hflip,
             "randaugment": randaugment, "decoder": "mixed" if device.type == "cuda" else "cpu",
-        }  # fmt: skip
+        }
         self._num_threads, self._seed = num_threads, seed
         total = manifest.counts[split]
         self._begin, end = _shard_bounds(total, shard_id, num_shards)
@@ -312,7 +312,7 @@ def make_loader(
         device = torch.device("cuda", torch.cuda.current_device())
     if batch_size < 1 or not 0 <= shard_id < num_shards or not 0 < crop_pct <= 1:
         raise ValueError(f"need batch_size >= 1, 0 <= shard_id < num_shards, 0 < crop_pct <= 1; got "
-                         f"{batch_size=}, {shard_id=}, {num_shards=}, {crop_pct=}")  # fmt: skip
+                         f"{batch_size=}, {shard_id=}, {num_shards=}, {crop_pct=}")
     if not 0 < crop_scale <= 1 or not 0 <= hflip <= 1:
         raise ValueError(f"need 0 < crop_scale <= 1 and 0 <= hflip <= 1; got {crop_scale=}, {hflip=}")
     manifest = read_manifest(data_dir)
@@ -328,4 +328,4 @@ def make_loader(
         manifest, split, batch_size=batch_size, img_size=img_size, train=train, shard_id=shard_id,
         num_shards=num_shards, num_threads=num_threads, seed=seed, device=device, crop_pct=crop_pct,
         crop_scale=crop_scale, hflip=hflip, randaugment=randaugment,
-    )  # fmt: skip
+    )

@@ -91,13 +91,13 @@ class WarmupCosine(CosineLRScheduler):
     def __init__(
         self, optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int, min_lr: float,
         freeze_steps: int,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.freeze_steps = freeze_steps
         self.frozen = [bool(group.get("pretrained")) for group in optimizer.param_groups]
         super().__init__(
-            optimizer, t_initial=max(total_steps - warmup_steps, 1), lr_min=min_lr, warmup_t=warmup_steps,
+            optimizer, t_initial=max(total_steps - warmup_steps, 2), lr_min=min_lr, warmup_t=warmup_steps,
             warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False,
-        )  # fmt: skip
+        )
         self.step_update(0)
 
     def _get_lr(self, t: int) -> list[float]:

@@ -1,6 +1,6 @@
 """The best checkpoint as an MLflow model: log, register, pick the champion, load back.
 
-A checkpoint directory (written by :func:`pipelines.train_loop.save_checkpoint`) holds ``spot_config.json``
+A checkpoint directory (:mod:`pipelines.checkpoints`) holds ``spot_config.json``
 (architecture) and ``model.pt`` (state_dict). It is logged as an MLflow "models from code" pyfunc
 (:mod:`pipelines.pyfunc_model`) with those two files as artifacts, so loading rebuilds the model from its
 config and loads the weights with ``weights_only=True``: no ``torch.export``, no unpickled code. The version
@@ -22,7 +22,13 @@ from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 from torch import nn
 
-from pipelines.checkpoints import CONFIG_FILE, MODEL_FILE, model_from_checkpoint, read_checkpoint
+from pipelines.checkpoints import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    best_checkpoint,
+    model_from_checkpoint,
+    read_checkpoint,
+)
 from pipelines.errors import first_line
 
 CHAMPION = "champion"
@@ -99,6 +105,8 @@ def register_checkpoint(checkpoint_dir: str | Path, *, run_id: str, name: str, m
     checkpoint_dir = Path(checkpoint_dir)
     config, _ = read_checkpoint(checkpoint_dir)
     tags = version_tags(config, metrics)
+    client = MlflowClient()
+    status = client.get_run(run_id).info.status
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         # the signature is given; an input example (a full image batch as JSON) would only bloat the model
         warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
@@ -113,8 +121,8 @@ def register_checkpoint(checkpoint_dir: str | Path, *, run_id: str, name: str, m
             pip_requirements=[f"{p}=={metadata.version(p)}" for p in REQUIREMENTS],
             tags=tags,
         )
+    client.update_run(run_id, status=status)  # logging the model ended the run; it is the caller's
     version = mlflow.register_model(info.model_uri, name, tags=tags)
-    client = MlflowClient()
     champion = champion_metrics(client, name)
     promoted = beats(metrics["val_acc1"], metrics["gflops"], champion)
     if promoted:
@@ -126,3 +134,12 @@ def register_checkpoint(checkpoint_dir: str | Path, *, run_id: str, name: str, m
         "champion": promoted,
         "previous_champion": None if champion is None else int(champion[0]),
     }
+
+
+def register_best(result, *, run_id: str, name: str) -> dict:
+    """Register the best checkpoint of a Ray Train ``result`` (:func:`register_checkpoint`); adds its
+    ``checkpoint`` path and ``metrics``."""
+    checkpoint, metrics = best_checkpoint(result)
+    with checkpoint.as_directory() as directory:
+        registered = register_checkpoint(directory, run_id=run_id, name=name, metrics=metrics)
+    return registered | {"checkpoint": checkpoint.path, "metrics": metrics}

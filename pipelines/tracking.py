@@ -1,12 +1,11 @@
-"""MLflow tracking for a training run: where the store is, one run per training run, what gets logged.
+"""MLflow tracking of a training run: where the store is, whether it answers, what gets logged per epoch.
 
 The driver resolves the tracking URI (``--mlflow-uri``, else ``MLFLOW_TRACKING_URI``, else an absolute
-``sqlite:///<cwd>/mlflow.db`` with artifacts in ``<cwd>/mlartifacts``),
-checks that it answers before any Ray worker starts, creates the experiment and the run (or reopens it on
-``--resume``) and logs params and tags. During training, :class:`MlflowReportCallback` runs on the Ray
-Train controller and logs each committed report (metrics with step = epoch, the token-mask figure from the
-checkpoint), so a worker restart neither duplicates nor loses an epoch. The driver ends the run after
-registering the model.
+``sqlite:///<cwd>/mlflow.db`` with artifacts in ``<cwd>/mlartifacts``) and checks that it answers before
+any Ray worker starts; runs are made through :class:`pipelines.mlflow_run.MlflowRun`. During training,
+:class:`MlflowReportCallback` runs on the Ray Train controller and logs each committed report (metrics
+with step = epoch, the token-mask figure from the checkpoint), so a worker restart neither duplicates nor
+loses an epoch.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import logging
 import os
 import platform
 import socket
-import subprocess
 import tempfile
 import time
 import urllib.error
@@ -25,7 +23,7 @@ from pathlib import Path
 
 import pyarrow.fs
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from ray.train import Checkpoint, UserCallback
 
@@ -37,8 +35,19 @@ log = logging.getLogger(__name__)
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 REACHABILITY_TIMEOUT_S = 5.0
-RUN_NAME_TAG = "ray_train_run"
 PACKAGES = ("torch", "timm", "ray", "mlflow", "nvidia-dali-cuda130", "webdataset", "spot-vit")
+
+
+def quiet_mlflow(verbose: bool = False) -> None:
+    """No artifact-upload progress bars, and MLflow's INFO lines only when ``verbose``."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def mlflow_env() -> dict[str, str]:
+    """The driver's ``MLFLOW_*`` environment (a tracking server's credentials), for Ray processes; it travels
+    in memory with the callback or trial, never to disk."""
+    return {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
 
 
 def resolve_tracking_uri(uri: str | None, base: str | Path) -> str:
@@ -94,61 +103,11 @@ def check_reachable(uri: str, timeout_s: float = REACHABILITY_TIMEOUT_S) -> None
             )
 
 
-def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
-    """Id of experiment ``name``, created (with ``artifact_location``) if it does not exist."""
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except MlflowException:  # created concurrently by another driver
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
-
-
-def start_run(
-    uri: str,
-    experiment: str,
-    run_name: str,
-    *,
-    artifact_location: str | None,
-    run_id: str | None = None,
-    tags: dict[str, str] | None = None,
-) -> str:
-    """Create the run named ``run_name`` with ``tags`` (returns its id), or reopen ``run_id`` (``--resume``).
-
-    Creating the store, experiment and run here on the driver, before workers start, avoids SQLite races.
-    """
-    client = MlflowClient(uri)
-    try:
-        if run_id is not None:
-            client.get_run(run_id)
-            client.update_run(run_id, status="RUNNING")
-            return run_id
-        experiment_id = ensure_experiment(client, experiment, artifact_location)
-        tags = {**(tags or {}), RUN_NAME_TAG: run_name}
-        return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-    except MlflowException as err:
-        raise TrackingError(f"MLflow store {uri}: {first_line(err)}") from None
-
-
 def _version(package: str) -> str:
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return "not installed"
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        )
-    except OSError:
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def versions() -> dict[str, str]:
@@ -168,33 +127,12 @@ def system_info() -> dict[str, str]:
         "cpu_count": str(os.cpu_count()),
         "cuda": ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none",
     }
-    if commit := _git_commit():
-        info["mlflow.source.git.commit"] = commit
     return info
-
-
-def log_params(uri: str, run_id: str, params: dict) -> None:
-    """Log ``params`` (values as strings, None as "None")."""
-    MlflowClient(uri).log_batch(run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
-
-
-def set_tags(uri: str, run_id: str, tags: dict) -> None:
-    MlflowClient(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in sorted(tags.items())])
 
 
 def numeric_metrics(metrics: dict) -> dict[str, float]:
     """The loggable (numeric, non-bool) entries of a report."""
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-
-
-def metric_table(uri: str, run_id: str, keys: list[str]) -> list[dict]:
-    """Per-epoch rows ``{"epoch": e, key: last value logged at step e}`` from the run's metric history."""
-    client = MlflowClient(uri)
-    rows: dict[int, dict] = {}
-    for key in keys:
-        for metric in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp):
-            rows.setdefault(metric.step, {"epoch": metric.step})[key] = metric.value
-    return [rows[e] for e in sorted(rows)]
 
 
 class MlflowReportCallback(UserCallback):
@@ -207,7 +145,7 @@ class MlflowReportCallback(UserCallback):
     def __init__(self, tracking_uri: str, run_id: str) -> None:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
-        self._env = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+        self._env = mlflow_env()
         self._client: MlflowClient | None = None
         self._failures = 0
 
@@ -257,8 +195,3 @@ class MlflowReportCallback(UserCallback):
             )
         except Exception as err:
             log.warning("MLflow logging of a worker failure failed: %s", first_line(err))
-
-
-def end_run(uri: str, run_id: str, status: str) -> None:
-    """Mark the run ``FINISHED``, ``FAILED`` or ``KILLED``."""
-    MlflowClient(uri).set_terminated(run_id, status)

@@ -1,8 +1,8 @@
 """The Ray Train worker function: SPOT (or dense) fine-tuning with DDP, one process per GPU / CPU slot.
 
 ``train_loop_per_worker(config)`` is a plain Ray Train V2 function. ``config`` holds the resolved run
-configuration of :func:`pipelines.finetune.resolve_config` (all JSON values) plus ``init_weights``, an
-``ObjectRef`` put by :func:`pipelines.finetune.build_trainer`::
+configuration (``RunConfig.to_dict()``) plus ``init_weights``, an ``ObjectRef`` put by
+:func:`pipelines.trainer.build_trainer`::
 
     {"spot_config": {...}, "student": state_dict, "teacher": state_dict | None, "fresh": [param names]}
 
@@ -22,6 +22,7 @@ optimizer, scheduler, gradient scaler and epoch.
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import tempfile
 import time
@@ -222,6 +223,8 @@ def draw_masks(shown: tuple[Tensor, list[Tensor]], patch_size: int, path: Path) 
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point (see the module docstring for ``config``)."""
+    if not config["verbose"]:  # Ray Train's per-report INFO lines go to the root logger's console
+        logging.getLogger().setLevel(logging.WARNING)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -237,14 +240,14 @@ def train_loop_per_worker(config: dict) -> None:
     model = ray.train.torch.prepare_model(student)
     batch = config["batch_size"] // world
     loader_args = {"img_size": config["img_size"], "shard_id": rank, "num_shards": world,
-                   "num_threads": threads, "device": device}  # fmt: skip
+                   "num_threads": threads, "device": device}
 
     def train_loader(epoch: int):
         return make_loader(
             config["data"], "train", batch_size=batch, train=True, randaugment=config["randaugment"],
             crop_scale=config["crop_scale"], hflip=config["hflip"], seed=derived_seed(config["seed"], epoch),
             **loader_args,
-        )  # fmt: skip
+        )
 
     val_loader = make_loader(config["data"], "val", batch_size=batch, train=False, **loader_args)
     num_classes = init["spot_config"]["num_classes"]
@@ -266,7 +269,7 @@ def train_loop_per_worker(config: dict) -> None:
         began = time.perf_counter()
         metrics = {"epoch": epoch, **train_one_epoch(
             model, teacher, loader, optimizer, scheduler, scaler, mixup, config, device, epoch
-        )}  # fmt: skip
+        )}
         val_metrics, shown = validate(model, teacher, val_loader, config, device)
         metrics.update(val_metrics)
         metrics.update({"gflops": gflops, "epoch_time_s": time.perf_counter() - began})

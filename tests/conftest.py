@@ -33,9 +33,11 @@ def ray_cluster():
     """A local 2-CPU Ray (with the dashboard: the state API finds Train workers); its GCS address."""
     import ray
 
+    from pipelines.ray_session import start_local_ray
+
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=True)
+        start_local_ray(num_cpus=2)
     yield ray.get_runtime_context().gcs_address
     if started:
         ray.shutdown()
@@ -77,12 +79,11 @@ def trained(ray_cluster, pipeline_dir, tiny_options):
     """A dense 2-worker run, then a SPOT run fine-tuned from the registered dense model: RESULT_JSON dicts."""
     import contextlib
 
-    from pipelines import finetune
+    from pipelines.config import resolve_config
+    from pipelines.job import run
 
     with contextlib.chdir(pipeline_dir):
-        dense = finetune.run(finetune.resolve_config({**tiny_options, "dense": True, "epochs": 2,
-                                                      "run_name": "dense"}))  # fmt: skip
+        dense = run(resolve_config({**tiny_options, "dense": True, "epochs": 2, "run_name": "dense"}))
         teacher = f"models:/{dense['registered_model']}/{dense['registered_version']}"
-        sparse = finetune.run(finetune.resolve_config({**tiny_options, "pretrained": teacher, "epochs": 2,
-                                                       "run_name": "spot"}))  # fmt: skip
+        sparse = run(resolve_config({**tiny_options, "pretrained": teacher, "epochs": 2, "run_name": "spot"}))
     return {"dense": dense, "spot": sparse}

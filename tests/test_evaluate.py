@@ -77,7 +77,7 @@ def test_missing_model_exits_with_one_line(digits_shards, tmp_path):
     proc = subprocess.run(
         [sys.executable, evaluate.__file__, "--model", str(tmp_path / "nope"), "--data", str(digits_shards)],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    )
     assert proc.returncode == 2
     assert (
         proc.stderr.strip() == f"evaluate: error: no SPOT checkpoint or MLflow model at {tmp_path / 'nope'}"

@@ -18,7 +18,11 @@ from mlflow import MlflowClient
 
 from pipelines import finetune
 from pipelines.checkpoints import CONFIG_FILE, MASKS_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE
+from pipelines.config import RUNS_DIR, given_values, resolve_config
+from pipelines.errors import ConfigError
+from pipelines.job import run as run_job
 from pipelines.recipe import build_optimizer
+from pipelines.run_record import RUN_RECORD
 from tests.tiny import tiny
 
 FINETUNE = Path(finetune.__file__)
@@ -50,7 +54,7 @@ def test_schedule_freezes_warms_up_then_decays_to_min():
     model = tiny("deit_s", rho=0.7)
     fresh = {n for n, _ in model.named_parameters() if n.startswith("spot_predictors.")}
     config = {"lr": 1e-3, "predictor_lr": 1e-2, "weight_decay": 0.05, "min_lr": 1e-5, "epochs": 10,
-              "warmup_epochs": 2, "freeze_epochs": 3, "steps_per_epoch": 10}  # fmt: skip
+              "warmup_epochs": 2, "freeze_epochs": 3, "steps_per_epoch": 10}
     optimizer, scheduler = build_optimizer(model, config, fresh)
     names = [g["name"] for g in optimizer.param_groups]
     lrs = _lrs(scheduler, optimizer, 100)
@@ -72,7 +76,7 @@ def test_no_weight_decay_on_position_embedding_and_class_token():
         model = tiny(name, rho=0.7)
         fresh = {n for n, _ in model.named_parameters()}
         config = {"lr": 1e-3, "predictor_lr": 1e-2, "weight_decay": 0.05, "min_lr": 1e-6, "epochs": 2,
-                  "warmup_epochs": 1, "freeze_epochs": 1, "steps_per_epoch": 5}  # fmt: skip
+                  "warmup_epochs": 1, "freeze_epochs": 1, "steps_per_epoch": 5}
         optimizer, _ = build_optimizer(model, config, fresh)
         decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
         for key in ("pos_embed", "cls_token"):
@@ -84,14 +88,14 @@ def test_optimizer_groups_predictor_lr_no_decay_and_freeze_of_pretrained_weights
     model = tiny("deit_s", rho=0.7)
     fresh = {n for n, _ in model.named_parameters() if n.startswith(("spot_predictors.", "head."))}
     config = {"lr": 1e-3, "predictor_lr": 1e-2, "weight_decay": 0.05, "min_lr": 1e-6, "epochs": 4,
-              "warmup_epochs": 1, "freeze_epochs": 2, "steps_per_epoch": 5}  # fmt: skip
+              "warmup_epochs": 1, "freeze_epochs": 2, "steps_per_epoch": 5}
     optimizer, scheduler = build_optimizer(model, config, fresh)
     groups = {g["name"]: g for g in optimizer.param_groups}
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)] for p in groups["predictor_fresh"]["params"]} <= fresh
     assert all(names[id(p)].startswith("head.") for p in groups["backbone_fresh"]["params"])
     assert all(p.ndim <= 1 or names[id(p)] in ("pos_embed", "cls_token")
-               for p in groups["backbone_no_decay"]["params"])  # fmt: skip
+               for p in groups["backbone_no_decay"]["params"])
     assert groups["backbone_no_decay"]["weight_decay"] == 0 and groups["backbone"]["weight_decay"] == 0.05
     for n in range(1, 6):  # first epoch: warm-up of the fresh groups, pretrained backbone at lr 0
         optimizer.step()
@@ -108,41 +112,41 @@ def test_optimizer_groups_predictor_lr_no_decay_and_freeze_of_pretrained_weights
 
 
 def test_paper_defaults_with_data_and_digits_defaults_without(digits_shards, tmp_path):
-    config = finetune.resolve_config({"data": str(digits_shards), "batch_size": 64}, cwd=tmp_path)
-    assert (config["epochs"], config["img_size"], config["lr"], config["predictor_lr"]) == (
+    config = resolve_config({"data": str(digits_shards), "batch_size": 64}, cwd=tmp_path)
+    assert (config.epochs, config.img_size, config.lr, config.predictor_lr) == (
         80,
         224,
         1e-3,
         1e-2,
     )
-    assert (config["mixup"], config["cutmix"], config["label_smoothing"]) == (0.8, 1.0, 0.1)
-    assert (config["crop_scale"], config["hflip"]) == (0.08, 0.5)
-    assert config["lambda_rate"] == 2.0 and config["lambda_kl"] == 0.0  # no --pretrained: no teacher
-    assert config["register_as"] == "spot-deit_s" and config["num_classes"] == 10
-    assert config["mlflow_uri"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert config["storage"] == str(tmp_path / finetune.RUNS_DIR)
+    assert (config.mixup, config.cutmix, config.label_smoothing) == (0.8, 1.0, 0.1)
+    assert (config.crop_scale, config.hflip) == (0.08, 0.5)
+    assert config.lambda_rate == 2.0 and config.lambda_kl == 0.0  # no --pretrained: no teacher
+    assert config.register_as == "spot-deit_s" and config.num_classes == 10
+    assert config.mlflow_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert config.storage == str(tmp_path / RUNS_DIR)
     # no --data: the built-in digits, made on first use in ./data/digits, with the small digits defaults
-    digits = finetune.resolve_config({"dense": True}, cwd=tmp_path)
-    assert digits["data"] == str(tmp_path / "data" / "digits")
+    digits = resolve_config({"dense": True}, cwd=tmp_path)
+    assert digits.data == str(tmp_path / "data" / "digits")
     assert (tmp_path / "data" / "digits" / "manifest.json").is_file()
-    assert (digits["backbone"], digits["img_size"], digits["rho"]) == ("deit_t", 32, None)
-    assert (digits["crop_scale"], digits["hflip"]) == (0.5, 0.0)  # digits are not mirrored
-    assert digits["register_as"] == "spot-deit_t-dense" and digits["lambda_rate"] == 0.0
+    assert (digits.backbone, digits.img_size, digits.rho) == ("deit_t", 32, None)
+    assert (digits.crop_scale, digits.hflip) == (0.5, 0.0)  # digits are not mirrored
+    assert digits.register_as == "spot-deit_t-dense" and digits.lambda_rate == 0.0
 
 
 def test_yaml_config_and_command_line_precedence(digits_shards, tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"data": str(digits_shards), "epochs": 3, "batch-size": 32,
-                                    "model_args": {"depth": 4}, "rho": 0.5}))  # fmt: skip
+                                    "model_args": {"depth": 4}, "rho": 0.5}))
     args = finetune.build_parser().parse_args(
         ["--config", str(path), "--epochs", "5", "--model-arg", "depth=6"]
     )
-    config = finetune.resolve_config(finetune.given_values(args), cwd=tmp_path)
-    assert (config["epochs"], config["batch_size"], config["rho"]) == (5, 32, 0.5)
-    assert config["model_args"] == {"depth": 6}
+    config = resolve_config(given_values(args), cwd=tmp_path)
+    assert (config.epochs, config.batch_size, config.rho) == (5, 32, 0.5)
+    assert config.model_args == {"depth": 6}
     path.write_text("epochz: 3\n")
-    with pytest.raises(finetune.ConfigError, match="unknown option 'epochz'"):
-        finetune.given_values(finetune.build_parser().parse_args(["--config", str(path)]))
+    with pytest.raises(ConfigError, match="unknown option 'epochz'"):
+        given_values(finetune.build_parser().parse_args(["--config", str(path)]))
 
 
 @pytest.mark.parametrize(
@@ -159,8 +163,8 @@ def test_yaml_config_and_command_line_precedence(digits_shards, tmp_path):
     ],
 )
 def test_inconsistent_options_are_refused(digits_shards, tmp_path, given, message):
-    with pytest.raises(finetune.ConfigError, match=message):
-        finetune.resolve_config({"data": str(digits_shards), "batch_size": 64, **given}, cwd=tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        resolve_config({"data": str(digits_shards), "batch_size": 64, **given}, cwd=tmp_path)
 
 
 # --- end to end -----------------------------------------------------------------------------------------
@@ -214,8 +218,8 @@ def test_killed_worker_resumes_from_last_checkpoint(
 
     name = "fault"
     pretrained = Path(trained["dense"]["checkpoint"]) / MODEL_FILE
-    config = finetune.resolve_config({**tiny_options, "pretrained": str(pretrained), "epochs": 3,
-                                      "run_name": name})  # fmt: skip
+    config = resolve_config({**tiny_options, "pretrained": str(pretrained), "epochs": 3,
+                                      "run_name": name})
     snapshot = Path(tiny_options["storage"]) / name / "checkpoint_manager_snapshot.json"
     killed, errors = [], []
 
@@ -234,7 +238,7 @@ def test_killed_worker_resumes_from_last_checkpoint(
     killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, daemon=True)
     killer.start()
     with contextlib.chdir(pipeline_dir):
-        result = finetune.run(config)
+        result = run_job(config)
     killer.join(timeout=10)
     assert killed, f"no Train worker was killed: {errors}"
     assert result["epochs_logged"] == [0, 1, 2]
@@ -273,7 +277,7 @@ def test_resume_continues_a_run_whose_driver_died(
     options = pipeline_dir / "resume.yaml"
     options.write_text(yaml.safe_dump({**tiny_options, "dense": True, "epochs": 3, "run_name": name}))
     driver = _finetune("--config", str(options), "--address", ray_cluster, cwd=pipeline_dir)
-    record = Path(tiny_options["storage"]) / name / finetune.RUN_RECORD
+    record = Path(tiny_options["storage"]) / name / RUN_RECORD
     deadline = time.monotonic() + 300
     run_id = None
     while time.monotonic() < deadline and driver.poll() is None:
@@ -311,14 +315,25 @@ def test_resume_continues_a_run_whose_driver_died(
         ),
     ],
 )
-def test_bad_input_exits_non_zero_with_one_line(digits_shards, tmp_path, flags, reason):
+def test_bad_input_exits_non_zero_with_one_line(digits_shards, tmp_path, monkeypatch, capsys, flags, reason):
     flags = [f.format(port=_free_port()) for f in flags]
     data = [] if "--data" in flags else ["--data", str(digits_shards)]
+    monkeypatch.chdir(tmp_path)
+    assert finetune.main([*data, "--batch-size", "64", *flags]) == 2
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines() == [err.strip()], err  # one line, no traceback
+    assert err.startswith("finetune: error: ") and reason in err, err
+    assert "RESULT_JSON" not in out
+    assert not (tmp_path / RUNS_DIR).exists()  # failed before any Ray run was set up
+
+
+def test_bad_input_from_the_command_line_is_one_line_without_ray(digits_shards, tmp_path):
     started = time.monotonic()
-    proc = _finetune(*data, "--batch-size", "64", *flags, cwd=tmp_path)
+    proc = _finetune("--data", str(digits_shards), "--backbone", "vit_huge", cwd=tmp_path)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 2
-    assert stderr.strip().splitlines() == [stderr.strip()], stderr  # one line, no traceback, no Ray start
-    assert stderr.startswith("finetune: error: ") and reason in stderr, stderr
+    assert stderr.strip() == "finetune: error: --backbone 'vit_huge': choose one of " + ", ".join(
+        ("deit_t", "deit_s", "deit_b", "lvvit_t", "lvvit_s")
+    ), stderr
     assert "RESULT_JSON" not in stdout and time.monotonic() - started < 120
-    assert not (tmp_path / finetune.RUNS_DIR).exists()  # failed before any Ray run was set up
+    assert not (tmp_path / RUNS_DIR).exists()

@@ -3,15 +3,14 @@
 import pytest
 
 import spot
+from pipelines.config import RunConfig
 from spot.flops import macs
 from tuning import space
 from tuning.space import SpaceError
 from tuning.sweep_lambdas import main
 
-TINY_CONFIG = {
-    "backbone": "deit_s", "selector": "learned", "img_size": 32, "num_classes": 10,
-    "model_args": {"patch_size": 8, "depth": 4, "embed_dim": 32, "num_heads": 2},
-}  # fmt: skip
+TINY_CONFIG = RunConfig(backbone="deit_s", img_size=32, num_classes=10,
+                        model_args={"patch_size": 8, "depth": 4, "embed_dim": 32, "num_heads": 2})
 
 
 def write(tmp_path, text: str):
@@ -112,12 +111,12 @@ def test_without_teacher_fixes_file_distillation_weights_and_refuses_flags():
 
 
 def test_rho_limit_is_the_largest_rho_within_budget():
-    model = spot.create_model("deit_s", rho=0.5, img_size=32, num_classes=10, **TINY_CONFIG["model_args"])
+    model = spot.create_model("deit_s", rho=0.5, img_size=32, num_classes=10, **TINY_CONFIG.model_args)
     budget = macs(model, 32, rho=0.6) / 1e9
     rho_max = space.rho_limit(TINY_CONFIG, budget)
     assert macs(model, 32, rho=rho_max) <= budget * 1e9
     assert macs(model, 32, rho=min(1.0, rho_max + 0.05)) > budget * 1e9
-    with pytest.raises(SpaceError, match="--gflops-budget 1e-09: a budget of 1e-09 GMACs is below"):
+    with pytest.raises(SpaceError, match="--gmacs-budget 1e-09: a budget of 1e-09 GMACs is below"):
         space.rho_limit(TINY_CONFIG, 1e-9)
 
 
@@ -125,12 +124,12 @@ def test_clip_rho_cuts_the_range_and_checks_fixed_values():
     dims = space.load_space(overrides={"rho": "0.3:0.9"})
     clipped = space.clip_rho(dims, 0.62, 0.01, default_rho=0.7)["rho"]
     assert (clipped.low, clipped.high, clipped.distribution) == (0.3, 0.62, "uniform")
-    assert "clipped to 0.01 GFLOPs" in clipped.source
+    assert "clipped to 0.01 GMACs" in clipped.source
     assert space.clip_rho(dims, 0.95, 0.01, default_rho=0.7)["rho"] == dims["rho"]  # fits already
-    with pytest.raises(SpaceError, match="--rho 0.3:0.9: a 0.01 GFLOPs budget allows rho <= 0.2500"):
+    with pytest.raises(SpaceError, match="--rho 0.3:0.9: a 0.01 GMACs budget allows rho <= 0.2500"):
         space.clip_rho(dims, 0.25, 0.01, default_rho=0.7)
     no_rho = {k: d for k, d in dims.items() if k != "rho"}
-    with pytest.raises(SpaceError, match="fine-tuning default rho 0.7: a 0.01 GFLOPs budget"):
+    with pytest.raises(SpaceError, match="fine-tuning default rho 0.7: a 0.01 GMACs budget"):
         space.clip_rho(no_rho, 0.5, 0.01, default_rho=0.7)
     assert space.clip_rho(no_rho, 0.8, 0.01, default_rho=0.7)["rho"].low == 0.7
 

@@ -18,21 +18,23 @@ from PIL import Image
 import spot
 from spot.flops import macs
 from tuning.pareto import pareto_front
-from tuning.sweep_lambdas import SweepError, default_max_concurrent, mark_rows, train_name
+from tuning.results import mark_rows
+from tuning.sweep import SweepError, default_max_concurrent
+from tuning.trial import train_name
 
 SCRIPT = Path(__file__).parents[1] / "tuning" / "sweep_lambdas.py"
 TINY = {"patch_size": 8, "depth": 4, "embed_dim": 32, "num_heads": 2}
 TINY_ARGS = [
     *(arg for key, value in TINY.items() for arg in ("--model-arg", f"{key}={value}")),
     "--img-size", "32", "--num-workers", "1", "--seed", "3",
-]  # fmt: skip
+]
 BUDGET_RHO = 0.5  # the budget of the budget sweep: the tiny model's cost at this rho
 
 
 def test_pareto_front_hand_computed():
     # (GFLOPs, accuracy): C and D are dominated by B, H by A; A and G are equal, so both stay on the front.
     points = {"A": (1.0, 0.70), "B": (2.0, 0.80), "C": (2.0, 0.75), "D": (3.0, 0.78), "E": (0.5, 0.60),
-              "F": (4.0, 0.90), "G": (1.0, 0.70), "H": (1.5, 0.70)}  # fmt: skip
+              "F": (4.0, 0.90), "G": (1.0, 0.70), "H": (1.5, 0.70)}
     names = list(points)
     front = pareto_front([points[n][0] for n in names], [points[n][1] for n in names])
     assert [names[i] for i in front] == ["E", "A", "G", "B", "F"]
@@ -43,7 +45,7 @@ def test_pareto_front_hand_computed():
 
 def _row(trial_id, acc, gflops, *, feasible=True, status="completed"):
     return {"trial_id": trial_id, "val_acc1": acc, "gflops": gflops, "feasible": feasible, "status": status,
-            "mlflow_run_id": f"run-{trial_id}"}  # fmt: skip
+            "mlflow_run_id": f"run-{trial_id}"}
 
 
 def test_ranking_never_picks_an_infeasible_trial():
@@ -54,7 +56,7 @@ def test_ranking_never_picks_an_infeasible_trial():
         _row("dear", 0.90, 2.0),
         _row("slow", 0.80, 0.5),
         {"trial_id": "crash", "val_acc1": math.nan, "gflops": math.nan, "feasible": False, "status": "error"},
-    ])  # fmt: skip
+    ])
     assert [r["trial_id"] for r in rows] == ["early", "cheap", "dear", "slow", "over", "crash"]
     assert [r["trial_id"] for r in rows if r["best"]] == ["early"]
     # the front holds completed trials only ("early" was stopped by ASHA), feasible or not: "over" is the
@@ -93,7 +95,7 @@ def _env() -> dict:
 def run_sweep(workdir: Path, *args: str, timeout: float = 600) -> tuple[int, str, dict | None]:
     """Run the CLI in ``workdir``; (exit code, stdout, RESULT_JSON or None). Prints the end of stderr."""
     proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=workdir, env=_env(), capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+                          text=True, timeout=timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT_JSON: ")]
     result = json.loads(lines[-1].removeprefix("RESULT_JSON: ")) if lines else None
     assert proc.returncode != 0 or result is not None, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -112,16 +114,17 @@ def runs_of(client: MlflowClient, experiment: str) -> tuple:
 
 
 @pytest.fixture(scope="module")
-def budget_sweep(workdir):
+def budget_sweep(workdir, ray_cluster):
     """3 trials, 2 epochs, rho searched over (0.3, 1) without clipping to a budget that cuts that range;
     lrs high enough for the tiny model to learn in 2 epochs (more tokens: more accurate, if anything)."""
     model = spot.create_model("deit_t", rho=0.5, img_size=32, num_classes=10, **TINY)
     budget = macs(model, 32, rho=BUDGET_RHO) / 1e9
     code, out, result = run_sweep(
-        workdir, *TINY_ARGS, "--num-samples", "3", "--epochs", "2", "--rho", "0.3:1.0", "--lr", "3e-3:1e-2",
+        workdir, *TINY_ARGS, "--address", ray_cluster, "--num-samples", "3", "--epochs", "2",
+        "--rho", "0.3:1.0", "--lr", "3e-3:1e-2",
         "--gflops-budget", repr(budget), "--no-budget-clip", "--experiment", "budget",
         "--register-as", "tiny-budget", "--name", "budget",
-    )  # fmt: skip
+    )
     assert code == 0, out[-3000:]
     return budget, out, result, MlflowClient(result["mlflow_tracking_uri"])
 
@@ -156,7 +159,7 @@ def test_sweep_tracks_parent_and_children_plots_and_registers(budget_sweep, work
     # the champion exists, is the best trial's, and loads as a working model
     version = client.get_model_version_by_alias("tiny-budget", "champion")
     assert version.run_id == next(c.info.run_id for c in children
-                                  if c.data.tags["sweep_trial_id"] == result["best_trial"])  # fmt: skip
+                                  if c.data.tags["sweep_trial_id"] == result["best_trial"])
     import mlflow
 
     from pipelines.registry import load_model
@@ -177,7 +180,7 @@ def test_budget_sweep_never_registers_an_infeasible_trial(budget_sweep):
     for child in children:
         assert child.data.tags["feasible"] == str(child.info.run_id not in over)
     best_acc = {c.info.run_id: max(m.value for m in client.get_metric_history(c.info.run_id, "val_acc1"))
-                for c in children}  # fmt: skip
+                for c in children}
     feasible_best = max(acc for run, acc in best_acc.items() if run not in over)
     versions = client.search_model_versions("name = 'tiny-budget'")
     assert len(versions) == 1
@@ -186,25 +189,26 @@ def test_budget_sweep_never_registers_an_infeasible_trial(budget_sweep):
     assert float(version.tags["gflops"]) <= budget
     assert float(version.tags["val_acc1"]) == pytest.approx(feasible_best, abs=1e-6)
     assert result["best_val_acc1"] == pytest.approx(feasible_best) and result["best_gflops"] <= budget
-    assert "over the GFLOPs budget" in out
+    assert "over the GMACs budget" in out
 
 
 @pytest.mark.integration
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(workdir):
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(workdir, ray_cluster):
     args = [
-        *TINY_ARGS, "--num-samples", "2", "--epochs", "1", "--max-concurrent", "1", "--searcher", "random",
+        *TINY_ARGS, "--address", ray_cluster, "--num-samples", "2", "--epochs", "1", "--max-concurrent", "1",
+        "--searcher", "random",
         "--experiment", "resume", "--register-as", "tiny-resume", "--name", "resumable",
-    ]  # fmt: skip
+    ]
     log = workdir / "interrupted.out"
     with open(log, "w") as out, open(workdir / "interrupted.err", "w") as err:
         proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=workdir, env=_env(), stdout=out,
-                                stderr=err)  # fmt: skip
+                                stderr=err)
         deadline = time.monotonic() + 420
         first = None
         while first is None and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(1)
             done = [line.split()[1].rstrip(":") for line in log.read_text().splitlines()
-                    if line.startswith("trial ") and ": completed after" in line]  # fmt: skip
+                    if line.startswith("trial ") and ": completed after" in line]
             first = done[0] if done else None
         assert first is not None, log.read_text()[-3000:]
         proc.send_signal(signal.SIGINT)
@@ -217,7 +221,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(workdir):
     parent, _ = runs_of(client, "resume")
     assert parent.info.status == "KILLED"
 
-    code, out, result = run_sweep(workdir, "--resume", str(path))
+    code, out, result = run_sweep(workdir, "--resume", str(path), "--address", ray_cluster)
     assert code == 0, out[-3000:]
     assert result["trials"] == 2 and result["completed"] == 2
     assert f"trial {first}:" not in out  # finished before the interruption: not run (nor closed) again
@@ -232,7 +236,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(workdir):
     champion = client.get_model_version_by_alias("tiny-resume", "champion")
     assert champion.run_id in {c.info.run_id for c in children}
     # a finished sweep is not resumed again
-    code, _, _ = run_sweep(workdir, "--resume", str(path))
+    code, _, _ = run_sweep(workdir, "--resume", str(path), "--address", ray_cluster)
     assert code == 2
 
 

@@ -20,7 +20,7 @@ def pareto_front(costs: Sequence[float], scores: Sequence[float]) -> list[int]:
     front = [
         i for i, (c, s) in enumerate(points)
         if not any(c2 <= c and s2 >= s and (c2 < c or s2 > s) for c2, s2 in points)
-    ]  # fmt: skip
+    ]
     return sorted(front, key=lambda i: (costs[i], -scores[i]))
 
 
@@ -56,22 +56,22 @@ def plot_pareto(
         points = [r for r in feasible if r["status"] == status]
         if points:
             ax.scatter([r["gflops"] for r in points], [100 * r["val_acc1"] for r in points], s=36,
-                       label=f"{status} ({len(points)})", zorder=3, **style)  # fmt: skip
+                       label=f"{status} ({len(points)})", zorder=3, **style)
     infeasible = [r for r in rows if not r["feasible"]]
     if infeasible:
         ax.scatter([r["gflops"] for r in infeasible], [100 * r["val_acc1"] for r in infeasible], marker="x",
-                   color="0.55", s=36, label=f"over budget ({len(infeasible)})", zorder=3)  # fmt: skip
+                   color="0.55", s=36, label=f"over budget ({len(infeasible)})", zorder=3)
     front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["gflops"])
     if front:
         ax.plot([r["gflops"] for r in front], [100 * r["val_acc1"] for r in front], "-o", color="tab:red",
-                mfc="none", ms=11, lw=1.6, zorder=2, label="Pareto front")  # fmt: skip
+                mfc="none", ms=11, lw=1.6, zorder=2, label="Pareto front")
         for r in front:
             ax.annotate(f"ρ={r['rho']:.2f}", (r["gflops"], 100 * r["val_acc1"]), textcoords="offset points",
-                        xytext=(4, -11), fontsize=7, color="tab:red")  # fmt: skip
+                        xytext=(4, -11), fontsize=7, color="tab:red")
     for r in rows:
         if r["best"]:
             ax.scatter([r["gflops"]], [100 * r["val_acc1"]], marker="*", s=220, color="gold",
-                       edgecolors="black", linewidths=0.6, zorder=4, label="best (registered)")  # fmt: skip
+                       edgecolors="black", linewidths=0.6, zorder=4, label="best (registered)")
     if budget is not None:
         ax.axvline(budget, color="0.3", ls="--", lw=1, label=f"budget {budget:g} GFLOPs")
     if dense_gflops is not None:

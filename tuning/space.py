@@ -113,7 +113,7 @@ def _entry(key: str, value, source: str) -> Dim:
         what = "; ".join(
             part for part in (missing and f"missing {', '.join(missing)}",
                               extra and f"unknown {', '.join(map(str, extra))}") if part
-        )  # fmt: skip
+        )
         raise SpaceError(f"{source}: expected a number or {{distribution, low, high}} ({what})")
     low, high = _number(value["low"], f"{source}: low"), _number(value["high"], f"{source}: high")
     return _check_bounds(Dim(key, source, low, high, str(value["distribution"])))
@@ -187,31 +187,32 @@ def without_teacher(space: dict[str, Dim]) -> tuple[dict[str, Dim], list[str]]:
     return space, notes
 
 
-def rho_limit(config: dict, budget_gflops: float) -> float:
-    """The largest rho whose model (the resolved fine-tuning ``config``'s architecture) fits the budget."""
+def rho_limit(config, budget_gmacs: float) -> float:
+    """The largest rho whose model (the resolved fine-tuning ``config``'s architecture, a
+    :class:`pipelines.config.RunConfig`) fits the budget of GMACs per image."""
     model = spot.create_model(
-        config["backbone"], rho=0.5, selector=config["selector"], img_size=config["img_size"],
-        num_classes=config["num_classes"], **config["model_args"],
-    )  # fmt: skip
+        config.backbone, rho=0.5, selector=config.selector, img_size=config.img_size,
+        num_classes=config.num_classes, **config.model_args,
+    )
     try:
-        return spot.rho_for_budget(model, budget_gflops, config["img_size"])
+        return spot.rho_for_budget(model, budget_gmacs, config.img_size)
     except ValueError as err:
-        raise SpaceError(f"--gflops-budget {budget_gflops:g}: {err}") from None
+        raise SpaceError(f"--gmacs-budget {budget_gmacs:g}: {err}") from None
 
 
 def clip_rho(
-    space: dict[str, Dim], rho_max: float, budget_gflops: float, default_rho: float
+    space: dict[str, Dim], rho_max: float, budget_gmacs: float, default_rho: float
 ) -> dict[str, Dim]:
     """The space with the rho range cut at ``rho_max`` (a fixed or default rho must already fit)."""
     dim = space.get("rho") or Dim("rho", f"fine-tuning default rho {default_rho:g}", default_rho, default_rho)
     if dim.low > rho_max:
         raise SpaceError(
-            f"{dim.source}: a {budget_gflops:g} GFLOPs budget allows rho <= {rho_max:.4f}, the range starts "
+            f"{dim.source}: a {budget_gmacs:g} GMACs budget allows rho <= {rho_max:.4f}, the range starts "
             f"at {dim.low:g}"
         )
     if dim.fixed or dim.high <= rho_max:
         return {**space, "rho": dim}
-    source = f"{dim.source} (clipped to {budget_gflops:g} GFLOPs)"
+    source = f"{dim.source} (clipped to {budget_gmacs:g} GMACs)"
     clipped = (
         Dim("rho", source, dim.low, rho_max)
         if dim.low == rho_max
@@ -220,9 +221,9 @@ def clip_rho(
     return {**space, "rho": clipped}
 
 
-def is_feasible(gflops: float, budget_gflops: float | None) -> bool:
-    """Whether a model of ``gflops`` fits the budget (always without one)."""
-    return budget_gflops is None or gflops <= budget_gflops * (1 + 1e-9)
+def is_feasible(gmacs: float, budget_gmacs: float | None) -> bool:
+    """Whether a model of ``gmacs`` GMACs per image fits the budget (always without one)."""
+    return budget_gmacs is None or gmacs <= budget_gmacs * (1 + 1e-9)
 
 
 def split(space: dict[str, Dim], where: str) -> tuple[dict, dict[str, float]]:

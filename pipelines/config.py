@@ -1,0 +1,389 @@
+"""The one run configuration of a fine-tuning job: every option with its type, default, help text, the
+built-in digits preset, validation, and which options a ``--resume`` must keep, declared once.
+
+The command line (:func:`add_options` generates the flags, for ``finetune`` and, a subset, for the sweep),
+a YAML file (``--config``: the same names, dashes or underscores) and the defaults feed :class:`RunConfig`,
+in that order of precedence. :func:`resolve_config` validates the values and derives the rest (lrs, loss
+weights, absolute paths, class count) before any Ray worker starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import types
+import typing
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import spot
+from pipelines import recipe
+from pipelines.errors import ConfigError, check, first_line
+from spot.config import SELECTORS
+from spot.losses import default_lambdas
+
+DIGITS_DIR = "data/digits"
+RUNS_DIR = "ray_results"
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
+AMP_MODES = ("bf16", "fp16", "off")
+NO_DIGITS = object()
+
+
+def option(
+    default: Any,
+    help: str,  # noqa: A002 - the argparse name
+    *,
+    digits: Any = NO_DIGITS,
+    training: bool = False,
+    choices: tuple[str, ...] | None = None,
+    metavar: str | None = None,
+    cli: bool = True,
+    flags: tuple[str, ...] = (),
+) -> Any:
+    """A :class:`RunConfig` field: ``digits`` is its value in the built-in digits preset (no ``--data``),
+    ``training`` marks what a run computes (``--resume`` may not change it), ``cli`` False for derived
+    values that are no flag."""
+    meta = {"help": help, "digits": digits, "training": training, "choices": choices, "metavar": metavar,
+            "cli": cli, "flags": flags}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    """A fine-tuning run. Defaults with ``--data``: the paper's recipe (:mod:`pipelines.recipe`)."""
+
+    # what the run computes (fixed for its lifetime)
+    backbone: str = option("deit_s", "backbone", digits="deit_t", training=True, choices=spot.BACKBONES)
+    data: str | None = option(
+        None, "shard directory (pipelines/make_shards.py); without it the built-in digits shards are made "
+        f"on first use in ./{DIGITS_DIR} and the small digits defaults apply", training=True, metavar="DIR",
+    )
+    pretrained: str | None = option(
+        None, "initial weights: checkpoint file, models:/NAME@ALIAS, or hub (needs network); SPOT runs "
+        "distil from the frozen dense model built from the same weights", training=True, metavar="SOURCE",
+    )
+    rho: float | None = option(0.7, "token retention rate per stage in (0, 1]; 1 trains the dense backbone",
+                               training=True)
+    selector: str = option("learned", "token scoring", training=True, choices=SELECTORS)
+    epochs: int = option(recipe.PAPER_RECIPE["epochs"], "training epochs", digits=15, training=True)
+    batch_size: int = option(recipe.PAPER_RECIPE["batch_size"], "global batch size (split over the workers)",
+                             digits=64, training=True)
+    lr: float = option(recipe.PAPER_RECIPE["lr"], "AdamW learning rate of the backbone", training=True)
+    predictor_lr: float | None = option(
+        None, "learning rate of the relevance modules (default: "
+        f"{recipe.PAPER_RECIPE['predictor_lr_scale']:g} x --lr)", training=True,
+    )
+    min_lr: float = option(recipe.PAPER_RECIPE["min_lr"], "final learning rate of the cosine schedule",
+                           training=True)
+    weight_decay: float = option(recipe.PAPER_RECIPE["weight_decay"],
+                                 "AdamW weight decay (none on biases, norms and embeddings)",
+                                 training=True)
+    warmup_epochs: float = option(recipe.PAPER_RECIPE["warmup_epochs"], "epochs of linear learning-rate "
+                                  "warm-up", digits=1, training=True)
+    freeze_epochs: int = option(recipe.PAPER_RECIPE["freeze_epochs"], "epochs the pretrained backbone stays "
+                                "frozen while new modules warm up", digits=1, training=True)
+    mixup: float = option(recipe.PAPER_RECIPE["mixup"], "mixup alpha (0 = off)", digits=0.0, training=True)
+    cutmix: float = option(recipe.PAPER_RECIPE["cutmix"], "cutmix alpha (0 = off)", digits=0.0, training=True)
+    label_smoothing: float = option(recipe.PAPER_RECIPE["label_smoothing"], "label smoothing", training=True)
+    randaugment: bool = option(recipe.PAPER_RECIPE["randaugment"], "RandAugment (m9, n2) on training images",
+                               digits=False, training=True)
+    crop_scale: float = option(
+        recipe.PAPER_RECIPE["crop_scale"], "smallest area fraction of the random resized crop of training "
+        "images", digits=0.5, training=True,  # small crops of an 8x8 scan lose the digit
+    )
+    hflip: float = option(recipe.PAPER_RECIPE["hflip"], "probability of a horizontal flip of a training "
+                          "image",
+                          digits=0.0, training=True)  # a mirrored digit is another glyph
+    lambda_rate: float | None = option(None, "weight of the keep-rate loss (default: per backbone, 2.0)",
+                                       training=True)
+    lambda_kl: float | None = option(None, "weight of the KL to the teacher (default: 0.5 with --pretrained, "
+                                     "else 0)", training=True)
+    lambda_token: float | None = option(None, "weight of the token cosine loss (default: 0 for DeiT, 10 for "
+                                        "LV-ViT with --pretrained)", training=True)
+    img_size: int = option(224, "training / validation image side", digits=32, training=True, metavar="PX")
+    model_args: dict = option(
+        {}, "backbone override KEY=VALUE, repeatable (e.g. depth=6, patch_size=4, drop_path_rate=0.1)",
+        digits={"patch_size": 4, "depth": 6, "embed_dim": 96, "num_heads": 3}, training=True,
+        metavar="KEY=VALUE",
+    )
+    amp: str = option("bf16", "autocast on GPU (fp16 uses a gradient scaler; CPU runs in fp32)",
+                      training=True, choices=AMP_MODES)
+    seed: int = option(0, "random seed", training=True)
+    vis_images: int = option(8, "validation images in the per-epoch token-mask figure", training=True)
+    # where it runs (may change on --resume)
+    num_workers: int = option(2, "Ray Train workers (DDP ranks)")
+    gpus_per_worker: float | None = option(None, "GPUs per worker (default: 1 if the Ray cluster has GPUs, "
+                                           "else 0)")
+    cpus_per_worker: float = option(1, "CPUs per worker (also DALI and torch threads)")
+    placement_strategy: str = option("PACK", "placement of the workers", choices=PLACEMENT_STRATEGIES)
+    address: str | None = option(None, "Ray cluster address (e.g. auto, ray://head:10001); default: start a "
+                                 "local Ray", metavar="ADDR")
+    storage: str | None = option(None, "checkpoint storage: local dir, s3://, gs://, or a shared FS "
+                                 f"(default: ./{RUNS_DIR})", metavar="URI")
+    max_failures: int = option(3, "worker-group restarts allowed (worker or node loss)")
+    keep_checkpoints: int = option(2, "checkpoints kept (best by validation top-1; the latest is always "
+                                   "kept)")
+    # tracking
+    experiment: str = option("spot-finetune", "MLflow experiment", metavar="NAME")
+    run_name: str | None = option(None, "run name = Ray storage dir = MLflow run name (default: "
+                                  "<backbone>-<rho>-<time>)", metavar="NAME")
+    register_as: str | None = option(None, "registered model name (default: spot-<backbone>, "
+                                     "spot-<backbone>-dense for dense runs)", metavar="NAME")
+    mlflow_uri: str | None = option(None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                    "sqlite:///<cwd>/mlflow.db)", metavar="URI")
+    verbose: bool = option(False, "show Ray's own log lines (per-report metrics, actor warnings) too")
+    # derived by resolve_config
+    num_classes: int | None = option(None, "class count of the data", cli=False)
+    resume: bool = option(False, "continue the run --run-name whose driver died (same checkpoints, same "
+                          "MLflow run)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def training_options(self) -> dict:
+        """What the run computes (:func:`training_keys`): its MLflow params and what ``--resume`` keeps."""
+        return {k: getattr(self, k) for k in training_keys()}
+
+    @property
+    def dense(self) -> bool:
+        return self.rho is None
+
+
+FIELDS = {f.name: f for f in fields(RunConfig)}
+EXTRA_FLAGS = {  # flags that are no field of their own
+    "dense": "train the dense backbone (same as --rho 1)",
+    "config": "YAML file of any of these options (dashes or underscores); the command line wins",
+}
+
+
+def training_keys() -> tuple[str, ...]:
+    """The options fixed for a run's lifetime, in declaration order."""
+    return tuple(name for name, f in FIELDS.items() if f.metadata["training"])
+
+
+def digits_preset() -> dict:
+    """The values of the built-in digits preset (applied when no ``data`` is given)."""
+    return {name: f.metadata["digits"] for name, f in FIELDS.items() if f.metadata["digits"] is not NO_DIGITS}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(owner: type, name: str) -> type:
+    """The value type of a dataclass field (``float | None`` -> float)."""
+    hint = typing.get_type_hints(owner)[name]
+    if isinstance(hint, types.UnionType):
+        hint = next(t for t in typing.get_args(hint) if t is not type(None))
+    return hint
+
+
+def help_text(f: Field, *, default: Any = MISSING, digits: Any = MISSING) -> str:
+    """A field's help with its defaults (with --data, and in the built-in digits preset)."""
+    if default is MISSING:
+        default = f.default if f.default is not MISSING else f.default_factory()
+    digits = f.metadata["digits"] if digits is MISSING else digits
+    parts = [] if default is None or default is False else [f"default: {json.dumps(default)}"]
+    parts += [] if digits is NO_DIGITS else [f"digits: {json.dumps(digits)}"]
+    choices = f.metadata["choices"]
+    text = f.metadata["help"] + (f" {{{','.join(choices)}}}" if choices else "")
+    return text + (f" [{'; '.join(parts)}]" if parts else "")
+
+
+def add_field(parser, owner: type, name: str, **overrides) -> None:
+    """Add the flag of dataclass ``owner``'s field ``name`` (declared with :func:`option`) to ``parser`` (a
+    parser or argument group). The flag's default is None (= not given) unless ``overrides`` say else."""
+    f, kind = {f.name: f for f in fields(owner)}[name], _base_type(owner, name)
+    kwargs: dict = {"dest": name, "default": None, "help": help_text(f)}  # choices: checked with the values
+    if kind is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction if f.default is True else "store_true"
+    elif kind is dict:
+        kwargs.update(action="append", metavar=f.metadata["metavar"])
+        parser.add_argument("--model-arg", **(kwargs | overrides))
+        return
+    else:
+        kwargs.update(type=kind, metavar=f.metadata["metavar"])
+    parser.add_argument(*f.metadata.get("flags", ()) or (flag(name),), **(kwargs | overrides))
+
+
+def add_options(parser) -> None:
+    """Add every :class:`RunConfig` flag, plus ``--dense`` and ``--config``."""
+    for name, f in FIELDS.items():
+        if f.metadata["cli"]:
+            add_field(parser, RunConfig, name)
+        if name == "rho":
+            parser.add_argument("--dense", action="store_true", default=None, help=EXTRA_FLAGS["dense"])
+    parser.add_argument("--config", default=None, metavar="FILE.yaml", help=EXTRA_FLAGS["config"])
+
+
+def parse_model_args(items: list[str], where: str) -> dict:
+    """``["depth=6", "drop_path_rate=0.1"]`` -> ``{"depth": 6, "drop_path_rate": 0.1}`` (YAML values)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{where}: model arg {item!r} is not KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def read_config_file(path: str, option_name: str = "--config") -> dict:
+    """Options from a YAML file (keys with dashes or underscores); raises ConfigError naming file and key."""
+    file = Path(path).expanduser()
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{option_name} {file}: {first_line(err)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{option_name} {file}: expected a mapping of options, got {type(raw).__name__}")
+    values = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS and name != "dense":
+            raise ConfigError(f"{option_name} {file}: unknown option {key!r}")
+        if name == "model_args" and isinstance(value, list):
+            value = parse_model_args([str(v) for v in value], f"{option_name} {file}")
+        values[name] = value
+    return values
+
+
+def given_values(args: argparse.Namespace, config_file: str | None = None) -> dict:
+    """Explicitly given options: the YAML file's (``--config``), overridden by the command line's."""
+    config_file = config_file or getattr(args, "config", None)
+    values = read_config_file(config_file) if config_file else {}
+    for key, value in vars(args).items():
+        if key not in FIELDS and key != "dense" or value is None:
+            continue
+        values[key] = parse_model_args(value, "--model-arg") if key == "model_args" else value
+    return values
+
+
+def _check_types(values: dict) -> None:
+    for name, value in values.items():
+        if name not in FIELDS or value is None:
+            continue
+        kind, choices = _base_type(RunConfig, name), FIELDS[name].metadata["choices"]
+        if choices is not None:
+            check(value in choices, f"{flag(name)} {value!r}: choose one of {', '.join(choices)}")
+        if kind in (int, float):
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            integral = kind is float or (ok and float(value).is_integer())
+            check(ok and integral, f"{flag(name)} {value!r}: expected a number")
+
+
+def _resolve_rho(config: RunConfig, given: dict) -> None:
+    rho = config.rho
+    if given.get("dense"):
+        check(given.get("rho") in (None, 1), f"--dense contradicts --rho {given.get('rho')}")
+        rho = 1.0
+    ok = isinstance(rho, int | float) and not isinstance(rho, bool) and 0 < rho <= 1
+    check(ok, f"--rho {rho!r}: must be in (0, 1] (1 = dense backbone)")
+    config.rho = None if rho == 1 else float(rho)
+
+
+def _resolve_training(config: RunConfig) -> None:
+    """Validate values and derive the defaults that depend on others (lrs, lambdas)."""
+    check(config.epochs >= 1, f"--epochs {config.epochs}: must be >= 1")
+    check(config.lr > 0 and config.min_lr >= 0, "--lr must be > 0 and --min-lr >= 0")
+    check(config.img_size >= 8, f"--img-size {config.img_size}: too small")
+    check(config.vis_images >= 0, "--vis-images must be >= 0")
+    check(0 < config.crop_scale <= 1, f"--crop-scale {config.crop_scale}: must be in (0, 1]")
+    check(0 <= config.hflip <= 1, f"--hflip {config.hflip}: must be in [0, 1]")
+    check(isinstance(config.model_args, dict), "model_args must be a mapping of backbone overrides")
+    for key in ("img_size", "num_classes", "pretrained"):
+        check(key not in config.model_args, f"--model-arg {key}: use {flag(key)} instead")
+    if config.predictor_lr is None:
+        config.predictor_lr = config.lr * recipe.PAPER_RECIPE["predictor_lr_scale"]
+    teacher = config.rho is not None and config.pretrained is not None
+    paper = default_lambdas(config.backbone)
+    for part in ("rate", "kl", "token"):
+        key = f"lambda_{part}"
+        value = getattr(config, key)
+        if config.rho is None:
+            value = 0.0  # dense: cross-entropy only
+        elif value is None:
+            value = paper[part] if (teacher or part == "rate") else 0.0
+        else:
+            check(value >= 0, f"--lambda-{part} {value}: must be >= 0")
+            check(teacher or part == "rate" or value == 0,
+                  f"--lambda-{part} {value} needs a teacher, i.e. --pretrained weights")
+        setattr(config, key, value)
+    mixing = config.mixup > 0 or config.cutmix > 0
+    check(config.num_workers >= 1, "--num-workers must be >= 1")
+    per_worker = config.batch_size // config.num_workers
+    check(config.batch_size % config.num_workers == 0 and per_worker >= 1,
+          f"--batch-size {config.batch_size} must be a multiple of --num-workers "
+          f"{config.num_workers}")
+    check(not mixing or per_worker % 2 == 0, f"mixup/cutmix need an even batch per worker; got {per_worker}")
+
+
+def _resolve_data(config: RunConfig, cwd: Path) -> None:
+    """Make the digits shards if no --data; sets the class count (raises DataError for bad data)."""
+    from pipelines.manifest import read_manifest
+    from pipelines.shards import ensure_digits_shards
+
+    if config.data is None:
+        config.data = str(ensure_digits_shards(cwd / DIGITS_DIR))
+    config.data = str(Path(config.data).expanduser().resolve())
+    manifest = read_manifest(config.data)
+    for split in ("train", "val"):
+        manifest.shard_infos(split)
+    check(manifest.counts["train"] >= config.batch_size,
+          f"--data {config.data}: {manifest.counts['train']} training samples < --batch-size "
+          f"{config.batch_size}")
+    config.num_classes = manifest.num_classes
+
+
+def resolve_config(given: dict, *, cwd: Path | None = None) -> RunConfig:
+    """The full run configuration from explicitly ``given`` options (field names, plus ``dense``).
+
+    Defaults: the field defaults (the paper's recipe), with :func:`digits_preset` on top when no ``data`` is
+    given. With ``resume``, the training options come from the run's record in ``storage`` and may not be
+    changed. Paths (data, storage, SQLite URI) are made absolute against ``cwd`` here, on the driver: Ray
+    workers run in directories of their own. Raises ``ConfigError``, ``DataError`` or ``FileNotFoundError``.
+    """
+    from pipelines.run_record import read_record
+    from pipelines.tracking import resolve_tracking_uri
+
+    cwd = cwd or Path.cwd()
+    given = dict(given)
+    _check_types(given)
+    unknown = sorted(set(given) - set(FIELDS) - {"dense"})
+    check(not unknown, f"unknown option(s): {', '.join(unknown)}")
+    values = {**(digits_preset() if given.get("data") is None else {}),
+              **{k: v for k, v in given.items() if v is not None and k != "dense"}}
+    config = RunConfig(**values)
+    config.storage = config.storage or str(cwd / RUNS_DIR)
+    if "://" not in config.storage:
+        config.storage = str(Path(config.storage).expanduser().resolve())
+    if config.resume:
+        check(given.get("run_name") is not None, "--resume needs the --run-name of the run to continue")
+        record = read_record(config.storage, config.run_name)
+        check(record is not None and "config" in record,
+              f"--resume: no run {config.run_name!r} in {config.storage}")
+        saved = record["config"]
+        changed = [k for k in training_keys() if k in given and given[k] != saved[k]]
+        check(not changed, f"--resume cannot change training options: {', '.join(changed)}")
+        kept = (*training_keys(), "num_classes", "experiment", "register_as")
+        config = replace(config, **{k: saved[k] for k in kept})
+        config.mlflow_uri = resolve_tracking_uri(given.get("mlflow_uri") or record["tracking_uri"], cwd)
+        return config
+    _resolve_rho(config, given)
+    _resolve_training(config)
+    if config.pretrained and not config.pretrained.startswith(("hub", "models:/", "runs:/")):
+        path = Path(config.pretrained).expanduser().resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"--pretrained {path}: file not found")
+        config.pretrained = str(path)
+    _resolve_data(config, cwd)
+    config.mlflow_uri = resolve_tracking_uri(config.mlflow_uri, cwd)
+    rho_text = "dense" if config.dense else f"rho{config.rho}"
+    config.run_name = config.run_name or f"{config.backbone}-{rho_text}-{datetime.now():%Y%m%d-%H%M%S}"
+    config.register_as = config.register_as or f"spot-{config.backbone}{'-dense' if config.dense else ''}"
+    return config

@@ -1,0 +1,119 @@
+"""A fine-tuning run end to end, as a library call: MLflow run, Ray Train fit, evaluation table, registry.
+
+``run(resolve_config({...}))`` is what ``python pipelines/finetune.py`` and the demo do; the sweep's trials
+use the same pieces (:func:`pipelines.weights.prepare_init`, :func:`pipelines.trainer.build_trainer`,
+:func:`pipelines.registry.register_best`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pipelines import tracking
+from pipelines.config import RunConfig
+from pipelines.errors import check
+from pipelines.mlflow_run import MlflowRun
+from pipelines.ray_session import ray_session
+from pipelines.run_record import read_record, write_record
+from pipelines.table import markdown_table
+from pipelines.weights import ModelSummary, prepare_init
+
+EPOCH_COLUMNS = ("epoch", "val_acc1", "val_acc5", "val_total", "train_total", "gflops")
+
+
+def run_params(config: RunConfig, summary: ModelSummary) -> dict:
+    """The MLflow params of a training run: its training options and the model they give."""
+    return config.training_options() | {
+        "num_classes": config.num_classes,
+        "world_size": config.num_workers,
+        "params": summary.params,
+        "gflops": round(summary.gmacs, 6),
+    }
+
+
+def open_mlflow_run(config: RunConfig, summary: ModelSummary) -> MlflowRun:
+    """Create the run's MLflow run (params, resolved config, run record), or reopen it on ``--resume``."""
+    uri, name, storage = config.mlflow_uri, config.run_name, config.storage
+    record = read_record(storage, name)
+    if config.resume:
+        run = MlflowRun.reopen(uri, record["mlflow_run_id"])
+    else:
+        check(record is None, f"run {name!r} already exists in {storage}: pass --resume to continue it or "
+              "choose another --run-name")
+        artifacts = tracking.local_artifact_root(uri, Path.cwd())
+        run = MlflowRun.create(uri, config.experiment, name, artifact_location=artifacts)
+        record = {"config": config.to_dict(), "mlflow_run_id": run.run_id, "tracking_uri": uri}
+        write_record(storage, name, record)
+        run.log_params(run_params(config, summary) | tracking.versions())
+        run.log_dict(config.to_dict(), "config/resolved_config.json")
+    run.set_tags(tracking.system_info() | {
+        "storage": f"{storage}/{name}", "address": config.address or "local",
+        "num_workers": config.num_workers, "placement_strategy": config.placement_strategy,
+    })
+    return run
+
+
+def evaluation_table(rows: list[dict], best: dict, summary: ModelSummary) -> str:
+    """The run's ``evaluation.md``: the best checkpoint and the per-epoch table."""
+    return (
+        f"# Best checkpoint: epoch {best['epoch']}, val top-1 {best['val_acc1']:.4f}, top-5 "
+        f"{best['val_acc5']:.4f}, {best['gflops']:.4f} GMACs (dense {summary.dense_gmacs:.4f}), "
+        f"{summary.params} parameters\n\n" + markdown_table(rows, EPOCH_COLUMNS)
+    )
+
+
+def run(config: RunConfig) -> dict:
+    """Train ``config`` (from :func:`pipelines.config.resolve_config`) on Ray, track it in MLflow, register
+    the best model. Returns the ``RESULT_JSON`` dict.
+
+    Before any worker starts, raises ``TrackingError`` if MLflow is not usable and ``ConfigError`` for a bad
+    ``--pretrained``, ``--address`` or run name; raises ``ray.train.TrainingFailedError`` if training fails
+    for good (the MLflow run is then FAILED).
+    """
+    import mlflow
+    from ray.train import TrainingFailedError
+
+    from pipelines.registry import register_best
+    from pipelines.trainer import build_trainer
+
+    started = time.monotonic()
+    uri, name, storage = config.mlflow_uri, config.run_name, config.storage
+    tracking.quiet_mlflow(config.verbose)
+    tracking.check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    init, summary = prepare_init(config)
+    need = config.num_workers * config.cpus_per_worker
+    with ray_session(config.address, need_cpus=need, verbose=config.verbose):
+        mlflow_run = open_mlflow_run(config, summary)
+        callbacks = [tracking.MlflowReportCallback(uri, mlflow_run.run_id)]
+        trainer = build_trainer(config, name=name, storage=storage, init=init, callbacks=callbacks)
+        try:
+            result = trainer.fit()
+        except TrainingFailedError:
+            mlflow_run.end("FAILED")
+            raise
+        registered = register_best(result, run_id=mlflow_run.run_id, name=config.register_as)
+        best = registered["metrics"]
+        rows = mlflow_run.metric_history(list(EPOCH_COLUMNS[1:]))
+        mlflow_run.log_text(evaluation_table(rows, best, summary), "evaluation.md")
+        mlflow_run.end("FINISHED")
+    return {
+        "run_name": name,
+        "best_val_acc1": best["val_acc1"],
+        "best_val_acc5": best["val_acc5"],
+        "best_epoch": best["epoch"],
+        "epochs_logged": [row["epoch"] for row in rows],
+        "gflops": best["gflops"],
+        "dense_gflops": summary.dense_gmacs,
+        "checkpoint": registered["checkpoint"],
+        "storage": f"{storage}/{name}",
+        "mlflow_tracking_uri": uri,
+        "mlflow_experiment": config.experiment,
+        "mlflow_run_id": mlflow_run.run_id,
+        "registered_model": registered["name"],
+        "registered_version": registered["version"],
+        "champion": registered["champion"],
+        "worker_node_ids": best["worker_node_ids"],
+        "wall_time_s": round(time.monotonic() - started, 1),
+    }

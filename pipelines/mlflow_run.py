@@ -1,0 +1,127 @@
+"""The one handle on an MLflow run: create (with MLflow's own context tags), reopen, find a child, log,
+end. Every run of the project (fine-tuning, sweep and trial, evaluation) is made here, on the driver,
+before any worker starts: concurrent first use of a SQLite store races.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking.context.registry import resolve_tags
+
+from pipelines.errors import TrackingError, first_line
+
+RUN_NAME_TAG = "ray_train_run"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    """Id of experiment ``name``, created (with ``artifact_location``) if it does not exist."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException:  # created concurrently by another driver
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+@dataclass(frozen=True)
+class MlflowRun:
+    """An MLflow run of the tracking store ``uri``."""
+
+    uri: str
+    run_id: str
+
+    @classmethod
+    def create(
+        cls,
+        uri: str,
+        experiment: str,
+        name: str,
+        *,
+        artifact_location: str | None = None,
+        tags: dict | None = None,
+        parent: MlflowRun | None = None,
+    ) -> MlflowRun:
+        """A new run ``name`` in ``experiment`` (created if needed) with MLflow's context tags (user,
+        source, git commit), ``tags`` and, for a child, its ``parent``. Raises ``TrackingError``."""
+        client = MlflowClient(uri)
+        tags = {**(tags or {}), RUN_NAME_TAG: name} | ({PARENT_TAG: parent.run_id} if parent else {})
+        try:
+            experiment_id = ensure_experiment(client, experiment, artifact_location)
+            info = client.create_run(experiment_id, run_name=name, tags=resolve_tags(tags)).info
+        except MlflowException as err:
+            raise TrackingError(f"MLflow store {uri}: {first_line(err)}") from None
+        return cls(uri, info.run_id)
+
+    @classmethod
+    def reopen(cls, uri: str, run_id: str) -> MlflowRun:
+        """Mark an existing run RUNNING again (``--resume``, a retried trial). Raises ``TrackingError``."""
+        client = MlflowClient(uri)
+        try:
+            client.get_run(run_id)
+            client.update_run(run_id, status="RUNNING")
+        except MlflowException as err:
+            raise TrackingError(f"MLflow store {uri}: {first_line(err)}") from None
+        return cls(uri, run_id)
+
+    @property
+    def client(self) -> MlflowClient:
+        return MlflowClient(self.uri)
+
+    @property
+    def info(self):
+        return self.client.get_run(self.run_id).info
+
+    def find_child(self, tag: str, value: str) -> MlflowRun | None:
+        """The child run of this one whose ``tag`` is ``value``, if there is one."""
+        runs = self.client.search_runs(
+            [self.info.experiment_id],
+            filter_string=f"tags.{tag} = '{value}' and tags.`{PARENT_TAG}` = '{self.run_id}'",
+        )
+        return MlflowRun(self.uri, runs[0].info.run_id) if runs else None
+
+    def log_params(self, params: dict) -> None:
+        """Log ``params`` (values as strings, None as "None")."""
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
+
+    def set_tags(self, tags: dict) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in sorted(tags.items())])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        for key, value in metrics.items():
+            self.client.log_metric(self.run_id, key, value, step=step)
+
+    def log_text(self, text: str, path: str) -> None:
+        self.client.log_text(self.run_id, text, path)
+
+    def log_dict(self, data: dict, path: str) -> None:
+        self.client.log_dict(self.run_id, data, path)
+
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, local_path, artifact_path)
+
+    def metric_history(self, keys: list[str]) -> list[dict]:
+        """Per-epoch rows ``{"epoch": e, key: last value logged at step e}``."""
+        rows: dict[int, dict] = {}
+        for key in keys:
+            for metric in sorted(self.client.get_metric_history(self.run_id, key), key=lambda m: m.timestamp):
+                rows.setdefault(metric.step, {"epoch": metric.step})[key] = metric.value
+        return [rows[e] for e in sorted(rows)]
+
+    def end(self, status: str) -> None:
+        """Mark the run ``FINISHED``, ``FAILED`` or ``KILLED``."""
+        self.client.set_terminated(self.run_id, status)
+
+    def activate(self):
+        """The run as MLflow's active run, for APIs that log into it (``mlflow.pyfunc.log_model``)."""
+        mlflow.set_tracking_uri(self.uri)
+        return mlflow.start_run(run_id=self.run_id)

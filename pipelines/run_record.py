@@ -1,0 +1,41 @@
+"""What a run or a sweep leaves in its storage directory for ``--resume``: one JSON record per kind.
+
+``<storage>/<name>/spot_run.json`` of a fine-tuning run: ``{"config", "mlflow_run_id", "tracking_uri"}``;
+``<storage>/<name>/spot_sweep.json`` of a sweep: its setup. Storage is a local path or a ``pyarrow``
+file-system URI (``s3://``, ``gs://``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.fs
+
+from pipelines.errors import ConfigError, first_line
+
+RUN_RECORD = "spot_run.json"
+SWEEP_RECORD = "spot_sweep.json"
+
+
+def _root(storage: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    try:
+        return pyarrow.fs.FileSystem.from_uri(storage)
+    except (pyarrow.ArrowInvalid, OSError) as err:
+        raise ConfigError(f"--storage {storage}: {first_line(err)}") from None
+
+
+def read_record(storage: str, name: str, file: str = RUN_RECORD) -> dict | None:
+    """The record ``file`` of ``name`` in ``storage`` (None if there is none)."""
+    fs, root = _root(storage)
+    path = f"{root}/{name}/{file}"
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read())
+
+
+def write_record(storage: str, name: str, record: dict, file: str = RUN_RECORD) -> None:
+    fs, root = _root(storage)
+    fs.create_dir(f"{root}/{name}", recursive=True)
+    with fs.open_output_stream(f"{root}/{name}/{file}") as f:
+        f.write(json.dumps(record, indent=1).encode())

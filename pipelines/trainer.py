@@ -1,0 +1,93 @@
+"""The Ray Train ``TorchTrainer`` of a run configuration, and the one console line per epoch it prints.
+
+Used by the fine-tuning job (:mod:`pipelines.job`) and by every trial of the sweep (:mod:`tuning.trial`):
+same worker loop, data loader, checkpoints and fault tolerance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ray.train import UserCallback
+
+from pipelines.checkpoints import SCORE
+from pipelines.config import RunConfig
+from pipelines.errors import first_line
+
+CONTROLLER_FAILURE_LIMIT = 3  # attempts of the Train controller to start a run (e.g. no resources)
+
+
+def epoch_line(metrics: dict) -> str:
+    """The console line of one epoch's report."""
+    return (
+        f"epoch {metrics['epoch'] + 1}: train loss {metrics['train_total']:.4f}, val top-1 "
+        f"{metrics['val_acc1']:.4f} top-5 {metrics['val_acc5']:.4f}, {metrics['gflops']:.4g} GMACs, "
+        f"{metrics['epoch_time_s']:.1f} s"
+    )
+
+
+class ProgressCallback(UserCallback):
+    """Prints one line per epoch and per worker failure (runs on the Ray Train controller)."""
+
+    def __init__(self, label: str = "") -> None:
+        self.label = f"{label}: " if label else ""
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        print(f"{self.label}{epoch_line(metrics[0])}", flush=True)
+
+    def after_exception(self, run_context, worker_exceptions: dict) -> None:
+        for rank, error in sorted(worker_exceptions.items()):
+            print(f"{self.label}worker rank {rank} failed: {first_line(error)}; restarting from the latest "
+                  "checkpoint", flush=True)
+
+
+def build_trainer(
+    config: RunConfig,
+    *,
+    name: str,
+    storage: str,
+    init: dict,
+    callbacks: Sequence[UserCallback] = (),
+    progress: bool = True,
+):
+    """The ``TorchTrainer`` of a resolved ``config`` (Ray must be initialised).
+
+    ``name`` is the Ray run name (same name in the same ``storage`` = resume from its latest checkpoint);
+    ``init`` is :func:`pipelines.weights.prepare_init`'s payload; ``callbacks`` are ``ray.train.UserCallback``
+    s (e.g. :class:`pipelines.tracking.MlflowReportCallback`, Tune's ``TuneReportCallback``); ``progress``
+    prints one line per epoch (:class:`ProgressCallback`).
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.train_loop import train_loop_per_worker
+
+    gpus = config.gpus_per_worker
+    if gpus is None:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    resources = {"CPU": config.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={**config.to_dict(), "init_weights": ray.put(init)},
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers,
+            use_gpu=bool(gpus),
+            resources_per_worker=resources,
+            placement_strategy=config.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(
+                max_failures=config.max_failures, controller_failure_limit=CONTROLLER_FAILURE_LIMIT
+            ),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=config.keep_checkpoints,
+                checkpoint_score_attribute=SCORE,
+                checkpoint_score_order="max",
+            ),
+            callbacks=[*([ProgressCallback()] if progress else []), *callbacks],
+            logging_config=LoggingConfig(log_level="INFO" if config.verbose else "WARNING"),
+        ),
+    )

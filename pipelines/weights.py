@@ -1,0 +1,71 @@
+"""The initial weights of a run, prepared once on the driver: the student (and its frozen teacher) built,
+``--pretrained`` loaded and checked, so a bad checkpoint fails before any worker (or trial) starts."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import spot
+from pipelines.config import RunConfig
+from pipelines.errors import ConfigError
+from spot.checkpoint import load_pretrained
+from spot.flops import gmacs
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """What a run's model costs: GMACs per image (the paper's "GFLOPs"), dense GMACs, parameters."""
+
+    gmacs: float
+    dense_gmacs: float
+    params: int
+
+
+def _pretrained_file(source: str, tmp: Path) -> str:
+    """A local checkpoint file (or "hub") for ``source``; MLflow models are saved to ``tmp`` first."""
+    if not source.startswith(("models:/", "runs:/")):
+        return source
+    import torch
+
+    from pipelines.registry import load_model
+
+    path = tmp / "pretrained.pt"
+    torch.save(load_model(source).state_dict(), path)
+    return str(path)
+
+
+def prepare_init(config: RunConfig) -> tuple[dict, ModelSummary]:
+    """Build the student (and teacher) once: validates the architecture and ``--pretrained``.
+
+    Returns the ``init_weights`` payload of :mod:`pipelines.train_loop` (``spot_config``, ``student`` and
+    ``teacher`` state_dicts, ``fresh`` parameter names) and the model's :class:`ModelSummary`.
+    """
+    import torch
+
+    arch = {"num_classes": config.num_classes, "img_size": config.img_size, **config.model_args}
+    torch.manual_seed(config.seed)
+    student = spot.create_model(config.backbone, rho=config.rho, selector=config.selector, **arch)
+    dense = spot.create_model(config.backbone, rho=None, **arch)
+    fresh = [name for name, _ in student.named_parameters()]
+    teacher = None
+    if config.pretrained:
+        with tempfile.TemporaryDirectory() as tmp:
+            source = _pretrained_file(config.pretrained, Path(tmp))
+            try:
+                untouched = set(load_pretrained(student, source))
+            except RuntimeError as err:  # the hub without network
+                raise ConfigError(f"--pretrained {source}: {err}") from None
+            fresh = [name for name, _ in student.named_parameters() if name in untouched]
+            if config.rho is not None:
+                load_pretrained(dense, source)
+                teacher = dense.state_dict()
+    summary = ModelSummary(
+        gmacs=gmacs(student, config.img_size),
+        dense_gmacs=gmacs(dense, config.img_size),
+        params=sum(p.numel() for p in student.parameters()),
+    )
+    init = {"spot_config": student.spot_config, "student": student.state_dict(), "teacher": teacher,
+            "fresh": fresh}
+    return init, summary

@@ -1,0 +1,251 @@
+"""The sweep as a library: check everything before Ray starts (:func:`prepare`), then run or resume the
+Tuner (:func:`sweep`): Optuna TPE (or random) proposes, ASHA stops weak trials, each trial a Ray Train run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import fields
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+from mlflow.exceptions import MlflowException
+from ray import tune
+
+from pipelines import tracking
+from pipelines.config import RUNS_DIR, RunConfig, given_values, resolve_config, training_keys
+from pipelines.errors import ConfigError, check, first_line
+from pipelines.mlflow_run import MlflowRun
+from pipelines.ray_session import ray_session
+from pipelines.run_record import SWEEP_RECORD, read_record, write_record
+from pipelines.weights import prepare_init
+from tuning import space
+from tuning.options import DIGITS_SWEEP, TRAIN_FLAGS
+from tuning.results import summarize
+from tuning.trial import METRIC, TIME_ATTR, TrialRuns, run_trial, trial_dirname
+
+TRIAL_RETRIES = 1  # a trial whose driver dies is restarted once (its Train run resumes)
+DRIVER_CPUS = 0.25  # a trial driver only waits on its Train run
+# Options derived from searched ones: each trial re-derives them unless they were given.
+DERIVED = ("rho", "predictor_lr", "lambda_rate", "lambda_kl", "lambda_token")
+
+
+class SweepError(ConfigError):
+    """An invalid sweep invocation; the message says which option and why."""
+
+
+def given_training_options(args: argparse.Namespace) -> dict:
+    """Fine-tuning options given explicitly: --finetune-config's, overridden by the flags (digits sweep
+    preset without --data)."""
+    flags = argparse.Namespace(**{k: getattr(args, k) for k in TRAIN_FLAGS})
+    given = given_values(flags, args.finetune_config)
+    return given if given.get("data") is not None else {**DIGITS_SWEEP, **given}
+
+
+def trial_options(config: RunConfig, given: dict, fixed: dict) -> dict:
+    """Options of every trial: the driver's resolved ``config`` (data, digits defaults...) but for the
+    options derived from searched values, which each trial re-derives unless given; then the fixed values."""
+    options = {f.name: getattr(config, f.name) for f in fields(RunConfig)
+               if f.metadata["cli"] and f.name not in (*DERIVED, "resume")}
+    options.update({k: given[k] for k in DERIVED if k in given})
+    return options | fixed
+
+
+def default_max_concurrent(resources: dict, config: dict) -> int:
+    """Trials the cluster runs at once; Tune counts only trial drivers, not their Train workers."""
+    workers, gpus = config["num_workers"], resources.get("GPU", 0)
+    per_worker = config["gpus_per_worker"] if config["gpus_per_worker"] is not None else (1 if gpus else 0)
+    if per_worker:
+        if not gpus:
+            raise SweepError("the cluster shows no GPUs (yet: autoscaling?); pass --max-concurrent")
+        return max(1, int(gpus // (workers * per_worker)))
+    need = workers * config["cpus_per_worker"] + DRIVER_CPUS
+    if need > resources.get("CPU", 0):
+        raise SweepError(f"a trial needs {need:g} CPUs ({workers} workers x {config['cpus_per_worker']:g} + "
+                         f"the driver); the cluster has {resources.get('CPU', 0):g}")
+    return max(1, int(resources["CPU"] // need))
+
+
+def _prepare_new(args: argparse.Namespace, cwd: Path) -> dict:
+    """The plan of a new sweep, everything checked: ``setup`` (what trials and a later ``--resume`` need,
+    JSON), ``config`` (the driver's resolved fine-tuning configuration), ``dims`` (the search space),
+    ``notes`` (what the sweep decided for the user) and ``summary`` (the model's size and cost)."""
+    overrides = {k: getattr(args, k) for k in space.SEARCHABLE if getattr(args, k) is not None}
+    dims = space.load_space(args.space, overrides)
+    check(args.num_samples >= 1, f"--num-samples {args.num_samples}: must be >= 1", SweepError)
+    check(args.max_concurrent is None or args.max_concurrent >= 1, "--max-concurrent must be >= 1",
+          SweepError)
+    check(args.grace_period >= 1, f"--grace-period {args.grace_period}: must be >= 1", SweepError)
+    check(args.reduction_factor > 1, f"--reduction-factor {args.reduction_factor}: must be > 1", SweepError)
+    check(args.gmacs_budget is None or args.gmacs_budget > 0, "--gmacs-budget must be > 0", SweepError)
+    given = given_training_options(args)
+    storage = args.storage or str(cwd / RUNS_DIR)
+    config = resolve_config({**given, "storage": storage}, cwd=cwd)
+    notes: list[str] = []
+    if config.pretrained is None:
+        dims, notes = space.without_teacher(dims)
+    if args.gmacs_budget is not None and args.budget_clip:
+        rho_max = space.rho_limit(config, args.gmacs_budget)
+        dims = space.clip_rho(dims, rho_max, args.gmacs_budget, RunConfig.rho)
+    _, fixed = space.split(dims, args.space)  # the Tuner samples the rest
+    name = args.name or f"sweep-{config.backbone}-{datetime.now():%Y%m%d-%H%M%S}"
+    check(read_record(config.storage, name, SWEEP_RECORD) is None,
+          f"sweep {name!r} already exists in {config.storage}: pass --resume {config.storage}/{name} or "
+          "another --name", SweepError)
+    uri = tracking.resolve_tracking_uri(args.mlflow_uri, cwd)
+    tracking.check_reachable(uri)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)  # --pretrained models:/...
+    _, summary = prepare_init(config)  # a --pretrained that does not fit fails here, not per trial
+    setup = {
+        "name": name,
+        "storage": config.storage,
+        "train_storage": f"{config.storage}/{name}/train_runs",
+        "options": trial_options(config, given, fixed),
+        "epochs": config.epochs,
+        "budget": args.gmacs_budget,
+        "num_samples": args.num_samples,
+        "max_concurrent": args.max_concurrent,
+        "searcher": args.searcher,
+        "grace_period": min(args.grace_period, config.epochs),
+        "reduction_factor": args.reduction_factor,
+        "seed": config.seed,
+        "register_as": config.register_as,
+        "experiment": args.experiment,
+        "tracking_uri": uri,
+        "dense_gflops": summary.dense_gmacs,
+        "verbose": config.verbose,
+    }
+    return {"setup": setup, "config": config, "dims": dims, "notes": notes, "summary": summary}
+
+
+def _prepare_resume(args: argparse.Namespace, cwd: Path) -> dict:
+    """The plan of ``--resume PATH``: the sweep's recorded ``setup`` and its ``path``, checked."""
+    path = args.resume.rstrip("/")
+    storage, name = path.rsplit("/", 1) if "/" in path else (str(cwd), path)
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    setup = read_record(storage, name, SWEEP_RECORD)
+    check(setup is not None, f"--resume {args.resume}: not a sweep directory", SweepError)
+    tracking.check_reachable(setup["tracking_uri"])
+    try:
+        status = MlflowRun(setup["tracking_uri"], setup["parent_run_id"]).info.status
+    except MlflowException as err:
+        raise SweepError(f"--resume {args.resume}: its MLflow run: {first_line(err)}") from None
+    check(status != "FINISHED", f"--resume {args.resume}: the sweep has finished (MLflow run "
+          f"{setup['parent_run_id']})", SweepError)
+    return {"setup": setup, "path": f"{storage}/{name}", "notes": []}
+
+
+def prepare(args: argparse.Namespace, cwd: Path) -> dict:
+    """Check everything that can be checked before Ray starts; the plan :func:`sweep` runs."""
+    if args.resume:
+        return _prepare_resume(args, cwd)
+    return _prepare_new(args, cwd)
+
+
+def _trainable(setup: dict):
+    trial = tune.with_parameters(run_trial, setup={**setup, "env": tracking.mlflow_env()})
+    return tune.with_resources(trial, {"CPU": DRIVER_CPUS})
+
+
+def _tuner(setup: dict, dims: dict) -> tune.Tuner:
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from ray.tune.search.optuna import OptunaSearch
+
+    searched, _ = space.split(dims, "search space")
+    if setup["searcher"] == "tpe":
+        searcher, limit = OptunaSearch(seed=setup["seed"]), setup["max_concurrent"]
+    else:  # not a Searcher: Tune's max_concurrent_trials would not apply, it takes its own limit
+        limit = None
+        searcher = BasicVariantGenerator(random_state=setup["seed"], max_concurrent=setup["max_concurrent"])
+    scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=setup["epochs"], grace_period=setup["grace_period"],
+                              reduction_factor=setup["reduction_factor"])
+    return tune.Tuner(
+        _trainable(setup),
+        param_space=searched,
+        tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
+                                    num_samples=setup["num_samples"], max_concurrent_trials=limit,
+                                    trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(name=setup["name"], storage_path=setup["storage"],
+                                  callbacks=[TrialRuns(setup)],
+                                  failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES),
+                                  verbose=2 if setup.get("verbose") else 0),
+    )
+
+
+def _start_parent(setup: dict, config: RunConfig, dims: dict, summary, cwd: Path) -> None:
+    """Create the sweep's MLflow run (and experiment) on the driver, before any trial: no SQLite races."""
+    uri = setup["tracking_uri"]
+    parent = MlflowRun.create(uri, setup["experiment"], setup["name"],
+                              artifact_location=tracking.local_artifact_root(uri, cwd))
+    setup["parent_run_id"] = parent.run_id
+    searched = {f"space_{k}": d.describe() for k, d in dims.items()}
+    sweep = {k: setup[k] for k in ("num_samples", "max_concurrent", "searcher", "grace_period",
+                                   "reduction_factor", "budget")}
+    fixed = {k: getattr(config, k) for k in training_keys() if k not in dims}
+    model = {"dense_gflops": round(summary.dense_gmacs, 6), "params": summary.params}
+    parent.log_params(searched | sweep | fixed | model | tracking.versions())
+    parent.set_tags(tracking.system_info() | {"storage": f"{setup['storage']}/{setup['name']}"})
+    entries = {k: d.low if d.fixed else {"distribution": d.distribution, "low": d.low, "high": d.high}
+               for k, d in dims.items()}
+    parent.log_text(yaml.safe_dump(entries, sort_keys=False), "search_space.yaml")
+
+
+def _interrupted(grid, num_samples: int) -> bool:
+    """Whether Tune stopped (Ctrl-C) before every trial ended, by the experiment state it saved for a resume
+    (the result grid shows the trials after Tune's cleanup, which ends the running ones)."""
+    trials = tune.ExperimentAnalysis(grid.experiment_path).trials
+    return sum(t.status in ("TERMINATED", "ERROR") for t in trials) < num_samples
+
+
+def sweep(plan: dict, address: str | None) -> dict | None:
+    """Run a :func:`prepare` d sweep (or resume one); the RESULT_JSON dict, or None if it was interrupted.
+
+    Raises :class:`SweepError` before any trial if the cluster cannot run one.
+    """
+    import mlflow
+    import ray
+
+    started = time.monotonic()
+    setup = plan["setup"]
+    tracking.quiet_mlflow(setup.get("verbose", False))
+    mlflow.set_tracking_uri(setup["tracking_uri"])
+    with ray_session(address, verbose=setup.get("verbose", False)):
+        parent = None
+        if "path" in plan:
+            parent = MlflowRun.reopen(setup["tracking_uri"], setup["parent_run_id"])
+            tuner = tune.Tuner.restore(plan["path"], _trainable(setup), resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            config, dims = plan["config"], plan["dims"]
+            setup["max_concurrent"] = setup["max_concurrent"] or default_max_concurrent(
+                ray.cluster_resources(), config.to_dict()
+            )
+            _start_parent(setup, config, dims, plan["summary"], Path.cwd())
+            parent = MlflowRun(setup["tracking_uri"], setup["parent_run_id"])
+            write_record(setup["storage"], setup["name"], setup, SWEEP_RECORD)
+            tuner = _tuner(setup, dims)
+            print(
+                f"sweep {setup['name']}: {setup['num_samples']} trials, {setup['max_concurrent']} at a time, "
+                f"{setup['epochs']} epochs each; searching "
+                + ", ".join(f"{k} ~ {d.describe()}" for k, d in dims.items() if not d.fixed),
+                flush=True,
+            )
+        resume = f"python tuning/sweep_lambdas.py --resume {setup['storage']}/{setup['name']}"
+        try:
+            grid = tuner.fit()
+            if _interrupted(grid, setup["num_samples"]):
+                parent.end("KILLED")
+                print(f"sweep interrupted; continue it with: {resume}", file=sys.stderr, flush=True)
+                return None
+            return summarize(grid, setup, started)
+        except Exception:
+            parent.end("FAILED")
+            print(f"sweep failed; finished trials are kept, continue it with: {resume}", file=sys.stderr,
+                  flush=True)
+            raise

@@ -1,0 +1,120 @@
+"""One trial of the sweep: a Tune function that fits the fine-tuning job's ``TorchTrainer``, its reports to
+Tune, and its MLflow run (a child of the sweep's run), closed by the driver with the trial's outcome."""
+
+from __future__ import annotations
+
+import math
+import os
+
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from pipelines import tracking
+from pipelines.config import resolve_config
+from pipelines.job import run_params
+from pipelines.mlflow_run import MlflowRun
+from pipelines.trainer import build_trainer
+from pipelines.weights import prepare_init
+from tuning import space
+
+METRIC = "objective"
+TIME_ATTR = "epochs_done"
+TRIAL_TAG = "sweep_trial_id"
+STATUS_TAG = "trial_status"
+
+
+def train_name(trial_id: str) -> str:
+    """The Ray Train run name of a trial (= resume key: a retried trial continues its run)."""
+    return f"train-{trial_id}"
+
+
+def trial_dirname(trial) -> str:
+    """A trial's Tune directory: its id."""
+    return trial.trial_id
+
+
+def parent_run(setup: dict) -> MlflowRun:
+    return MlflowRun(setup["tracking_uri"], setup["parent_run_id"])
+
+
+class TrialReport(TuneReportCallback):
+    """Forwards each epoch's report to Tune with what the sweep needs (runs on the Train controller).
+
+    Adds ``objective`` (validation top-1; minus 1 over the GMACs budget, so any infeasible trial ranks below
+    every feasible one), ``feasible``, ``epochs_done`` (ASHA's time axis, survives restarts) and the trial's
+    MLflow run id.
+    """
+
+    def __init__(self, budget: float | None, mlflow_run_id: str) -> None:
+        super().__init__()
+        self.budget = budget
+        self.mlflow_run_id = mlflow_run_id
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        report = {k: v for k, v in metrics[0].items() if not isinstance(v, list)}  # node ids: not for Tune
+        feasible = space.is_feasible(report["gflops"], self.budget)
+        extra = {
+            METRIC: report["val_acc1"] if feasible else report["val_acc1"] - 1.0,
+            "feasible": feasible,
+            TIME_ATTR: report["epoch"] + 1,
+            "mlflow_run_id": self.mlflow_run_id,
+        }
+        super().after_report(run_context, [{**report, **extra}, *metrics[1:]], checkpoint)
+
+
+def run_trial(params: dict, *, setup: dict) -> None:
+    """One trial (a Tune function trainable): fine-tune with the sampled ``params`` on Ray Train.
+
+    Nothing may follow ``fit()``: Tune kills the trial as soon as ASHA stops it or its last epoch is
+    reported, so the sweep's driver does the bookkeeping.
+    """
+    import mlflow
+
+    os.environ.update(setup["env"])
+    trial_id = tune.get_context().get_trial_id()
+    name = train_name(trial_id)
+    options = {**setup["options"], **params, "run_name": name, "storage": setup["train_storage"]}
+    config = resolve_config(options)
+    mlflow.set_tracking_uri(setup["tracking_uri"])  # --pretrained models:/...
+    tracking.quiet_mlflow(config.verbose)
+    init, summary = prepare_init(config)
+    parent = parent_run(setup)
+    child = parent.find_child(TRIAL_TAG, trial_id)
+    if child is None:
+        child = MlflowRun.create(setup["tracking_uri"], setup["experiment"], name, parent=parent,
+                                 tags={TRIAL_TAG: trial_id, STATUS_TAG: "running"})
+        child.log_params(run_params(config, summary))
+    else:
+        child = MlflowRun.reopen(child.uri, child.run_id)
+    callbacks = [tracking.MlflowReportCallback(setup["tracking_uri"], child.run_id),
+                 TrialReport(setup["budget"], child.run_id)]
+    build_trainer(config, name=name, storage=setup["train_storage"], init=init, callbacks=callbacks,
+                  progress=config.verbose).fit()
+
+
+class TrialRuns(tune.Callback):
+    """Closes each trial's MLflow run with its outcome and prints one line (runs in the sweep's driver)."""
+
+    def __init__(self, setup: dict) -> None:
+        self.sweep = {k: setup[k] for k in ("tracking_uri", "parent_run_id", "epochs")}
+
+    def _close(self, trial, status: str, outcome: str, feasible) -> None:
+        child = parent_run(self.sweep).find_child(TRIAL_TAG, trial.trial_id)
+        if child is None:  # failed before its run existed
+            return
+        child.set_tags({STATUS_TAG: outcome} | ({} if feasible is None else {"feasible": feasible}))
+        child.end(status)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        result = trial.last_result or {}
+        done, epochs = result.get(TIME_ATTR, 0), self.sweep["epochs"]
+        outcome = "completed" if done >= epochs else "stopped early"
+        self._close(trial, "FINISHED" if done >= epochs else "KILLED", outcome, result.get("feasible"))
+        over = "" if result.get("feasible", True) else ", over the GMACs budget"
+        acc, gmacs = result.get("val_acc1", math.nan), result.get("gflops", math.nan)
+        print(f"trial {trial.trial_id}: {outcome} after {done}/{epochs} epochs, val top-1 {acc:.4f}, "
+              f"{gmacs:.4g} GMACs{over}", flush=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._close(trial, "FAILED", "error", (trial.last_result or {}).get("feasible"))
+        print(f"trial {trial.trial_id}: failed, see {trial.error_file}", flush=True)
