@@ -27,7 +27,7 @@ import torch
 
 import spot
 from spot.descriptors import AttentionHistory
-from spot.engine import TokenRun
+from spot.engine import TokenState
 from spot.selectors import num_descriptors
 
 VARIANTS = ("current", "features_free", "history_free", "no_statistics")
@@ -38,8 +38,8 @@ _FIXED: dict[tuple, torch.Tensor] = {}  # history_free: one zero buffer per map 
 def variant(name: str, feature_width: int) -> Iterator[None]:
     """Within the block, the history update and / or the stage features are replaced as ``name`` says."""
 
-    def zero_features(run: TokenRun, x: torch.Tensor):
-        n = run.patches(x).shape[1]
+    def zero_features(state: TokenState, x: torch.Tensor):
+        n = state.patches(x).shape[1]
         return lambda attn, s1, s2, layers, rows: attn.new_zeros(attn.shape[0], n, feature_width)
 
     def add_without_sums(history: AttentionHistory, attn: torch.Tensor, rows: slice = slice(None)) -> None:
@@ -53,10 +53,10 @@ def variant(name: str, feature_width: int) -> Iterator[None]:
 
     swaps = []
     if name in ("features_free", "no_statistics"):
-        swaps.append((TokenRun, "describer", zero_features))
+        swaps.append((TokenState, "describer", zero_features))
     if name in ("history_free", "no_statistics"):
         swaps.append((AttentionHistory, "add", add_without_sums))
-        swaps.append((TokenRun, "_gather_history", lambda run, seq: None))
+        swaps.append((TokenState, "_gather_history", lambda state, seq: None))
     saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in swaps]
     for owner, attr, stand_in in swaps:
         setattr(owner, attr, stand_in)
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     dense = spot.create_model(args.backbone, rho=None, img_size=args.img_size).eval()
     sparse = spot.create_model(args.backbone, rho=args.rho, img_size=args.img_size).eval()
     sparse.load_state_dict(dense.state_dict(), strict=False)
-    width = num_descriptors(sparse.spot_cfg, sparse.blocks[0].attn.num_heads)
+    width = num_descriptors(sparse.spot_options, sparse.blocks[0].attn.num_heads)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     times = {name: [] for name in ("dense", *VARIANTS)}
     with torch.inference_mode():

@@ -79,7 +79,7 @@ def export_model(
         "parity": {},
     }
     if check_batches:
-        if not with_indices and not model.spot_cfg.dense:
+        if not with_indices and not model.spot_options.dense:
             raise ValueError("the parity check needs the kept indices: drop --logits-only or --check-batches")
         parity = check_onnx(model, exported.path, tuple(check_batches))
         report["parity"] = {str(b): r for b, r in parity.items()}

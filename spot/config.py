@@ -1,4 +1,4 @@
-"""The SPOT options of a model, validated once and carried by the model as ``model.spot_cfg``."""
+"""The SPOT options of a model, validated once and carried by the model as ``model.spot_options``."""
 
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ class SpotInfo:
     keep: Tensor | None = None  # (B, N0) final keep mask
 
 
-class TokenRun:
+class TokenState:
     """Per-forward state: which tokens are present or masked, and the attention history."""
 
     def __init__(self, cfg: SpotConfig, mode: str, x: Tensor, num_patches: int) -> None:
@@ -173,22 +173,22 @@ class TokenRun:
         return None
 
 
-def run_blocks(model: nn.Module, x: Tensor, num_patches: int) -> tuple[Tensor, TokenRun]:
+def run_blocks(model: nn.Module, x: Tensor, num_patches: int) -> tuple[Tensor, TokenState]:
     """Run ``model.blocks`` on tokens ``[cls, patches]`` with SPOT sparsification (prune or mask mode)."""
-    cfg: SpotConfig = model.spot_cfg
-    run = TokenRun(cfg, model.spot_mode, x, num_patches)
-    run.replay = getattr(model, "spot_replay", None)
+    cfg: SpotConfig = model.spot_options
+    state = TokenState(cfg, model.spot_mode, x, num_patches)
+    state.replay = getattr(model, "spot_replay", None)
     stage_of = {b: k for k, b in enumerate(cfg.stage_blocks)} if not cfg.dense else {}
-    last_read = max(stage_of) - 1 if run.history is not None else -1
+    last_read = max(stage_of) - 1 if state.history is not None else -1
     for i, blk in enumerate(model.blocks):
         if i in stage_of:
-            x = run.stage(stage_of[i], x, model.stage_predictor(stage_of[i]))
+            x = state.stage(stage_of[i], x, model.stage_predictor(stage_of[i]))
         before_stage = i + 1 in stage_of
         # attention maps are needed by the layer before a stage, and by every layer the history sums
-        if i <= last_read and (before_stage or run.history.accumulates):
-            run.history.start_layer(describe=run.describer(x) if before_stage else None)
-            x = blk(x, policy=run.policy, history=run.history)
+        if i <= last_read and (before_stage or state.history.accumulates):
+            state.history.start_layer(describe=state.describer(x) if before_stage else None)
+            x = blk(x, policy=state.policy, history=state.history)
         else:
-            x = blk(x, policy=run.policy)
-    return x, run
+            x = blk(x, policy=state.policy)
+    return x, state
 

@@ -39,7 +39,7 @@ class ExportError(RuntimeError):
 
 def kept_names(model: nn.Module) -> list[str]:
     """Output names of the per-stage kept indices of ``model`` (none for a dense model)."""
-    return [f"kept_{k}" for k in range(model.spot_cfg.num_stages)]
+    return [f"kept_{k}" for k in range(model.spot_options.num_stages)]
 
 
 def output_names(model: nn.Module, with_indices: bool = True) -> list[str]:
@@ -55,9 +55,9 @@ class PruneModeOutputs(nn.Module):
         self.with_indices = with_indices
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
-        tokens, run = self.model.forward_spot(images)
-        logits = self.model.head_logits(tokens, run)
-        return (logits, *run.info.kept_indices) if self.with_indices else (logits,)
+        tokens, state = self.model.forward_spot(images)
+        logits = self.model.head_logits(tokens, state)
+        return (logits, *state.info.kept_indices) if self.with_indices else (logits,)
 
 
 @dataclass
@@ -102,7 +102,7 @@ def export_onnx(
         onnx_program.rename_axes({batch: "batch"})
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx_program.save(path, external_data=False)
-    counts = [] if model.spot_cfg.dense else list(_keep_counts(model))
+    counts = [] if model.spot_options.dense else list(_keep_counts(model))
     version = onnx_program.model.opset_imports.get("", opset or 0)
     return Exported(path, [INPUT], output_names(model, with_indices), version, side, counts)
 
@@ -110,7 +110,7 @@ def export_onnx(
 def _keep_counts(model: nn.Module) -> list[int]:
     from spot.schedule import keep_counts
 
-    cfg = model.spot_cfg
+    cfg = model.spot_options
     return keep_counts(model.num_patches, cfg.rho, cfg.num_stages)
 
 
@@ -314,7 +314,7 @@ def check_outputs(
     The ``random`` selector draws its scores from the runtime's own generator, so its indices cannot
     equal eager's: they are checked for validity, and the logits against eager keeping the same tokens.
     """
-    cfg = model.spot_cfg
+    cfg = model.spot_options
     errors = [] if cfg.dense else selection_errors(got, _keep_counts(model), model.num_patches)
     replayed = cfg.selector == "random" and not cfg.dense
     if errors:

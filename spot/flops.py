@@ -55,7 +55,7 @@ def tokens_per_block(cfg: SpotConfig, depth: int, num_patches: int) -> list[int]
 def macs(model: nn.Module, img_size: int = 224, rho: float | None = ...) -> int:
     """MACs of one image through ``model`` in prune mode; ``rho`` overrides the model's retention."""
     model = getattr(model, "module", model)
-    cfg: SpotConfig = model.spot_cfg
+    cfg: SpotConfig = model.spot_options
     if rho is not ...:
         cfg = SpotConfig(**{**cfg.to_dict(), "rho": rho})
     patch = model.patch_embed.patch_size[0]

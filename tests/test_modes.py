@@ -104,7 +104,7 @@ def test_kept_indices_are_original_patch_positions_and_nested():
 def test_cls_attn_avg_keeps_the_tokens_the_class_token_attends_to_most_over_all_layers_so_far():
     """Each stage keeps the top tokens by class-token attention averaged over heads and earlier layers."""
     model = tiny(selector="cls_attn_avg", rho=0.5).eval()
-    stages = model.spot_cfg.stage_blocks
+    stages = model.spot_options.stage_blocks
     rows = []  # per block: class-token attention to each present patch, mean over heads (B, n)
 
     def hook(module, args, out):

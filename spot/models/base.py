@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from spot.blocks import make_blocks_spot_aware
 from spot.config import MODES, SpotConfig
-from spot.engine import SpotInfo, TokenRun, run_blocks
+from spot.engine import SpotInfo, TokenState, run_blocks
 from spot.relevance import TokenRelevance
 from spot.selectors import num_descriptors
 
@@ -14,11 +14,11 @@ from spot.selectors import num_descriptors
 class SpotModelMixin:
     """Mixed into a backbone class whose instances have ``blocks``, ``norm`` and ``patch_embed``.
 
-    The backbone supplies ``embed_tokens(x) -> (B, 1 + N0, C)`` and ``head_logits(x, run)``.
+    The backbone supplies ``embed_tokens(x) -> (B, 1 + N0, C)`` and ``head_logits(x, state)``.
     ``train()`` selects mask mode and ``eval()`` prune mode; ``set_mode`` overrides either.
     """
 
-    spot_cfg: SpotConfig
+    spot_options: SpotConfig
     spot_mode: str
     spot_predictors: nn.ModuleList | None
 
@@ -30,7 +30,7 @@ class SpotModelMixin:
     def stage_predictor(self, k: int) -> nn.Module | None:
         if self.spot_predictors is None:
             return None
-        return self.spot_predictors[0 if self.spot_cfg.shared_predictor else k]
+        return self.spot_predictors[0 if self.spot_options.shared_predictor else k]
 
     @property
     def num_patches(self) -> int:
@@ -44,19 +44,19 @@ class SpotModelMixin:
                 f"build the model with img_size={x.shape[-1]} to use another resolution"
             )
 
-    def forward_spot(self, x: Tensor) -> tuple[Tensor, TokenRun]:
-        """Embedded, sparsified and final-normed tokens, with the run's decisions."""
+    def forward_spot(self, x: Tensor) -> tuple[Tensor, TokenState]:
+        """Embedded, sparsified and final-normed tokens, with the forward pass's token decisions."""
         self.check_input(x)
-        x, run = run_blocks(self, self.embed_tokens(x), self.num_patches)
-        return self.norm(x), run
+        x, state = run_blocks(self, self.embed_tokens(x), self.num_patches)
+        return self.norm(x), state
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.forward_spot(x)[0]
 
     def forward(self, x: Tensor, return_info: bool = False) -> Tensor | tuple[Tensor, SpotInfo]:
-        x, run = self.forward_spot(x)
-        logits = self.head_logits(x, run)
-        return (logits, run.finish(x)) if return_info else logits
+        x, state = self.forward_spot(x)
+        logits = self.head_logits(x, state)
+        return (logits, state.finish(x)) if return_info else logits
 
 
 def attach_spot(model: nn.Module, cfg: SpotConfig, dim: int, num_heads: int) -> nn.Module:
@@ -65,7 +65,7 @@ def attach_spot(model: nn.Module, cfg: SpotConfig, dim: int, num_heads: int) -> 
     if not cfg.dense and max(cfg.stage_blocks) >= depth:
         raise ValueError(f"stage_blocks {cfg.stage_blocks} do not fit a {depth}-block model")
     make_blocks_spot_aware(model.blocks)
-    model.spot_cfg = cfg
+    model.spot_options = cfg
     model.spot_mode = "mask" if model.training else "prune"
     model.spot_predictors = None
     if not cfg.dense and cfg.selector == "learned":

@@ -12,7 +12,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoin
 from torch import Tensor
 
 from spot.config import SpotConfig
-from spot.engine import TokenRun
+from spot.engine import TokenState
 from spot.models.base import SpotModelMixin, attach_spot
 
 TIMM_NAMES = {
@@ -29,7 +29,7 @@ class SpotVisionTransformerMixin(SpotModelMixin):
         x = self._pos_embed(self.patch_embed(x))
         return self.norm_pre(self.patch_drop(x))
 
-    def head_logits(self, x: Tensor, run: TokenRun) -> Tensor:
+    def head_logits(self, x: Tensor, state: TokenState) -> Tensor:
         return self.forward_head(x)  # token pooling reads the class token only
 
     def spot_filter(self, state_dict: dict) -> dict:

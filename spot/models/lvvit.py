@@ -21,7 +21,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from spot.config import SpotConfig
-from spot.engine import TokenRun
+from spot.engine import TokenState
 from spot.models.base import SpotModelMixin, attach_spot
 
 
@@ -110,9 +110,9 @@ class LVViT(SpotModelMixin, nn.Module):
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         return self.pos_drop(x + self.pos_embed)
 
-    def head_logits(self, x: Tensor, run: TokenRun) -> Tensor:
-        aux = self.aux_head(run.patches(x))
-        keep = run.patch_keep()
+    def head_logits(self, x: Tensor, state: TokenState) -> Tensor:
+        aux = self.aux_head(state.patches(x))
+        keep = state.patch_keep()
         if keep is None:
             return self.head(x[:, 0]) + 0.5 * aux.amax(dim=1)
         # mask mode: the max runs over kept tokens only (none kept: no auxiliary term)
