@@ -258,7 +258,7 @@ def given_values(args: argparse.Namespace, config_file: str | None = None) -> di
     config_file = config_file or getattr(args, "config", None)
     values = read_config_file(config_file) if config_file else {}
     for key, value in vars(args).items():
-        if key not in FIELDS and key != "dense" or value is None:
+        if (key not in FIELDS and key != "dense") or value is None:
             continue
         values[key] = parse_model_args(value, "--model-arg") if key == "model_args" else value
     return values

@@ -3,13 +3,14 @@
 A local Ray is started with its State API address in its processes' environment: Ray Train's
 placement-group cleaner asks the State API whether a stopped run's controller is gone, and with several
 local Ray instances on one host it cannot tell which one to ask, so the stopped run's workers would keep
-their CPUs and the next run would wait forever. Without ``verbose``, the output of Ray's own processes
-(per-report metric lines, actor warnings) is filtered to the lines this project prints (:data:`OWN_PREFIX`).
+their CPUs and the next run would wait forever. Without ``verbose``, Ray's INFO lines stay off the
+console (the workers' per-report lines are silenced in :mod:`pipelines.train_loop`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -18,7 +19,6 @@ from pipelines.errors import ConfigError, first_line
 
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 PROBE_TIMEOUT_S = 5.0
-OWN_PREFIX = "spot: "  # lines printed by this project's callbacks inside Ray processes
 
 
 def probe_address(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
@@ -49,12 +49,8 @@ def start_local_ray(num_cpus: int | None = None, *, verbose: bool = False) -> No
 
 
 def quiet_kwargs(verbose: bool) -> dict:
-    """``ray.init`` arguments that keep Ray's own log lines off the console unless ``verbose``."""
-    if verbose:
-        return {}
-    import logging
-
-    return {"logging_level": logging.WARNING, "log_to_driver": True}
+    """``ray.init`` arguments that keep the driver's Ray INFO lines off the console unless ``verbose``."""
+    return {} if verbose else {"logging_level": logging.WARNING}
 
 
 @contextlib.contextmanager

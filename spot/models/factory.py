@@ -9,10 +9,10 @@ from torch import nn
 
 from spot.checkpoint import load_pretrained
 from spot.config import SPOT_OPTIONS, SpotConfig
-from spot.models import lvvit  # noqa: F401 - registers lvvit_t / lvvit_s with timm
 from spot.models.base import attach_spot
 from spot.models.deit import TIMM_NAMES as DEIT_NAMES
 from spot.models.deit import patch_vit
+from spot.models.lvvit import LVViT  # noqa: F401 - importing registers lvvit_t / lvvit_s with timm
 from spot.schedule import default_stage_blocks
 
 TIMM_NAMES = {**DEIT_NAMES, "lvvit_t": "lvvit_t", "lvvit_s": "lvvit_s"}
