@@ -97,6 +97,8 @@ def log_export(uri: str, path: Path, report: dict) -> dict:
     import onnx
 
     info = mlflow.models.get_model_info(uri)
+    if not info.run_id:  # a model saved outside any run: nothing to log to
+        return {}
     client = MlflowClient()
     out: dict = {"run_id": info.run_id}
     with mlflow.start_run(run_id=info.run_id) as run, tempfile.TemporaryDirectory() as tmp:
