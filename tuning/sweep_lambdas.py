@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipelines.cli import bad_input, print_result
 from pipelines.errors import TrackingError, check
-from tuning.options import RESUME_OPTIONS, build_parser
+from tuning import options
 
 SPACE_HELP = (
     "\n\nsearch space: a YAML file (--space) of fine-tuning options, each a number (fixed) or\n"
@@ -31,8 +31,8 @@ SPACE_HELP = (
 )
 
 
-def parser():
-    return build_parser(
+def build_parser():
+    return options.build_parser(
         "Ray Tune sweep of SPOT fine-tuning (loss weights, learning rates, rho) with MLflow.",
         "examples:\n" + __doc__.split("\n\n")[1] + SPACE_HELP,
     )
@@ -41,11 +41,12 @@ def parser():
 def main(argv: list[str] | None = None) -> int:
     from tuning.sweep import SweepError, prepare, sweep
 
-    cli = parser()
+    cli = build_parser()
     args = cli.parse_args(argv)
     try:
         if args.resume:
-            extra = [k for k, v in vars(args).items() if k not in RESUME_OPTIONS and v != cli.get_default(k)]
+            allowed = options.RESUME_OPTIONS
+            extra = [k for k, v in vars(args).items() if k not in allowed and v != cli.get_default(k)]
             check(not extra, f"--resume continues a sweep as it was started; remove {', '.join(extra)}",
                   SweepError)
         plan = prepare(args, Path.cwd())
