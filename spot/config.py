@@ -8,6 +8,7 @@ from spot.schedule import check_rho
 
 SELECTORS = ("learned", "cls_attn_avg", "random")
 SAMPLINGS = ("gumbel", "topk")
+DESCRIPTOR_SCALES = ("none", "count")
 MODES = ("mask", "prune")
 PREDICTOR_PREFIX = "spot_predictors."  # state_dict keys of the relevance modules
 
@@ -30,6 +31,7 @@ class SpotConfig:
     head_avg: bool = False  # average the statistics over heads instead of one set per head
     shared_predictor: bool = False  # one relevance module for all stages (Table 8)
     fuse_dropped: bool = False  # soft sparsification: fuse dropped tokens into one extra token
+    descriptor_scale: str = "none"  # "none": raw statistics (paper); "count": times n, n^2 (see selectors)
 
     def __post_init__(self) -> None:
         if self.rho is not None:
@@ -37,6 +39,10 @@ class SpotConfig:
         object.__setattr__(self, "stage_blocks", tuple(int(b) for b in self.stage_blocks))
         if self.selector not in SELECTORS:
             raise ValueError(f"unknown selector {self.selector!r}; choose one of {SELECTORS}")
+        if self.descriptor_scale not in DESCRIPTOR_SCALES:
+            raise ValueError(
+                f"unknown descriptor_scale {self.descriptor_scale!r}; choose one of {DESCRIPTOR_SCALES}"
+            )
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"unknown sampling {self.sampling!r}; choose one of {SAMPLINGS}")
         if list(self.stage_blocks) != sorted(set(self.stage_blocks)) or min(self.stage_blocks, default=1) < 1:

@@ -31,10 +31,11 @@ def relevance_features(
     ``[cls, patches]`` are read. ``keep`` is the whole batch's ``(B, N+1)`` bool mask of kept tokens
     in mask mode (rows ``rows`` apply), None in prune mode.
 
-    Raw statistics of attention probabilities are of order 1/N and their variances 1/N^2; the module
-    reads them relative to uniform attention (A and M times the kept patch count n, Sigma times n^2),
-    so features do not shrink with the token count. Mask and prune modes see the same n, so this
-    keeps their features equal.
+    With ``descriptor_scale="none"`` (default, the paper) the statistics are the raw ones of attention
+    probabilities. ``"count"`` reads them relative to uniform attention instead (A and M times the kept
+    patch count n, Sigma times n^2): on a trained model's peaked maps that gives inputs up to n^4
+    (variances of Sigma), which saturate the keep probabilities and stall the Gumbel gradients
+    (docs/design.md). Mask and prune modes see the same n, so either keeps their features equal.
 
     Descriptors are homogeneous (cls/mean entries of degree 1, variances of degree 2 in the map), so
     M = S1 / L and Sigma = (S2 - S1^2 / L) / L enter through S1, S2 - S1^2 / L and a scale factor c:
@@ -44,6 +45,8 @@ def relevance_features(
     keep = None if keep is None else keep[rows]
     count = keep[:, 1:].sum(-1) if keep is not None else attn.new_full(attn.shape[:1], n)
     scale = count.to(attn.dtype).clamp_min(1.0)[:, None, None, None]
+    if cfg.descriptor_scale == "none":
+        scale = torch.ones_like(scale)  # the paper's raw probabilities
     maps = [(attn[window], scale)]
     if cfg.attn_mean:
         maps.append((s1[window], scale / layers))

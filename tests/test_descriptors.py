@@ -2,6 +2,7 @@
 
 from functools import partial
 
+import pytest
 import torch
 
 from spot import attention_descriptors
@@ -58,8 +59,10 @@ def test_descriptors_ignore_dropped_rows_and_columns():
     torch.testing.assert_close(attention_descriptors(changed, keep), attention_descriptors(attn, keep))
 
 
-def test_relevance_features_read_mean_and_variance_over_layers():
-    """[D^A, D^M, D^Sigma] (Eq. 9-10) from the history equal descriptors of explicit M and Sigma."""
+@pytest.mark.parametrize("scale", ["none", "count"])
+def test_relevance_features_read_mean_and_variance_over_layers(scale):
+    """[D^A, D^M, D^Sigma] (Eq. 9-10) from the history equal descriptors of explicit M and Sigma, raw
+    (the paper) or relative to uniform attention (times n, n^2)."""
     from spot.config import SpotConfig
     from spot.descriptors import AttentionHistory
     from spot.selectors import relevance_features
@@ -68,7 +71,7 @@ def test_relevance_features_read_mean_and_variance_over_layers():
     keep = torch.ones(2, 9, dtype=torch.bool)
     keep[1, [3, 6]] = False
     history = AttentionHistory(batch=2)
-    describe = partial(relevance_features, SpotConfig(), keep=keep, n=8)
+    describe = partial(relevance_features, SpotConfig(descriptor_scale=scale), keep=keep, n=8)
     for i, m in enumerate(maps):  # each layer added in two batch chunks, as explicit attention does on CPU
         history.start_layer(describe=describe if i == len(maps) - 1 else None)
         history.add(m[:1], slice(0, 1))
@@ -78,6 +81,8 @@ def test_relevance_features_read_mean_and_variance_over_layers():
     stacked = torch.stack([m.double() for m in maps])
     mean, var = stacked.mean(0), stacked.var(0, correction=0)
     n = keep[:, 1:].sum(-1).double()[:, None, None, None]
+    if scale == "none":
+        n = torch.ones_like(n)
     relative = torch.tensor([1.0, 1, 1, 1, 2, 2], dtype=torch.float64)  # degree of each descriptor
     expected = torch.cat(
         [naive_descriptors(maps[-1], keep) * n**relative,
