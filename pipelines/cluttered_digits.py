@@ -1,9 +1,9 @@
 """The built-in task where tokens matter: one real digit scan placed among clutter on a larger canvas.
 
 Each sample is a ``CANVAS`` x ``CANVAS`` grey image: a scikit-learn digit scan (8 x 8, blown up to
-``DIGIT_SIDE`` px) at a random position, and ``CLUTTER_PIECES`` fragments of other scans of the same split
-(a random ``FRAGMENT`` x ``FRAGMENT`` window of a scan, blown up alike) elsewhere on the canvas. The label is
-the placed digit. With patch 8 the digit covers at most 9 of the 64 patches; the rest is clutter or empty,
+``DIGIT_SIDE`` px) at a random place on the ``GRID`` px grid, and ``CLUTTER_PIECES`` fragments of other scans
+of the same split (a random ``FRAGMENT`` x ``FRAGMENT`` window of a scan, blown up alike) anywhere else. The
+label is the placed digit. With patch 8 the digit fills 4 of the 36 patches; the rest is clutter or empty,
 so which tokens a model keeps decides whether it can still read the digit.
 
 Scans are split 80/20 by scan (stratified, fixed), and clutter is cut from the split's own scans, so no scan
@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-CANVAS = 64
+CANVAS = 48
 SCALE = 2  # scan pixel -> canvas pixels
 DIGIT_SIDE = 8 * SCALE
+GRID = 8  # the digit's corner lies on this grid
 FRAGMENT = 3  # side of a clutter fragment in scan pixels
-CLUTTER_PIECES = 10
+CLUTTER_PIECES = 8
 VAL_FRACTION = 0.2
 CANVASES_PER_SCAN = {"train": 8, "val": 5}
 
@@ -61,7 +62,7 @@ def render(
 ) -> tuple[np.ndarray, tuple[int, int, int]]:
     """A canvas with ``scan`` (8x8, 0-255) at a random place and ``fragments`` around it, and the box."""
     canvas = np.zeros((CANVAS, CANVAS), np.float32)
-    top, left = (int(v) for v in rng.integers(0, CANVAS - DIGIT_SIDE + 1, size=2))
+    top, left = (GRID * int(v) for v in rng.integers(0, (CANVAS - DIGIT_SIDE) // GRID + 1, size=2))
     side = FRAGMENT * SCALE
     for fragment in fragments:
         for _ in range(20):  # a place that leaves the digit's box (with a 1 px margin) untouched

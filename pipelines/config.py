@@ -26,7 +26,8 @@ from pipelines.errors import ConfigError, check, first_line
 from spot.config import SELECTORS
 from spot.losses import default_lambdas
 
-DIGITS_DIR = "data/digits"
+DIGITS_SOURCE = "cluttered-digits"  # the built-in task (pipelines/cluttered_digits.py)
+DIGITS_DIR = f"data/{DIGITS_SOURCE}"
 RUNS_DIR = "ray_results"
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
 AMP_MODES = ("bf16", "fp16", "off")
@@ -61,8 +62,9 @@ class RunConfig:
     # what the run computes (fixed for its lifetime)
     backbone: str = option("deit_s", "backbone", digits="deit_t", training=True, choices=spot.BACKBONES)
     data: str | None = option(
-        None, "shard directory (pipelines/make_shards.py); without it the built-in digits shards are made "
-        f"on first use in ./{DIGITS_DIR} and the small digits defaults apply", training=True, metavar="DIR",
+        None, f"shard directory (pipelines/make_shards.py); without it the built-in {DIGITS_SOURCE} shards "
+        f"are made on first use in ./{DIGITS_DIR} and the small digits defaults apply", training=True,
+        metavar="DIR",
     )
     pretrained: str | None = option(
         None, "initial weights: checkpoint file, models:/NAME@ALIAS, or hub (needs network); SPOT runs "
@@ -71,7 +73,7 @@ class RunConfig:
     rho: float | None = option(0.7, "token retention rate per stage in (0, 1]; 1 trains the dense backbone",
                                training=True)
     selector: str = option("learned", "token scoring", training=True, choices=SELECTORS)
-    epochs: int = option(recipe.PAPER_RECIPE["epochs"], "training epochs", digits=15, training=True)
+    epochs: int = option(recipe.PAPER_RECIPE["epochs"], "training epochs", digits=4, training=True)
     batch_size: int = option(recipe.PAPER_RECIPE["batch_size"], "global batch size (split over the workers)",
                              digits=64, training=True)
     lr: float = option(recipe.PAPER_RECIPE["lr"], "AdamW learning rate of the backbone", training=True)
@@ -95,7 +97,7 @@ class RunConfig:
                                digits=False, training=True)
     crop_scale: float = option(
         recipe.PAPER_RECIPE["crop_scale"], "smallest area fraction of the random resized crop of training "
-        "images", digits=0.5, training=True,  # small crops of an 8x8 scan lose the digit
+        "images", digits=1.0, training=True,  # a crop would cut the digit out of its canvas
     )
     hflip: float = option(recipe.PAPER_RECIPE["hflip"], "probability of a horizontal flip of a training "
                           "image",
@@ -106,10 +108,10 @@ class RunConfig:
                                      "else 0)", training=True)
     lambda_token: float | None = option(None, "weight of the token cosine loss (default: 0 for DeiT, 10 for "
                                         "LV-ViT with --pretrained)", training=True)
-    img_size: int = option(224, "training / validation image side", digits=32, training=True, metavar="PX")
+    img_size: int = option(224, "training / validation image side", digits=48, training=True, metavar="PX")
     model_args: dict = option(
         {}, "backbone override KEY=VALUE, repeatable (e.g. depth=6, patch_size=4, drop_path_rate=0.1)",
-        digits={"patch_size": 4, "depth": 6, "embed_dim": 96, "num_heads": 3}, training=True,
+        digits={"patch_size": 8, "depth": 6, "embed_dim": 64, "num_heads": 4}, training=True,
         metavar="KEY=VALUE",
     )
     amp: str = option("bf16", "autocast on GPU (fp16 uses a gradient scaler; CPU runs in fp32)",
@@ -324,12 +326,12 @@ def _resolve_training(config: RunConfig) -> None:
 
 
 def _resolve_data(config: RunConfig, cwd: Path) -> None:
-    """Make the digits shards if no --data; sets the class count (raises DataError for bad data)."""
+    """Make the built-in shards if no --data; sets the class count (raises DataError for bad data)."""
     from pipelines.manifest import read_manifest
-    from pipelines.shards import ensure_digits_shards
+    from pipelines.shards import ensure_builtin_shards
 
     if config.data is None:
-        config.data = str(ensure_digits_shards(cwd / DIGITS_DIR))
+        config.data = str(ensure_builtin_shards(cwd / DIGITS_DIR, DIGITS_SOURCE))
     config.data = str(Path(config.data).expanduser().resolve())
     manifest = read_manifest(config.data)
     for split in ("train", "val"):

@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""``make demo``: the whole pipeline on the built-in digits data, on this machine's CPUs, in minutes.
+"""``make demo``: the whole pipeline on the built-in cluttered digits, on this machine's CPUs, in minutes.
 
-1. digits shards in ./data/digits (made on first use);
+1. cluttered-digits shards in ./data/cluttered-digits (made on first use): one real digit scan among
+   fragments of other scans, so most tokens are background;
 2. dense baseline: a small DeiT trained from scratch with 2 Ray Train workers (DDP over gloo);
-3. SPOT: the same backbone with token sparsification, fine-tuned from the registered dense model, which is
-   also its frozen teacher;
-4. evaluation table of both (top-1 / top-5, GFLOPs, throughput), logged to MLflow;
+3. SPOT at rho 0.7: fine-tuned from the registered dense model, which is also its frozen teacher;
+4. selectors compared on the same weights (paper Table 7): random and class attention on the dense
+   weights, SPOT on its own, at rho 0.7 and 0.5, with top-1, GMACs and images/s, plus the kept-token
+   figures (Fig. 3); table and figures logged to MLflow;
 5. both models registered in MLflow (./mlflow.db); how to open the MLflow UI is printed at the end.
 """
 
@@ -22,11 +24,12 @@ from pathlib import Path
 import ray
 import torch
 
-from pipelines import evaluate
-from pipelines.config import resolve_config
+from pipelines import compare
+from pipelines.config import RUNS_DIR, resolve_config
 from pipelines.errors import TrackingError, first_line
 from pipelines.job import run as run_job
 from pipelines.ray_session import start_local_ray
+from pipelines.registry import load_model
 
 EXPERIMENT = "spot-demo"
 
@@ -46,45 +49,70 @@ def ui_hint(uri: str) -> str:
     )
 
 
+# SPOT fine-tuning from the dense model: lower learning rates than training from scratch, no freeze
+# (docs/benchmarks.md, "SPOT on the cluttered digits")
+SPOT_FINETUNE = {"epochs": 2, "lr": 1e-4, "predictor_lr": 1e-3, "freeze_epochs": 0, "warmup_epochs": 0.25}
+RHOS = (0.7, 0.5)
+
+
 def run_demo(num_workers: int = 2, epochs: int | None = None) -> dict:
-    """Dense baseline, SPOT from it, evaluation of both; returns the two RESULT dicts, the rows, the table."""
-    options = {"experiment": EXPERIMENT, "num_workers": num_workers} | ({"epochs": epochs} if epochs else {})
+    """Dense baseline, SPOT from it, the selector comparison; returns both RESULT dicts, rows and table."""
+    options = {"experiment": EXPERIMENT, "num_workers": num_workers}
     stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
-    dense_config = resolve_config({**options, "dense": True, "run_name": f"demo-dense-{stamp}"})
+    dense_options = {**options, "dense": True, "run_name": f"demo-dense-{stamp}"}
+    dense_config = resolve_config(dense_options | ({"epochs": epochs} if epochs else {}))
     start_local_ray(max(os.cpu_count() or 1, num_workers))
     try:
-        print(f"== 1/3 dense baseline: {dense_config.backbone} {dense_config.model_args}, "
-              f"{dense_config.epochs} epochs, {num_workers} Ray Train workers", flush=True)  # fmt: skip
+        print(
+            f"== 1/3 dense baseline: {dense_config.backbone} {dense_config.model_args}, "
+            f"{dense_config.epochs} epochs, {num_workers} Ray Train workers",
+            flush=True,
+        )
         dense = run_job(dense_config)
         teacher = f"models:/{dense['registered_model']}/{dense['registered_version']}"
-        spot_config = resolve_config(
-            {**options, "pretrained": teacher, "run_name": f"demo-spot-{stamp}"}
-        )
+        spot_options = {**options, **SPOT_FINETUNE, "pretrained": teacher, "rho": RHOS[0]}
+        spot_config = resolve_config(spot_options | {"run_name": f"demo-spot-{stamp}"})
         print(
-            f"== 2/3 SPOT rho {spot_config.rho}: fine-tuned from {teacher}, its frozen teacher", flush=True
+            f"== 2/3 SPOT rho {spot_config.rho}: {spot_config.epochs} epochs from {teacher} (its teacher)",
+            flush=True,
         )
         sparse = run_job(spot_config)
     finally:
         ray.shutdown()
-    print("== 3/3 evaluation on the digits validation split", flush=True)
+    print("== 3/3 selectors on the same weights, on the validation split", flush=True)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    rows = [
-        evaluate.evaluate(f"models:/{r['registered_model']}/{r['registered_version']}", dense_config.data,
-                          batch_size=64, throughput_batch=64, device=device, label=label)
-        for label, r in (("SPOT", sparse), ("dense", dense))
-    ]  # fmt: skip
-    table = evaluate.format_table(rows)
-    run_id = evaluate.log_to_mlflow(
-        rows, table, tracking_uri=dense_config.mlflow_uri, experiment=EXPERIMENT, data=dense_config.data
+    dense_uri, spot_uri = (
+        f"models:/{r['registered_model']}/{r['registered_version']}" for r in (dense, sparse)
     )
-    return {"dense": dense, "spot": sparse, "rows": rows, "table": table, "evaluation_run_id": run_id,
-            "tracking_uri": dense_config.mlflow_uri}  # fmt: skip
+    rows = compare.comparison_models(
+        load_model(dense_uri),
+        load_model(spot_uri),
+        list(RHOS),
+        dense_weights=f"dense ({dense_config.epochs} epochs)",
+        spot_weights=f"SPOT rho {spot_config.rho} ({dense_config.epochs} + {spot_config.epochs} epochs)",
+    )
+    data = dense_config.data
+    results = compare.compare(rows, data, batch_size=64, throughput_batch=64, device=device)
+    table = compare.format_comparison(results)
+    figures = compare.mask_figures(rows, data, Path(RUNS_DIR) / f"demo-{stamp}-token-masks")
+    run_id = compare.log_comparison(
+        results, table, figures, tracking_uri=dense_config.mlflow_uri, experiment=EXPERIMENT, data=data
+    )
+    return {
+        "dense": dense,
+        "spot": sparse,
+        "rows": results,
+        "table": table,
+        "figures": figures,
+        "evaluation_run_id": run_id,
+        "tracking_uri": dense_config.mlflow_uri,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-workers", type=int, default=2, help="Ray Train workers [default: 2]")
-    parser.add_argument("--epochs", type=int, help="epochs of each run [default: finetune's digits default]")
+    parser.add_argument("--epochs", type=int, help="epochs of the dense run [default: the digits preset]")
     args = parser.parse_args(argv)
     started = time.monotonic()
     try:
@@ -98,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         champion = " (champion)" if r["champion"] else ""
         print(f"registered {label}: models:/{r['registered_model']}/{r['registered_version']}{champion}, "
               f"MLflow run {r['mlflow_run_id']}")  # fmt: skip
-    print(f"evaluation: MLflow run {demo['evaluation_run_id']}")
+    print(f"comparison and kept-token figures: MLflow run {demo['evaluation_run_id']}")
     print(f"demo wall time {time.monotonic() - started:.0f} s")
     print("\n" + ui_hint(demo["tracking_uri"]))
     return 0

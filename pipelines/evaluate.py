@@ -21,10 +21,10 @@ import mlflow
 import torch
 from torch import nn
 
-from pipelines.config import DIGITS_DIR
+from pipelines.config import DIGITS_DIR, DIGITS_SOURCE
 from pipelines.loader import PAD_LABEL, make_loader
 from pipelines.manifest import DataError, read_manifest
-from pipelines.shards import ensure_digits_shards
+from pipelines.shards import ensure_builtin_shards
 from pipelines.table import markdown_table
 from spot.flops import gmacs
 
@@ -141,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", required=True, help="checkpoint dir, MLflow model dir, or models:/NAME@ALIAS"
     )
     parser.add_argument("--baseline", help="a second model shown side by side (e.g. the dense backbone)")
-    parser.add_argument("--data", help=f"shard directory (default: the built-in digits in ./{DIGITS_DIR})")
+    parser.add_argument(
+        "--data", help=f"shard directory (default: the built-in {DIGITS_SOURCE} in ./{DIGITS_DIR})"
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="evaluation batch size [default: 64]")
     parser.add_argument(
         "--throughput-batch", type=int, default=64, help="batch size of the throughput timing [default: 64]"
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         data = (
             str(Path(args.data).resolve())
             if args.data
-            else str(ensure_digits_shards(Path.cwd() / DIGITS_DIR))
+            else str(ensure_builtin_shards(Path.cwd() / DIGITS_DIR, DIGITS_SOURCE))
         )
         uri = resolve_tracking_uri(args.mlflow_uri, Path.cwd())
         mlflow.set_tracking_uri(uri)  # where models:/ URIs are looked up

@@ -48,7 +48,8 @@ from pipelines.manifest import (
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
 DIGITS_IMG_SIZE = 64
 DIGITS_SPLITS = ("train", "val")
-BUILTIN_SOURCES = ("digits", "cluttered-digits")  # made by this project, no path
+BUILTIN_IMG_SIZE = {"digits": DIGITS_IMG_SIZE, "cluttered-digits": cluttered_digits.CANVAS}  # default sides
+BUILTIN_SOURCES = tuple(BUILTIN_IMG_SIZE)  # made by this project, no path
 DIGITS_VAL_FRACTION = 0.2
 JPEG_QUALITY = 90
 CHUNK = 512  # images decoded per round trip to the worker pool (bounds memory on large datasets)
@@ -184,8 +185,9 @@ def encode(item: Item, img_size: int | None) -> EncodeResult:
     """
     try:
         if item.pixels is not None:
-            side = img_size or DIGITS_IMG_SIZE
-            img = Image.fromarray(item.pixels, "L").resize((side, side), Image.Resampling.BICUBIC)
+            img = Image.fromarray(item.pixels, "L")
+            if img_size is not None and img.size != (img_size, img_size):
+                img = img.resize((img_size, img_size), Image.Resampling.BICUBIC)
             data = None
         else:
             data = item.path.read_bytes()
@@ -340,12 +342,14 @@ def write_shards(
 
     ``split=None`` means both ``train`` and ``val`` for the built-in sources and ``train`` otherwise. Other
     splits already in ``out_dir`` are kept, and their class list is reused so indices agree (e.g. ImageNet
-    train, then val). ``img_size``: side of the built-in images (default 64); for files, if set, the shorter
-    side is capped at it.
-    ``seed`` shuffles the samples (and draws the cluttered-digits canvases).
+    train, then val). ``img_size``: side of the built-in images (default: ``BUILTIN_IMG_SIZE``); for files,
+    if set, the shorter side is capped at it. ``seed`` shuffles the samples (and draws the cluttered-digits
+    canvases).
     Returns the re-read manifest. Raises :class:`SourceError` / :class:`MissingLabelError` on bad input.
     """
     kind, path = parse_source(source)
+    if kind in BUILTIN_SOURCES:
+        img_size = img_size or BUILTIN_IMG_SIZE[kind]
     splits = list(DIGITS_SPLITS) if kind in BUILTIN_SOURCES and split is None else [split or "train"]
     for name in splits:
         if not re.fullmatch(r"[A-Za-z0-9_]+", name):
@@ -389,7 +393,7 @@ def write_shards(
                 "source": source,
                 "seed": seed,
                 "shard_size": shard_size,
-                "img_size": (img_size or DIGITS_IMG_SIZE) if kind in BUILTIN_SOURCES else img_size,
+                "img_size": img_size,
             }
             _commit(stage, out, name, entry, classes)
         finally:
@@ -397,15 +401,14 @@ def write_shards(
     return read_manifest(out)
 
 
-def ensure_builtin_shards(
-    out_dir: str | Path, source: str = "digits", img_size: int = DIGITS_IMG_SIZE
-) -> Path:
+def ensure_builtin_shards(out_dir: str | Path, source: str, img_size: int | None = None) -> Path:
     """Make a built-in source's train/val shards in ``out_dir`` unless valid ones of that size exist.
 
     Safe to call from several processes at once (file lock). Refuses to overwrite another dataset.
     """
     if source not in BUILTIN_SOURCES:
         raise SourceError(f"source {source!r} is not built in; choose one of {BUILTIN_SOURCES}")
+    img_size = img_size or BUILTIN_IMG_SIZE[source]
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "w") as lock:

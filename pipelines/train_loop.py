@@ -152,6 +152,9 @@ def train_one_epoch(
     metrics = {f"train_{name}": value / max(steps, 1) for name, value in sums.items()}
     if kept is not None:
         metrics.update({f"train_kept_s{k + 1}": v / steps for k, v in enumerate(kept.tolist())})
+        # health: how far the train-mode (Gumbel) keep rate is from its target rho^k (Eq. 12)
+        metrics.update({f"train_keep_gap_s{k}": metrics[f"train_kept_s{k}"] - config["rho"] ** k
+                        for k in range(1, len(kept) + 1)})
     for group in optimizer.param_groups:
         metrics[f"lr_{group['name']}"] = group["lr"]
     metrics["train_images_per_s"] = images_seen / elapsed

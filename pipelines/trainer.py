@@ -15,15 +15,32 @@ from pipelines.config import RunConfig
 from pipelines.errors import first_line
 
 CONTROLLER_FAILURE_LIMIT = 3  # attempts of the Train controller to start a run (e.g. no resources)
+KEEP_GAP_WARNING = 0.1  # train-mode keep rate this far from rho^k: the rate is not being learned
+
+
+def keep_rate_warning(metrics: dict) -> str | None:
+    """A warning when an epoch's train-mode keep rate of some stage is off its target rho^k, else None."""
+    gaps = {key.rsplit("_s", 1)[1]: gap for key, gap in metrics.items() if key.startswith("train_keep_gap_s")}
+    off = {stage: gap for stage, gap in gaps.items() if abs(gap) > KEEP_GAP_WARNING}
+    if not off:
+        return None
+    stages = ", ".join(f"stage {s} {metrics[f'train_kept_s{s}']:.2f} ({gap:+.2f})" for s, gap in off.items())
+    return (f"warning: train-mode keep rate off its target rho^k: {stages}; a rate stuck near 1.0 or 0.0 "
+            "means the relevance module is not learning (docs/pipeline.md, keep-rate health)")
 
 
 def epoch_line(metrics: dict) -> str:
-    """The console line of one epoch's report."""
-    return (
+    """The console line of one epoch's report (and the keep-rate warning, if any, on a second line)."""
+    line = (
         f"epoch {metrics['epoch'] + 1}: train loss {metrics['train_total']:.4f}, val top-1 "
         f"{metrics['val_acc1']:.4f} top-5 {metrics['val_acc5']:.4f}, {metrics['gflops']:.4g} GMACs, "
         f"{metrics['epoch_time_s']:.1f} s"
     )
+    kept = [metrics[k] for k in sorted(metrics) if k.startswith("train_kept_s")]
+    if kept:
+        line += ", train kept " + "/".join(f"{v:.2f}" for v in kept)
+    warning = keep_rate_warning(metrics)
+    return line if warning is None else f"{line}\n{warning}"
 
 
 class ProgressCallback(UserCallback):

@@ -62,3 +62,28 @@ def saturated_share(model: torch.nn.Module) -> float:
 def test_untrained_keep_probabilities_are_not_saturated():
     assert saturated_share(sharp_model()) < 0.01
     assert saturated_share(sharp_model(descriptor_scale="count")) > 0.1  # the old default
+
+
+def test_keep_rate_health_warns_when_the_rate_is_stuck():
+    from pipelines.trainer import epoch_line, keep_rate_warning
+
+    base = {
+        "epoch": 0,
+        "train_total": 0.5,
+        "val_acc1": 0.9,
+        "val_acc5": 1.0,
+        "gflops": 0.1,
+        "epoch_time_s": 9.0,
+    }
+    healthy = {
+        "train_kept_s1": 0.68,
+        "train_kept_s2": 0.5,
+        "train_keep_gap_s1": -0.02,
+        "train_keep_gap_s2": 0.01,
+    }
+    stuck = {"train_kept_s1": 1.0, "train_kept_s2": 0.5, "train_keep_gap_s1": 0.3, "train_keep_gap_s2": 0.01}
+    assert keep_rate_warning(base | healthy) is None
+    assert "train kept 0.68/0.50" in epoch_line(base | healthy)
+    warning = keep_rate_warning(base | stuck)
+    assert "stage 1 1.00 (+0.30)" in warning and "stage 2" not in warning
+    assert epoch_line(base | stuck).splitlines()[1] == warning
