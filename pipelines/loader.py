@@ -299,7 +299,8 @@ def make_loader(
 
     Training images: a random crop of ``crop_scale`` to all of the image area (aspect 3/4 to 4/3) resized
     to ``img_size``, flipped horizontally with probability ``hflip``, then RandAugment if asked; evaluation
-    images: shorter side resized to ``img_size / crop_pct``, centre crop.
+    images: shorter side resized to ``img_size / crop_pct``, centre crop (whole images when the manifest says
+    that every image of the split is ``img_size`` square).
     ``device=None`` picks the current CUDA device if there is one (GPU decoding), else the CPU. Raises a
     :class:`~pipelines.manifest.DataError` subclass for a missing/empty directory, a manifest that does not
     match the shards, or too few samples (train: fewer than ``num_shards * batch_size``; eval: fewer than
@@ -317,6 +318,9 @@ def make_loader(
         raise ValueError(f"need 0 < crop_scale <= 1 and 0 <= hflip <= 1; got {crop_scale=}, {hflip=}")
     manifest = read_manifest(data_dir)
     manifest.shard_infos(split)  # raises ManifestError naming the known splits
+    sizes = manifest.info[split].get("image_size", {})
+    if {v for axis in sizes.values() for v in (axis["min"], axis["max"])} == {img_size}:
+        crop_pct = 1.0  # every image is stored at the model's size (the built-in sets): used whole
     total = manifest.counts[split]
     need = num_shards * batch_size if train else num_shards
     if total < need:
