@@ -38,6 +38,7 @@ from pipelines.manifest import (
     read_manifest,
 )
 
+CROP_PCT = 0.875  # evaluation: centre crop of an image resized to img_size / CROP_PCT
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PAD_LABEL = -100
@@ -290,7 +291,7 @@ def make_loader(
     num_threads: int = 2,
     seed: int = 0,
     device: torch.device | str | None = None,
-    crop_pct: float = 0.875,
+    crop_pct: float | None = None,
     crop_scale: float = 0.08,
     hflip: float = 0.5,
     randaugment: bool = False,
@@ -299,8 +300,8 @@ def make_loader(
 
     Training images: a random crop of ``crop_scale`` to all of the image area (aspect 3/4 to 4/3) resized
     to ``img_size``, flipped horizontally with probability ``hflip``, then RandAugment if asked; evaluation
-    images: shorter side resized to ``img_size / crop_pct``, centre crop (whole images when the manifest says
-    that every image of the split is ``img_size`` square).
+    images: shorter side resized to ``img_size / crop_pct``, centre crop; ``crop_pct=None`` means 1 (whole
+    images) when the manifest says every image of the split is ``img_size`` square, else ``CROP_PCT``.
     ``device=None`` picks the current CUDA device if there is one (GPU decoding), else the CPU. Raises a
     :class:`~pipelines.manifest.DataError` subclass for a missing/empty directory, a manifest that does not
     match the shards, or too few samples (train: fewer than ``num_shards * batch_size``; eval: fewer than
@@ -311,16 +312,17 @@ def make_loader(
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    if batch_size < 1 or not 0 <= shard_id < num_shards or not 0 < crop_pct <= 1:
+    if batch_size < 1 or not 0 <= shard_id < num_shards or not 0 < (crop_pct or 1) <= 1:
         raise ValueError(f"need batch_size >= 1, 0 <= shard_id < num_shards, 0 < crop_pct <= 1; got "
                          f"{batch_size=}, {shard_id=}, {num_shards=}, {crop_pct=}")
     if not 0 < crop_scale <= 1 or not 0 <= hflip <= 1:
         raise ValueError(f"need 0 < crop_scale <= 1 and 0 <= hflip <= 1; got {crop_scale=}, {hflip=}")
     manifest = read_manifest(data_dir)
     manifest.shard_infos(split)  # raises ManifestError naming the known splits
-    sizes = manifest.info[split].get("image_size", {})
-    if {v for axis in sizes.values() for v in (axis["min"], axis["max"])} == {img_size}:
-        crop_pct = 1.0  # every image is stored at the model's size (the built-in sets): used whole
+    if crop_pct is None:
+        sizes = manifest.info[split].get("image_size", {})
+        whole = {v for axis in sizes.values() for v in (axis["min"], axis["max"])} == {img_size}
+        crop_pct = 1.0 if whole else CROP_PCT
     total = manifest.counts[split]
     need = num_shards * batch_size if train else num_shards
     if total < need:

@@ -243,3 +243,13 @@ def test_corrupt_jpeg_fails_fast_naming_shard_and_key(unique_dir, copy_of, train
                 pass
     clean = make_loader(unique_dir, "train", batch_size=4, img_size=16, train=train, shard_id=1, num_shards=2)
     assert len(list(clean)) == len(loader)
+
+
+def test_images_stored_at_the_model_size_are_evaluated_whole(digits_dir):
+    """The default 0.875 centre crop would zoom a 64 px image stored at 64 px; it is read whole instead."""
+    def first_batch(img_size: int, **crop) -> torch.Tensor:
+        loader = make_loader(digits_dir, "val", batch_size=16, img_size=img_size, train=False, **crop)
+        return next(iter(loader))[0]
+
+    torch.testing.assert_close(first_batch(64), first_batch(64, crop_pct=1.0), rtol=0, atol=0)
+    assert not torch.equal(first_batch(64), first_batch(64, crop_pct=0.875))  # an explicit crop still applies
