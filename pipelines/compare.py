@@ -131,3 +131,49 @@ def log_comparison(
         run.log_artifact(figure, "token_masks")
     run.end("FINISHED")
     return run.run_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    import mlflow
+
+    from pipelines.cli import bad_input
+    from pipelines.config import DIGITS_DIR, DIGITS_SOURCE
+    from pipelines.errors import TrackingError
+    from pipelines.registry import load_model
+    from pipelines.shards import ensure_builtin_shards
+    from pipelines.tracking import resolve_tracking_uri
+
+    parser = argparse.ArgumentParser(prog="compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dense", required=True, help="the dense model: checkpoint dir or models:/ URI")
+    parser.add_argument("--spot", help="a SPOT model fine-tuned from it (checkpoint dir or models:/ URI)")
+    parser.add_argument("--rho", type=float, nargs="+", default=[0.7, 0.5], help="retention rates [0.7 0.5]")
+    parser.add_argument("--data", help=f"shard directory (default: the built-in {DIGITS_SOURCE})")
+    parser.add_argument("--batch-size", type=int, default=64, help="batch size [default: 64]")
+    parser.add_argument("--mlflow", action="store_true", help="log the table and figures as an MLflow run")
+    parser.add_argument("--mlflow-uri", help="tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    parser.add_argument("--experiment", default="spot-compare", help="MLflow experiment [spot-compare]")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        data = args.data or str(ensure_builtin_shards(Path.cwd() / DIGITS_DIR, DIGITS_SOURCE))
+        uri = resolve_tracking_uri(args.mlflow_uri, Path.cwd())
+        mlflow.set_tracking_uri(uri)  # where models:/ URIs are looked up
+        dense, sparse = load_model(args.dense), (load_model(args.spot) if args.spot else None)
+        rows = comparison_models(dense, sparse, args.rho, dense_weights=args.dense, spot_weights=args.spot)
+        results = compare(rows, data, batch_size=args.batch_size, throughput_batch=64, device=device)
+        table = format_comparison(results)
+        print(table)
+        if args.mlflow:
+            figures = mask_figures(rows, data, Path("compare-token-masks"))
+            run_id = log_comparison(results, table, figures, tracking_uri=uri, experiment=args.experiment,
+                                    data=data)
+            print(f"logged to MLflow run {run_id} (experiment {args.experiment!r}, {uri})")
+    except (ValueError, FileNotFoundError, TrackingError) as err:
+        return bad_input("compare", err)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
