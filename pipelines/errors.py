@@ -11,6 +11,10 @@ class TrackingError(RuntimeError):
     """The tracking server or store cannot be used; the message says why in one line."""
 
 
+class TrainingError(RuntimeError):
+    """A training run that stopped for good (e.g. a non-finite loss); the message says where (exit code 1)."""
+
+
 def first_line(err: BaseException) -> str:
     """The first line of an error's message (its type name if empty): one-line error reports."""
     text = str(err).strip()

@@ -19,7 +19,7 @@ import sys
 
 from pipelines.cli import bad_input, print_result
 from pipelines.config import add_options, given_values, resolve_config
-from pipelines.errors import TrackingError, first_line
+from pipelines.errors import TrackingError, TrainingError, first_line
 from pipelines.manifest import DataError
 
 
@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         result = run(resolve_config(given_values(args)))
     except (DataError, FileNotFoundError, TrackingError, ValueError) as err:
         return bad_input("finetune", err)
+    except TrainingError as err:  # stopped for good (non-finite loss): the message says where
+        print(f"finetune: training failed: {first_line(err)}", file=sys.stderr)
+        return 1
     except Exception as err:
         from ray.train import TrainingFailedError
 

@@ -12,11 +12,12 @@ from pathlib import Path
 
 from pipelines import tracking
 from pipelines.config import RunConfig
-from pipelines.errors import check
+from pipelines.errors import TrainingError, check
 from pipelines.mlflow_run import MlflowRun
 from pipelines.ray_session import ray_session
-from pipelines.run_record import read_record, write_record
+from pipelines.run_record import FAULT_RECORD, delete_record, read_record, write_record
 from pipelines.table import markdown_table
+from pipelines.trainer import NONFINITE
 from pipelines.weights import ModelSummary, prepare_init
 
 EPOCH_COLUMNS = ("epoch", "val_acc1", "val_acc5", "val_total", "train_total", "gflops")
@@ -63,13 +64,26 @@ def evaluation_table(rows: list[dict], best: dict, summary: ModelSummary) -> str
     )
 
 
+def stop_on_nonfinite(result, mlflow_run: MlflowRun, storage: str, name: str) -> None:
+    """If the workers stopped on a NaN / inf loss: mark the MLflow run FAILED and raise ``TrainingError``
+    naming where it happened and the last good checkpoint (kept; nothing is registered)."""
+    fault = read_record(storage, name, FAULT_RECORD)
+    if fault is None:
+        return
+    fault = fault["error"]
+    mlflow_run.set_tags({NONFINITE: fault})
+    mlflow_run.end("FAILED")
+    last = result.checkpoint.path if result.checkpoint is not None else "none (no epoch finished)"
+    raise TrainingError(f"{fault}; nothing registered; last good checkpoint: {last} (try a lower --lr)")
+
+
 def run(config: RunConfig) -> dict:
     """Train ``config`` (from :func:`pipelines.config.resolve_config`) on Ray, track it in MLflow, register
     the best model. Returns the ``RESULT_JSON`` dict.
 
     Before any worker starts, raises ``TrackingError`` if MLflow is not usable and ``ConfigError`` for a bad
     ``--pretrained``, ``--address`` or run name; raises ``ray.train.TrainingFailedError`` if training fails
-    for good (the MLflow run is then FAILED).
+    for good and ``TrainingError`` on a NaN / inf loss (the MLflow run is then FAILED, nothing registered).
     """
     import mlflow
     from ray.train import TrainingFailedError
@@ -88,11 +102,13 @@ def run(config: RunConfig) -> dict:
         mlflow_run = open_mlflow_run(config, summary)
         callbacks = [tracking.MlflowReportCallback(uri, mlflow_run.run_id)]
         trainer = build_trainer(config, name=name, storage=storage, init=init, callbacks=callbacks)
+        delete_record(storage, name, FAULT_RECORD)  # a fault of an earlier attempt (before --resume)
         try:
             result = trainer.fit()
         except TrainingFailedError:
             mlflow_run.end("FAILED")
             raise
+        stop_on_nonfinite(result, mlflow_run, storage, name)
         registered = register_best(result, run_id=mlflow_run.run_id, name=config.register_as)
         best = registered["metrics"]
         rows = mlflow_run.metric_history(list(EPOCH_COLUMNS[1:]))

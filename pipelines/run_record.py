@@ -14,6 +14,7 @@ import pyarrow.fs
 from pipelines.errors import ConfigError, first_line
 
 RUN_RECORD = "spot_run.json"
+FAULT_RECORD = "spot_fault.json"  # written by rank 0 when the workers stop on a NaN / inf loss
 SWEEP_RECORD = "spot_sweep.json"
 
 
@@ -32,6 +33,14 @@ def read_record(storage: str, name: str, file: str = RUN_RECORD) -> dict | None:
         return None
     with fs.open_input_stream(path) as f:
         return json.loads(f.read())
+
+
+def delete_record(storage: str, name: str, file: str) -> None:
+    """Remove the record ``file`` of ``name`` if there is one."""
+    fs, root = _root(storage)
+    path = f"{root}/{name}/{file}"
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.File:
+        fs.delete_file(path)
 
 
 def write_record(storage: str, name: str, record: dict, file: str = RUN_RECORD) -> None:

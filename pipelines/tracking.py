@@ -29,6 +29,7 @@ from ray.train import Checkpoint, UserCallback
 
 from pipelines.checkpoints import MASKS_FILE
 from pipelines.errors import TrackingError, first_line
+from pipelines.trainer import NONFINITE
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,9 @@ class MlflowReportCallback(UserCallback):
         now = int(time.time() * 1000)
         try:
             client = self._mlflow()
+            if NONFINITE in report:  # the workers stopped: no metrics of this epoch, say why
+                client.set_tag(self.run_id, NONFINITE, report[NONFINITE][:5000])
+                return
             batch = [Metric(k, v, now, step) for k, v in sorted(numeric_metrics(report).items())]
             client.log_batch(self.run_id, metrics=batch)
             if checkpoint is not None:

@@ -42,6 +42,8 @@ import spot
 from pipelines.checkpoints import MASKS_FILE, load_checkpoint, save_checkpoint, unwrap
 from pipelines.loader import IMAGENET_MEAN, IMAGENET_STD, PAD_LABEL, make_loader
 from pipelines.recipe import build_mixup, build_optimizer, freeze_embeddings
+from pipelines.run_record import FAULT_RECORD, write_record
+from pipelines.trainer import NONFINITE
 from spot.flops import gmacs
 from spot.losses import spot_loss
 from spot.visualize import draw_token_masks
@@ -98,6 +100,19 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+class NonFiniteLoss(Exception):
+    """A NaN / inf loss on some rank; the message names the epoch (1-based, as on the console) and step."""
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is True on any rank (one tiny all-reduce; no-op on one worker)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value)
+    return value.item() > 0
+
+
 def _lambdas(config: dict) -> dict[str, float]:
     return {"rate": config["lambda_rate"], "kl": config["lambda_kl"], "token": config["lambda_token"]}
 
@@ -135,6 +150,11 @@ def train_one_epoch(
                 teacher_logits=teacher_logits,
                 teacher_tokens=teacher_tokens,
                 label_smoothing=0.0 if mixup is not None else config["label_smoothing"],
+            )
+        if any_rank(not torch.isfinite(loss.detach()).item(), device):  # all ranks stop together
+            raise NonFiniteLoss(
+                f"non-finite training loss at epoch {epoch + 1}, step {steps + 1} of {len(loader)} "
+                f"(this rank's loss: {loss.item()})"
             )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -224,6 +244,15 @@ def draw_masks(shown: tuple[Tensor, list[Tensor]], patch_size: int, path: Path) 
     draw_token_masks(images, kept, patch_size * scale, path, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
+def stop_nonfinite(config: dict, rank: int, epoch: int, message: str) -> None:
+    """Tell the driver (rank 0's fault record in the run's storage) and the callbacks (a report without a
+    checkpoint, so the last good checkpoint stays the latest) that the run stops on a NaN / inf loss."""
+    if rank == 0:
+        write_record(config["ray_storage"], config["ray_name"], {"epoch": epoch, "error": message},
+                     FAULT_RECORD)
+    ray.train.report({"epoch": epoch, NONFINITE: message})
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point (see the module docstring for ``config``)."""
     if not config["verbose"]:  # Ray Train's per-report INFO lines go to the root logger's console
@@ -270,10 +299,17 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start, config["epochs"]):
         seed_everything(derived_seed(config["seed"], rank, epoch))
         began = time.perf_counter()
-        metrics = {"epoch": epoch, **train_one_epoch(
-            model, teacher, loader, optimizer, scheduler, scaler, mixup, config, device, epoch
-        )}
+        try:
+            metrics = {"epoch": epoch, **train_one_epoch(
+                model, teacher, loader, optimizer, scheduler, scaler, mixup, config, device, epoch
+            )}
+        except NonFiniteLoss as err:  # deterministic: a retry would fail the same way, so no exception
+            stop_nonfinite(config, rank, epoch, str(err))
+            return
         val_metrics, shown = validate(model, teacher, val_loader, config, device)
+        if not np.isfinite(val_metrics["val_total"]):
+            stop_nonfinite(config, rank, epoch, f"non-finite validation loss at epoch {epoch + 1}")
+            return
         metrics.update(val_metrics)
         metrics.update({"gflops": gflops, "epoch_time_s": time.perf_counter() - began})
         metrics["worker_node_ids"] = node_ids

@@ -14,6 +14,8 @@ from pipelines.checkpoints import SCORE
 from pipelines.config import RunConfig
 from pipelines.errors import first_line
 
+NONFINITE = "nonfinite_loss"  # report key of a run its workers stopped (NaN / inf loss): where it happened
+
 CONTROLLER_FAILURE_LIMIT = 3  # attempts of the Train controller to start a run (e.g. no resources)
 KEEP_GAP_WARNING = 0.1  # train-mode keep rate this far from rho^k: the rate is not being learned
 
@@ -50,6 +52,9 @@ class ProgressCallback(UserCallback):
         self.label = f"{label}: " if label else ""
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        if NONFINITE in metrics[0]:
+            print(f"{self.label}{metrics[0][NONFINITE]}: stopping", flush=True)
+            return
         print(f"{self.label}{epoch_line(metrics[0])}", flush=True)
 
     def after_exception(self, run_context, worker_exceptions: dict) -> None:
@@ -86,7 +91,8 @@ def build_trainer(
     resources = {"CPU": config.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**config.to_dict(), "init_weights": ray.put(init)},
+        train_loop_config={**config.to_dict(), "init_weights": ray.put(init), "ray_storage": storage,
+                           "ray_name": name},
         scaling_config=ScalingConfig(
             num_workers=config.num_workers,
             use_gpu=bool(gpus),
