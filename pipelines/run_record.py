@@ -7,7 +7,9 @@ file-system URI (``s3://``, ``gs://``).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import uuid
 
 import pyarrow.fs
 
@@ -44,7 +46,17 @@ def delete_record(storage: str, name: str, file: str) -> None:
 
 
 def write_record(storage: str, name: str, record: dict, file: str = RUN_RECORD) -> None:
+    """Write the record atomically: a temporary file moved over the old one, so a full disk or a killed
+    process leaves the previous record intact, never a truncated one."""
     fs, root = _root(storage)
     fs.create_dir(f"{root}/{name}", recursive=True)
-    with fs.open_output_stream(f"{root}/{name}/{file}") as f:
-        f.write(json.dumps(record, indent=1).encode())
+    path = f"{root}/{name}/{file}"
+    tmp = f"{root}/{name}/.{file}.{uuid.uuid4().hex}.tmp"
+    try:
+        with fs.open_output_stream(tmp) as f:
+            f.write(json.dumps(record, indent=1).encode())
+        fs.move(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fs.delete_file(tmp)
+        raise

@@ -314,17 +314,39 @@ def _load_raw_manifest(out_dir: Path) -> dict:
 
 
 def _commit(stage: Path, out_dir: Path, split: str, entry: dict, classes: list[str]) -> None:
-    """Replace ``split``'s shards in ``out_dir`` by the staged ones, then rewrite the manifest atomically."""
-    for old in [*out_dir.glob(f"{split}-*.tar"), *out_dir.glob(f"{split}-*.idx")]:
-        old.unlink()
-    for new in sorted(stage.iterdir()):
-        new.replace(out_dir / new.name)
+    """Replace ``split``'s shards in ``out_dir`` by the complete staged ones, keeping the old split intact
+    until the new one is in place.
+
+    The new manifest is written first (the only write that needs space); then the old shards are moved
+    aside, the new ones moved in (renames in one directory) and the manifest swapped with ``os.replace``;
+    the old shards are deleted last. A failure before the swap puts the old shards back.
+    """
     raw = _load_raw_manifest(out_dir)
     raw["classes"] = classes
     raw["splits"][split] = entry
     tmp = out_dir / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(json.dumps(raw, indent=1, sort_keys=True) + "\n")
-    tmp.replace(out_dir / MANIFEST_NAME)
+    aside = out_dir / f".old-{split}"
+    try:
+        tmp.write_text(json.dumps(raw, indent=1, sort_keys=True) + "\n")
+        shutil.rmtree(aside, ignore_errors=True)
+        aside.mkdir()
+        old = [*out_dir.glob(f"{split}-*.tar"), *out_dir.glob(f"{split}-*.idx")]
+        for path in old:
+            path.replace(aside / path.name)
+        try:
+            for new in sorted(stage.iterdir()):
+                new.replace(out_dir / new.name)
+            tmp.replace(out_dir / MANIFEST_NAME)
+        except BaseException:
+            for path in [*out_dir.glob(f"{split}-*.tar"), *out_dir.glob(f"{split}-*.idx")]:
+                path.unlink()
+            for path in old:
+                (aside / path.name).replace(path)
+            raise
+    finally:
+        if tmp.is_file():
+            tmp.unlink()
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def write_shards(

@@ -3,6 +3,8 @@ behind. Real Ray, DALI, MLflow and files; tiny models, one worker, short runs.""
 
 import contextlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,9 @@ import yaml
 from mlflow import MlflowClient
 
 from pipelines import finetune
-from pipelines.run_record import RUN_RECORD
+from pipelines.manifest import read_manifest
+from pipelines.run_record import RUN_RECORD, read_record, write_record
+from pipelines.shards import write_shards
 
 
 @pytest.mark.integration
@@ -40,3 +44,39 @@ def test_nonfinite_loss_stops_the_run_keeps_the_last_good_checkpoint_and_registe
     assert client.search_model_versions("name = 'nonfinite-test'") == []
     assert not list(run_dir.glob("checkpoint_*"))  # no checkpoint of NaN weights
     assert "last good checkpoint: none" in line
+
+
+# --- interrupted writes: the previous file stays whole ------------------------------------------------------
+
+
+def test_run_record_write_over_the_file_size_limit_keeps_the_old_record(tmp_path):
+    """A record write that hits RLIMIT_FSIZE (a full disk's stand-in) in a real process: the old record is
+    still there and valid JSON, and no temporary file is left."""
+    write_record(str(tmp_path), "run", {"mlflow_run_id": "abc"})
+    script = (
+        "import resource, signal, sys\n"
+        "from pipelines.run_record import write_record\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (256, 256))\n"
+        f"write_record({str(tmp_path)!r}, 'run', {{'mlflow_run_id': 'x' * 4096}})\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).parents[1], timeout=120)
+    assert proc.returncode != 0 and "File too large" in proc.stderr, proc.stderr[-2000:]
+    assert read_record(str(tmp_path), "run") == {"mlflow_run_id": "abc"}
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [RUN_RECORD]
+
+
+def test_failed_manifest_write_leaves_the_old_split_intact(tmp_path):
+    """Re-writing a split whose new manifest cannot be written (its temporary path is taken by a directory):
+    the old shards and manifest are untouched and still verify."""
+    out = tmp_path / "shards"
+    write_shards("digits", out, split="val", img_size=16, workers=1)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    (out / ".manifest.json.tmp").mkdir()
+    with pytest.raises(IsADirectoryError):
+        write_shards("digits", out, split="val", img_size=16, seed=1, shard_size=100, workers=1)
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert after == before
+    assert read_manifest(out, verify=True).counts["val"] == 360
+    assert not (out / ".old-val").exists() and not (out / ".staging-val").exists()
