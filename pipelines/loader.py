@@ -31,6 +31,7 @@ from pipelines.manifest import (
     COMPONENTS,
     CorruptSampleError,
     DataError,
+    LabelRangeError,
     Manifest,
     MissingLabelError,
     NotEnoughSamplesError,
@@ -231,7 +232,30 @@ class DaliLoader:
             out.append(
                 feed_ndarray(tensor, torch.empty(tensor.shape(), dtype=dtype, device=self.device), stream)
             )
-        return out[0], out[1].view(-1).long()
+        labels = out[1].view(-1).long()
+        if bool(((labels < 0) | (labels >= self.manifest.num_classes)).any()):
+            self._pipe = None
+            raise self._find_bad_label()
+        return out[0], labels
+
+    def _find_bad_label(self) -> DataError:
+        """The first sample of this rank whose label is outside [0, num_classes), named by shard and key."""
+        index_lines: dict[int, list[str]] = {}
+        for position in range(self._rank_samples):
+            number, sample = self._locate(self._begin + position)
+            shard = self._shards[number]
+            line = index_lines.setdefault(number, shard.index_path.read_text().splitlines())[sample + 1]
+            offset, size, name = _components(line)[COMPONENTS["label"]]
+            with open(shard.path, "rb") as f:
+                f.seek(offset)
+                label = int(np.frombuffer(f.read(size), "<i4")[0])
+            if not 0 <= label < self.manifest.num_classes:
+                return LabelRangeError(
+                    f"{shard.path}: sample {name.split('.', 1)[0]!r} has label {label}, outside the "
+                    f"{self.manifest.num_classes} classes of {self.manifest.root / 'manifest.json'}"
+                )
+        return LabelRangeError(f"{self.manifest.root}: split {self.split!r} yielded a label outside "
+                               f"[0, {self.manifest.num_classes})")
 
     def _locate(self, position: int) -> tuple[int, int]:
         """(shard number, sample number in that shard) of the split's ``position``-th sample."""

@@ -45,6 +45,10 @@ class MissingLabelError(DataError):
     """A sample has no label (writer: no class; loader: no ``.lbl`` component in the shard)."""
 
 
+class LabelRangeError(DataError):
+    """A label outside ``[0, len(classes))`` (manifest class counts, or a sample read from a shard)."""
+
+
 class CorruptSampleError(DataError):
     """An image cannot be decoded (writer: source file; loader: sample in a shard)."""
 
@@ -178,6 +182,10 @@ def read_manifest(data_dir: str | Path, *, verify: bool = False) -> Manifest:
         count = _require(split, "count", int, here)
         if count <= 0 or count != sum(s.count for s in shards):
             raise ShardMismatchError(f"{here}: count {count} is not the (positive) sum of the shard counts")
+        class_counts = split.get("class_counts")
+        if class_counts is not None and len(class_counts) != len(classes):
+            raise LabelRangeError(f"{here}: class_counts has {len(class_counts)} entries for {len(classes)} "
+                                  "classes: the split's labels do not match key 'classes'")
         splits[name], counts[name] = shards, count
     if not splits:
         raise ManifestError(f"{where}: key 'splits' is empty")

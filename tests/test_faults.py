@@ -80,3 +80,31 @@ def test_failed_manifest_write_leaves_the_old_split_intact(tmp_path):
     assert after == before
     assert read_manifest(out, verify=True).counts["val"] == 360
     assert not (out / ".old-val").exists() and not (out / ".staging-val").exists()
+
+
+# --- labels outside the classes ----------------------------------------------------------------------------
+
+
+def test_out_of_range_label_in_a_shard_is_named_and_evaluate_refuses(tmp_path):
+    """One sample's raw int32 label rewritten to 10 in a real val shard (10 classes): reading names the shard
+    and key, and evaluation stops instead of counting a miss."""
+    import numpy as np
+    import torch
+
+    from pipelines.evaluate import evaluate_model
+    from pipelines.manifest import LabelRangeError
+    from tests.tiny import tiny
+
+    out = tmp_path / "shards"
+    write_shards("digits", out, split="val", img_size=32, workers=1)
+    shard = read_manifest(out).shard_infos("val")[0]
+    line = shard.index_path.read_text().splitlines()[7]  # line 0 is the header: sample 6
+    fields = line.split()
+    at = fields.index("lbl")
+    offset, member = int(fields[at + 1]), fields[at + 3]
+    with open(shard.path, "r+b") as f:  # same size: the manifest's size check still passes
+        f.seek(offset)
+        f.write(np.int32(10).tobytes())
+    key = member.split(".", 1)[0]
+    with pytest.raises(LabelRangeError, match=rf"{shard.path}: sample '{key}' has label 10, outside the 10"):
+        evaluate_model(tiny("deit_t", rho=None), out, batch_size=64, device=torch.device("cpu"))
