@@ -10,6 +10,7 @@ loses an epoch.
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import platform
@@ -17,6 +18,7 @@ import socket
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from importlib import metadata
 from pathlib import Path
@@ -70,6 +72,32 @@ def local_artifact_root(uri: str, base: str | Path) -> str | None:
     return None
 
 
+def redact_uri(uri: str) -> str:
+    """``uri`` with the password of its userinfo replaced by ``***`` (``http://user:***@host``)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+def _health_request(uri: str) -> urllib.request.Request:
+    """``GET <uri>/health`` without the URI's userinfo (urllib would read it as part of the host name);
+    credentials from the URI, else ``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``, go in a Basic header."""
+    parts = urllib.parse.urlsplit(uri)
+    user, password = parts.username, parts.password
+    if user is None:
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    bare = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
+    request = urllib.request.Request(f"{bare.rstrip('/')}/health")
+    if user is not None:
+        token = base64.b64encode(f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password or '')}"
+                                 .encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    return request
+
+
 def check_reachable(uri: str, timeout_s: float = REACHABILITY_TIMEOUT_S) -> None:
     """Fail fast with :class:`TrackingError` if the tracking store cannot be used.
 
@@ -77,24 +105,25 @@ def check_reachable(uri: str, timeout_s: float = REACHABILITY_TIMEOUT_S) -> None
     SQLite: the database's directory must exist and be writable.
     """
     if uri.startswith(("http://", "https://")):
+        shown = redact_uri(uri)
         try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
+            with urllib.request.urlopen(_health_request(uri), timeout=timeout_s) as response:
                 response.read()
         except urllib.error.HTTPError as err:
             raise TrackingError(
-                f"MLflow tracking server {uri} answered /health with HTTP {err.code}"
+                f"MLflow tracking server {shown} answered /health with HTTP {err.code}"
             ) from None
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
             raise TrackingError(
-                f"MLflow tracking server {uri} is unreachable ({reason}); start it or pass another "
+                f"MLflow tracking server {shown} is unreachable ({reason}); start it or pass another "
                 "--mlflow-uri"
             ) from None
         try:
             MlflowClient(uri).search_experiments(max_results=1)
         except MlflowException as err:
             raise TrackingError(
-                f"MLflow tracking server {uri} refused the request: {first_line(err)}"
+                f"MLflow tracking server {shown} refused the request: {first_line(err).replace(uri, shown)}"
             ) from None
     elif uri.startswith("sqlite:///"):
         directory = Path(uri.removeprefix("sqlite:///")).parent

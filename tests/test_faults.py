@@ -3,6 +3,7 @@ behind. Real Ray, DALI, MLflow and files; tiny models, one worker, short runs.""
 
 import contextlib
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -108,3 +109,22 @@ def test_out_of_range_label_in_a_shard_is_named_and_evaluate_refuses(tmp_path):
     key = member.split(".", 1)[0]
     with pytest.raises(LabelRangeError, match=rf"{shard.path}: sample '{key}' has label 10, outside the 10"):
         evaluate_model(tiny("deit_t", rho=None), out, batch_size=64, device=torch.device("cpu"))
+
+
+# --- secrets -----------------------------------------------------------------------------------------------
+
+
+def test_password_in_the_tracking_uri_is_never_printed_and_the_check_reaches_the_host(
+    digits_shards, tmp_path, monkeypatch, capsys
+):
+    """A closed port on 127.0.0.1 behind ``user:password@``: refused as unreachable (not as an unknown host
+    name), in one line that shows ``user:***@``."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.chdir(tmp_path)
+    uri = f"http://spot:s3cret-pw@127.0.0.1:{port}"
+    assert finetune.main(["--data", str(digits_shards), "--batch-size", "64", "--mlflow-uri", uri]) == 2
+    out, err = capsys.readouterr()
+    assert "s3cret-pw" not in out + err
+    assert f"http://spot:***@127.0.0.1:{port} is unreachable" in err and "Name or service" not in err, err
