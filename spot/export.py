@@ -88,9 +88,8 @@ def export_onnx(
     path = Path(path)
     side = int(model.patch_embed.img_size[0])
     example = torch.randn(example_batch, 3, side, side)
-    wrapper = PruneModeOutputs(model, with_indices).eval()
     was_training, mode = model.training, model.spot_mode
-    model.eval()  # prune mode
+    wrapper = PruneModeOutputs(model, with_indices).eval()  # prune mode
     try:
         program = _torch_export(wrapper, example)
         onnx_program = _to_onnx(program, opset, output_names(model, with_indices))

@@ -25,12 +25,19 @@ from spot.export import (
     run_onnx,
 )
 
-CASES = [("deit_s", "learned"), ("lvvit_s", "learned"), ("deit_s", "cls_attn_avg"), ("lvvit_s", "random")]
+CASES = [
+    ("deit_s", "learned", {}),
+    ("lvvit_s", "learned", {}),
+    ("deit_s", "cls_attn_avg", {"fuse_dropped": True}),
+    ("lvvit_s", "random", {}),
+]
 
 
-@pytest.mark.parametrize(("name", "selector"), CASES, ids=[f"{n}-{s}" for n, s in CASES])
-def test_tiny_model_exports_and_ort_keeps_the_same_tokens_and_logits(name, selector, tmp_path):
-    model = tiny(name, rho=0.7, selector=selector).eval()
+@pytest.mark.parametrize(
+    ("name", "selector", "options"), CASES, ids=["deit", "lvvit", "deit-cls-fused", "lvvit-random"]
+)
+def test_tiny_model_exports_and_ort_keeps_the_same_tokens_and_logits(name, selector, options, tmp_path):
+    model = tiny(name, rho=0.7, selector=selector, **options).eval()
     exported = export_onnx(model, tmp_path / "m.onnx")
     graph = onnx.load(str(exported.path)).graph
     assert [i.name for i in graph.input] == ["images"]
@@ -47,10 +54,12 @@ def test_tiny_model_exports_and_ort_keeps_the_same_tokens_and_logits(name, selec
     assert all(r["indices"] == ("replayed" if selector == "random" else "compared") for r in reports.values())
 
 
-def test_dense_model_exports_the_same_way(tmp_path):
-    model = tiny("deit_s", rho=None).eval()
+def test_dense_model_exports_the_same_way_and_the_model_keeps_its_mode(tmp_path):
+    model = tiny("deit_s", rho=None).train()
     exported = export_onnx(model, tmp_path / "dense.onnx")
     assert exported.outputs == ["logits"] and exported.keep_counts == []
+    assert model.training and model.spot_mode == "mask"
+    model.eval()
     images = np.random.default_rng(0).standard_normal((5, 3, 32, 32), dtype=np.float32)
     got = run_onnx(ort_session(exported.path), images)
     np.testing.assert_allclose(
