@@ -36,7 +36,8 @@ def test_one_row_per_selector_and_rho_on_the_same_samples(trained, digits_shards
     for r, (_, model) in zip(results, rows, strict=True):
         assert r["gmacs"] == spot.gmacs(model, 32)
         assert 0.0 <= r["top1"] <= 1.0 and r["images_per_s"] > 0
-    assert results[1]["gmacs"] == results[2]["gmacs"] == results[3]["gmacs"] < results[0]["gmacs"]
+    # the same kept counts; SPOT adds its relevance modules' cost
+    assert results[1]["gmacs"] == results[2]["gmacs"] < results[3]["gmacs"] < results[0]["gmacs"]
 
     table = compare.format_comparison(results)
     assert len(table.strip().splitlines()) == 2 + len(rows)
