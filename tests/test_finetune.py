@@ -21,6 +21,7 @@ from pipelines.checkpoints import CONFIG_FILE, MASKS_FILE, METRICS_FILE, MODEL_F
 from pipelines.config import RUNS_DIR, given_values, resolve_config
 from pipelines.errors import ConfigError
 from pipelines.job import run as run_job
+from pipelines.manifest import read_manifest
 from pipelines.recipe import build_optimizer
 from pipelines.run_record import RUN_RECORD
 from tests.tiny import tiny
@@ -125,12 +126,14 @@ def test_paper_defaults_with_data_and_digits_defaults_without(digits_shards, tmp
     assert config.register_as == "spot-deit_s" and config.num_classes == 10
     assert config.mlflow_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert config.storage == str(tmp_path / RUNS_DIR)
-    # no --data: the built-in digits, made on first use in ./data/digits, with the small digits defaults
+    # no --data: the built-in cluttered digits, made on first use in ./data/cluttered-digits, small defaults
     digits = resolve_config({"dense": True}, cwd=tmp_path)
-    assert digits.data == str(tmp_path / "data" / "digits")
-    assert (tmp_path / "data" / "digits" / "manifest.json").is_file()
-    assert (digits.backbone, digits.img_size, digits.rho) == ("deit_t", 32, None)
-    assert (digits.crop_scale, digits.hflip) == (0.5, 0.0)  # digits are not mirrored
+    assert digits.data == str(tmp_path / "data" / "cluttered-digits")
+    manifest = read_manifest(tmp_path / "data" / "cluttered-digits")
+    assert manifest.info["val"]["params"]["source"] == "cluttered-digits"
+    assert (digits.backbone, digits.img_size, digits.rho) == ("deit_t", 48, None)
+    assert digits.model_args["patch_size"] == 8  # 36 tokens, 4 of them the digit
+    assert (digits.crop_scale, digits.hflip) == (1.0, 0.0)  # no crop cuts the digit out, no mirroring
     assert digits.register_as == "spot-deit_t-dense" and digits.lambda_rate == 0.0
 
 
