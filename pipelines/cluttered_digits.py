@@ -40,7 +40,7 @@ class Canvas:
 
 
 def split_scans(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Scan indices of ``split`` (``train`` / ``val``) and all scans as uint8 8x8 images, labels attached."""
+    """Sorted scan indices of ``split`` (``train`` / ``val``), and scikit-learn's digits (images, targets)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
