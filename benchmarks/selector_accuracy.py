@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Accuracy against GMACs for each token selector over rho (paper Fig. 4), from one dense model.
 
-    python benchmarks/selectors.py --dense models:/spot-deit_t-dense/1 --spot models:/spot-deit_t/1 \
+    python benchmarks/selector_accuracy.py --dense models:/spot-deit_t-dense/1 --spot models:/spot-deit_t/1 \
         --data data/cluttered-digits --out docs/img/selectors.png
 
 ``random`` and ``cls_attn_avg`` run on the dense weights; the SPOT model (fine-tuned at one rho) is
