@@ -21,6 +21,8 @@ from spot.masking import policy_softmax
 
 
 class SpotAttention(Attention):
+    bounded_mask_grad = True  # SpotConfig.mask_grad == "bounded" (spot.masking.policy_softmax)
+
     def forward(
         self,
         x: Tensor,
@@ -40,7 +42,9 @@ class SpotAttention(Attention):
             q, k, v = qkv[rows].permute(2, 0, 3, 1, 4).contiguous().unbind(0)
             q, k = self.q_norm(q), self.k_norm(k)
             logits = (q * self.scale) @ k.transpose(-2, -1)
-            probs = logits.softmax(-1) if policy is None else policy_softmax(logits, policy[rows])
+            probs = logits.softmax(-1) if policy is None else policy_softmax(
+                logits, policy[rows], bounded=self.bounded_mask_grad
+            )
             if history is not None:
                 history.add(probs, rows)
             outs.append((self.attn_drop(probs) @ v).transpose(1, 2))  # (b, T, H, d)
@@ -65,13 +69,16 @@ class SpotBlock(Block):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-def make_blocks_spot_aware(blocks: nn.Sequential) -> None:
-    """Swap the classes of timm ``Block`` / ``Attention`` instances in ``blocks`` (in place, idempotent)."""
+def make_blocks_spot_aware(blocks: nn.Sequential, mask_grad: str = "bounded") -> None:
+    """Swap the classes of timm ``Block`` / ``Attention`` instances in ``blocks`` (in place, idempotent);
+    ``mask_grad`` is :attr:`spot.config.SpotConfig.mask_grad`."""
     for blk in blocks:
         if isinstance(blk, SpotBlock):
+            blk.attn.bounded_mask_grad = mask_grad == "bounded"
             continue
         if type(blk) is not Block or type(blk.attn) is not Attention:
             found = f"{type(blk).__name__}/{type(blk.attn).__name__}"
             raise TypeError(f"expected timm Block/Attention, got {found}")
         blk.__class__ = SpotBlock
         blk.attn.__class__ = SpotAttention
+        blk.attn.bounded_mask_grad = mask_grad == "bounded"

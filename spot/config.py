@@ -9,6 +9,7 @@ from spot.schedule import check_rho
 SELECTORS = ("learned", "cls_attn_avg", "random")
 SAMPLINGS = ("gumbel", "topk")
 DESCRIPTOR_SCALES = ("none", "count")
+MASK_GRADS = ("bounded", "dynamicvit")
 MODES = ("mask", "prune")
 PREDICTOR_PREFIX = "spot_predictors."  # state_dict keys of the relevance modules
 
@@ -32,6 +33,7 @@ class SpotConfig:
     shared_predictor: bool = False  # one relevance module for all stages (Table 8)
     fuse_dropped: bool = False  # soft sparsification: fuse dropped tokens into one extra token
     descriptor_scale: str = "none"  # "none": raw statistics (paper); "count": times n, n^2 (see selectors)
+    mask_grad: str = "bounded"  # straight-through gradient of masked attention (spot.masking.policy_softmax)
 
     def __post_init__(self) -> None:
         if self.rho is not None:
@@ -43,6 +45,8 @@ class SpotConfig:
             raise ValueError(
                 f"unknown descriptor_scale {self.descriptor_scale!r}; choose one of {DESCRIPTOR_SCALES}"
             )
+        if self.mask_grad not in MASK_GRADS:
+            raise ValueError(f"unknown mask_grad {self.mask_grad!r}; choose one of {MASK_GRADS}")
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"unknown sampling {self.sampling!r}; choose one of {SAMPLINGS}")
         if list(self.stage_blocks) != sorted(set(self.stage_blocks)) or min(self.stage_blocks, default=1) < 1:

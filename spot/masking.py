@@ -7,13 +7,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def policy_softmax(logits: Tensor, policy: Tensor, eps: float = 1e-6) -> Tensor:
+def policy_softmax(logits: Tensor, policy: Tensor, eps: float = 1e-6, bounded: bool = True) -> Tensor:
     """Softmax over kept keys only, multiplicative so a straight-through mask keeps its gradient.
 
     Args:
         logits: ``(B, H, T, T)`` attention logits.
-        policy: ``(B, T)`` keep policy in [0, 1] (1 for the class token).
+        policy: ``(B, T)`` keep policy in {0, 1} (1 for the class token), straight-through in training.
         eps: small constant that keeps rows of fully dropped queries finite.
+        bounded: shift each row by its largest *kept* logit and cap dropped keys' weights at that one's
+            (the default). DynamicViT's form (``bounded=False``) shifts by the row's maximum over all
+            keys: where the kept keys hold less than ~eps of a row's mass its rows drift toward uniform
+            and the policy gradient of a dropped key reaches ``1 / eps``; on peaked attention that
+            swamps the rate loss (Eq. 12) and the keep rate cannot follow rho^k. Bounded, the policy
+            gradient of a dropped key is at most ``|v_j - out_i|`` (docs/design.md, deviations).
 
     Each token may still attend to itself, so a dropped token's row is never empty; kept queries see
     exactly the renormalised softmax over kept keys (what pruning computes). Computed in float32.
@@ -24,7 +30,11 @@ def policy_softmax(logits: Tensor, policy: Tensor, eps: float = 1e-6) -> Tensor:
     eye = torch.eye(t, device=logits.device, dtype=torch.float32)
     allowed = keys + (1.0 - keys) * eye  # (B, 1, T, T)
     logits = logits.float()
-    weights = (logits - logits.amax(-1, keepdim=True)).exp() * allowed
+    if bounded:  # the forward only reads allowed entries, so the cap changes gradients alone
+        shift = logits.masked_fill(allowed.detach() <= 0.5, float("-inf")).amax(-1, keepdim=True)
+        weights = (logits - shift).clamp(max=0.0).exp() * allowed
+    else:
+        weights = (logits - logits.amax(-1, keepdim=True)).exp() * allowed
     return ((weights + eps / t) / (weights.sum(-1, keepdim=True) + eps)).to(dtype)
 
 

@@ -87,3 +87,29 @@ def test_keep_rate_health_warns_when_the_rate_is_stuck():
     warning = keep_rate_warning(base | stuck)
     assert "stage 1 1.00 (+0.30)" in warning and "stage 2" not in warning
     assert epoch_line(base | stuck).splitlines()[1] == warning
+
+
+def predictor_gradient_norms(model: torch.nn.Module, seed: int) -> tuple[float, float]:
+    """Norms of the relevance modules' gradients from cross-entropy and from the rate loss (l1 = 2)."""
+    from spot.losses import classification_loss, rate_loss
+
+    torch.manual_seed(seed)
+    labels = torch.randint(0, ARCH["num_classes"], (16,))
+    logits, info = model.train()(images(16, seed), return_info=True)
+    params = list(model.spot_predictors.parameters())
+    norms = []
+    for loss in (classification_loss(logits, labels), 2.0 * rate_loss(info.masks, 0.7)):
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        norms.append(torch.stack([g.norm() for g in grads if g is not None]).norm().item())
+    return norms[0], norms[1]
+
+
+def test_rate_loss_is_not_swamped_by_the_masked_attention_gradient():
+    """On peaked attention, DynamicViT's masked softmax gives the predictors cross-entropy gradients
+    hundreds of times the rate loss's (its 1 / eps in rows whose kept keys hold almost no mass), so l1
+    has no say and the keep rate drifts to 1; the bounded form (default) keeps them comparable."""
+    for seed in range(3):
+        ce, rate = predictor_gradient_norms(sharp_model(), seed)
+        assert ce < 10 * rate
+        ce, rate = predictor_gradient_norms(sharp_model(mask_grad="dynamicvit"), seed)
+        assert ce > 100 * rate

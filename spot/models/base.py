@@ -64,7 +64,7 @@ def attach_spot(model: nn.Module, cfg: SpotConfig, dim: int, num_heads: int) -> 
     depth = len(model.blocks)
     if not cfg.dense and max(cfg.stage_blocks) >= depth:
         raise ValueError(f"stage_blocks {cfg.stage_blocks} do not fit a {depth}-block model")
-    make_blocks_spot_aware(model.blocks)
+    make_blocks_spot_aware(model.blocks, cfg.mask_grad)
     model.spot_options = cfg
     model.spot_mode = "mask" if model.training else "prune"
     model.spot_predictors = None
