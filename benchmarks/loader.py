@@ -31,7 +31,9 @@ from torchvision import transforms as T
 if __package__ in (None, ""):  # run as a script from a checkout: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.loader import IMAGENET_MEAN, IMAGENET_STD, make_loader  # noqa: E402
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
+
+from pipelines.loader import make_loader  # noqa: E402
 from pipelines.manifest import MANIFEST_NAME, read_manifest  # noqa: E402
 from pipelines.shards import write_shards  # noqa: E402
 
@@ -70,7 +72,7 @@ def pil_batches(shards: list[Path], args: argparse.Namespace, train: bool) -> It
         ops = [T.RandomResizedCrop(args.img_size, antialias=True), T.RandomHorizontalFlip()]
     else:
         ops = [T.Resize(math.floor(args.img_size / args.crop_pct)), T.CenterCrop(args.img_size)]
-    transform = T.Compose([*ops, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    transform = T.Compose([*ops, T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
 
     def decode(sample: dict) -> tuple[torch.Tensor, int]:
         image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")

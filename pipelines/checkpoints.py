@@ -21,6 +21,7 @@ CONFIG_FILE = "spot_config.json"
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.json"
 MASKS_FILE = "token_masks.png"
+MASKS_MIN_SIDE = 128  # token-mask figures enlarge smaller images to this side so patches stay visible
 SCORE = "val_acc1"  # what "best" means: validation top-1
 
 

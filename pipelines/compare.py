@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the repos
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import spot  # noqa: E402
+from pipelines.checkpoints import MASKS_MIN_SIDE  # noqa: E402
 from pipelines.evaluate import evaluate_model, measure_throughput  # noqa: E402
 from pipelines.table import markdown_table  # noqa: E402
 
@@ -92,7 +93,6 @@ def mask_figures(
 ) -> list[Path]:
     """Kept tokens per stage of the first ``images`` val images (paper Fig. 3), one PNG per sparse row."""
     from pipelines.loader import make_loader
-    from pipelines.train_loop import draw_masks
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -102,12 +102,14 @@ def mask_figures(
             continue
         if first is None:
             size = model.spot_config.get("img_size", 224)
-            loader = make_loader(data, "val", batch_size=images, img_size=size, train=False)
+            normalization = spot.input_normalization(model)
+            loader = make_loader(data, "val", batch_size=images, img_size=size, train=False, **normalization)
             first = next(iter(loader))[0][:images]
         torch.manual_seed(0)
         _, info = model(first, return_info=True)
         name = f"masks_{labels['selector'].split()[0]}_rho{labels['rho']:g}.png"
-        draw_masks((first, info.kept_indices), model.patch_embed.patch_size[0], out_dir / name)
+        spot.draw_token_masks(first, info.kept_indices, model.patch_embed.patch_size[0], out_dir / name,
+                              min_side=MASKS_MIN_SIDE, **normalization)
         paths.append(out_dir / name)
     return paths
 

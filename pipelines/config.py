@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 import spot
-from pipelines import recipe
+from pipelines import cluttered_digits, recipe
 from pipelines.errors import ConfigError, check, first_line
 from spot.config import SELECTORS
 from spot.losses import default_lambdas
@@ -109,6 +109,15 @@ class RunConfig:
     lambda_token: float | None = option(None, "weight of the token cosine loss (default: 0 for DeiT, 10 for "
                                         "LV-ViT with --pretrained)", training=True)
     img_size: int = option(224, "training / validation image side", digits=48, training=True, metavar="PX")
+    mean: list[float] | None = option(
+        None, "input normalisation: per-channel pixel mean on the [0, 1] scale (default: the --pretrained "
+        "MLflow model's, else the backbone's, ImageNet's)", digits=[cluttered_digits.PIXEL_MEAN] * 3,
+        training=True, metavar="M",
+    )
+    std: list[float] | None = option(
+        None, "input normalisation: per-channel pixel std (default: as --mean)",
+        digits=[cluttered_digits.PIXEL_STD] * 3, training=True, metavar="S",
+    )
     model_args: dict = option(
         {}, "backbone override KEY=VALUE, repeatable (e.g. depth=6, patch_size=4, drop_path_rate=0.1)",
         digits={"patch_size": 8, "depth": 6, "embed_dim": 64, "num_heads": 4}, training=True,
@@ -209,6 +218,8 @@ def add_field(parser, owner: type, name: str, **overrides) -> None:
         kwargs.update(action="append", metavar=f.metadata["metavar"])
         parser.add_argument("--model-arg", **(kwargs | overrides))
         return
+    elif typing.get_origin(kind) is list:  # one value per RGB channel
+        kwargs.update(type=typing.get_args(kind)[0], nargs=3, metavar=f.metadata["metavar"])
     else:
         kwargs.update(type=kind, metavar=f.metadata["metavar"])
     parser.add_argument(*f.metadata.get("flags", ()) or (flag(name),), **(kwargs | overrides))
@@ -277,6 +288,10 @@ def _check_types(values: dict) -> None:
             ok = isinstance(value, int | float) and not isinstance(value, bool)
             integral = kind is float or (ok and float(value).is_integer())
             check(ok and integral, f"{flag(name)} {value!r}: expected a number")
+        if typing.get_origin(kind) is list:
+            ok = isinstance(value, list | tuple) and len(value) == 3
+            ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+            check(ok, f"{flag(name)} {value!r}: expected 3 numbers (R, G, B)")
 
 
 def _resolve_rho(config: RunConfig, given: dict) -> None:
@@ -297,6 +312,7 @@ def _resolve_training(config: RunConfig) -> None:
     check(config.vis_images >= 0, "--vis-images must be >= 0")
     check(0 < config.crop_scale <= 1, f"--crop-scale {config.crop_scale}: must be in (0, 1]")
     check(0 <= config.hflip <= 1, f"--hflip {config.hflip}: must be in [0, 1]")
+    check(config.std is None or min(config.std) > 0, f"--std {config.std}: must be > 0")
     check(isinstance(config.model_args, dict), "model_args must be a mapping of backbone overrides")
     for key in ("img_size", "num_classes", "pretrained"):
         check(key not in config.model_args, f"--model-arg {key}: use {flag(key)} instead")

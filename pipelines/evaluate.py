@@ -21,6 +21,7 @@ import mlflow
 import torch
 from torch import nn
 
+import spot
 from pipelines.config import DIGITS_DIR, DIGITS_SOURCE
 from pipelines.loader import PAD_LABEL, make_loader
 from pipelines.manifest import DataError, read_manifest
@@ -41,7 +42,8 @@ def evaluate_model(model: nn.Module, data: str | Path, *, batch_size: int, devic
         raise DataError(
             f"{manifest.root}: {manifest.num_classes} classes, the model predicts {config['num_classes']}"
         )
-    loader = make_loader(data, "val", batch_size=batch_size, img_size=img_size, train=False, device=device)
+    loader = make_loader(data, "val", batch_size=batch_size, img_size=img_size, train=False, device=device,
+                         **spot.input_normalization(model))
     model = model.eval().to(device)
     seen = top1 = top5 = 0
     for images, labels in loader:

@@ -34,6 +34,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+import spot
 from pipelines.registry import load_model
 from spot.export import LOGITS_ATOL, ExportError, check_onnx, export_onnx
 
@@ -70,6 +71,7 @@ def export_model(
         "backbone": model.spot_config["name"],
         "rho": model.spot_config["rho"],
         "selector": model.spot_config.get("selector", "learned"),
+        **spot.input_normalization(model),  # what the caller normalises the images with
         "inputs": exported.inputs,
         "outputs": exported.outputs,
         "keep_counts": exported.keep_counts,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -26,6 +26,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from pipelines.manifest import (
     COMPONENTS,
@@ -40,8 +41,6 @@ from pipelines.manifest import (
 )
 
 CROP_PCT = 0.875  # evaluation: centre crop of an image resized to img_size / CROP_PCT
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PAD_LABEL = -100
 INITIAL_FILL = 1024  # shuffle buffer (samples) of the train reader
 PREFETCH = 2  # batches DALI prepares ahead
@@ -60,6 +59,8 @@ def _dali_graph(
     crop_scale: float,
     hflip: float,
     randaugment: bool,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
     decoder: str,
     shard_id: int,
     num_shards: int,
@@ -95,7 +96,7 @@ def _dali_graph(
         mirror = False
     images = fn.crop_mirror_normalize(
         images, dtype=types.FLOAT, output_layout="CHW", crop=(img_size, img_size), mirror=mirror,
-        mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD],
+        mean=[255 * m for m in mean], std=[255 * s for s in std],
     )
     return images, labels.gpu() if decoder == "mixed" else labels
 
@@ -127,7 +128,7 @@ def _decode_error(data: bytes) -> str | None:
 class DaliLoader:
     """Iterable of ``(images, labels)`` batches for one rank; each ``iter()`` is one epoch.
 
-    ``images``: float32 ``(B, 3, img_size, img_size)`` normalised with ``IMAGENET_MEAN``/``IMAGENET_STD``;
+    ``images``: float32 ``(B, 3, img_size, img_size)``, ``(pixel / 255 - mean) / std`` per channel;
     ``labels``: int64 ``(B,)`` (``PAD_LABEL`` marks eval padding); both on ``device``. Stopping an epoch
     early is allowed: the next ``iter()`` rebuilds the pipeline and starts a fresh epoch.
     """
@@ -149,13 +150,16 @@ class DaliLoader:
         crop_scale: float,
         hflip: float,
         randaugment: bool,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
     ) -> None:
         self.manifest, self.split, self.train, self.device = manifest, split, train, device
         self.batch_size, self.shard_id, self.num_shards = batch_size, shard_id, num_shards
         self._shards = manifest.shard_infos(split)
         self._options = {
             "img_size": img_size, "crop_pct": crop_pct, "crop_scale": crop_scale, "hflip": hflip,
-            "randaugment": randaugment, "decoder": "mixed" if device.type == "cuda" else "cpu",
+            "randaugment": randaugment, "mean": tuple(mean), "std": tuple(std),
+            "decoder": "mixed" if device.type == "cuda" else "cpu",
         }
         self._num_threads, self._seed = num_threads, seed
         total = manifest.counts[split]
@@ -319,6 +323,8 @@ def make_loader(
     crop_scale: float = 0.08,
     hflip: float = 0.5,
     randaugment: bool = False,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
 ) -> DaliLoader:
     """DALI loader over ``split`` of the shard directory ``data_dir`` for rank ``shard_id`` of ``num_shards``.
 
@@ -326,10 +332,12 @@ def make_loader(
     to ``img_size``, flipped horizontally with probability ``hflip``, then RandAugment if asked; evaluation
     images: shorter side resized to ``img_size / crop_pct``, centre crop; ``crop_pct=None`` means 1 (whole
     images) when the manifest says every image of the split is ``img_size`` square, else ``CROP_PCT``.
-    ``device=None`` picks the current CUDA device if there is one (GPU decoding), else the CPU. Raises a
-    :class:`~pipelines.manifest.DataError` subclass for a missing/empty directory, a manifest that does not
-    match the shards, or too few samples (train: fewer than ``num_shards * batch_size``; eval: fewer than
-    ``num_shards``). Corrupt images and missing labels are reported (shard and key) when read.
+    Both are then normalised with ``mean`` / ``std`` (per channel, on the [0, 1] scale; a model's own are
+    :func:`spot.input_normalization`). ``device=None`` picks the current CUDA device if there is one (GPU
+    decoding), else the CPU. Raises a :class:`~pipelines.manifest.DataError` subclass for a missing/empty
+    directory, a manifest that does not match the shards, or too few samples (train: fewer than
+    ``num_shards * batch_size``; eval: fewer than ``num_shards``). Corrupt images and missing labels are
+    reported (shard and key) when read.
     """
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
@@ -341,6 +349,8 @@ def make_loader(
                          f"{batch_size=}, {shard_id=}, {num_shards=}, {crop_pct=}")
     if not 0 < crop_scale <= 1 or not 0 <= hflip <= 1:
         raise ValueError(f"need 0 < crop_scale <= 1 and 0 <= hflip <= 1; got {crop_scale=}, {hflip=}")
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"need 3 channel means and 3 positive stds; got {mean=}, {std=}")
     manifest = read_manifest(data_dir)
     manifest.shard_infos(split)  # raises ManifestError naming the known splits
     if crop_pct is None:
@@ -357,5 +367,6 @@ def make_loader(
     return DaliLoader(
         manifest, split, batch_size=batch_size, img_size=img_size, train=train, shard_id=shard_id,
         num_shards=num_shards, num_threads=num_threads, seed=seed, device=device, crop_pct=crop_pct,
-        crop_scale=crop_scale, hflip=hflip, randaugment=randaugment,
+        crop_scale=crop_scale, hflip=hflip, randaugment=randaugment, mean=tuple(mean), std=tuple(std),
     )
+

@@ -2,7 +2,8 @@
 
 MLflow runs this file to load the model: ``load_context`` rebuilds the architecture with
 ``spot.create_model(**spot_config)`` and loads the state_dict with ``weights_only=True``, so no pickled
-code is ever executed. ``predict`` takes normalised images ``(B, 3, S, S)`` and returns logits (prune mode).
+code is ever executed. ``predict`` takes images ``(B, 3, S, S)`` normalised with the model's own mean / std
+(``spot.input_normalization``, recorded in ``spot_config``) and returns logits (prune mode).
 """
 
 import json

@@ -35,20 +35,17 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import spot
-from pipelines.checkpoints import MASKS_FILE, load_checkpoint, save_checkpoint, unwrap
-from pipelines.loader import IMAGENET_MEAN, IMAGENET_STD, PAD_LABEL, make_loader
+from pipelines.checkpoints import MASKS_FILE, MASKS_MIN_SIDE, load_checkpoint, save_checkpoint, unwrap
+from pipelines.loader import PAD_LABEL, make_loader
 from pipelines.recipe import build_mixup, build_optimizer, freeze_embeddings
 from pipelines.run_record import FAULT_RECORD, write_record
 from pipelines.trainer import NONFINITE
 from spot.flops import gmacs
 from spot.losses import spot_loss
 from spot.visualize import draw_token_masks
-
-VIS_MIN_SIDE = 128  # token-mask figures upscale small images to at least this many pixels
 
 
 def derived_seed(*parts: int) -> int:
@@ -235,15 +232,6 @@ def validate(model, teacher, loader, config, device) -> tuple[dict, tuple[Tensor
     return metrics, shown
 
 
-def draw_masks(shown: tuple[Tensor, list[Tensor]], patch_size: int, path: Path) -> None:
-    """Paper Fig. 3 style figure of the fixed validation images, upscaled so that patches are visible."""
-    images, kept = shown
-    scale = max(1, -(-VIS_MIN_SIDE // images.shape[-1]))
-    if scale > 1:
-        images = F.interpolate(images, scale_factor=scale, mode="nearest")
-    draw_token_masks(images, kept, patch_size * scale, path, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-
-
 def stop_nonfinite(config: dict, rank: int, epoch: int, message: str) -> None:
     """Tell the driver (rank 0's fault record in the run's storage) and the callbacks (a report without a
     checkpoint, so the last good checkpoint stays the latest) that the run stops on a NaN / inf loss."""
@@ -271,8 +259,9 @@ def train_loop_per_worker(config: dict) -> None:
     gflops = gmacs(student, config["img_size"])
     model = ray.train.torch.prepare_model(student)
     batch = config["batch_size"] // world
+    normalization = spot.input_normalization(student)
     loader_args = {"img_size": config["img_size"], "shard_id": rank, "num_shards": world,
-                   "num_threads": threads, "device": device}
+                   "num_threads": threads, "device": device, **normalization}
 
     def train_loader(epoch: int):
         return make_loader(
@@ -318,7 +307,8 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 save_checkpoint(Path(tmp), model, optimizer, scheduler, scaler, epoch, metrics)
                 if shown is not None:
-                    draw_masks(shown, patch_size, Path(tmp) / MASKS_FILE)
+                    draw_token_masks(*shown, patch_size, Path(tmp) / MASKS_FILE, min_side=MASKS_MIN_SIDE,
+                                     **normalization)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
         if epoch + 1 < config["epochs"]:

@@ -23,17 +23,27 @@ class ModelSummary:
     params: int
 
 
-def _pretrained_file(source: str, tmp: Path) -> str:
-    """A local checkpoint file (or "hub") for ``source``; MLflow models are saved to ``tmp`` first."""
+def _pretrained_file(source: str, tmp: Path) -> tuple[str, dict]:
+    """A local checkpoint file (or "hub") for ``source``, and the input normalisation it was trained with
+    (known for MLflow models, which are saved to ``tmp`` first; else empty)."""
     if not source.startswith(("models:/", "runs:/")):
-        return source
+        return source, {}
     import torch
 
     from pipelines.registry import load_model
 
     path = tmp / "pretrained.pt"
-    torch.save(load_model(source).state_dict(), path)
-    return str(path)
+    model = load_model(source)
+    torch.save(model.state_dict(), path)
+    return str(path), spot.input_normalization(model)
+
+
+def _overlay(config: RunConfig, inherited: dict) -> dict:
+    """Backbone arguments that set the input normalisation: ``--mean`` / ``--std``, else the pretrained
+    model's; nothing when both are the backbone's own (ImageNet's)."""
+    given = {k: tuple(getattr(config, k)) for k in ("mean", "std") if getattr(config, k) is not None}
+    norm = {**inherited, **given}
+    return {"pretrained_cfg_overlay": norm} if norm else {}
 
 
 def prepare_init(config: RunConfig) -> tuple[dict, ModelSummary]:
@@ -44,15 +54,16 @@ def prepare_init(config: RunConfig) -> tuple[dict, ModelSummary]:
     """
     import torch
 
-    arch = {"num_classes": config.num_classes, "img_size": config.img_size, **config.model_args}
-    torch.manual_seed(config.seed)
-    student = spot.create_model(config.backbone, rho=config.rho, selector=config.selector, **arch)
-    dense = spot.create_model(config.backbone, rho=None, **arch)
-    fresh = [name for name, _ in student.named_parameters()]
-    teacher = None
-    if config.pretrained:
-        with tempfile.TemporaryDirectory() as tmp:
-            source = _pretrained_file(config.pretrained, Path(tmp))
+    with tempfile.TemporaryDirectory() as tmp:
+        source, inherited = _pretrained_file(config.pretrained, Path(tmp)) if config.pretrained else ("", {})
+        arch = {"num_classes": config.num_classes, "img_size": config.img_size, **config.model_args,
+                **_overlay(config, inherited)}
+        torch.manual_seed(config.seed)
+        student = spot.create_model(config.backbone, rho=config.rho, selector=config.selector, **arch)
+        dense = spot.create_model(config.backbone, rho=None, **arch)
+        fresh = [name for name, _ in student.named_parameters()]
+        teacher = None
+        if config.pretrained:
             try:
                 untouched = set(load_pretrained(student, source))
             except RuntimeError as err:  # the hub without network

@@ -19,7 +19,7 @@ from spot.losses import (
     spot_loss,
     token_cosine_loss,
 )
-from spot.models import BACKBONES, create_model, set_mode
+from spot.models import BACKBONES, create_model, input_normalization, set_mode
 from spot.schedule import keep_counts
 from spot.visualize import draw_token_masks, stage_keep_maps
 
@@ -33,6 +33,7 @@ __all__ = [
     "default_lambdas",
     "draw_token_masks",
     "gmacs",
+    "input_normalization",
     "keep_counts",
     "kl_loss",
     "load_pretrained",

@@ -1,8 +1,9 @@
 """Per-stage kept-token drawings (paper Fig. 3).
 
-Patches dropped at an earlier stage get a stronger dark shade: with K stages the shade's opacity goes
-linearly from ``FIRST_STAGE_ALPHA`` (dropped at stage 1) to ``LAST_STAGE_ALPHA`` (dropped at stage K);
-patches kept to the end are left untouched, pixel for pixel.
+Dropped patches are washed out toward white (as in DynamicViT's figures; a dark shade would vanish on
+dark backgrounds), earlier drops more: with K stages the wash's opacity goes linearly from
+``FIRST_STAGE_ALPHA`` (dropped at stage 1) to ``LAST_STAGE_ALPHA`` (dropped at stage K); patches kept to
+the end are left untouched, pixel for pixel.
 """
 
 import os
@@ -13,11 +14,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-SHADE_COLOUR = (0, 0, 0)
+SHADE_COLOUR = (255, 255, 255)
 FIRST_STAGE_ALPHA = 0.85
 LAST_STAGE_ALPHA = 0.35
 PANEL_GAP = 4
-BACKGROUND = (255, 255, 255)
+BACKGROUND = (96, 96, 96)  # between panels: apart from both the images and the wash
 
 
 def stage_keep_maps(kept_indices: list[Tensor], num_patches: int) -> Tensor:
@@ -56,6 +57,7 @@ def draw_token_masks(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     per_stage: bool = False,
+    min_side: int = 0,
 ) -> Image.Image:
     """One figure: a row per image with the original and the stage-shaded composite (Fig. 3).
 
@@ -63,9 +65,13 @@ def draw_token_masks(
     the patch grid is ``(H // patch_size, W // patch_size)`` and pixels beyond it are left as they are.
     ``per_stage=True`` replaces the composite by one panel per stage k showing the patches dropped up to
     stage k (the last panel is the composite). With no stage (dense model) the figure is the images.
+    Images smaller than ``min_side`` are enlarged by a whole factor (nearest pixel) so patches stay visible.
     The PNG is written to ``path`` if given.
     """
     pixels = _to_uint8(images, mean, std)
+    scale = max(1, -(-min_side // min(pixels.shape[1:3])))
+    pixels = pixels.repeat(scale, axis=1).repeat(scale, axis=2)
+    patch_size *= scale
     batch, height, width, _ = pixels.shape
     grid = (height // patch_size, width // patch_size)
     num_stages = len(kept_indices)

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from tests.tiny import TINY_NORMALIZATION
+
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -76,14 +78,16 @@ def tiny_options(digits_shards, pipeline_dir, mlflow_uri):
 
 @pytest.fixture(scope="session")
 def trained(ray_cluster, pipeline_dir, tiny_options):
-    """A dense 2-worker run, then a SPOT run fine-tuned from the registered dense model: RESULT_JSON dicts."""
+    """A dense 2-worker run (with ``TINY_NORMALIZATION``), then a SPOT run fine-tuned from the registered
+    dense model (which inherits it): RESULT_JSON dicts."""
     import contextlib
 
     from pipelines.config import resolve_config
     from pipelines.job import run
 
     with contextlib.chdir(pipeline_dir):
-        dense = run(resolve_config({**tiny_options, "dense": True, "epochs": 2, "run_name": "dense"}))
+        dense = run(resolve_config({**tiny_options, **TINY_NORMALIZATION, "dense": True, "epochs": 2,
+                                    "run_name": "dense"}))
         teacher = f"models:/{dense['registered_model']}/{dense['registered_version']}"
         sparse = run(resolve_config({**tiny_options, "pretrained": teacher, "epochs": 2, "run_name": "spot"}))
     return {"dense": dense, "spot": sparse}

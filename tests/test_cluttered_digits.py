@@ -9,7 +9,14 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from pipelines.cluttered_digits import CANVAS, digit_patches, make_canvases
+from pipelines.cluttered_digits import (
+    CANVAS,
+    PIXEL_MEAN,
+    PIXEL_STD,
+    digit_patches,
+    make_canvases,
+    pixel_stats,
+)
 from pipelines.manifest import read_manifest
 from pipelines.shards import write_shards
 from tests.test_shards import split_samples
@@ -62,3 +69,8 @@ def test_labels_boxes_and_background_from_the_meta(val_dir):
         assert sorted(np.flatnonzero(touched)) == digit_patches(meta["digit_box"], PATCH)
         background.append(1.0 - touched.mean())
     assert min(background) >= 0.75  # at least three quarters of the patches hold no part of the digit
+
+
+def test_preset_normalisation_is_the_train_split_statistics():
+    mean, std = pixel_stats("train")
+    assert mean == pytest.approx(PIXEL_MEAN, abs=5e-4) and std == pytest.approx(PIXEL_STD, abs=5e-4)

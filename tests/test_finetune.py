@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 
 from pipelines import finetune
 from pipelines.checkpoints import CONFIG_FILE, MASKS_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE
+from pipelines.cluttered_digits import PIXEL_MEAN, PIXEL_STD
 from pipelines.config import RUNS_DIR, given_values, resolve_config
 from pipelines.errors import ConfigError
 from pipelines.job import run as run_job
@@ -135,6 +136,8 @@ def test_paper_defaults_with_data_and_digits_defaults_without(digits_shards, tmp
     assert digits.model_args["patch_size"] == 8  # 36 tokens, 4 of them the digit
     assert (digits.crop_scale, digits.hflip) == (1.0, 0.0)  # no crop cuts the digit out, no mirroring
     assert digits.register_as == "spot-deit_t-dense" and digits.lambda_rate == 0.0
+    assert (digits.mean, digits.std) == ([PIXEL_MEAN] * 3, [PIXEL_STD] * 3)  # the canvases', not ImageNet's
+    assert (config.mean, config.std) == (None, None)  # with --data: the backbone's (or --pretrained model's)
 
 
 def test_yaml_config_and_command_line_precedence(digits_shards, tmp_path):
@@ -142,10 +145,11 @@ def test_yaml_config_and_command_line_precedence(digits_shards, tmp_path):
     path.write_text(yaml.safe_dump({"data": str(digits_shards), "epochs": 3, "batch-size": 32,
                                     "model_args": {"depth": 4}, "rho": 0.5}))
     args = finetune.build_parser().parse_args(
-        ["--config", str(path), "--epochs", "5", "--model-arg", "depth=6"]
+        ["--config", str(path), "--epochs", "5", "--model-arg", "depth=6", "--mean", "0.1", "0.2", "0.3"]
     )
     config = resolve_config(given_values(args), cwd=tmp_path)
     assert (config.epochs, config.batch_size, config.rho) == (5, 32, 0.5)
+    assert config.mean == [0.1, 0.2, 0.3] and config.std is None
     assert config.model_args == {"depth": 6}
     path.write_text("epochz: 3\n")
     with pytest.raises(ConfigError, match="unknown option 'epochz'"):
@@ -163,6 +167,8 @@ def test_yaml_config_and_command_line_precedence(digits_shards, tmp_path):
         ({"model_args": {"img_size": 64}}, "use --img-size"),
         ({"crop_scale": 0}, r"--crop-scale 0: must be in \(0, 1\]"),
         ({"hflip": 1.5}, r"--hflip 1.5: must be in \[0, 1\]"),
+        ({"std": [0.2, 0.0, 0.2]}, r"--std \[0.2, 0.0, 0.2\]: must be > 0"),
+        ({"mean": [0.5, 0.5]}, r"--mean \[0.5, 0.5\]: expected 3 numbers"),
     ],
 )
 def test_inconsistent_options_are_refused(digits_shards, tmp_path, given, message):

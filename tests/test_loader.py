@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 from sklearn.datasets import load_digits
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from pipelines.loader import IMAGENET_MEAN, IMAGENET_STD, PAD_LABEL, make_loader
+from pipelines.loader import PAD_LABEL, make_loader
 from pipelines.manifest import (
     CorruptSampleError,
     DataDirError,
@@ -87,11 +88,25 @@ def test_digits_val_labels_and_pixels_match_sklearn(digits_dir):
     metas = tar_order(digits_dir, "val")
     expected = [digits.target[int(m["source"].removeprefix("digits:"))] for m in metas]
     assert labels[:360].tolist() == expected
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
     pixels = (images[:360] * std + mean).clamp(0, 1)
     for image, meta in zip(pixels, metas, strict=True):
         original = np.kron(digits.images[int(meta["source"].removeprefix("digits:"))], np.ones((8, 8)))
         assert np.corrcoef(original.ravel(), image[0].numpy().ravel())[0, 1] > 0.9
+
+
+def test_normalisation_is_the_one_asked_for(digits_dir):
+    """The same val pixels come back with ImageNet's statistics by default and with the given ones."""
+    mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 0.125)
+    default = next(iter(make_loader(digits_dir, "val", batch_size=16, img_size=64, train=False)))[0]
+    custom = next(iter(make_loader(digits_dir, "val", batch_size=16, img_size=64, train=False, mean=mean,
+                                   std=std)))[0]
+    as_pixels = [x * torch.tensor(s).view(3, 1, 1) + torch.tensor(m).view(3, 1, 1)
+                 for x, m, s in ((default, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), (custom, mean, std))]
+    torch.testing.assert_close(as_pixels[0], as_pixels[1], atol=1e-5, rtol=0)
+    assert custom[:, 0].min() == pytest.approx(-0.1 / 0.5, abs=1e-6)  # black background: (0 - mean) / std
+    with pytest.raises(ValueError, match="3 positive stds"):
+        make_loader(digits_dir, "val", batch_size=16, img_size=64, train=False, std=(1.0, 0.0, 1.0))
 
 
 def test_digits_train_epoch_two_ranks(digits_dir):

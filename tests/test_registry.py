@@ -7,8 +7,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+import spot
 from pipelines.evaluate import evaluate_model
 from pipelines.registry import CHAMPION, load_model, register_checkpoint
+from tests.tiny import TINY_NORMALIZATION
 
 
 def test_champion_loads_and_reproduces_the_logged_validation_accuracy(trained, digits_shards, mlflow_uri):
@@ -16,6 +18,7 @@ def test_champion_loads_and_reproduces_the_logged_validation_accuracy(trained, d
     sparse = trained["spot"]
     model = load_model(f"models:/{sparse['registered_model']}@{CHAMPION}")
     assert not model.training and model.spot_config["rho"] == 0.7
+    assert spot.input_normalization(model) == {k: tuple(v) for k, v in TINY_NORMALIZATION.items()}
     accuracy = evaluate_model(model, digits_shards, batch_size=32, device=torch.device("cpu"))
     assert accuracy["samples"] == 360
     assert accuracy["top1"] == pytest.approx(sparse["best_val_acc1"], abs=1e-9)

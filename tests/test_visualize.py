@@ -88,7 +88,7 @@ def test_earlier_drop_is_shaded_more_and_kept_patches_are_untouched():
     grey = torch.full((1, 3, HEIGHT, WIDTH), 200, dtype=torch.uint8)
     figure = np.asarray(draw_token_masks(grey, STAGED, PATCH))
     stage1, stage2, stage3 = (_patch(figure, 1, index).mean() for index in (5, 4, 3))
-    assert stage1 < stage2 < stage3 < 200
+    assert stage1 > stage2 > stage3 > 200  # washed out toward white, the earliest drop most
 
     images = _random_images(1)
     figure = np.asarray(draw_token_masks(images, STAGED, PATCH))
@@ -97,6 +97,17 @@ def test_earlier_drop_is_shaded_more_and_kept_patches_are_untouched():
     composite = figure[:, WIDTH + PANEL_GAP :]
     assert np.array_equal(composite[:PATCH], original[:PATCH])  # patches 0, 1, 2
     assert not np.array_equal(composite[PATCH:], original[PATCH:])
+
+
+def test_small_images_are_enlarged_whole_pixels_and_patches():
+    images = _random_images(1)
+    small = np.asarray(draw_token_masks(images, STAGED, PATCH))
+    large = np.asarray(draw_token_masks(images, STAGED, PATCH, min_side=3 * HEIGHT - 1))
+    assert large.shape == (3 * HEIGHT, 2 * 3 * WIDTH + PANEL_GAP, 3)
+    panels = [large[:, : 3 * WIDTH], large[:, 3 * WIDTH + PANEL_GAP :]]
+    expected = [small[:, :WIDTH], small[:, WIDTH + PANEL_GAP :]]
+    for panel, original in zip(panels, expected, strict=True):
+        assert np.array_equal(panel, original.repeat(3, axis=0).repeat(3, axis=1))
 
 
 def test_float_images_are_unnormalised():

@@ -3,6 +3,7 @@
 import spot
 
 TINY = dict(img_size=32, patch_size=8, depth=4, embed_dim=32, num_heads=2, num_classes=10)
+TINY_NORMALIZATION = {"mean": [0.2, 0.2, 0.2], "std": [0.35, 0.35, 0.35]}  # not ImageNet's: must travel
 TINY_LVVIT = dict(img_size=32, patch_size=8, depth=4, embed_dim=36, num_heads=3, num_classes=10)
 
 

@@ -62,3 +62,10 @@ def create_model(
     if pretrained is not None:
         load_pretrained(model, pretrained)
     return model
+
+
+def input_normalization(model: nn.Module) -> dict[str, tuple[float, ...]]:
+    """``{"mean": ..., "std": ...}`` (per channel, [0, 1] pixel scale) the model expects its inputs normalised
+    with: its timm ``pretrained_cfg``, ImageNet's unless built with ``pretrained_cfg_overlay``."""
+    cfg = model.pretrained_cfg
+    return {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
