@@ -28,6 +28,10 @@ from spot.losses import default_lambdas
 
 DIGITS_SOURCE = "cluttered-digits"  # the built-in task (pipelines/cluttered_digits.py)
 DIGITS_DIR = f"data/{DIGITS_SOURCE}"
+# SPOT fine-tuned from the dense digits model (make demo, the digits sweep): lower learning rates than the
+# dense run from scratch, no freeze, a quarter epoch of warm-up (docs/benchmarks.md, cluttered digits)
+DIGITS_SPOT_FINETUNE = {"epochs": 2, "lr": 1e-4, "predictor_lr": 1e-3, "freeze_epochs": 0,
+                        "warmup_epochs": 0.25}
 RUNS_DIR = "ray_results"
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
 AMP_MODES = ("bf16", "fp16", "off")

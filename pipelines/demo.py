@@ -25,7 +25,7 @@ import ray
 import torch
 
 from pipelines import compare
-from pipelines.config import RUNS_DIR, resolve_config
+from pipelines.config import DIGITS_SPOT_FINETUNE, RUNS_DIR, resolve_config
 from pipelines.errors import TrackingError, first_line
 from pipelines.job import run as run_job
 from pipelines.ray_session import start_local_ray
@@ -49,9 +49,6 @@ def ui_hint(uri: str) -> str:
     )
 
 
-# SPOT fine-tuning from the dense model: lower learning rates than training from scratch, no freeze
-# (docs/benchmarks.md, "SPOT on the cluttered digits")
-SPOT_FINETUNE = {"epochs": 2, "lr": 1e-4, "predictor_lr": 1e-3, "freeze_epochs": 0, "warmup_epochs": 0.25}
 RHOS = (0.7, 0.5)
 
 
@@ -70,7 +67,7 @@ def run_demo(num_workers: int = 2, epochs: int | None = None) -> dict:
         )
         dense = run_job(dense_config)
         teacher = f"models:/{dense['registered_model']}/{dense['registered_version']}"
-        spot_options = {**options, **SPOT_FINETUNE, "pretrained": teacher, "rho": RHOS[0]}
+        spot_options = {**options, **DIGITS_SPOT_FINETUNE, "pretrained": teacher, "rho": RHOS[0]}
         spot_config = resolve_config(spot_options | {"run_name": f"demo-spot-{stamp}"})
         print(
             f"== 2/3 SPOT rho {spot_config.rho}: {spot_config.epochs} epochs from {teacher} (its teacher)",

@@ -44,6 +44,33 @@ def given_training_options(args: argparse.Namespace) -> dict:
     return given if given.get("data") is not None else {**DIGITS_SWEEP, **given}
 
 
+def digits_teacher(given: dict, uri: str, cwd: Path, notes: list[str]) -> str | None:
+    """The dense model a digits sweep fine-tunes (and distils) from: the champion that ``make demo`` or
+    ``finetune.py --dense`` registered in ``uri``, if its architecture is the trials'; else None (trials
+    train SPOT from scratch), with a note either way."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipelines.registry import CHAMPION, champion_metrics, load_model
+
+    arch_keys = ("backbone", "img_size", "model_args", "mean", "std")
+    dense = resolve_config({"dense": True, **{k: given[k] for k in arch_keys if k in given}}, cwd=cwd)
+    tracking.check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    teacher = f"models:/{dense.register_as}@{CHAMPION}"
+    if champion_metrics(MlflowClient(uri), dense.register_as) is not None:
+        found = load_model(teacher).spot_config
+        wanted = {"img_size": dense.img_size, **dense.model_args}
+        if all(found.get(k) == v for k, v in wanted.items()):
+            notes.append(f"trials fine-tune SPOT from the dense digits model {teacher} (also their "
+                         "teacher); --pretrained chooses another")
+            return teacher
+    notes.append(f"no dense {dense.backbone} digits model of this architecture registered in "
+                 f"{tracking.redact_uri(uri)} ({teacher}): trials train SPOT from scratch; `make demo` or "
+                 "`python pipelines/finetune.py --dense` first registers one to fine-tune from")
+    return None
+
+
 def trial_options(config: RunConfig, given: dict, fixed: dict) -> dict:
     """Options of every trial: the driver's resolved ``config`` (data, digits defaults...) but for the
     options derived from searched values, which each trial re-derives unless given; then the fixed values."""
@@ -82,8 +109,11 @@ def _prepare_new(args: argparse.Namespace, cwd: Path) -> dict:
     check(args.gmacs_budget is None or args.gmacs_budget > 0, "--gmacs-budget must be > 0", SweepError)
     given = given_training_options(args)
     storage = args.storage or str(cwd / RUNS_DIR)
-    config = resolve_config({**given, "storage": storage}, cwd=cwd)
+    uri = tracking.resolve_tracking_uri(args.mlflow_uri, cwd)
     notes: list[str] = []
+    if given.get("data") is None and given.get("pretrained") is None:
+        given["pretrained"] = digits_teacher(given, uri, cwd, notes)
+    config = resolve_config({**given, "storage": storage}, cwd=cwd)
     if config.pretrained is None:
         dims, notes = space.without_teacher(dims)
     if args.gmacs_budget is not None and args.budget_clip:
@@ -94,7 +124,6 @@ def _prepare_new(args: argparse.Namespace, cwd: Path) -> dict:
     check(read_record(config.storage, name, SWEEP_RECORD) is None,
           f"sweep {name!r} already exists in {config.storage}: pass --resume {config.storage}/{name} or "
           "another --name", SweepError)
-    uri = tracking.resolve_tracking_uri(args.mlflow_uri, cwd)
     tracking.check_reachable(uri)
     import mlflow
 
