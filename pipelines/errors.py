@@ -15,6 +15,11 @@ class TrainingError(RuntimeError):
     """A training run that stopped for good (e.g. a non-finite loss); the message says where (exit code 1)."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C after its MLflow run was marked KILLED; the message is the command that
+    continues it (exit code 130)."""
+
+
 def first_line(err: BaseException) -> str:
     """The first line of an error's message (its type name if empty): one-line error reports."""
     text = str(err).strip()

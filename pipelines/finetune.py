@@ -9,7 +9,7 @@
 
 The options are :class:`pipelines.config.RunConfig`'s; the job is :func:`pipelines.job.run`. The last line
 printed is ``RESULT_JSON: {...}``. Bad input exits with code 2 and one line on stderr; a failed training
-run with code 1.
+run with code 1; Ctrl-C with 130 after printing the command that resumes the run.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 
 from pipelines.cli import bad_input, print_result
 from pipelines.config import add_options, given_values, resolve_config
-from pipelines.errors import TrackingError, TrainingError, first_line
+from pipelines.errors import Interrupted, TrackingError, TrainingError, first_line
 from pipelines.manifest import DataError
 
 
@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         result = run(resolve_config(given_values(args)))
     except (DataError, FileNotFoundError, TrackingError, ValueError) as err:
         return bad_input("finetune", err)
+    except Interrupted as err:
+        print(f"finetune: interrupted; MLflow run marked KILLED, checkpoints kept. Continue with:\n  {err}",
+              file=sys.stderr)
+        return 130
     except TrainingError as err:  # stopped for good (non-finite loss): the message says where
         print(f"finetune: training failed: {first_line(err)}", file=sys.stderr)
         return 1

@@ -7,12 +7,13 @@ use the same pieces (:func:`pipelines.weights.prepare_init`, :func:`pipelines.tr
 
 from __future__ import annotations
 
+import shlex
 import time
 from pathlib import Path
 
 from pipelines import tracking
 from pipelines.config import RunConfig
-from pipelines.errors import TrainingError, check
+from pipelines.errors import Interrupted, TrainingError, check
 from pipelines.mlflow_run import MlflowRun
 from pipelines.ray_session import ray_session
 from pipelines.run_record import FAULT_RECORD, delete_record, read_record, write_record
@@ -77,13 +78,20 @@ def stop_on_nonfinite(result, mlflow_run: MlflowRun, storage: str, name: str) ->
     raise TrainingError(f"{fault}; nothing registered; last good checkpoint: {last} (try a lower --lr)")
 
 
+def resume_command(config: RunConfig) -> str:
+    """The command that continues ``config``'s run from its last checkpoint (same MLflow run)."""
+    args = ["--resume", "--run-name", config.run_name, "--storage", config.storage]
+    return "python pipelines/finetune.py " + " ".join(shlex.quote(a) for a in args)
+
+
 def run(config: RunConfig) -> dict:
     """Train ``config`` (from :func:`pipelines.config.resolve_config`) on Ray, track it in MLflow, register
     the best model. Returns the ``RESULT_JSON`` dict.
 
     Before any worker starts, raises ``TrackingError`` if MLflow is not usable and ``ConfigError`` for a bad
     ``--pretrained``, ``--address`` or run name; raises ``ray.train.TrainingFailedError`` if training fails
-    for good and ``TrainingError`` on a NaN / inf loss (the MLflow run is then FAILED, nothing registered).
+    for good and ``TrainingError`` on a NaN / inf loss (the MLflow run is then FAILED, nothing registered);
+    on Ctrl-C the MLflow run is KILLED and :class:`~pipelines.errors.Interrupted` says how to resume.
     """
     import mlflow
     from ray.train import TrainingFailedError
@@ -108,6 +116,9 @@ def run(config: RunConfig) -> dict:
         except TrainingFailedError:
             mlflow_run.end("FAILED")
             raise
+        except KeyboardInterrupt:  # Ctrl-C: the checkpoints stay in storage, --resume continues from them
+            mlflow_run.end("KILLED")
+            raise Interrupted(resume_command(config)) from None
         stop_on_nonfinite(result, mlflow_run, storage, name)
         registered = register_best(result, run_id=mlflow_run.run_id, name=config.register_as)
         best = registered["metrics"]

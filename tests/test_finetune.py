@@ -4,6 +4,7 @@ MLflow on SQLite with the model registry; plus the recipe and the option handlin
 import contextlib
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -309,6 +310,42 @@ def test_resume_continues_a_run_whose_driver_died(
     [run] = runs_named(mlflow_uri, "tests", name)
     assert run.info.status == "FINISHED"
     assert history_steps(mlflow_uri, run_id, "val_acc1") == [0, 1, 2]
+
+
+def test_ctrl_c_marks_the_run_killed_and_prints_the_resume_command(
+    ray_cluster, pipeline_dir, tiny_options, trained, mlflow_uri
+):
+    name = "interrupted"
+    options = pipeline_dir / "interrupt.yaml"
+    options.write_text(yaml.safe_dump({**tiny_options, "dense": True, "epochs": 3, "run_name": name}))
+    driver = _finetune("--config", str(options), "--address", ray_cluster, cwd=pipeline_dir)
+    record = Path(tiny_options["storage"]) / name / RUN_RECORD
+    deadline = time.monotonic() + 300
+    run_id = None
+    while time.monotonic() < deadline and driver.poll() is None:
+        if run_id is None and record.exists():
+            run_id = json.loads(record.read_text())["mlflow_run_id"]
+        if run_id and history_steps(mlflow_uri, run_id, "val_acc1"):
+            break
+        time.sleep(0.2)
+    assert driver.poll() is None, f"the driver ended before Ctrl-C: {driver.communicate()[1][-2000:]}"
+    driver.send_signal(signal.SIGINT)
+    stdout, stderr = driver.communicate(timeout=120)
+    assert driver.returncode == 130, stderr[-3000:]
+    assert "RESULT_JSON" not in stdout
+    [run] = runs_named(mlflow_uri, "tests", name)
+    assert run.info.run_id == run_id and run.info.status == "KILLED"
+    assert list((Path(tiny_options["storage"]) / name).glob("checkpoint_*")), "the checkpoint is kept"
+    [command] = [line.strip() for line in stderr.splitlines() if "--resume" in line]
+    assert command.startswith("python pipelines/finetune.py --resume --run-name interrupted")
+
+    resumed = _finetune(*shlex.split(command)[2:], "--address", ray_cluster, cwd=pipeline_dir)
+    stdout, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr[-3000:]
+    result = _result(stdout)
+    assert result["mlflow_run_id"] == run_id and result["epochs_logged"] == [0, 1, 2]
+    [run] = runs_named(mlflow_uri, "tests", name)
+    assert run.info.status == "FINISHED"
 
 
 @pytest.mark.parametrize(

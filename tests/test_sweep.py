@@ -240,6 +240,25 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(workdir, ra
     assert code == 2
 
 
+@pytest.mark.integration
+def test_a_trial_with_a_nan_loss_fails_alone_and_nothing_is_registered(workdir, ray_cluster):
+    """A poisoned learning rate: the trial fails with the reason, its MLflow run is FAILED, the sweep ends
+    without a best trial (exit 1) and registers nothing."""
+    code, out, result = run_sweep(
+        workdir, *TINY_ARGS, "--address", ray_cluster, "--num-samples", "1", "--epochs", "1",
+        "--lr", "1e8", "--experiment", "nan", "--register-as", "tiny-nan", "--name", "nan",
+    )
+    assert code == 1 and result["best_trial"] is None, out[-3000:]
+    [line] = [line for line in out.splitlines() if line.startswith("trial ")]
+    assert ": failed, see " in line
+    error_file = Path(line.split(": failed, see ", 1)[1])
+    assert "non-finite training loss at epoch 1" in error_file.read_text()
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    parent, [child] = runs_of(client, "nan")
+    assert child.info.status == "FAILED" and child.data.tags["trial_status"] == "error"
+    assert not client.search_registered_models("name = 'tiny-nan'")
+
+
 def test_resume_takes_no_other_options(tmp_path, capsys):
     from tuning.sweep_lambdas import main
 

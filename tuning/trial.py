@@ -13,7 +13,7 @@ from pipelines import tracking
 from pipelines.config import resolve_config
 from pipelines.job import run_params
 from pipelines.mlflow_run import MlflowRun
-from pipelines.trainer import build_trainer
+from pipelines.trainer import NONFINITE, build_trainer
 from pipelines.weights import prepare_init
 from tuning import space
 
@@ -37,6 +37,10 @@ def parent_run(setup: dict) -> MlflowRun:
     return MlflowRun(setup["tracking_uri"], setup["parent_run_id"])
 
 
+class NonFiniteLoss(RuntimeError):
+    """A trial whose training loss became NaN / inf (its workers stopped; the sweep goes on)."""
+
+
 class TrialReport(TuneReportCallback):
     """Forwards each epoch's report to Tune with what the sweep needs (runs on the Train controller).
 
@@ -52,6 +56,8 @@ class TrialReport(TuneReportCallback):
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         report = {k: v for k, v in metrics[0].items() if not isinstance(v, list)}  # node ids: not for Tune
+        if NONFINITE in report:  # the workers stopped on a NaN / inf loss: run_trial fails the trial
+            return
         feasible = space.is_feasible(report["gflops"], self.budget)
         extra = {
             METRIC: report["val_acc1"] if feasible else report["val_acc1"] - 1.0,
@@ -88,8 +94,11 @@ def run_trial(params: dict, *, setup: dict) -> None:
         child = MlflowRun.reopen(child.uri, child.run_id)
     callbacks = [tracking.MlflowReportCallback(setup["tracking_uri"], child.run_id),
                  TrialReport(setup["budget"], child.run_id)]
-    build_trainer(config, name=name, storage=setup["train_storage"], init=init, callbacks=callbacks,
-                  progress=config.verbose).fit()
+    result = build_trainer(config, name=name, storage=setup["train_storage"], init=init, callbacks=callbacks,
+                           progress=config.verbose).fit()
+    if NONFINITE in (result.metrics or {}):  # nothing went to Tune, so the trial is still alive to fail
+        raise NonFiniteLoss(f"trial {trial_id}: {result.metrics[NONFINITE]}; the last good checkpoint is "
+                            f"kept in {setup['train_storage']}/{name}")
 
 
 class TrialRuns(tune.Callback):
