@@ -4,7 +4,9 @@ A trained ViT attends sharply. With descriptors relative to uniform attention (`
 the default before issue 13), the variances of such maps enter the relevance MLP at up to n^4; its keep
 probabilities start saturated, the straight-through Gumbel gradients vanish, and the train-mode keep rate
 stays far from rho^k (docs/benchmarks.md, issue 13). These tests build peaked attention on a tiny model
-and check the default (the paper's raw statistics); ``"count"`` shows the old failure.
+and check the default (the paper's raw statistics); ``"count"`` shows the old failure. On the same model,
+DynamicViT's masked softmax (``mask_grad="dynamicvit"``) hands the predictors cross-entropy gradients that
+swamp the rate loss; the bounded default does not.
 """
 
 import torch
