@@ -78,6 +78,13 @@ def stop_on_nonfinite(result, mlflow_run: MlflowRun, storage: str, name: str) ->
     raise TrainingError(f"{fault}; nothing registered; last good checkpoint: {last} (try a lower --lr)")
 
 
+def aborted(result, config: RunConfig) -> bool:
+    """Whether a run that raised nothing (and hit no NaN) ended before its last epoch: only an abort does
+    that (Ray Train's SIGINT handler stops the controller, and ``fit()`` returns what was reported)."""
+    last = (result.metrics or {}).get("epoch")
+    return last is None or last + 1 < config.epochs
+
+
 def resume_command(config: RunConfig) -> str:
     """The command that continues ``config``'s run from its last checkpoint (same MLflow run)."""
     args = ["--resume", "--run-name", config.run_name, "--storage", config.storage]
@@ -116,10 +123,13 @@ def run(config: RunConfig) -> dict:
         except TrainingFailedError:
             mlflow_run.end("FAILED")
             raise
-        except KeyboardInterrupt:  # Ctrl-C: the checkpoints stay in storage, --resume continues from them
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C; Ray Train's own SIGINT handler exits the driver
             mlflow_run.end("KILLED")
             raise Interrupted(resume_command(config)) from None
         stop_on_nonfinite(result, mlflow_run, storage, name)
+        if aborted(result, config):  # Ray Train aborted the run on Ctrl-C and fit() returned
+            mlflow_run.end("KILLED")
+            raise Interrupted(resume_command(config))
         registered = register_best(result, run_id=mlflow_run.run_id, name=config.register_as)
         best = registered["metrics"]
         rows = mlflow_run.metric_history(list(EPOCH_COLUMNS[1:]))
