@@ -390,6 +390,7 @@ def resolve_config(given: dict, *, cwd: Path | None = None) -> RunConfig:
         check(record is not None and "config" in record,
               f"--resume: no run {config.run_name!r} in {config.storage}")
         saved = record["config"]
+        saved = {k: saved.get(k, FIELDS[k].default) for k in FIELDS}  # a record from before an option existed
         changed = [k for k in training_keys() if k in given and given[k] != saved[k]]
         check(not changed, f"--resume cannot change training options: {', '.join(changed)}")
         kept = (*training_keys(), "num_classes", "experiment", "register_as")

@@ -177,6 +177,20 @@ def test_inconsistent_options_are_refused(digits_shards, tmp_path, given, messag
         resolve_config({"data": str(digits_shards), "batch_size": 64, **given}, cwd=tmp_path)
 
 
+
+def test_resume_of_a_run_recorded_before_an_option_existed(digits_shards, tmp_path):
+    """A record written before --mean / --std existed resumes with their old meaning (the backbone's)."""
+    from pipelines.run_record import write_record
+
+    config = resolve_config({"data": str(digits_shards), "batch_size": 64, "run_name": "old"}, cwd=tmp_path)
+    saved = {k: v for k, v in config.to_dict().items() if k not in ("mean", "std")}
+    record = {"config": saved, "mlflow_run_id": "x", "tracking_uri": config.mlflow_uri}
+    write_record(config.storage, "old", record)
+    resumed = resolve_config({"run_name": "old", "resume": True}, cwd=tmp_path)
+    assert (resumed.mean, resumed.std, resumed.data) == (None, None, config.data)
+    with pytest.raises(ConfigError, match="cannot change training options: mean"):
+        resolve_config({"run_name": "old", "resume": True, "mean": [0.5, 0.5, 0.5]}, cwd=tmp_path)
+
 # --- end to end -----------------------------------------------------------------------------------------
 
 
