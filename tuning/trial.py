@@ -13,6 +13,7 @@ from pipelines import tracking
 from pipelines.config import resolve_config
 from pipelines.job import run_params
 from pipelines.mlflow_run import MlflowRun
+from pipelines.run_record import FAULT_RECORD, delete_record, read_record
 from pipelines.trainer import NONFINITE, build_trainer
 from pipelines.weights import prepare_init
 from tuning import space
@@ -94,11 +95,14 @@ def run_trial(params: dict, *, setup: dict) -> None:
         child = MlflowRun.reopen(child.uri, child.run_id)
     callbacks = [tracking.MlflowReportCallback(setup["tracking_uri"], child.run_id),
                  TrialReport(setup["budget"], child.run_id)]
-    result = build_trainer(config, name=name, storage=setup["train_storage"], init=init, callbacks=callbacks,
-                           progress=config.verbose).fit()
-    if NONFINITE in (result.metrics or {}):  # nothing went to Tune, so the trial is still alive to fail
-        raise NonFiniteLoss(f"trial {trial_id}: {result.metrics[NONFINITE]}; the last good checkpoint is "
-                            f"kept in {setup['train_storage']}/{name}")
+    storage = setup["train_storage"]
+    delete_record(storage, name, FAULT_RECORD)  # an earlier attempt's
+    build_trainer(config, name=name, storage=storage, init=init, callbacks=callbacks,
+                  progress=config.verbose).fit()
+    fault = read_record(storage, name, FAULT_RECORD)
+    if fault is not None:  # nothing went to Tune, so the trial is still alive to fail
+        raise NonFiniteLoss(f"trial {trial_id}: {fault['error']}; the last good checkpoint is kept in "
+                            f"{storage}/{name}")
 
 
 class TrialRuns(tune.Callback):
