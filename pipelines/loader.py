@@ -369,4 +369,3 @@ def make_loader(
         num_shards=num_shards, num_threads=num_threads, seed=seed, device=device, crop_pct=crop_pct,
         crop_scale=crop_scale, hflip=hflip, randaugment=randaugment, mean=tuple(mean), std=tuple(std),
     )
-

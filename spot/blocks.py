@@ -73,12 +73,10 @@ def make_blocks_spot_aware(blocks: nn.Sequential, mask_grad: str = "bounded") ->
     """Swap the classes of timm ``Block`` / ``Attention`` instances in ``blocks`` (in place, idempotent);
     ``mask_grad`` is :attr:`spot.config.SpotConfig.mask_grad`."""
     for blk in blocks:
-        if isinstance(blk, SpotBlock):
-            blk.attn.bounded_mask_grad = mask_grad == "bounded"
-            continue
-        if type(blk) is not Block or type(blk.attn) is not Attention:
-            found = f"{type(blk).__name__}/{type(blk.attn).__name__}"
-            raise TypeError(f"expected timm Block/Attention, got {found}")
-        blk.__class__ = SpotBlock
-        blk.attn.__class__ = SpotAttention
+        if not isinstance(blk, SpotBlock):
+            if type(blk) is not Block or type(blk.attn) is not Attention:
+                found = f"{type(blk).__name__}/{type(blk.attn).__name__}"
+                raise TypeError(f"expected timm Block/Attention, got {found}")
+            blk.__class__ = SpotBlock
+            blk.attn.__class__ = SpotAttention
         blk.attn.bounded_mask_grad = mask_grad == "bounded"

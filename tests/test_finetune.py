@@ -294,11 +294,12 @@ def _result(stdout: str) -> dict:
     return json.loads(line.removeprefix("RESULT_JSON: "))
 
 
-def test_resume_continues_a_run_whose_driver_died(
-    ray_cluster, pipeline_dir, tiny_options, trained, mlflow_uri
-):
-    name = "driver-died"
-    options = pipeline_dir / "resume.yaml"
+def _dense_run_after_first_epoch(
+    name: str, ray_cluster, pipeline_dir: Path, tiny_options: dict, mlflow_uri: str
+) -> tuple[subprocess.Popen, str]:
+    """A 3-epoch dense finetune CLI process, returned (still running) once its first epoch is in MLflow,
+    with its MLflow run id."""
+    options = pipeline_dir / f"{name}.yaml"
     options.write_text(yaml.safe_dump({**tiny_options, "dense": True, "epochs": 3, "run_name": name}))
     driver = _finetune("--config", str(options), "--address", ray_cluster, cwd=pipeline_dir)
     record = Path(tiny_options["storage"]) / name / RUN_RECORD
@@ -310,9 +311,15 @@ def test_resume_continues_a_run_whose_driver_died(
         if run_id and history_steps(mlflow_uri, run_id, "val_acc1"):
             break
         time.sleep(0.2)
-    assert driver.poll() is None, (
-        f"the driver ended before it could be killed: {driver.communicate()[1][-2000:]}"
-    )
+    assert driver.poll() is None, f"the driver ended too early: {driver.communicate()[1][-2000:]}"
+    return driver, run_id
+
+
+def test_resume_continues_a_run_whose_driver_died(
+    ray_cluster, pipeline_dir, tiny_options, trained, mlflow_uri
+):
+    name = "driver-died"
+    driver, run_id = _dense_run_after_first_epoch(name, ray_cluster, pipeline_dir, tiny_options, mlflow_uri)
     driver.send_signal(signal.SIGKILL)
     driver.communicate()
 
@@ -330,19 +337,7 @@ def test_ctrl_c_marks_the_run_killed_and_prints_the_resume_command(
     ray_cluster, pipeline_dir, tiny_options, trained, mlflow_uri
 ):
     name = "interrupted"
-    options = pipeline_dir / "interrupt.yaml"
-    options.write_text(yaml.safe_dump({**tiny_options, "dense": True, "epochs": 3, "run_name": name}))
-    driver = _finetune("--config", str(options), "--address", ray_cluster, cwd=pipeline_dir)
-    record = Path(tiny_options["storage"]) / name / RUN_RECORD
-    deadline = time.monotonic() + 300
-    run_id = None
-    while time.monotonic() < deadline and driver.poll() is None:
-        if run_id is None and record.exists():
-            run_id = json.loads(record.read_text())["mlflow_run_id"]
-        if run_id and history_steps(mlflow_uri, run_id, "val_acc1"):
-            break
-        time.sleep(0.2)
-    assert driver.poll() is None, f"the driver ended before Ctrl-C: {driver.communicate()[1][-2000:]}"
+    driver, run_id = _dense_run_after_first_epoch(name, ray_cluster, pipeline_dir, tiny_options, mlflow_uri)
     driver.send_signal(signal.SIGINT)
     stdout, stderr = driver.communicate(timeout=120)
     assert driver.returncode == 130, stderr[-3000:]

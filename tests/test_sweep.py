@@ -266,3 +266,13 @@ def test_resume_takes_no_other_options(tmp_path, capsys):
     assert "--resume continues a sweep as it was started; remove epochs" in capsys.readouterr().err
     assert main(["--resume", str(tmp_path / "nothing")]) == 2
     assert "not a sweep directory" in capsys.readouterr().err
+
+
+def test_digits_sweep_without_a_registered_dense_model_says_it_trains_from_scratch(tmp_path):
+    from tuning.sweep import prepare
+    from tuning.sweep_lambdas import build_parser
+
+    plan = prepare(build_parser().parse_args(TINY_ARGS), tmp_path)
+    assert plan["config"].pretrained is None
+    assert any("trials train SPOT from scratch" in n for n in plan["notes"])
+    assert any(n.startswith("lambda_kl fixed at 0") for n in plan["notes"])  # no teacher: l2 not searched

@@ -115,7 +115,8 @@ def _prepare_new(args: argparse.Namespace, cwd: Path) -> dict:
         given["pretrained"] = digits_teacher(given, uri, cwd, notes)
     config = resolve_config({**given, "storage": storage}, cwd=cwd)
     if config.pretrained is None:
-        dims, notes = space.without_teacher(dims)
+        dims, fixed_notes = space.without_teacher(dims)
+        notes += fixed_notes
     if args.gmacs_budget is not None and args.budget_clip:
         rho_max = space.rho_limit(config, args.gmacs_budget)
         dims = space.clip_rho(dims, rho_max, args.gmacs_budget, RunConfig.rho)
