@@ -67,12 +67,16 @@ def read_checkpoint(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor
     return config, torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
 
 
-def model_from_checkpoint(directory: str | Path) -> nn.Module:
-    """Rebuild a checkpoint's model in eval (prune) mode."""
-    config, state = read_checkpoint(directory)
+def build_model(config: dict, state: dict[str, torch.Tensor]) -> nn.Module:
+    """The model of ``spot_config`` with ``state`` loaded, in eval (prune) mode."""
     model = spot.create_model(**config)
     model.load_state_dict(state)
     return model.eval()
+
+
+def model_from_checkpoint(directory: str | Path) -> nn.Module:
+    """Rebuild a checkpoint's model in eval (prune) mode."""
+    return build_model(*read_checkpoint(directory))
 
 
 def best_checkpoint(result) -> tuple:

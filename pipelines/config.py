@@ -152,6 +152,9 @@ class RunConfig:
                                      "spot-<backbone>-dense for dense runs)", metavar="NAME")
     mlflow_uri: str | None = option(None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                                     "sqlite:///<cwd>/mlflow.db)", metavar="URI")
+    mlflow_wait: float = option(120.0, "seconds the end of a run waits for an unreachable MLflow server "
+                                "before it stops and prints the command that finishes the run later",
+                                metavar="S")
     verbose: bool = option(False, "show Ray's own log lines (per-report metrics, actor warnings) too")
     # derived by resolve_config
     num_classes: int | None = option(None, "class count of the data", cli=False)

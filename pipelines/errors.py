@@ -15,6 +15,11 @@ class TrainingError(RuntimeError):
     """A training run that stopped for good (e.g. a non-finite loss); the message says where (exit code 1)."""
 
 
+class TrackingOutage(RuntimeError):
+    """Training finished but MLflow could not take its results (metrics, model); they wait in the run's
+    storage and the message ends with the command that sends them (exit code 75, "try again later")."""
+
+
 class Interrupted(KeyboardInterrupt):
     """A run stopped by Ctrl-C after its MLflow run was marked KILLED; the message is the command that
     continues it (exit code 130)."""

@@ -9,7 +9,8 @@
 
 The options are :class:`pipelines.config.RunConfig`'s; the job is :func:`pipelines.job.run`. The last line
 printed is ``RESULT_JSON: {...}``. Bad input exits with code 2 and one line on stderr; a failed training
-run with code 1; Ctrl-C with 130 after printing the command that resumes the run.
+run with code 1; Ctrl-C with 130 after printing the command that resumes the run; a run whose MLflow
+server was still down at its end with 75 after printing the command that finishes it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 
 from pipelines.cli import bad_input, print_result
 from pipelines.config import add_options, given_values, resolve_config
-from pipelines.errors import Interrupted, TrackingError, TrainingError, first_line
+from pipelines.errors import Interrupted, TrackingError, TrackingOutage, TrainingError, first_line
 from pipelines.manifest import DataError
 
 
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"finetune: interrupted; MLflow run marked KILLED, checkpoints kept. Continue with:\n  {err}",
               file=sys.stderr)
         return 130
+    except TrackingOutage as err:  # trained; MLflow down at the end: the message says how to finish later
+        print(f"finetune: {err}", file=sys.stderr)
+        return 75
     except TrainingError as err:  # stopped for good (non-finite loss): the message says where
         print(f"finetune: training failed: {first_line(err)}", file=sys.stderr)
         return 1

@@ -11,9 +11,9 @@ import shlex
 import time
 from pathlib import Path
 
-from pipelines import tracking
+from pipelines import pending_reports, tracking
 from pipelines.config import RunConfig
-from pipelines.errors import Interrupted, TrainingError, check
+from pipelines.errors import Interrupted, TrackingError, TrackingOutage, TrainingError, check, first_line
 from pipelines.mlflow_run import MlflowRun
 from pipelines.ray_session import ray_session
 from pipelines.run_record import FAULT_RECORD, delete_record, read_record, write_record
@@ -91,6 +91,50 @@ def resume_command(config: RunConfig) -> str:
     return "python pipelines/finetune.py " + " ".join(shlex.quote(a) for a in args)
 
 
+def trained_result(config: RunConfig):
+    """The Ray Train ``Result`` of ``config``'s run if every epoch of it was trained (a ``--resume`` that only
+    finishes it in MLflow), else None."""
+    from ray.train import Result
+
+    try:
+        result = Result.from_path(f"{config.storage}/{config.run_name}")
+    except (RuntimeError, OSError, ValueError):
+        return None
+    return None if aborted(result, config) else result
+
+
+def finish(
+    result, mlflow_run: MlflowRun, config: RunConfig, summary: ModelSummary
+) -> tuple[dict, list[dict]]:
+    """Send the epochs MLflow has not got yet, register the best checkpoint, log the evaluation table and end
+    the run FINISHED; ``(registered, per-epoch rows)``.
+
+    Waits up to ``config.mlflow_wait`` seconds for an unreachable server, then raises ``TrackingOutage``
+    with the command that does all this later (the checkpoints and the unsent epochs stay in storage).
+    """
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.registry import register_best
+
+    storage, name = config.storage, config.run_name
+    try:
+        tracking.wait_until_reachable(config.mlflow_uri, config.mlflow_wait)
+        pending_reports.send_pending(mlflow_run.client, mlflow_run.run_id, storage, name)
+        registered = register_best(result, run_id=mlflow_run.run_id, name=config.register_as)
+        rows = mlflow_run.metric_history(list(EPOCH_COLUMNS[1:]))
+        mlflow_run.log_text(evaluation_table(rows, registered["metrics"], summary), "evaluation.md")
+        mlflow_run.end("FINISHED")
+    except (TrackingError, pending_reports.NotSent, MlflowException) as err:
+        waiting = len(pending_reports.pending(storage, name))
+        raise TrackingOutage(
+            f"training finished (checkpoints in {storage}/{name}) but MLflow {config.mlflow_uri} failed: "
+            f"{first_line(err)}. {waiting} epoch(s) of metrics wait in {storage}/{name}/"
+            f"{pending_reports.PENDING_RECORD}; the model is not registered yet. When the server answers, "
+            f"send them, register the model and end the run with:\n  {resume_command(config)}"
+        ) from None
+    return registered, rows
+
+
 def run(config: RunConfig) -> dict:
     """Train ``config`` (from :func:`pipelines.config.resolve_config`) on Ray, track it in MLflow, register
     the best model. Returns the ``RESULT_JSON`` dict.
@@ -98,12 +142,13 @@ def run(config: RunConfig) -> dict:
     Before any worker starts, raises ``TrackingError`` if MLflow is not usable and ``ConfigError`` for a bad
     ``--pretrained``, ``--address`` or run name; raises ``ray.train.TrainingFailedError`` if training fails
     for good and ``TrainingError`` on a NaN / inf loss (the MLflow run is then FAILED, nothing registered);
-    on Ctrl-C the MLflow run is KILLED and :class:`~pipelines.errors.Interrupted` says how to resume.
+    on Ctrl-C the MLflow run is KILLED and :class:`~pipelines.errors.Interrupted` says how to resume; if
+    MLflow goes away during training, no epoch is lost (:func:`finish`). ``--resume`` of a run whose
+    training is complete only finishes it in MLflow.
     """
     import mlflow
     from ray.train import TrainingFailedError
 
-    from pipelines.registry import register_best
     from pipelines.trainer import build_trainer
 
     started = time.monotonic()
@@ -115,26 +160,25 @@ def run(config: RunConfig) -> dict:
     need = config.num_workers * config.cpus_per_worker
     with ray_session(config.address, need_cpus=need, verbose=config.verbose):
         mlflow_run = open_mlflow_run(config, summary)
-        callbacks = [tracking.MlflowReportCallback(uri, mlflow_run.run_id)]
-        trainer = build_trainer(config, name=name, storage=storage, init=init, callbacks=callbacks)
-        delete_record(storage, name, FAULT_RECORD)  # a fault of an earlier attempt (before --resume)
-        try:
-            result = trainer.fit()
-        except TrainingFailedError:
-            mlflow_run.end("FAILED")
-            raise
-        except (KeyboardInterrupt, SystemExit):  # Ctrl-C; Ray Train's own SIGINT handler exits the driver
-            mlflow_run.end("KILLED")
-            raise Interrupted(resume_command(config)) from None
-        stop_on_nonfinite(result, mlflow_run, storage, name)
-        if aborted(result, config):  # Ray Train aborted the run on Ctrl-C and fit() returned
-            mlflow_run.end("KILLED")
-            raise Interrupted(resume_command(config))
-        registered = register_best(result, run_id=mlflow_run.run_id, name=config.register_as)
-        best = registered["metrics"]
-        rows = mlflow_run.metric_history(list(EPOCH_COLUMNS[1:]))
-        mlflow_run.log_text(evaluation_table(rows, best, summary), "evaluation.md")
-        mlflow_run.end("FINISHED")
+        result = trained_result(config) if config.resume else None
+        if result is None:
+            callbacks = [tracking.MlflowReportCallback(uri, mlflow_run.run_id, storage=storage, name=name)]
+            trainer = build_trainer(config, name=name, storage=storage, init=init, callbacks=callbacks)
+            delete_record(storage, name, FAULT_RECORD)  # a fault of an earlier attempt (before --resume)
+            try:
+                result = trainer.fit()
+            except TrainingFailedError:
+                mlflow_run.end("FAILED")
+                raise
+            except (KeyboardInterrupt, SystemExit):  # Ctrl-C; Ray Train's own SIGINT handler exits the driver
+                mlflow_run.end("KILLED")
+                raise Interrupted(resume_command(config)) from None
+            stop_on_nonfinite(result, mlflow_run, storage, name)
+            if aborted(result, config):  # Ray Train aborted the run on Ctrl-C and fit() returned
+                mlflow_run.end("KILLED")
+                raise Interrupted(resume_command(config))
+        registered, rows = finish(result, mlflow_run, config, summary)
+    best = registered["metrics"]
     return {
         "run_name": name,
         "best_val_acc1": best["val_acc1"],

@@ -2,30 +2,38 @@
 
 A checkpoint directory (:mod:`pipelines.checkpoints`) holds ``spot_config.json``
 (architecture) and ``model.pt`` (state_dict). It is logged as an MLflow "models from code" pyfunc
-(:mod:`pipelines.pyfunc_model`) with those two files as artifacts, so loading rebuilds the model from its
-config and loads the weights with ``weights_only=True``: no ``torch.export``, no unpickled code. The version
+(:mod:`pipelines.pyfunc_model`) with those two files as artifacts, the ``spot`` package as code (so
+``mlflow models serve`` needs no checkout) and the project's mark in its MLmodel metadata. Loading checks
+that mark and rebuilds the model from its config and weights (``weights_only=True``): no code of a
+registered model is imported, no ``torch.export``, nothing unpickled. The version
 is registered with tags ``rho``, ``gflops``, ``val_acc1`` (and more) and gets the alias ``champion`` when its
 validation accuracy beats the current champion's at equal or lower GFLOPs.
 """
 
 from __future__ import annotations
 
+import json
+import tempfile
 import warnings
 from importlib import metadata
 from pathlib import Path
 
 import mlflow
 import numpy as np
+import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 from torch import nn
 
+import spot
 from pipelines.checkpoints import (
     CONFIG_FILE,
     MODEL_FILE,
     best_checkpoint,
+    build_model,
     model_from_checkpoint,
     read_checkpoint,
 )
@@ -33,24 +41,57 @@ from pipelines.errors import first_line
 
 CHAMPION = "champion"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+SPOT_PACKAGE = Path(spot.__file__).parent  # travels with the model (code_paths): serving needs no checkout
 MODEL_ARTIFACT = "model"
+ARTIFACTS = ("spot_config", "weights")
+PROJECT_KEY = "spot_vit"  # MLmodel metadata that marks a model this project registered
+FORMAT_VERSION = 1
+CODE_LOADER = "mlflow.pyfunc.loaders.code_model"  # the pyfunc loader of a "models from code" model
 REQUIREMENTS = ("torch", "timm", "numpy", "mlflow")
+
+
+def _spot_model(model_dir: Path, uri: str) -> nn.Module:
+    """The SPOT model of a downloaded MLflow model, after checking that this project registered it (the
+    pyfunc flavor and the project's MLmodel metadata); only its JSON config and its weights (``weights_only``)
+    are read. Raises ``ValueError`` naming what is wrong."""
+    mlmodel = model_dir / "MLmodel"
+    if not mlmodel.is_file():
+        raise ValueError(f"{uri} is no MLflow model (no MLmodel file)")
+    model = Model.load(mlmodel)
+    conf = model.flavors.get("python_function", {})
+    ours = (model.metadata or {}).get(PROJECT_KEY, {})
+    if conf.get("loader_module") != CODE_LOADER or ours.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{uri} is not a SPOT model registered by this project (no {PROJECT_KEY!r} format "
+                         f"{FORMAT_VERSION} in its MLmodel metadata); not loaded: its code would run")
+    paths = {key: model_dir / conf.get("artifacts", {}).get(key, {}).get("path", key) for key in ARTIFACTS}
+    missing = [key for key, path in paths.items() if not path.is_file()]
+    if missing:
+        raise ValueError(f"{uri}: a SPOT model without its {', '.join(missing)} artifact")
+    config = json.loads(paths["spot_config"].read_text())
+    return build_model(config, torch.load(paths["weights"], map_location="cpu", weights_only=True))
 
 
 def load_model(uri: str | Path) -> nn.Module:
     """A SPOT model in eval mode from a checkpoint dir, a local MLflow model dir, or an MLflow model URI
-    (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/...``)."""
+    (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/...``).
+
+    An MLflow model is downloaded and checked (:func:`_spot_model`): only its JSON config and its
+    weights (``weights_only``) are read; no code of the model is imported, so a foreign model is refused
+    before anything of it runs."""
     uri = str(uri)
     path = Path(uri).expanduser()
     if path.is_dir() and (path / CONFIG_FILE).is_file():
         return model_from_checkpoint(path)
-    if "://" not in uri and not uri.startswith("models:/") and not (path / "MLmodel").is_file():
+    if path.is_dir() and (path / "MLmodel").is_file():
+        return _spot_model(path, uri)
+    if "://" not in uri and not uri.startswith("models:/"):
         raise FileNotFoundError(f"no SPOT checkpoint or MLflow model at {path}")
-    try:
-        loaded = mlflow.pyfunc.load_model(uri)
-    except MlflowException as err:
-        raise ValueError(f"cannot load MLflow model {uri}: {first_line(err)}") from None
-    return loaded.unwrap_python_model().model
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        except MlflowException as err:
+            raise ValueError(f"cannot load MLflow model {uri}: {first_line(err)}") from None
+        return _spot_model(local, uri)
 
 
 def _signature(config: dict) -> ModelSignature:
@@ -118,6 +159,8 @@ def register_checkpoint(checkpoint_dir: str | Path, *, run_id: str, name: str, m
                 "weights": str(checkpoint_dir / MODEL_FILE),
             },
             signature=_signature(config),
+            code_paths=[str(SPOT_PACKAGE)],
+            metadata={PROJECT_KEY: {"format": FORMAT_VERSION, "version": metadata.version("spot-vit")}},
             pip_requirements=[f"{p}=={metadata.version(p)}" for p in REQUIREMENTS],
             tags=tags,
         )
@@ -136,10 +179,24 @@ def register_checkpoint(checkpoint_dir: str | Path, *, run_id: str, name: str, m
     }
 
 
+def registered_version(client: MlflowClient, name: str, run_id: str) -> dict | None:
+    """What :func:`register_checkpoint` returned for ``run_id``'s version of ``name``, if it made one (a
+    run finished by a second attempt after MLflow failed half-way registers once)."""
+    versions = [v for v in client.search_model_versions(f"run_id = '{run_id}'") if v.name == name]
+    if not versions:
+        return None
+    version = max(versions, key=lambda v: int(v.version)).version
+    champion = champion_metrics(client, name)
+    return {"name": name, "version": int(version), "uri": f"models:/{name}/{version}",
+            "champion": champion is not None and champion[0] == version, "previous_champion": None}
+
+
 def register_best(result, *, run_id: str, name: str) -> dict:
-    """Register the best checkpoint of a Ray Train ``result`` (:func:`register_checkpoint`); adds its
-    ``checkpoint`` path and ``metrics``."""
+    """Register the best checkpoint of a Ray Train ``result`` (:func:`register_checkpoint`) unless this run
+    registered it already; adds its ``checkpoint`` path and ``metrics``."""
     checkpoint, metrics = best_checkpoint(result)
-    with checkpoint.as_directory() as directory:
-        registered = register_checkpoint(directory, run_id=run_id, name=name, metrics=metrics)
+    registered = registered_version(MlflowClient(), name, run_id)
+    if registered is None:
+        with checkpoint.as_directory() as directory:
+            registered = register_checkpoint(directory, run_id=run_id, name=name, metrics=metrics)
     return registered | {"checkpoint": checkpoint.path, "metrics": metrics}

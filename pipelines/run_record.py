@@ -27,6 +27,12 @@ def _root(storage: str) -> tuple[pyarrow.fs.FileSystem, str]:
         raise ConfigError(f"--storage {storage}: {first_line(err)}") from None
 
 
+def run_dir(storage: str, name: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """The file system of ``storage`` and the directory of run ``name`` in it."""
+    fs, root = _root(storage)
+    return fs, f"{root}/{name}"
+
+
 def read_record(storage: str, name: str, file: str = RUN_RECORD) -> dict | None:
     """The record ``file`` of ``name`` in ``storage`` (None if there is none)."""
     fs, root = _root(storage)

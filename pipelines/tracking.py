@@ -15,7 +15,6 @@ import logging
 import os
 import platform
 import socket
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -23,21 +22,21 @@ import urllib.request
 from importlib import metadata
 from pathlib import Path
 
-import pyarrow.fs
 from mlflow import MlflowClient
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 from ray.train import Checkpoint, UserCallback
 
-from pipelines.checkpoints import MASKS_FILE
 from pipelines.errors import TrackingError, first_line
-from pipelines.trainer import NONFINITE
+from pipelines.pending_reports import PENDING_RECORD, NotSent, pending, report_entry, send
 
 log = logging.getLogger(__name__)
 
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 REACHABILITY_TIMEOUT_S = 5.0
+# what MLflow's client reads to authenticate to a tracking server
+CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 PACKAGES = ("torch", "timm", "ray", "mlflow", "nvidia-dali-cuda130", "webdataset", "spot-vit")
 
 
@@ -47,15 +46,30 @@ def quiet_mlflow(verbose: bool = False) -> None:
     logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
-def mlflow_env() -> dict[str, str]:
-    """The driver's ``MLFLOW_*`` environment (a tracking server's credentials), for Ray processes; it travels
-    in memory with the callback or trial, never to disk."""
-    return {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+def credential_names() -> tuple[str, ...]:
+    """The names of the tracking-server credentials set in this process's environment (never their values:
+    Ray processes read their own environment, the one ``ray start`` or the local Ray session gave them)."""
+    return tuple(name for name in CREDENTIAL_VARS if os.environ.get(name))
+
+
+def _move_credentials_to_env(uri: str) -> str:
+    """``uri`` without its ``user:password@``, which goes to ``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``
+    (where MLflow's client reads them), so no stored, logged or printed URI holds a password."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is None:
+        return uri
+    os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username)
+    if parts.password is not None:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password)
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 def resolve_tracking_uri(uri: str | None, base: str | Path) -> str:
-    """The tracking URI to use, with relative SQLite / file paths made absolute against ``base``."""
+    """The tracking URI to use, with relative SQLite / file paths made absolute against ``base`` and a
+    server's ``user:password@`` moved into this process's environment (MLflow's own variables)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(base).resolve() / DB_FILE}"
+    if uri.startswith(("http://", "https://")):
+        return _move_credentials_to_env(uri)
     if uri.startswith("sqlite:///"):
         path = Path(uri.removeprefix("sqlite:///"))
         return f"sqlite:///{path if path.is_absolute() else Path(base).resolve() / path}"
@@ -72,28 +86,12 @@ def local_artifact_root(uri: str, base: str | Path) -> str | None:
     return None
 
 
-def redact_uri(uri: str) -> str:
-    """``uri`` with the password of its userinfo replaced by ``***`` (``http://user:***@host``)."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.password is None:
-        return uri
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
-
-
 def _health_request(uri: str) -> urllib.request.Request:
-    """``GET <uri>/health`` without the URI's userinfo (urllib would read it as part of the host name);
-    credentials from the URI, else ``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``, go in a Basic header."""
-    parts = urllib.parse.urlsplit(uri)
-    user, password = parts.username, parts.password
-    if user is None:
-        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
-        password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    bare = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
-    request = urllib.request.Request(f"{bare.rstrip('/')}/health")
-    if user is not None:
-        token = base64.b64encode(f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password or '')}"
-                                 .encode()).decode()
+    """``GET <uri>/health``, with ``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD`` in a Basic header if set."""
+    request = urllib.request.Request(f"{uri.rstrip('/')}/health")
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if user:
+        token = base64.b64encode(f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
     return request
 
@@ -105,25 +103,24 @@ def check_reachable(uri: str, timeout_s: float = REACHABILITY_TIMEOUT_S) -> None
     SQLite: the database's directory must exist and be writable.
     """
     if uri.startswith(("http://", "https://")):
-        shown = redact_uri(uri)
         try:
             with urllib.request.urlopen(_health_request(uri), timeout=timeout_s) as response:
                 response.read()
         except urllib.error.HTTPError as err:
             raise TrackingError(
-                f"MLflow tracking server {shown} answered /health with HTTP {err.code}"
+                f"MLflow tracking server {uri} answered /health with HTTP {err.code}"
             ) from None
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
             raise TrackingError(
-                f"MLflow tracking server {shown} is unreachable ({reason}); start it or pass another "
+                f"MLflow tracking server {uri} is unreachable ({reason}); start it or pass another "
                 "--mlflow-uri"
             ) from None
         try:
             MlflowClient(uri).search_experiments(max_results=1)
         except MlflowException as err:
             raise TrackingError(
-                f"MLflow tracking server {shown} refused the request: {first_line(err).replace(uri, shown)}"
+                f"MLflow tracking server {uri} refused the request: {first_line(err)}"
             ) from None
     elif uri.startswith("sqlite:///"):
         directory = Path(uri.removeprefix("sqlite:///")).parent
@@ -131,6 +128,24 @@ def check_reachable(uri: str, timeout_s: float = REACHABILITY_TIMEOUT_S) -> None
             raise TrackingError(
                 f"MLflow SQLite store {uri}: directory {directory} is missing or not writable"
             )
+
+
+def wait_until_reachable(uri: str, wait_s: float, poll_s: float = 2.0) -> None:
+    """:func:`check_reachable`, retried every ``poll_s`` for up to ``wait_s`` seconds (one warning while
+    waiting); raises the last :class:`TrackingError`."""
+    deadline = time.monotonic() + wait_s
+    warned = False
+    while True:
+        try:
+            check_reachable(uri)
+            return
+        except TrackingError as err:
+            if time.monotonic() >= deadline:
+                raise
+            if not warned:
+                log.warning("%s; waiting up to %.0f s (--mlflow-wait)", first_line(err), wait_s)
+                warned = True
+            time.sleep(poll_s)
 
 
 def _version(package: str) -> str:
@@ -160,23 +175,23 @@ def system_info() -> dict[str, str]:
     return info
 
 
-def numeric_metrics(metrics: dict) -> dict[str, float]:
-    """The loggable (numeric, non-bool) entries of a report."""
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-
-
 class MlflowReportCallback(UserCallback):
     """Logs every committed ``ray.train.report`` to MLflow; runs on the Ray Train controller.
 
-    The controller is a separate process started by Ray, so the driver's ``MLFLOW_*`` environment
-    (credentials of a tracking server) travels with the callback and is applied there.
+    The controller is a process started by Ray: it authenticates with the credentials in its own
+    environment (named by :func:`credential_names` on the driver; their values never travel through Ray).
+    Requests fail fast there (no MLflow retries): a report that cannot be sent waits in the run's pending
+    record (:mod:`pipelines.pending_reports`) and goes with the next one, or with the driver at the end.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
+    def __init__(self, tracking_uri: str, run_id: str, *, storage: str, name: str) -> None:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
-        self._env = mlflow_env()
+        self.storage = storage
+        self.name = name
+        self.credentials = credential_names()
         self._client: MlflowClient | None = None
+        self._queue: list[dict] | None = None
         self._failures = 0
 
     def __getstate__(self) -> dict:
@@ -184,36 +199,30 @@ class MlflowReportCallback(UserCallback):
 
     def _mlflow(self) -> MlflowClient:
         if self._client is None:
-            os.environ.update(self._env)
+            os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                               "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(REACHABILITY_TIMEOUT_S * 2))})
+            missing = [name for name in self.credentials if not os.environ.get(name)]
+            if missing:
+                log.warning("%s set for the driver but not in the Ray processes' environment: set it where "
+                            "`ray start` runs (docs/cluster.md); epochs wait for the driver to send them",
+                            ", ".join(missing))
             self._client = MlflowClient(self.tracking_uri)
         return self._client
 
     def after_report(self, run_context, metrics: list[dict], checkpoint: Checkpoint | None) -> None:
-        report = metrics[0]
-        step = int(report["epoch"])
-        now = int(time.time() * 1000)
+        path = None if checkpoint is None else checkpoint.path
+        entry = report_entry(metrics[0], path, int(time.time() * 1000))
+        if self._queue is None:  # a restarted controller picks up what its predecessor could not send
+            self._queue = pending(self.storage, self.name)
+        self._queue.append(entry)
         try:
-            client = self._mlflow()
-            if NONFINITE in report:  # the workers stopped: no metrics of this epoch, say why
-                client.set_tag(self.run_id, NONFINITE, report[NONFINITE][:5000])
-                return
-            batch = [Metric(k, v, now, step) for k, v in sorted(numeric_metrics(report).items())]
-            client.log_batch(self.run_id, metrics=batch)
-            if checkpoint is not None:
-                client.set_tag(self.run_id, "latest_checkpoint", checkpoint.path)
-                self._log_masks(client, checkpoint, step)
+            send(self._mlflow(), self.run_id, self.storage, self.name, self._queue)
+            self._queue = []
         except Exception as err:  # never let tracking take the training run down
-            log.warning("MLflow logging of epoch %d failed: %s", step, first_line(err))
-
-    def _log_masks(self, client: MlflowClient, checkpoint: Checkpoint, step: int) -> None:
-        source = f"{checkpoint.path}/{MASKS_FILE}"
-        if checkpoint.filesystem.get_file_info(source).type != pyarrow.fs.FileType.File:
-            return  # dense model: no token masks
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp) / f"epoch_{step:03d}.png"
-            with checkpoint.filesystem.open_input_stream(source) as src:
-                local.write_bytes(src.read())
-            client.log_artifact(self.run_id, str(local), "token_masks")
+            self._queue = err.entries if isinstance(err, NotSent) else self._queue
+            log.warning("MLflow logging of epoch %d failed (%s); %d epoch(s) kept in %s/%s/%s and sent when "
+                        "the server answers", entry["step"], first_line(err), len(self._queue), self.storage,
+                        self.name, PENDING_RECORD)
 
     def after_exception(self, run_context, worker_exceptions: dict) -> None:
         self._failures += 1

@@ -13,8 +13,11 @@ def _seed():
 
 @pytest.fixture(autouse=True)
 def _no_inherited_tracking_uri(monkeypatch):
-    """``mlflow.set_tracking_uri`` exports MLFLOW_TRACKING_URI; keep one test's store out of the next."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    """``mlflow.set_tracking_uri`` exports MLFLOW_TRACKING_URI, and a URI's ``user:password@`` goes to
+    MLFLOW_TRACKING_USERNAME / _PASSWORD: keep one test's store and credentials out of the next."""
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, "")  # so that the value before the test (or its absence) is restored
+        monkeypatch.delenv(name)
 
 
 # --- pipelines (finetune, registry, evaluate): real Ray, DALI on the CPU and MLflow SQLite, tiny models ---

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-import ray
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -56,6 +55,17 @@ def load(rel: str) -> dict:
 
 def load_all(rel: str) -> list[dict]:
     return [doc for doc in yaml.load_all((REPO / rel).read_text(), Loader=CfnLoader) if doc is not None]
+
+
+def cluster_ray_version() -> str:
+    """The Ray version every cluster definition uses: the KubeRay RayCluster's, checked to lie in
+    pyproject.toml's range (not this machine's version: a fresh install may resolve a newer one)."""
+    versions = {spec["rayVersion"] for _, spec in ray_cluster_specs()}
+    assert len(versions) == 1, versions
+    (version,) = versions
+    (ray_dep,) = [Requirement(d) for d in pyproject_deps() if Requirement(d).name == "ray"]
+    assert ray_dep.specifier.contains(version), f"rayVersion {version} outside pyproject's {ray_dep}"
+    return version
 
 
 def pyproject_deps() -> list[str]:
@@ -207,7 +217,8 @@ def test_launcher_config_security_and_image(rel):
     config = load(rel)
     image = config["docker"]["image"]
     assert "ray-ml" not in image, "rayproject/ray-ml is discontinued"
-    assert image.startswith(f"rayproject/ray:{ray.__version__}-py311"), image
+    match = re.fullmatch(r"rayproject/ray:([0-9.]+)-py311(-[a-z0-9]+)?", image)
+    assert match and match[1] == cluster_ray_version(), image
     assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
     mounts = config["file_mounts"]
     assert mounts["/home/ray/.spot-auth-token"] == "~/.ray/auth_token"
@@ -422,7 +433,7 @@ def test_kuberay_cluster_has_an_8_gpu_worker_group_with_token_auth_and_shm():
     specs = ray_cluster_specs()
     assert specs
     for rel, spec in specs:
-        assert spec["rayVersion"] == ray.__version__, rel
+        assert spec["rayVersion"] == cluster_ray_version(), rel
         assert spec["authOptions"]["mode"] == "token", rel
         gpu_groups = [
             g

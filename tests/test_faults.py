@@ -3,6 +3,7 @@ behind. Real Ray, DALI, MLflow and files; tiny models, one worker, short runs.""
 
 import contextlib
 import json
+import secrets
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pipelines import finetune
 from pipelines.manifest import read_manifest
 from pipelines.run_record import RUN_RECORD, read_record, write_record
 from pipelines.shards import write_shards
+from tests.mlflow_server import MlflowServer
 
 
 @pytest.mark.integration
@@ -118,7 +120,7 @@ def test_password_in_the_tracking_uri_is_never_printed_and_the_check_reaches_the
     digits_shards, tmp_path, monkeypatch, capsys
 ):
     """A closed port on 127.0.0.1 behind ``user:password@``: refused as unreachable (not as an unknown host
-    name), in one line that shows ``user:***@``."""
+    name), in one line without the credentials."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -127,4 +129,75 @@ def test_password_in_the_tracking_uri_is_never_printed_and_the_check_reaches_the
     assert finetune.main(["--data", str(digits_shards), "--batch-size", "64", "--mlflow-uri", uri]) == 2
     out, err = capsys.readouterr()
     assert "s3cret-pw" not in out + err
-    assert f"http://spot:***@127.0.0.1:{port} is unreachable" in err and "Name or service" not in err, err
+    assert f"MLflow tracking server http://127.0.0.1:{port} is unreachable" in err, err
+    assert "Name or service" not in err, err
+
+
+# --- MLflow outage -----------------------------------------------------------------------------------------
+
+
+def test_reports_wait_while_the_server_is_down_and_are_sent_once_when_it_is_back(tmp_path, monkeypatch):
+    """A killed tracking server: the unsent epochs go to the run's pending record, in order; once the
+    server is back they are sent, and sending them again (a retry after a half-way failure) adds nothing."""
+    from pipelines.pending_reports import PENDING_RECORD, NotSent, pending, report_entry, send, send_pending
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # as on the Train controller
+    server = MlflowServer(tmp_path / "server").start()
+    client = MlflowClient(server.url)
+    run_id = client.create_run(client.create_experiment("outage")).info.run_id
+    storage, name = str(tmp_path / "runs"), "r"
+    entries = [report_entry({"epoch": e, "val_acc1": 0.5 + e / 10, "worker_node_ids": ["n"]}, None, 1000 + e)
+               for e in range(3)]
+    send(client, run_id, storage, name, entries[:1])
+    server.kill()
+    with pytest.raises(NotSent) as raised:
+        send(client, run_id, storage, name, entries[1:])
+    assert [e["step"] for e in raised.value.entries] == [1, 2]
+    assert pending(storage, name) == entries[1:]
+
+    server.start()
+    assert send_pending(client, run_id, storage, name) == 2
+    assert not (tmp_path / "runs" / name / PENDING_RECORD).exists()
+    send(client, run_id, storage, name, entries)
+    history = client.get_metric_history(run_id, "val_acc1")
+    assert sorted((m.step, round(m.value, 6)) for m in history) == [(0, 0.5), (1, 0.6), (2, 0.7)]
+    server.kill()
+
+
+@pytest.mark.integration
+def test_password_in_the_tracking_uri_is_used_and_left_nowhere(
+    ray_cluster, pipeline_dir, tiny_options, tmp_path, capsys
+):
+    """A basic-auth server started by infra/mlflow/start_server.sh and ``--mlflow-uri
+    http://admin:<password>@...``: the run logs and registers, and the password is in no file the run, the
+    server or Ray wrote, in nothing printed, and on no command line of the server."""
+    import ray
+
+    password = secrets.token_urlsafe(16)
+    server = MlflowServer(tmp_path / "server", admin_password=password).start()
+    for pid in server.pids():
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert password.encode() not in cmdline and b"mlflow.db" not in cmdline, cmdline
+
+    name = "secret-uri"
+    options = {**tiny_options, "dense": True, "num_workers": 1, "epochs": 1, "run_name": name,
+               "register_as": name, "mlflow_uri": f"http://admin:{password}@127.0.0.1:{server.port}"}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(options))
+    with contextlib.chdir(pipeline_dir):
+        code = finetune.main(["--config", str(path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    result = json.loads(out.split("RESULT_JSON: ")[-1])
+    assert result["mlflow_tracking_uri"] == server.url and result["registered_version"] == 1
+
+    client = MlflowClient(server.url)  # authenticated by the variables the URI's credentials went to
+    assert client.get_run(result["mlflow_run_id"]).info.status == "FINISHED"
+    server.kill()
+    assert password not in out + err
+    session_dir = Path(ray._private.worker._global_node.get_session_dir_path())
+    searched = [Path(tiny_options["storage"]) / name, server.root / "mlartifacts", server.root / "mlflow.db",
+                server.root / "server.log", session_dir]
+    leaks = [str(f) for root in searched for f in ([root] if root.is_file() else root.rglob("*"))
+             if f.is_file() and password.encode() in f.read_bytes()]
+    assert not leaks

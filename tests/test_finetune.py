@@ -24,8 +24,10 @@ from pipelines.config import RUNS_DIR, given_values, resolve_config
 from pipelines.errors import ConfigError
 from pipelines.job import run as run_job
 from pipelines.manifest import read_manifest
+from pipelines.pending_reports import PENDING_RECORD
 from pipelines.recipe import build_optimizer
 from pipelines.run_record import RUN_RECORD
+from tests.mlflow_server import MlflowServer
 from tests.tiny import tiny
 
 FINETUNE = Path(finetune.__file__)
@@ -355,6 +357,52 @@ def test_ctrl_c_marks_the_run_killed_and_prints_the_resume_command(
     assert result["mlflow_run_id"] == run_id and result["epochs_logged"] == [0, 1, 2]
     [run] = runs_named(mlflow_uri, "tests", name)
     assert run.info.status == "FINISHED"
+
+
+def test_mlflow_killed_mid_run_loses_no_epoch_and_the_printed_command_finishes_the_run(
+    ray_cluster, pipeline_dir, tiny_options, tmp_path
+):
+    """The tracking server dies after epoch 0 and is still down at the end: exit 75, the later epochs wait
+    in the run's storage, nothing is registered; with the server back, the printed command sends them
+    (one value per epoch), registers the best checkpoint and ends the run FINISHED, without training."""
+    server = MlflowServer(tmp_path / "server").start()
+    name = "mlflow-outage"
+    options = pipeline_dir / f"{name}.yaml"
+    options.write_text(yaml.safe_dump({**tiny_options, "dense": True, "epochs": 3, "run_name": name,
+                                       "mlflow_uri": server.url, "mlflow_wait": 0, "register_as": name}))
+    driver = _finetune("--config", str(options), "--address", ray_cluster, cwd=pipeline_dir)
+    record = Path(tiny_options["storage"]) / name / RUN_RECORD
+    deadline, run_id = time.monotonic() + 300, None
+    while time.monotonic() < deadline and driver.poll() is None:
+        run_id = run_id or (json.loads(record.read_text())["mlflow_run_id"] if record.exists() else None)
+        if run_id and history_steps(server.url, run_id, "val_acc1"):
+            break
+        time.sleep(0.2)
+    server.kill()
+    stdout, stderr = driver.communicate(timeout=600)
+    assert driver.returncode == 75, stderr[-3000:]
+    assert "RESULT_JSON" not in stdout
+    waiting = json.loads((record.parent / PENDING_RECORD).read_text())["entries"]
+    assert [e["step"] for e in waiting] == [1, 2]
+    [command] = [line.strip() for line in stderr.splitlines() if "--resume" in line]
+    checkpoints = sorted(record.parent.glob("checkpoint_*"))
+
+    server.start()
+    assert MlflowClient(server.url).get_run(run_id).info.status == "RUNNING"
+    resumed = _finetune(*shlex.split(command)[2:], "--address", ray_cluster, cwd=pipeline_dir)
+    stdout, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr[-3000:]
+    result = _result(stdout)
+    assert result["mlflow_run_id"] == run_id and result["epochs_logged"] == [0, 1, 2]
+    assert sorted(record.parent.glob("checkpoint_*")) == checkpoints, "nothing was trained again"
+    client = MlflowClient(server.url)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    for key in ("val_acc1", "train_total", "epoch"):
+        assert history_steps(server.url, run_id, key) == [0, 1, 2], key
+    [version] = client.search_model_versions(f"name = '{name}'")
+    assert version.run_id == run_id and client.get_model_version_by_alias(name, "champion").version == "1"
+    assert not (record.parent / PENDING_RECORD).exists()
+    server.kill()
 
 
 @pytest.mark.parametrize(

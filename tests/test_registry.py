@@ -1,6 +1,15 @@
 """pipelines/registry.py: registered SPOT models load back (no pickled code) and keep their accuracy; the
 champion alias only moves to a strictly more accurate model that costs no more GFLOPs."""
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
 import mlflow
 import numpy as np
 import pytest
@@ -10,6 +19,7 @@ from mlflow import MlflowClient
 import spot
 from pipelines.evaluate import evaluate_model
 from pipelines.registry import CHAMPION, load_model, register_checkpoint
+from tests.mlflow_server import free_port
 from tests.tiny import TINY_NORMALIZATION
 
 
@@ -66,3 +76,91 @@ def test_load_model_names_what_is_missing(tmp_path, mlflow_uri):
     mlflow.set_tracking_uri(mlflow_uri)
     with pytest.raises(ValueError, match="cannot load MLflow model models:/no-such-model@champion"):
         load_model("models:/no-such-model@champion")
+
+
+FOREIGN_MODEL = '''
+from pathlib import Path
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+Path({marker!r}).write_text("ran")  # what a foreign model's code could do on load
+
+
+class Foreign(PythonModel):
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+mlflow.models.set_model(Foreign())
+'''
+
+
+def test_a_model_this_project_did_not_register_is_refused_before_its_code_runs(tmp_path):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'foreign.db'}")
+    client = MlflowClient()
+    experiment = client.create_experiment("foreign", artifact_location=(tmp_path / "artifacts").as_uri())
+    marker = tmp_path / "code_ran"
+    code = tmp_path / "foreign_model.py"
+    code.write_text(FOREIGN_MODEL.format(marker=str(marker)))
+    with mlflow.start_run(experiment_id=experiment):
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(code), registered_model_name="foreign")
+    marker.unlink(missing_ok=True)  # logging may have run it; loading must not
+    for uri in ("models:/foreign/1", info.model_uri):
+        with pytest.raises(ValueError, match=f"{uri} is not a SPOT model registered by this project"):
+            load_model(uri)
+    assert not marker.exists()
+
+
+def test_the_registered_model_serves_over_http_from_another_directory_without_the_checkout(
+    trained, mlflow_uri, tmp_path
+):
+    """``mlflow models serve --env-manager local`` in a Python that cannot import this checkout's ``spot``
+    (its editable install hidden): the model brings the package along and answers with the module's
+    logits."""
+    hide = tmp_path / "hide_checkout"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(
+        "import sys\n"
+        "editable = [f for f in sys.meta_path if getattr(f, '__module__', '').startswith('__editable')]\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if f not in editable]\n"
+    )
+    bindir = Path(sys.executable).parent  # as with the environment activated: uvicorn on PATH
+    env = {**os.environ, "PYTHONPATH": str(hide), "MLFLOW_TRACKING_URI": mlflow_uri,
+           "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    probe = subprocess.run([sys.executable, "-c", "import spot"], cwd=tmp_path, env=env, capture_output=True)
+    assert probe.returncode != 0, "the checkout's spot package is still importable"
+
+    uri = f"models:/{trained['spot']['registered_model']}@{CHAMPION}"
+    port = free_port()
+    mlflow_cli = bindir / "mlflow"
+    server = subprocess.Popen(
+        [str(mlflow_cli), "models", "serve", "-m", uri, "--env-manager", "local", "-h", "127.0.0.1",
+         "-p", str(port)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    images = torch.randn(2, 3, 32, 32)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert server.poll() is None, server.stdout.read().decode()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).close()
+                break
+            except OSError:
+                time.sleep(1)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=json.dumps({"inputs": images.tolist()}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            served = np.asarray(json.loads(response.read())["predictions"], dtype=np.float32)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    mlflow.set_tracking_uri(mlflow_uri)
+    with torch.no_grad():
+        expected = load_model(uri)(images).numpy()
+    assert served.shape == (2, 10)
+    np.testing.assert_allclose(served, expected, rtol=1e-4, atol=1e-5)
+    assert (served.argmax(1) == expected.argmax(1)).all()

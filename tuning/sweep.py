@@ -66,7 +66,7 @@ def digits_teacher(given: dict, uri: str, cwd: Path, notes: list[str]) -> str | 
                          "teacher); --pretrained chooses another")
             return teacher
     notes.append(f"no dense {dense.backbone} digits model of this architecture registered in "
-                 f"{tracking.redact_uri(uri)} ({teacher}): trials train SPOT from scratch; `make demo` or "
+                 f"{uri} ({teacher}): trials train SPOT from scratch; `make demo` or "
                  "`python pipelines/finetune.py --dense` first registers one to fine-tune from")
     return None
 
@@ -178,7 +178,7 @@ def prepare(args: argparse.Namespace, cwd: Path) -> dict:
 
 
 def _trainable(setup: dict):
-    trial = tune.with_parameters(run_trial, setup={**setup, "env": tracking.mlflow_env()})
+    trial = tune.with_parameters(run_trial, setup=setup)
     return tune.with_resources(trial, {"CPU": DRIVER_CPUS})
 
 

@@ -4,7 +4,6 @@ Tune, and its MLflow run (a child of the sweep's run), closed by the driver with
 from __future__ import annotations
 
 import math
-import os
 
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -13,6 +12,7 @@ from pipelines import tracking
 from pipelines.config import resolve_config
 from pipelines.job import run_params
 from pipelines.mlflow_run import MlflowRun
+from pipelines.pending_reports import PENDING_RECORD, NotSent, send_pending
 from pipelines.run_record import FAULT_RECORD, delete_record, read_record
 from pipelines.trainer import NONFINITE, build_trainer
 from pipelines.weights import prepare_init
@@ -77,7 +77,6 @@ def run_trial(params: dict, *, setup: dict) -> None:
     """
     import mlflow
 
-    os.environ.update(setup["env"])
     trial_id = tune.get_context().get_trial_id()
     name = train_name(trial_id)
     options = {**setup["options"], **params, "run_name": name, "storage": setup["train_storage"]}
@@ -93,9 +92,11 @@ def run_trial(params: dict, *, setup: dict) -> None:
         child.log_params(run_params(config, summary))
     else:
         child = MlflowRun.reopen(child.uri, child.run_id)
-    callbacks = [tracking.MlflowReportCallback(setup["tracking_uri"], child.run_id),
-                 TrialReport(setup["budget"], child.run_id)]
     storage = setup["train_storage"]
+    callbacks = [
+        tracking.MlflowReportCallback(setup["tracking_uri"], child.run_id, storage=storage, name=name),
+        TrialReport(setup["budget"], child.run_id),
+    ]
     delete_record(storage, name, FAULT_RECORD)  # an earlier attempt's
     build_trainer(config, name=name, storage=storage, init=init, callbacks=callbacks,
                   progress=config.verbose).fit()
@@ -109,12 +110,18 @@ class TrialRuns(tune.Callback):
     """Closes each trial's MLflow run with its outcome and prints one line (runs in the sweep's driver)."""
 
     def __init__(self, setup: dict) -> None:
-        self.sweep = {k: setup[k] for k in ("tracking_uri", "parent_run_id", "epochs")}
+        self.sweep = {k: setup[k] for k in ("tracking_uri", "parent_run_id", "epochs", "train_storage")}
 
     def _close(self, trial, status: str, outcome: str, feasible) -> None:
         child = parent_run(self.sweep).find_child(TRIAL_TAG, trial.trial_id)
         if child is None:  # failed before its run existed
             return
+        storage, name = self.sweep["train_storage"], train_name(trial.trial_id)
+        try:  # epochs the trial's controller could not send (MLflow was down)
+            send_pending(child.client, child.run_id, storage, name)
+        except NotSent as err:
+            print(f"trial {trial.trial_id}: MLflow failed ({err}); {len(err.entries)} epoch(s) of metrics "
+                  f"wait in {storage}/{name}/{PENDING_RECORD}", flush=True)
         child.set_tags({STATUS_TAG: outcome} | ({} if feasible is None else {"feasible": feasible}))
         child.end(status)
 

@@ -66,11 +66,12 @@ if [[ -n "${SPOT_MLFLOW_PIDFILE:-}" ]]; then
   echo $$ >"$SPOT_MLFLOW_PIDFILE"  # exec below keeps this PID
 fi
 
+# The store URIs (with the database password) stay in the environment, where `mlflow server` reads them
+# (MLFLOW_BACKEND_STORE_URI, MLFLOW_ARTIFACTS_DESTINATION): a command line is visible to every user in `ps`.
+export MLFLOW_BACKEND_STORE_URI MLFLOW_ARTIFACTS_DESTINATION
 exec mlflow server \
   --app-name basic-auth \
-  --backend-store-uri "$MLFLOW_BACKEND_STORE_URI" \
   --serve-artifacts \
-  --artifacts-destination "$MLFLOW_ARTIFACTS_DESTINATION" \
   --host "${MLFLOW_HOST:-127.0.0.1}" \
   --port "${MLFLOW_PORT:-5000}" \
   --workers "${MLFLOW_WORKERS:-4}"

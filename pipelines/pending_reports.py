@@ -1,0 +1,97 @@
+"""Epoch reports that could not reach MLflow yet: none is lost while the tracking server is down.
+
+The Train controller sends each epoch's report to MLflow (:class:`pipelines.tracking.MlflowReportCallback`).
+When that fails, the report and every later one wait, in order, in ``<storage>/<run>/mlflow_pending.json``
+(written atomically) and are sent at the next epoch, by the driver at the end of the run, or by the
+``--resume`` that finishes it. Each entry keeps the time it was reported, so sending it twice (a send that
+failed half-way) stores no second value: MLflow's stores skip an identical metric.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+import pyarrow.fs
+from mlflow import MlflowClient
+from mlflow.entities import Metric, RunTag
+
+from pipelines.checkpoints import MASKS_FILE
+from pipelines.errors import first_line
+from pipelines.run_record import delete_record, read_record, run_dir, write_record
+from pipelines.trainer import NONFINITE
+
+PENDING_RECORD = "mlflow_pending.json"
+MASKS_ARTIFACT_DIR = "token_masks"
+
+
+def numeric_metrics(metrics: dict) -> dict[str, float]:
+    """The loggable (numeric, non-bool) entries of a report."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def report_entry(report: dict, checkpoint_path: str | None, time_ms: int) -> dict:
+    """What MLflow gets of one ``ray.train.report``: its metrics at step = epoch, tags, and the checkpoint
+    (by directory name in the run's storage) whose token-mask figure goes along."""
+    entry = {"step": int(report["epoch"]), "time_ms": time_ms, "metrics": {}, "tags": {}, "checkpoint": None}
+    if NONFINITE in report:  # the workers stopped: no metrics of this epoch, only why
+        entry["tags"] = {NONFINITE: str(report[NONFINITE])[:5000]}
+        return entry
+    entry["metrics"] = numeric_metrics(report)
+    if checkpoint_path is not None:
+        entry["tags"] = {"latest_checkpoint": checkpoint_path}
+        entry["checkpoint"] = PurePosixPath(checkpoint_path).name
+    return entry
+
+
+def _log_masks(client: MlflowClient, run_id: str, storage: str, name: str, entry: dict, tmp_dir: str) -> None:
+    fs, directory = run_dir(storage, name)
+    source = f"{directory}/{entry['checkpoint']}/{MASKS_FILE}"
+    if fs.get_file_info(source).type != pyarrow.fs.FileType.File:
+        return  # a dense model (no masks), or a checkpoint deleted since (keep_checkpoints)
+    local = PurePosixPath(tmp_dir) / f"epoch_{entry['step']:03d}.png"
+    with fs.open_input_stream(source) as src, open(local, "wb") as dst:
+        dst.write(src.read())
+    client.log_artifact(run_id, str(local), MASKS_ARTIFACT_DIR)
+
+
+class NotSent(RuntimeError):
+    """MLflow refused or could not be reached; ``entries`` are the reports still waiting (recorded)."""
+
+    def __init__(self, entries: list[dict], cause: BaseException) -> None:
+        super().__init__(first_line(cause))
+        self.entries = entries
+
+
+def send(client: MlflowClient, run_id: str, storage: str, name: str, entries: list[dict]) -> None:
+    """Send ``entries`` in order, then remove the run's pending record. On the first failure the unsent
+    entries (that one included) are written to the record and :class:`NotSent` is raised with them."""
+    import tempfile
+
+    for done, entry in enumerate(entries):
+        try:
+            at, step = entry["time_ms"], entry["step"]
+            metrics = [Metric(k, v, at, step) for k, v in sorted(entry["metrics"].items())]
+            tags = [RunTag(k, v) for k, v in sorted(entry["tags"].items())]
+            client.log_batch(run_id, metrics=metrics, tags=tags)
+            if entry["checkpoint"] is not None:
+                with tempfile.TemporaryDirectory() as tmp:
+                    _log_masks(client, run_id, storage, name, entry, tmp)
+        except Exception as err:
+            waiting = entries[done:]
+            write_record(storage, name, {"mlflow_run_id": run_id, "entries": waiting}, PENDING_RECORD)
+            raise NotSent(waiting, err) from err
+    delete_record(storage, name, PENDING_RECORD)
+
+
+def pending(storage: str, name: str) -> list[dict]:
+    """The entries of the run's pending record (none if there is no record)."""
+    record = read_record(storage, name, PENDING_RECORD)
+    return [] if record is None else record["entries"]
+
+
+def send_pending(client: MlflowClient, run_id: str, storage: str, name: str) -> int:
+    """Send what the run's pending record holds (:func:`send`); the number of epochs sent."""
+    entries = pending(storage, name)
+    if entries:
+        send(client, run_id, storage, name, entries)
+    return len(entries)
