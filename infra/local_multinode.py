@@ -221,6 +221,9 @@ class LocalRayCluster:
     gcs_address: str = ""
     dashboard_url: str = ""
     node_ids: dict[str, str] = field(default_factory=dict)  # "head" / "node_a" / ... -> Ray node id
+    # what each node's `ray start` has besides (the MLflow jobs credentials, as infra/aws/node_env.py gives a
+    # real node): the Train controller and the trials read them there, they never travel through Ray
+    node_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def env(self) -> dict[str, str]:
@@ -249,7 +252,7 @@ class LocalRayCluster:
             f"--max-worker-port={self.worker_port_base + 999 + 1000 * len(self.procs)}",
             *role_args,
         ]  # fmt: skip
-        proc = start_proc(f"ray-{name}", cmd, self.env, self.root)
+        proc = start_proc(f"ray-{name}", cmd, {**self.env, **self.node_env}, self.root)
         self.procs.append(proc)
         return proc
 
@@ -477,8 +480,8 @@ def check_mlflow(mlflow: LocalMlflowServer, result: dict, run_name: str) -> dict
 def rehearse(args) -> dict:
     """Run the whole rehearsal; always tears down. Returns the report (raises RehearsalError on failure)."""
     root = Path(tempfile.mkdtemp(prefix="spotmn-", dir=args.tmp_root))
-    cluster = LocalRayCluster(root)
     mlflow = LocalMlflowServer(root, auth=basic_auth_available())
+    cluster = LocalRayCluster(root, node_env=mlflow.client_env)
     if not mlflow.auth:
         log("WARNING: mlflow[auth] (Flask-WTF) is not installed: the MLflow server runs WITHOUT basic auth")
     report: dict = {"root": str(root), "ok": False}
