@@ -5,15 +5,18 @@ A checkpoint directory (:mod:`pipelines.checkpoints`) holds ``spot_config.json``
 (:mod:`pipelines.pyfunc_model`) with those two files as artifacts, the ``spot`` package as code (so
 ``mlflow models serve`` needs no checkout) and the project's mark in its MLmodel metadata. Loading checks
 that mark and rebuilds the model from its config and weights (``weights_only=True``): no code of a
-registered model is imported, no ``torch.export``, nothing unpickled. The version
-is registered with tags ``rho``, ``gflops``, ``val_acc1`` (and more) and gets the alias ``champion`` when its
-validation accuracy beats the current champion's at equal or lower GFLOPs.
+registered model is imported, no ``torch.export``, nothing unpickled. The version is registered with tags
+``rho``, ``gflops``, ``val_acc1`` (and more); the alias ``champion`` goes to the version that wins when the
+versions, in registration order, each replace the one before if more accurate at equal or lower GFLOPs
+(:func:`elect_champion`): a function of the versions, so concurrent registrations agree.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import tempfile
+import time
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -126,14 +129,39 @@ def champion_metrics(client: MlflowClient, name: str) -> tuple[str, float, float
 
 
 def beats(acc: float, gflops: float, champion: tuple[str, float, float] | None) -> bool:
-    """Strictly higher validation accuracy at equal or lower GFLOPs (anything beats no champion).
-
-    A champion without comparable tags (NaN) is never replaced automatically.
-    """
+    """Strictly higher validation accuracy at equal or lower GFLOPs (anything beats no champion)."""
     if champion is None:
         return True
     _, champion_acc, champion_gflops = champion
     return acc > champion_acc and gflops <= champion_gflops
+
+
+def elect_champion(versions: list) -> str | None:
+    """The champion among a registered model's ``versions``: each version, in registration order, replaces
+    the one before it if it :func:`beats` it; versions without comparable tags never become champion.
+
+    A function of the versions alone, so concurrent registrations agree on it whatever their order."""
+    champion = None
+    for version in sorted(versions, key=lambda v: int(v.version)):
+        acc, gflops = float(version.tags.get("val_acc1", "nan")), float(version.tags.get("gflops", "nan"))
+        if not (math.isnan(acc) or math.isnan(gflops)) and beats(acc, gflops, champion):
+            champion = (version.version, acc, gflops)
+    return None if champion is None else champion[0]
+
+
+def settle_champion(client: MlflowClient, name: str, rounds: int = 3, pause_s: float = 0.5) -> str | None:
+    """Point ``champion`` at :func:`elect_champion` of all versions of ``name``, then check again ``rounds``
+    - 1 times ``pause_s`` apart and correct it: a registration running at the same time (another sweep or
+    fine-tune) that wrote from an older view is overwritten. Returns the champion version."""
+    elected = None
+    for attempt in range(rounds):
+        if attempt:
+            time.sleep(pause_s)
+        elected = elect_champion(client.search_model_versions(f"name = '{name}'"))
+        current = champion_metrics(client, name)
+        if elected is not None and (current is None or current[0] != elected):
+            client.set_registered_model_alias(name, CHAMPION, elected)
+    return elected
 
 
 def register_checkpoint(checkpoint_dir: str | Path, *, run_id: str, name: str, metrics: dict) -> dict:
@@ -167,14 +195,12 @@ def register_checkpoint(checkpoint_dir: str | Path, *, run_id: str, name: str, m
     client.update_run(run_id, status=status)  # logging the model ended the run; it is the caller's
     version = mlflow.register_model(info.model_uri, name, tags=tags)
     champion = champion_metrics(client, name)
-    promoted = beats(metrics["val_acc1"], metrics["gflops"], champion)
-    if promoted:
-        client.set_registered_model_alias(name, CHAMPION, version.version)
+    elected = settle_champion(client, name)
     return {
         "name": name,
         "version": int(version.version),
         "uri": f"models:/{name}/{version.version}",
-        "champion": promoted,
+        "champion": elected == version.version,
         "previous_champion": None if champion is None else int(champion[0]),
     }
 

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 import spot
 from pipelines.evaluate import evaluate_model
 from pipelines.registry import CHAMPION, load_model, register_checkpoint
-from tests.mlflow_server import free_port
+from tests.mlflow_server import MlflowServer, free_port
 from tests.tiny import TINY_NORMALIZATION
 
 
@@ -164,3 +164,59 @@ def test_the_registered_model_serves_over_http_from_another_directory_without_th
     assert served.shape == (2, 10)
     np.testing.assert_allclose(served, expected, rtol=1e-4, atol=1e-5)
     assert (served.argmax(1) == expected.argmax(1)).all()
+
+
+REGISTRAR = """
+import json, sys, time
+import mlflow
+from mlflow import MlflowClient
+from pipelines.registry import register_checkpoint
+
+uri, checkpoint, start_at, steps = sys.argv[1:]
+mlflow.set_tracking_uri(uri)
+client = MlflowClient()
+run_id = client.create_run(client.get_experiment_by_name("race").experiment_id).info.run_id
+time.sleep(max(0.0, float(start_at) - time.time()))
+for acc, gflops in json.loads(steps):
+    metrics = {"val_acc1": acc, "val_acc5": 1.0, "gflops": gflops, "epoch": 0}
+    register_checkpoint(checkpoint, run_id=run_id, name="race", metrics=metrics)
+"""
+
+
+def _expected_champion(client: MlflowClient) -> str:
+    """Reference: versions in order, each replacing the champion if more accurate at no more GFLOPs."""
+    best = None
+    for v in sorted(client.search_model_versions("name = 'race'"), key=lambda v: int(v.version)):
+        acc, gflops = float(v.tags["val_acc1"]), float(v.tags["gflops"])
+        if best is None or (acc > best[1] and gflops <= best[2]):
+            best = (v.version, acc, gflops)
+    return best[0]
+
+
+def test_two_registrations_at_once_leave_the_champion_the_rule_picks(trained, tmp_path):
+    """Two processes register three versions each into one tracking server at the same moment; then a
+    stale write (the alias moved to a losing version, as a registrar working from an older view does) is
+    corrected by the next registration."""
+    server = MlflowServer(tmp_path / "server").start()
+    client = MlflowClient(server.url)
+    client.create_experiment("race")
+    checkpoint, start_at = trained["spot"]["checkpoint"], time.time() + 15
+    steps = ([[0.50, 1.0], [0.70, 1.0], [0.60, 0.5]], [[0.65, 0.9], [0.55, 0.4], [0.80, 0.9]])
+    registrars = [subprocess.Popen([sys.executable, "-c", REGISTRAR, server.url, checkpoint, str(start_at),
+                                    json.dumps(s)], stderr=subprocess.PIPE, text=True) for s in steps]
+    for registrar in registrars:
+        _, stderr = registrar.communicate(timeout=300)
+        assert registrar.returncode == 0, stderr[-3000:]
+    assert len(client.search_model_versions("name = 'race'")) == 6
+    champion = client.get_model_version_by_alias("race", CHAMPION).version
+    assert champion == _expected_champion(client)
+
+    losing = next(v.version for v in client.search_model_versions("name = 'race'") if v.version != champion)
+    client.set_registered_model_alias("race", CHAMPION, losing)
+    mlflow.set_tracking_uri(server.url)
+    run_id = client.create_run(client.get_experiment_by_name("race").experiment_id).info.run_id
+    out = register_checkpoint(checkpoint, run_id=run_id, name="race",
+                              metrics={"val_acc1": 0.1, "val_acc5": 1.0, "gflops": 9.0, "epoch": 0})
+    assert not out["champion"]
+    assert client.get_model_version_by_alias("race", CHAMPION).version == champion
+    server.kill()
