@@ -36,6 +36,7 @@ from mlflow.exceptions import MlflowException
 
 import spot
 from pipelines.registry import load_model
+from pipelines.tracking import resolve_tracking_uri
 from spot.export import LOGITS_ATOL, ExportError, check_onnx, export_onnx
 
 ONNX_DIR = "onnx"  # artifact directory of the export in the run and in the model
@@ -162,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         "--mlflow-uri", default=None, help="tracking URI (default: MLFLOW_TRACKING_URI / ./mlruns)"
     )
     args = p.parse_args(argv)
-    if args.mlflow_uri:
-        mlflow.set_tracking_uri(args.mlflow_uri)
+    if args.mlflow_uri:  # a password in it goes to MLflow's variables, never into what is logged
+        mlflow.set_tracking_uri(resolve_tracking_uri(args.mlflow_uri, Path.cwd()))
     try:
         report = export_model(
             args.model,

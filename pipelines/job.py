@@ -16,6 +16,7 @@ from pipelines.config import RunConfig
 from pipelines.errors import Interrupted, TrackingError, TrackingOutage, TrainingError, check, first_line
 from pipelines.mlflow_run import MlflowRun
 from pipelines.ray_session import ray_session
+from pipelines.report_callback import MlflowReportCallback
 from pipelines.run_record import FAULT_RECORD, delete_record, read_record, write_record
 from pipelines.table import markdown_table
 from pipelines.trainer import NONFINITE
@@ -162,7 +163,7 @@ def run(config: RunConfig) -> dict:
         mlflow_run = open_mlflow_run(config, summary)
         result = trained_result(config) if config.resume else None
         if result is None:
-            callbacks = [tracking.MlflowReportCallback(uri, mlflow_run.run_id, storage=storage, name=name)]
+            callbacks = [MlflowReportCallback(uri, mlflow_run.run_id, storage=storage, name=name)]
             trainer = build_trainer(config, name=name, storage=storage, init=init, callbacks=callbacks)
             delete_record(storage, name, FAULT_RECORD)  # a fault of an earlier attempt (before --resume)
             try:

@@ -1,10 +1,11 @@
 """Epoch reports that could not reach MLflow yet: none is lost while the tracking server is down.
 
-The Train controller sends each epoch's report to MLflow (:class:`pipelines.tracking.MlflowReportCallback`).
-When that fails, the report and every later one wait, in order, in ``<storage>/<run>/mlflow_pending.json``
-(written atomically) and are sent at the next epoch, by the driver at the end of the run, or by the
-``--resume`` that finishes it. Each entry keeps the time it was reported, so sending it twice (a send that
-failed half-way) stores no second value: MLflow's stores skip an identical metric.
+The Train controller sends each epoch's report to MLflow
+(:class:`pipelines.report_callback.MlflowReportCallback`). When that fails, the report and every later one
+wait, in order, in ``<storage>/<run>/mlflow_pending.json`` (written atomically) and are sent at the next
+epoch, by the driver at the end of the run, or by the ``--resume`` that finishes it. Each entry keeps the
+time it was reported, so sending it twice (a send that failed half-way) stores no second value: MLflow's
+stores skip an identical metric.
 """
 
 from __future__ import annotations

@@ -2,10 +2,8 @@
 
 The driver resolves the tracking URI (``--mlflow-uri``, else ``MLFLOW_TRACKING_URI``, else an absolute
 ``sqlite:///<cwd>/mlflow.db`` with artifacts in ``<cwd>/mlartifacts``) and checks that it answers before
-any Ray worker starts; runs are made through :class:`pipelines.mlflow_run.MlflowRun`. During training,
-:class:`MlflowReportCallback` runs on the Ray Train controller and logs each committed report (metrics
-with step = epoch, the token-mask figure from the checkpoint), so a worker restart neither duplicates nor
-loses an epoch.
+any Ray worker starts; runs are made through :class:`pipelines.mlflow_run.MlflowRun`; during training,
+:class:`pipelines.report_callback.MlflowReportCallback` logs each epoch.
 """
 
 from __future__ import annotations
@@ -23,12 +21,9 @@ from importlib import metadata
 from pathlib import Path
 
 from mlflow import MlflowClient
-from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
-from ray.train import Checkpoint, UserCallback
 
 from pipelines.errors import TrackingError, first_line
-from pipelines.pending_reports import PENDING_RECORD, NotSent, pending, report_entry, send
 
 log = logging.getLogger(__name__)
 
@@ -173,67 +168,3 @@ def system_info() -> dict[str, str]:
         "cuda": ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none",
     }
     return info
-
-
-class MlflowReportCallback(UserCallback):
-    """Logs every committed ``ray.train.report`` to MLflow; runs on the Ray Train controller.
-
-    The controller is a process started by Ray: it authenticates with the credentials in its own
-    environment (named by :func:`credential_names` on the driver; their values never travel through Ray).
-    Requests fail fast there (no MLflow retries): a report that cannot be sent waits in the run's pending
-    record (:mod:`pipelines.pending_reports`) and goes with the next one, or with the driver at the end.
-    """
-
-    def __init__(self, tracking_uri: str, run_id: str, *, storage: str, name: str) -> None:
-        self.tracking_uri = tracking_uri
-        self.run_id = run_id
-        self.storage = storage
-        self.name = name
-        self.credentials = credential_names()
-        self._client: MlflowClient | None = None
-        self._queue: list[dict] | None = None
-        self._failures = 0
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_client": None}
-
-    def _mlflow(self) -> MlflowClient:
-        if self._client is None:
-            os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-                               "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(REACHABILITY_TIMEOUT_S * 2))})
-            missing = [name for name in self.credentials if not os.environ.get(name)]
-            if missing:
-                log.warning("%s set for the driver but not in the Ray processes' environment: set it where "
-                            "`ray start` runs (docs/cluster.md); epochs wait for the driver to send them",
-                            ", ".join(missing))
-            self._client = MlflowClient(self.tracking_uri)
-        return self._client
-
-    def after_report(self, run_context, metrics: list[dict], checkpoint: Checkpoint | None) -> None:
-        path = None if checkpoint is None else checkpoint.path
-        entry = report_entry(metrics[0], path, int(time.time() * 1000))
-        if self._queue is None:  # a restarted controller picks up what its predecessor could not send
-            self._queue = pending(self.storage, self.name)
-        self._queue.append(entry)
-        try:
-            send(self._mlflow(), self.run_id, self.storage, self.name, self._queue)
-            self._queue = []
-        except Exception as err:  # never let tracking take the training run down
-            self._queue = err.entries if isinstance(err, NotSent) else self._queue
-            log.warning("MLflow logging of epoch %d failed (%s); %d epoch(s) kept in %s/%s/%s and sent when "
-                        "the server answers", entry["step"], first_line(err), len(self._queue), self.storage,
-                        self.name, PENDING_RECORD)
-
-    def after_exception(self, run_context, worker_exceptions: dict) -> None:
-        self._failures += 1
-        rank, error = next(iter(sorted(worker_exceptions.items())))
-        try:
-            self._mlflow().log_batch(
-                self.run_id,
-                tags=[
-                    RunTag("worker_failures", str(self._failures)),
-                    RunTag("last_worker_error", f"rank {rank}: {first_line(error)}"[:5000]),
-                ],
-            )
-        except Exception as err:
-            log.warning("MLflow logging of a worker failure failed: %s", first_line(err))

@@ -75,9 +75,9 @@ def build_trainer(
     """The ``TorchTrainer`` of a resolved ``config`` (Ray must be initialised).
 
     ``name`` is the Ray run name (same name in the same ``storage`` = resume from its latest checkpoint);
-    ``init`` is :func:`pipelines.weights.prepare_init`'s payload; ``callbacks`` are ``ray.train.UserCallback``
-    s (e.g. :class:`pipelines.tracking.MlflowReportCallback`, Tune's ``TuneReportCallback``); ``progress``
-    prints one line per epoch (:class:`ProgressCallback`).
+    ``init`` is :func:`pipelines.weights.prepare_init`'s payload; ``callbacks`` are Ray Train user callbacks
+    (e.g. :class:`pipelines.report_callback.MlflowReportCallback`, Tune's ``TuneReportCallback``);
+    ``progress`` prints one line per epoch (:class:`ProgressCallback`).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig

@@ -13,6 +13,7 @@ from pipelines.config import resolve_config
 from pipelines.job import run_params
 from pipelines.mlflow_run import MlflowRun
 from pipelines.pending_reports import PENDING_RECORD, NotSent, send_pending
+from pipelines.report_callback import MlflowReportCallback
 from pipelines.run_record import FAULT_RECORD, delete_record, read_record
 from pipelines.trainer import NONFINITE, build_trainer
 from pipelines.weights import prepare_init
@@ -94,7 +95,7 @@ def run_trial(params: dict, *, setup: dict) -> None:
         child = MlflowRun.reopen(child.uri, child.run_id)
     storage = setup["train_storage"]
     callbacks = [
-        tracking.MlflowReportCallback(setup["tracking_uri"], child.run_id, storage=storage, name=name),
+        MlflowReportCallback(setup["tracking_uri"], child.run_id, storage=storage, name=name),
         TrialReport(setup["budget"], child.run_id),
     ]
     delete_record(storage, name, FAULT_RECORD)  # an earlier attempt's
