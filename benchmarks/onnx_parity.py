@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     rows = []
     print(f"{'backbone':>8} {'selector':>12} {'batch':>5} {'export_s':>8} {'indices':>9} {'differ':>6} "
-          f"{'logits max-abs':>14}")  # fmt: skip
+          f"{'logits max-abs':>14}")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.backbone:
             for selector in args.selector:

@@ -233,9 +233,9 @@ class AutoscalingCluster:
             f"--port={gcs_port}", f"--ray-client-server-port={client_port}", f"--temp-dir={temp_dir}",
             "--num-cpus=0", "--num-gpus=0", "--include-dashboard=false",
             "--object-store-memory=150000000", f"--autoscaling-config={config_path}",
-        ]  # fmt: skip
+        ]
         lm.log(f"starting the head at {self.gcs_address}: 0 CPUs, {WORKER_TYPE} nodes boot in "
-               f"{self.boot_delay_s:.0f}s")  # fmt: skip
+               f"{self.boot_delay_s:.0f}s")
         head = lm.start_proc("ray-head", cmd, env, self.root)
         self.procs.append(head)
         lm.wait_until(
@@ -272,20 +272,20 @@ class AutoscalingCluster:
 # The jobs.
 
 TINY = ["--model-arg", "depth=4", "--model-arg", "embed_dim=32", "--model-arg", "num_heads=2",
-        "--model-arg", "patch_size=8"]  # fmt: skip
+        "--model-arg", "patch_size=8"]
 
 
 def job_cmd(kind: str, cluster: AutoscalingCluster, root: Path, name: str) -> list[str]:
     common = ["--address", cluster.gcs_address, "--num-workers", "1", "--cpus-per-worker", "1",
               "--gpus-per-worker", "0", "--img-size", "32", "--storage", str(root / "storage"),
-              "--mlflow-uri", f"sqlite:///{root / name / 'mlflow.db'}"]  # fmt: skip
+              "--mlflow-uri", f"sqlite:///{root / name / 'mlflow.db'}"]
     if kind == "finetune":
         return [sys.executable, str(REPO / "pipelines" / "finetune.py"), *common, "--epochs", "1",
                 "--run-name", name, "--experiment", "autoscaling-rehearsal", "--max-failures", "0",
-                "--vis-images", "2", *TINY]  # fmt: skip
+                "--vis-images", "2", *TINY]
     # The documented sweep command passes --max-concurrent: on a cold cluster there is nothing to count.
     return [sys.executable, str(REPO / "tuning" / "sweep_lambdas.py"), *common, "--epochs", "1",
-            "--num-samples", "2", "--max-concurrent", "2", "--name", name, *TINY]  # fmt: skip
+            "--num-samples", "2", "--max-concurrent", "2", "--name", name, *TINY]
 
 
 def start_job(
@@ -346,11 +346,11 @@ def rehearse(args) -> dict:
             alive = cluster.alive_worker_nodes()
             report["short_timeout"] = {"start_timeout_s": args.short_timeout, "exit_code": rc,
                                        "seconds": round(seconds, 1), "alive_worker_nodes_at_exit": alive,
-                                       "timed_out": "WorkerGroupStartupTimeoutError" in output}  # fmt: skip
+                                       "timed_out": "WorkerGroupStartupTimeoutError" in output}
             lm.log(f"short-timeout fine-tune: exit {rc} after {seconds:.0f}s, {alive} worker nodes alive")
             if rc == 0:
                 raise lm.RehearsalError("the fine-tune with the short start timeout finished: the boot delay "
-                                        "did not outlast it, so the rehearsal shows nothing")  # fmt: skip
+                                        "did not outlast it, so the rehearsal shows nothing")
             if not report["short_timeout"]["timed_out"]:
                 last = "\n".join(output.splitlines()[-40:])
                 raise lm.RehearsalError(f"the short-timeout fine-tune failed, not on the timeout:\n{last}")
@@ -358,7 +358,7 @@ def rehearse(args) -> dict:
         good = []
         if not args.only_short:
             good = [start_job("finetune", cluster, root, "finetune", good_timeout),
-                    start_job("sweep", cluster, root, "sweep", good_timeout)]  # fmt: skip
+                    start_job("sweep", cluster, root, "sweep", good_timeout)]
         jobs += good
         if args.only_short:
             report["ok"] = True
@@ -377,7 +377,7 @@ def rehearse(args) -> dict:
             "started_at_s": waiting_from,
             "first_worker_node_at_s": first_node, "node_log": cluster.node_log,
             "finetune": results["finetune"], "sweep": results["sweep"],
-        }  # fmt: skip
+        }
         sweep = results["sweep"]["result"]
         if sweep.get("completed") != sweep.get("trials") or sweep.get("trials") != 2:
             raise lm.RehearsalError(f"the sweep did not complete its 2 trials: {sweep}")
@@ -407,7 +407,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--boot-delay", type=float, default=60.0, help="seconds before a worker node joins")
     p.add_argument("--short-timeout", type=float, default=2.0,
-                   help=f"{START_TIMEOUT_VAR} of the run that must fail (0: skip that run)")  # fmt: skip
+                   help=f"{START_TIMEOUT_VAR} of the run that must fail (0: skip that run)")
     p.add_argument(
         "--start-timeout",
         type=float,

@@ -251,7 +251,7 @@ class LocalRayCluster:
             f"--min-worker-port={self.worker_port_base + 1000 * len(self.procs)}",
             f"--max-worker-port={self.worker_port_base + 999 + 1000 * len(self.procs)}",
             *role_args,
-        ]  # fmt: skip
+        ]
         proc = start_proc(f"ray-{name}", cmd, {**self.env, **self.node_env}, self.root)
         self.procs.append(proc)
         return proc
@@ -282,7 +282,7 @@ class LocalRayCluster:
                 "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
                 f"--ray-client-server-port={client_port}",
             ],
-        )  # fmt: skip
+        )
         # Workers may join as soon as the head's processes are up (the dashboard comes a little later).
         wait_until("the head node", lambda: "Ray runtime started" in tail(head.log_path), timeout_s, [head])
         for name in self.worker_nodes:
@@ -293,7 +293,7 @@ class LocalRayCluster:
                     f"--address={self.gcs_address}", f"--num-cpus={self.worker_cpus}", "--num-gpus=0",
                     f"--resources={json.dumps({name: 1})}",
                 ],
-            )  # fmt: skip
+            )
         want = 1 + len(self.worker_nodes)
 
         def all_alive():
@@ -360,7 +360,7 @@ class LocalMlflowServer:
             cmd = [
                 str(bindir / "mlflow"), "server", "--backend-store-uri", backend, "--artifacts-destination",
                 artifacts, "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-            ]  # fmt: skip
+            ]
         mode = "basic auth" if self.auth else "NO auth"
         log(f"starting MLflow server at {self.url} ({mode}, SQLite + local artifacts dir)")
         self.proc = start_proc("mlflow", cmd, env, self.root)
@@ -417,7 +417,7 @@ def run_finetune(
         "--img-size", str(args.img_size),
         "--max-failures", "0",  # a rehearsal should fail at once, not retry
         *args.finetune_arg,
-    ]  # fmt: skip
+    ]
     log("running: " + " ".join(cmd))
     # cwd = the rehearsal's temp dir: the built-in digits shards are made there, not in the checkout.
     proc = start_proc("finetune", cmd, {**cluster.env, **mlflow.client_env}, cluster.root, cwd=cluster.root)

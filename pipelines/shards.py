@@ -278,7 +278,7 @@ def _write_split(
             data, width, height = result
             key = f"{split}-{len(widths):08d}"
             meta = {"key": key, "source": item.source, "label": item.label, "class": classes[item.label],
-                    "width": width, "height": height, **(item.meta or {})}  # fmt: skip
+                    "width": width, "height": height, **(item.meta or {})}
             if writer is None:  # fixed mtime and raw bytes (no ASCII encoding): reproducible tars
                 writer = wds.ShardWriter(pattern, maxcount=shard_size, verbose=0, mtime=0, encoder=False)
             label = np.array(item.label, dtype="<i4").tobytes()

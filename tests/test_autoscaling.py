@@ -50,7 +50,7 @@ def test_the_autoscaler_config_offers_the_jobs_resources_only_on_late_nodes(tmp_
 def test_cold_cluster_a_short_start_timeout_fails_and_the_clusters_one_waits(tmp_path):
     report_path = tmp_path / "report.json"
     done = subprocess.run([sys.executable, str(SCRIPT), "--report", str(report_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=840)  # fmt: skip
+                          capture_output=True, text=True, timeout=840)
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
     short = report["short_timeout"]

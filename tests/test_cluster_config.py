@@ -313,7 +313,7 @@ def _load_script(rel: str):
 def test_cfn_template_passes_cfn_lint():
     """cfn-lint checks the template against the CloudFormation resource specification."""
     done = subprocess.run([str(Path(sys.executable).with_name("cfn-lint")), str(REPO / CFN)],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -322,7 +322,7 @@ def test_cfn_lint_is_live(tmp_path):
     bad = (REPO / CFN).read_text().replace("EnableDnsSupport: true", "EnableDnsSupport: true\n      Bogus: 1")
     (tmp_path / "bad.yaml").write_text(bad)
     done = subprocess.run([str(Path(sys.executable).with_name("cfn-lint")), str(tmp_path / "bad.yaml")],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "Bogus" in done.stdout
 
 
@@ -389,7 +389,7 @@ def test_node_env_writes_private_shell_safe_files(tmp_path):
     node_env = _load_script("infra/aws/node_env.py")
     values = node_env.server_values({"username": "spot-jobs", "password": "p w$x"}, {"username": "admin",
                                     "password": "a'b"}, {"username": "mlflow", "password": "d@b/c"},
-                                    "db.internal", "bkt", "eu-west-1")  # fmt: skip
+                                    "db.internal", "bkt", "eu-west-1")
     assert values["MLFLOW_BACKEND_STORE_URI"] == "postgresql://mlflow:d%40b%2Fc@db.internal:5432/mlflow"
     assert values["MLFLOW_AUTH_DATABASE_URI"].endswith("/mlflow_auth")
     out = tmp_path / "spot" / "server.env"
@@ -468,7 +468,7 @@ def test_rayjob_runs_finetune_on_the_raycluster_with_valid_flags():
     args = build_parser().parse_args(argv[2:])  # exits (SystemExit) on an unknown flag
     assert args.backbone == "lvvit_s" and args.mlflow_uri.startswith("http://mlflow.")
     mounts = {m["mountPath"] for c in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
-              for m in c["volumeMounts"]}  # fmt: skip
+              for m in c["volumeMounts"]}
     for path in (args.data, args.pretrained):
         assert any(path.startswith(m + "/") for m in mounts), f"{path} is on no volume of the head pod"
 
@@ -523,7 +523,7 @@ def test_mlflow_manifest_is_internal_authenticated_and_secret_free():
     assert container["command"][-1].endswith("infra/mlflow/start_server.sh")
     env = {e["name"]: e for e in container["env"]}
     for name in ["MLFLOW_BACKEND_STORE_URI", "MLFLOW_AUTH_DATABASE_URI", "MLFLOW_AUTH_ADMIN_PASSWORD",
-                 "MLFLOW_FLASK_SERVER_SECRET_KEY"]:  # fmt: skip
+                 "MLFLOW_FLASK_SERVER_SECRET_KEY"]:
         assert "secretKeyRef" in env[name]["valueFrom"], f"{name} must come from a Secret"
     assert env["MLFLOW_ARTIFACTS_DESTINATION"]["value"].startswith("s3://")
 
@@ -605,7 +605,7 @@ def test_dockerfile_and_cluster_configs_pin_the_same_versions():
     """The image and the nodes' setup commands install the same torch and MLflow."""
     args = dockerfile_args()
     image = {canonicalize_name(Requirement(p).name): str(Requirement(p).specifier)
-             for p in args["TORCH_PINS"].split() + args["SERVER_PINS"].split()}  # fmt: skip
+             for p in args["TORCH_PINS"].split() + args["SERVER_PINS"].split()}
     for rel in LAUNCHER_CONFIGS:
         config = load(rel)
         for req in pinned_requirements(" ".join(config["setup_commands"] + config["head_setup_commands"])):

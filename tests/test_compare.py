@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 def test_one_row_per_selector_and_rho_on_the_same_samples(trained, digits_shards, mlflow_uri, pipeline_dir):
     dense_uri, spot_uri = (f"models:/{r['registered_model']}/{r['registered_version']}"
-                           for r in (trained["dense"], trained["spot"]))  # fmt: skip
+                           for r in (trained["dense"], trained["spot"]))
     with contextlib.chdir(pipeline_dir):
         dense, sparse = load_model(dense_uri), load_model(spot_uri)
     rows = compare.comparison_models(dense, sparse, [0.7, 0.5], dense_weights="d", spot_weights="s")
@@ -45,7 +45,7 @@ def test_one_row_per_selector_and_rho_on_the_same_samples(trained, digits_shards
     assert len(figures) == 6 and all(f.stat().st_size > 0 for f in figures)
     with contextlib.chdir(pipeline_dir):
         run_id = compare.log_comparison(results, table, figures, tracking_uri=mlflow_uri,
-                                        experiment="tests-compare", data=str(digits_shards))  # fmt: skip
+                                        experiment="tests-compare", data=str(digits_shards))
     client = MlflowClient(mlflow_uri)
     run = client.get_run(run_id)
     assert run.data.metrics["cls_attn_avg_rho0.5_top1"] == results[5]["top1"]

@@ -34,7 +34,7 @@ def keep_probabilities(model: torch.nn.Module, images: torch.Tensor) -> list[tor
     """The keep probability of every patch token at each stage, from the predictors' log-probabilities."""
     seen: list[torch.Tensor] = []
     hooks = [p.register_forward_hook(lambda _m, _i, out: seen.append(out[..., 0].exp()))
-             for p in model.spot_predictors]  # fmt: skip
+             for p in model.spot_predictors]
     with torch.no_grad():
         model.train()(images)
     for hook in hooks:

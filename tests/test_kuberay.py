@@ -44,17 +44,17 @@ AUTOSCALER_OPTIONS = Fields({
     "securityContext": OBJ, "idleTimeoutSeconds": INT,
     "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]}, "version": {"enum": ["v1", "v2"]},
     "env": [OBJ], "envFrom": [OBJ], "volumeMounts": [OBJ], "command": [STR], "args": [STR],
-})  # fmt: skip
+})
 HEAD_GROUP = Fields({
     "template": POD, "headService": OBJ, "enableIngress": BOOL, "ingressOptions": OBJ, "resources": MAP_STR,
     "labels": MAP_STR, "rayStartParams": MAP_STR, "serviceType": STR,
-}, required=("template",))  # fmt: skip
+}, required=("template",))
 WORKER_GROUP = Fields({
     "suspend": BOOL, "groupName": STR, "replicas": INT, "minReplicas": INT, "maxReplicas": INT,
     "idleTimeoutSeconds": INT, "priority": INT, "resources": MAP_STR, "labels": MAP_STR,
     "rayStartParams": MAP_STR, "template": POD, "scaleStrategy": Fields({"workersToDelete": [STR]}),
     "numOfHosts": INT,
-}, required=("groupName", "minReplicas", "maxReplicas", "template"))  # fmt: skip
+}, required=("groupName", "minReplicas", "maxReplicas", "template"))
 RAY_CLUSTER_SPEC = Fields({
     "upgradeStrategy": Fields({"type": {"enum": ["Recreate", "None"]}}), "authOptions": AUTH_OPTIONS,
     "suspend": BOOL, "managedBy": STR, "autoscalerOptions": AUTOSCALER_OPTIONS,
@@ -62,7 +62,7 @@ RAY_CLUSTER_SPEC = Fields({
     "enableInTreeAutoscaling": BOOL, "gcsFaultToleranceOptions": OBJ, "historyServerOptions": OBJ,
     "networkPolicy": OBJ, "tlsOptions": Fields({"enabled": BOOL}), "headGroupSpec": HEAD_GROUP,
     "rayVersion": STR, "workerGroupSpecs": [WORKER_GROUP],
-}, required=("headGroupSpec",))  # fmt: skip
+}, required=("headGroupSpec",))
 RAY_JOB_SPEC = Fields({
     "activeDeadlineSeconds": INT, "backoffLimit": INT, "rayClusterSpec": RAY_CLUSTER_SPEC,
     "submitterPodTemplate": POD, "metadata": MAP_STR, "clusterSelector": MAP_STR,
@@ -71,7 +71,7 @@ RAY_JOB_SPEC = Fields({
     "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
     "entrypointResources": STR, "entrypointNumCpus": NUM, "entrypointNumGpus": NUM,
     "ttlSecondsAfterFinished": INT, "shutdownAfterJobFinishes": BOOL, "suspend": BOOL,
-})  # fmt: skip
+})
 SPECS = {"RayCluster": RAY_CLUSTER_SPEC, "RayJob": RAY_JOB_SPEC}
 PY_TYPES = {STR: str, INT: int, BOOL: bool, NUM: (int, float), OBJ: dict, POD: dict}
 
@@ -151,7 +151,7 @@ def test_the_kuberay_check_finds_wrong_fields_and_types():
 
 def test_every_ray_pod_template_passes_the_kubernetes_schema():
     templates = [(f"{rel}:{path}", t) for rel, d in docs() if d["kind"] in RAY_KINDS
-                 for path, t in pod_templates(d["spec"], d["kind"])]  # fmt: skip
+                 for path, t in pod_templates(d["spec"], d["kind"])]
     assert len(templates) >= 2  # head and GPU workers
     for where, template in templates:
         try:
@@ -161,7 +161,7 @@ def test_every_ray_pod_template_passes_the_kubernetes_schema():
 
 
 @pytest.mark.parametrize("rel, kind, name", [(rel, d["kind"], d["metadata"]["name"]) for rel, d in docs()
-                                             if d["kind"] not in RAY_KINDS])  # fmt: skip
+                                             if d["kind"] not in RAY_KINDS])
 def test_plain_kubernetes_objects_pass_the_schema(rel, kind, name):
     (doc,) = [d for r, d in docs() if r == rel and d["kind"] == kind and d["metadata"]["name"] == name]
     kubernetes_validate.validate(doc, K8S_VERSION, strict=True)

@@ -62,7 +62,7 @@ def secrets_manager():
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
     client = boto3.client("secretsmanager", region_name=REGION, endpoint_url=endpoint,
-                          aws_access_key_id="test", aws_secret_access_key="test")  # fmt: skip
+                          aws_access_key_id="test", aws_secret_access_key="test")
     arns = {}
     for name, value in {
         "MlflowJobsSecretArn": {"username": "spot-jobs", "password": "jobs pw $1"},
@@ -125,9 +125,9 @@ def run_as_user(cmd: str, env: dict, timeout: float = 300) -> subprocess.Complet
     """bash -c cmd as UID:GID. The process keeps one capability, reading any file (this machine's Python
     lives under root's private home); every write is checked as UID, which is what the rehearsal is about."""
     setpriv = ["setpriv", f"--reuid={UID}", f"--regid={GID}", "--clear-groups",
-               "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]  # fmt: skip
+               "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
     return subprocess.run([*setpriv, "bash", "-c", cmd], env=env, cwd=env["HOME"], capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+                          text=True, timeout=timeout)
 
 
 def run_all(commands: list[str], env: dict) -> None:
@@ -201,7 +201,7 @@ def test_the_old_mount_layout_breaks_the_head_setup(scratch):
 
 def mlflow_start_command() -> str:
     (cmd,) = [c for c in yaml.safe_load((REPO / "ray_cluster.yaml").read_text())["head_start_ray_commands"]
-              if "head_service.sh start" in c]  # fmt: skip
+              if "head_service.sh start" in c]
     return cmd
 
 

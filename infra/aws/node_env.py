@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error("server needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
         db = read_secret(client, args.db_secret)
         values = server_values(jobs, read_secret(client, args.admin_secret), db, args.db_host, args.bucket,
-                               args.region)  # fmt: skip
+                               args.region)
     write_private(args.out.expanduser(), env_lines(values))
     print(f"node_env.py: wrote {args.out} ({', '.join(values)})")
     return 0
