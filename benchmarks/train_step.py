@@ -65,7 +65,7 @@ def step_times(run_config: RunConfig, *, steps: int, repeats: int, warmup: int) 
         "wall_ms_per_step": statistics.median(wall),
         "cpu_ms_per_step": statistics.median(cpu),
         "wall_ms_per_run": [round(w, 1) for w in wall],
-        "gflops": summary.gmacs,
+        "gmacs": summary.gmacs,
         "params": summary.params,
     }
 
@@ -117,11 +117,11 @@ def main(argv: list[str] | None = None) -> int:
             demo_dir.mkdir()
             results["demo_wall_s"] = round(time_demo(demo_dir), 1)
     ratio = results["spot"]["wall_ms_per_step"] / results["dense"]["wall_ms_per_step"]
-    print("| model | GFLOPs (prune mode) | ms/step (wall) | CPU-ms/step | ms/step per run |")
+    print("| model | GMACs (prune mode) | ms/step (wall) | CPU-ms/step | ms/step per run |")
     print("| --- | ---: | ---: | ---: | --- |")
     for name in ("dense", "spot"):
         r = results[name]
-        print(f"| {name} | {r['gflops']:.4g} | {r['wall_ms_per_step']:.1f} | {r['cpu_ms_per_step']:.1f} | "
+        print(f"| {name} | {r['gmacs']:.4g} | {r['wall_ms_per_step']:.1f} | {r['cpu_ms_per_step']:.1f} | "
               f"{', '.join(map(str, r['wall_ms_per_run']))} |")
     print(f"SPOT / dense wall time per step: {ratio:.2f}x")
     if "demo_wall_s" in results:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evaluate a SPOT model (and optionally a dense baseline): top-1 / top-5, GFLOPs, throughput, as a table.
+"""Evaluate a SPOT model (and optionally a dense baseline): top-1 / top-5, GMACs, throughput, as a table.
 
     python pipelines/evaluate.py --model models:/spot-deit_t@champion \
         --baseline models:/spot-deit_t-dense@champion
@@ -29,7 +29,7 @@ from pipelines.shards import ensure_builtin_shards
 from pipelines.table import markdown_table
 from spot.flops import gmacs
 
-COLUMNS = ("model", "top-1", "top-5", "GFLOPs", "params (M)", "images/s")
+COLUMNS = ("model", "top-1", "top-5", "GMACs", "params (M)", "images/s")
 
 
 @torch.inference_mode()
@@ -83,13 +83,13 @@ def measure_throughput(
 def evaluate(
     uri: str, data: str | Path, *, batch_size: int, throughput_batch: int, device: torch.device, label: str
 ) -> dict:
-    """One table row for the model at ``uri``: accuracy, GFLOPs, parameters, throughput."""
+    """One table row for the model at ``uri``: accuracy, GMACs, parameters, throughput."""
     from pipelines.registry import load_model
 
     model = load_model(uri)
     row = {"model": label, "uri": str(uri), "rho": model.spot_config["rho"]}
     row.update(evaluate_model(model, data, batch_size=batch_size, device=device))
-    row["gflops"] = gmacs(model, model.spot_config.get("img_size", 224))
+    row["gmacs"] = gmacs(model, model.spot_config.get("img_size", 224))
     row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
     row["images_per_s"] = measure_throughput(model, batch_size=throughput_batch, device=device)
     return row
@@ -97,7 +97,7 @@ def evaluate(
 
 def _cells(row: dict) -> dict:
     return dict(zip(COLUMNS, [row["model"], f"{100 * row['top1']:.2f}", f"{100 * row['top5']:.2f}",
-                              f"{row['gflops']:.4g}", f"{row['params_m']:.3f}", f"{row['images_per_s']:.0f}"],
+                              f"{row['gmacs']:.4g}", f"{row['params_m']:.3f}", f"{row['images_per_s']:.0f}"],
                     strict=True))
 
 
@@ -109,7 +109,7 @@ def format_table(rows: list[dict]) -> str:
         a, b = rows
         table += (
             f"\n\n{a['model']} vs {b['model']}: top-1 {100 * (a['top1'] - b['top1']):+.2f} points, "
-            f"{b['gflops'] / a['gflops']:.2f}x fewer GFLOPs, {a['images_per_s'] / b['images_per_s']:.2f}x "
+            f"{b['gmacs'] / a['gmacs']:.2f}x fewer GMACs, {a['images_per_s'] / b['images_per_s']:.2f}x "
             "throughput"
         )
     return table
@@ -126,7 +126,7 @@ def log_to_mlflow(rows: list[dict], table: str, *, tracking_uri: str, experiment
                            artifact_location=tracking.local_artifact_root(tracking_uri, Path.cwd()))
     run.log_params({"data": data} | {f"{r['model']}_uri": r["uri"] for r in rows})
     for r in rows:
-        run.log_metrics({f"{r['model']}_{k}": r[k] for k in ("top1", "top5", "gflops", "images_per_s")})
+        run.log_metrics({f"{r['model']}_{k}": r[k] for k in ("top1", "top5", "gmacs", "images_per_s")})
     run.log_text(table + "\n", "evaluation.md")
     run.end("FINISHED")
     return run.run_id

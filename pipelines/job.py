@@ -22,7 +22,7 @@ from pipelines.table import markdown_table
 from pipelines.trainer import NONFINITE
 from pipelines.weights import ModelSummary, prepare_init
 
-EPOCH_COLUMNS = ("epoch", "val_acc1", "val_acc5", "val_total", "train_total", "gflops")
+EPOCH_COLUMNS = ("epoch", "val_acc1", "val_acc5", "val_total", "train_total", "gmacs")
 
 
 def run_params(config: RunConfig, summary: ModelSummary) -> dict:
@@ -31,7 +31,7 @@ def run_params(config: RunConfig, summary: ModelSummary) -> dict:
         "num_classes": config.num_classes,
         "world_size": config.num_workers,
         "params": summary.params,
-        "gflops": round(summary.gmacs, 6),
+        "gmacs": round(summary.gmacs, 6),
     }
 
 
@@ -61,7 +61,7 @@ def evaluation_table(rows: list[dict], best: dict, summary: ModelSummary) -> str
     """The run's ``evaluation.md``: the best checkpoint and the per-epoch table."""
     return (
         f"# Best checkpoint: epoch {best['epoch']}, val top-1 {best['val_acc1']:.4f}, top-5 "
-        f"{best['val_acc5']:.4f}, {best['gflops']:.4f} GMACs (dense {summary.dense_gmacs:.4f}), "
+        f"{best['val_acc5']:.4f}, {best['gmacs']:.4f} GMACs (dense {summary.dense_gmacs:.4f}), "
         f"{summary.params} parameters\n\n" + markdown_table(rows, EPOCH_COLUMNS)
     )
 
@@ -186,8 +186,8 @@ def run(config: RunConfig) -> dict:
         "best_val_acc5": best["val_acc5"],
         "best_epoch": best["epoch"],
         "epochs_logged": [row["epoch"] for row in rows],
-        "gflops": best["gflops"],
-        "dense_gflops": summary.dense_gmacs,
+        "gmacs": best["gmacs"],
+        "dense_gmacs": summary.dense_gmacs,
         "checkpoint": registered["checkpoint"],
         "storage": f"{storage}/{name}",
         "mlflow_tracking_uri": uri,

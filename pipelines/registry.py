@@ -6,8 +6,8 @@ A checkpoint directory (:mod:`pipelines.checkpoints`) holds ``spot_config.json``
 ``mlflow models serve`` needs no checkout) and the project's mark in its MLmodel metadata. Loading checks
 that mark and rebuilds the model from its config and weights (``weights_only=True``): no code of a
 registered model is imported, no ``torch.export``, nothing unpickled. The version is registered with tags
-``rho``, ``gflops``, ``val_acc1`` (and more); the alias ``champion`` goes to the version that wins when the
-versions, in registration order, each replace the one before if more accurate at equal or lower GFLOPs
+``rho``, ``gmacs``, ``val_acc1`` (and more); the alias ``champion`` goes to the version that wins when the
+versions, in registration order, each replace the one before if more accurate at equal or lower GMACs
 (:func:`elect_champion`): a function of the versions, so concurrent registrations agree.
 """
 
@@ -111,29 +111,34 @@ def version_tags(config: dict, metrics: dict) -> dict[str, str]:
     return {
         "backbone": config["name"],
         "rho": "1.0 (dense)" if rho is None else str(rho),
-        "gflops": f"{metrics['gflops']:.6f}",
+        "gmacs": f"{metrics['gmacs']:.6f}",
         "val_acc1": f"{metrics['val_acc1']:.6f}",
         "val_acc5": f"{metrics['val_acc5']:.6f}",
         "epoch": str(metrics["epoch"]),
     }
 
 
+def _gmacs(tags: dict) -> float:
+    """A version's GMACs tag (``gflops`` on versions registered before the key said its unit)."""
+    return float(tags.get("gmacs", tags.get("gflops", "nan")))
+
+
 def champion_metrics(client: MlflowClient, name: str) -> tuple[str, float, float] | None:
-    """(version, val_acc1, gflops) of the current champion of ``name``, or None if there is none."""
+    """(version, val_acc1, gmacs) of the current champion of ``name``, or None if there is none."""
     try:
         version = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None
     tags = version.tags
-    return version.version, float(tags.get("val_acc1", "nan")), float(tags.get("gflops", "nan"))
+    return version.version, float(tags.get("val_acc1", "nan")), _gmacs(tags)
 
 
-def beats(acc: float, gflops: float, champion: tuple[str, float, float] | None) -> bool:
-    """Strictly higher validation accuracy at equal or lower GFLOPs (anything beats no champion)."""
+def beats(acc: float, gmacs: float, champion: tuple[str, float, float] | None) -> bool:
+    """Strictly higher validation accuracy at equal or lower GMACs (anything beats no champion)."""
     if champion is None:
         return True
-    _, champion_acc, champion_gflops = champion
-    return acc > champion_acc and gflops <= champion_gflops
+    _, champion_acc, champion_gmacs = champion
+    return acc > champion_acc and gmacs <= champion_gmacs
 
 
 def elect_champion(versions: list) -> str | None:
@@ -143,9 +148,9 @@ def elect_champion(versions: list) -> str | None:
     A function of the versions alone, so concurrent registrations agree on it whatever their order."""
     champion = None
     for version in sorted(versions, key=lambda v: int(v.version)):
-        acc, gflops = float(version.tags.get("val_acc1", "nan")), float(version.tags.get("gflops", "nan"))
-        if not (math.isnan(acc) or math.isnan(gflops)) and beats(acc, gflops, champion):
-            champion = (version.version, acc, gflops)
+        acc, gmacs = float(version.tags.get("val_acc1", "nan")), _gmacs(version.tags)
+        if not (math.isnan(acc) or math.isnan(gmacs)) and beats(acc, gmacs, champion):
+            champion = (version.version, acc, gmacs)
     return None if champion is None else champion[0]
 
 
@@ -167,7 +172,7 @@ def settle_champion(client: MlflowClient, name: str, rounds: int = 3, pause_s: f
 def register_checkpoint(checkpoint_dir: str | Path, *, run_id: str, name: str, metrics: dict) -> dict:
     """Log ``checkpoint_dir`` as an MLflow model of ``run_id``, register it as ``name``, maybe promote it.
 
-    ``metrics`` are the checkpoint's validation metrics (``val_acc1``, ``val_acc5``, ``gflops``, ``epoch``).
+    ``metrics`` are the checkpoint's validation metrics (``val_acc1``, ``val_acc5``, ``gmacs``, ``epoch``).
     Uses the current MLflow tracking URI. Returns ``{"name", "version", "uri", "champion",
     "previous_champion"}``.
     """

@@ -256,7 +256,7 @@ def train_loop_per_worker(config: dict) -> None:
     if config["pretrained"]:
         freeze_embeddings(student)
     patch_size = student.patch_embed.patch_size[0]
-    gflops = gmacs(student, config["img_size"])
+    model_gmacs = gmacs(student, config["img_size"])
     model = ray.train.torch.prepare_model(student)
     batch = config["batch_size"] // world
     normalization = spot.input_normalization(student)
@@ -300,7 +300,7 @@ def train_loop_per_worker(config: dict) -> None:
             stop_nonfinite(config, rank, epoch, f"non-finite validation loss at epoch {epoch + 1}")
             return
         metrics.update(val_metrics)
-        metrics.update({"gflops": gflops, "epoch_time_s": time.perf_counter() - began})
+        metrics.update({"gmacs": model_gmacs, "epoch_time_s": time.perf_counter() - began})
         metrics["worker_node_ids"] = node_ids
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None

@@ -35,7 +35,7 @@ def epoch_line(metrics: dict) -> str:
     """The console line of one epoch's report (and the keep-rate warning, if any, on a second line)."""
     line = (
         f"epoch {metrics['epoch'] + 1}: train loss {metrics['train_total']:.4f}, val top-1 "
-        f"{metrics['val_acc1']:.4f} top-5 {metrics['val_acc5']:.4f}, {metrics['gflops']:.4g} GMACs, "
+        f"{metrics['val_acc1']:.4f} top-5 {metrics['val_acc5']:.4f}, {metrics['gmacs']:.4g} GMACs, "
         f"{metrics['epoch_time_s']:.1f} s"
     )
     kept = [metrics[k] for k in sorted(metrics) if k.startswith("train_kept_s")]

@@ -37,7 +37,7 @@ def test_table_of_model_and_baseline_matches_training_and_is_logged(
     }
     assert float(rows["model"][0]) == pytest.approx(100 * sparse["best_val_acc1"], abs=0.005)
     assert float(rows["baseline"][0]) == pytest.approx(100 * dense["best_val_acc1"], abs=0.005)
-    assert float(rows["model"][2]) < float(rows["baseline"][2])  # GFLOPs
+    assert float(rows["model"][2]) < float(rows["baseline"][2])  # GMACs
     assert "model vs baseline: top-1" in out
 
     client = MlflowClient(mlflow_uri)
@@ -45,7 +45,7 @@ def test_table_of_model_and_baseline_matches_training_and_is_logged(
     [run] = client.search_runs([experiment.experiment_id])
     metrics = run.data.metrics
     assert metrics["model_top1"] == pytest.approx(sparse["best_val_acc1"])
-    assert metrics["model_gflops"] < metrics["baseline_gflops"] and metrics["model_images_per_s"] > 0
+    assert metrics["model_gmacs"] < metrics["baseline_gmacs"] and metrics["model_images_per_s"] > 0
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["evaluation.md"]
 
 
@@ -55,7 +55,7 @@ def test_format_table_compares_two_rows():
             "model": "spot",
             "top1": 0.795,
             "top5": 0.95,
-            "gflops": 2.8,
+            "gmacs": 2.8,
             "params_m": 22.5,
             "images_per_s": 300.0,
         },
@@ -63,14 +63,14 @@ def test_format_table_compares_two_rows():
             "model": "dense",
             "top1": 0.798,
             "top5": 0.951,
-            "gflops": 4.6,
+            "gmacs": 4.6,
             "params_m": 22.0,
             "images_per_s": 200.0,
         },
     ]
     table = evaluate.format_table(rows)
     assert "| spot | 79.50 | 95.00 | 2.8 | 22.500 | 300 |" in table
-    assert table.endswith("spot vs dense: top-1 -0.30 points, 1.64x fewer GFLOPs, 1.50x throughput")
+    assert table.endswith("spot vs dense: top-1 -0.30 points, 1.64x fewer GMACs, 1.50x throughput")
 
 
 def test_missing_model_exits_with_one_line(digits_shards, tmp_path):

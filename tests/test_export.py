@@ -137,7 +137,7 @@ def test_cli_exports_the_champion_and_attaches_it_to_the_registered_version(tmp_
     run_id = client.create_run(experiment).info.run_id
     model = tiny("lvvit_s", rho=0.7).eval()
     checkpoint = _checkpoint(tmp_path / "ckpt", model)
-    metrics = {"val_acc1": 0.5, "val_acc5": 0.9, "gflops": 0.01, "epoch": 1}
+    metrics = {"val_acc1": 0.5, "val_acc5": 0.9, "gmacs": 0.01, "epoch": 1}
     register_checkpoint(checkpoint, run_id=run_id, name="spot-lvvit_s", metrics=metrics)
 
     out = tmp_path / "model.onnx"

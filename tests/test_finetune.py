@@ -209,7 +209,7 @@ def test_two_worker_runs_report_checkpoint_track_and_register(trained, tiny_opti
             m.value for m in MlflowClient(mlflow_uri).get_metric_history(run.info.run_id, "val_acc1")
         ]
         assert result["best_val_acc1"] == max(accuracies)
-    assert sparse["gflops"] < sparse["dense_gflops"] == dense["gflops"]
+    assert sparse["gmacs"] < sparse["dense_gmacs"] == dense["gmacs"]
 
     checkpoint = Path(sparse["checkpoint"])
     for name in (MODEL_FILE, CONFIG_FILE, STATE_FILE, METRICS_FILE, MASKS_FILE):
@@ -233,7 +233,7 @@ def test_two_worker_runs_report_checkpoint_track_and_register(trained, tiny_opti
             int(version.version) == result["registered_version"] and version.run_id == result["mlflow_run_id"]
         )
         assert float(version.tags["val_acc1"]) == pytest.approx(result["best_val_acc1"], abs=1e-6)
-        assert float(version.tags["gflops"]) == pytest.approx(result["gflops"], abs=1e-6)
+        assert float(version.tags["gmacs"]) == pytest.approx(result["gmacs"], abs=1e-6)
     assert version.tags["rho"] == "0.7"
 
 

@@ -74,7 +74,7 @@ def test_keep_rate_health_warns_when_the_rate_is_stuck():
         "train_total": 0.5,
         "val_acc1": 0.9,
         "val_acc5": 1.0,
-        "gflops": 0.1,
+        "gmacs": 0.1,
         "epoch_time_s": 9.0,
     }
     healthy = {

@@ -1,5 +1,5 @@
 """pipelines/registry.py: registered SPOT models load back (no pickled code) and keep their accuracy; the
-champion alias only moves to a strictly more accurate model that costs no more GFLOPs."""
+champion alias only moves to a strictly more accurate model that costs no more GMACs."""
 
 import json
 import os
@@ -45,20 +45,20 @@ def test_pyfunc_predicts_the_module_logits(trained, mlflow_uri):
     np.testing.assert_allclose(pyfunc.predict(images.numpy()), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_champion_moves_only_for_better_accuracy_at_no_more_gflops(trained, tmp_path):
+def test_champion_moves_only_for_better_accuracy_at_no_more_gmacs(trained, tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'registry.db'}")
     client = MlflowClient()
     experiment = client.create_experiment("registry", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = client.create_run(experiment).info.run_id
-    steps = [  # (val top-1, GFLOPs, becomes champion)
+    steps = [  # (val top-1, GMACs, becomes champion)
         (0.50, 1.0, True),  # first version
         (0.60, 1.2, False),  # more accurate but more expensive
         (0.55, 0.9, True),  # more accurate and cheaper than v1
         (0.55, 0.8, False),  # cheaper but not more accurate
-        (0.56, 0.9, True),  # more accurate at equal GFLOPs
+        (0.56, 0.9, True),  # more accurate at equal GMACs
     ]
-    for version, (acc, gflops, promoted) in enumerate(steps, start=1):
-        metrics = {"val_acc1": acc, "val_acc5": 1.0, "gflops": gflops, "epoch": 0}
+    for version, (acc, gmacs, promoted) in enumerate(steps, start=1):
+        metrics = {"val_acc1": acc, "val_acc5": 1.0, "gmacs": gmacs, "epoch": 0}
         out = register_checkpoint(
             trained["spot"]["checkpoint"], run_id=run_id, name="spot-test", metrics=metrics
         )
@@ -177,19 +177,19 @@ mlflow.set_tracking_uri(uri)
 client = MlflowClient()
 run_id = client.create_run(client.get_experiment_by_name("race").experiment_id).info.run_id
 time.sleep(max(0.0, float(start_at) - time.time()))
-for acc, gflops in json.loads(steps):
-    metrics = {"val_acc1": acc, "val_acc5": 1.0, "gflops": gflops, "epoch": 0}
+for acc, gmacs in json.loads(steps):
+    metrics = {"val_acc1": acc, "val_acc5": 1.0, "gmacs": gmacs, "epoch": 0}
     register_checkpoint(checkpoint, run_id=run_id, name="race", metrics=metrics)
 """
 
 
 def _expected_champion(client: MlflowClient) -> str:
-    """Reference: versions in order, each replacing the champion if more accurate at no more GFLOPs."""
+    """Reference: versions in order, each replacing the champion if more accurate at no more GMACs."""
     best = None
     for v in sorted(client.search_model_versions("name = 'race'"), key=lambda v: int(v.version)):
-        acc, gflops = float(v.tags["val_acc1"]), float(v.tags["gflops"])
-        if best is None or (acc > best[1] and gflops <= best[2]):
-            best = (v.version, acc, gflops)
+        acc, gmacs = float(v.tags["val_acc1"]), float(v.tags["gmacs"])
+        if best is None or (acc > best[1] and gmacs <= best[2]):
+            best = (v.version, acc, gmacs)
     return best[0]
 
 
@@ -216,7 +216,7 @@ def test_two_registrations_at_once_leave_the_champion_the_rule_picks(trained, tm
     mlflow.set_tracking_uri(server.url)
     run_id = client.create_run(client.get_experiment_by_name("race").experiment_id).info.run_id
     out = register_checkpoint(checkpoint, run_id=run_id, name="race",
-                              metrics={"val_acc1": 0.1, "val_acc5": 1.0, "gflops": 9.0, "epoch": 0})
+                              metrics={"val_acc1": 0.1, "val_acc5": 1.0, "gmacs": 9.0, "epoch": 0})
     assert not out["champion"]
     assert client.get_model_version_by_alias("race", CHAMPION).version == champion
     server.kill()

@@ -32,7 +32,7 @@ BUDGET_RHO = 0.5  # the budget of the budget sweep: the tiny model's cost at thi
 
 
 def test_pareto_front_hand_computed():
-    # (GFLOPs, accuracy): C and D are dominated by B, H by A; A and G are equal, so both stay on the front.
+    # (GMACs, accuracy): C and D are dominated by B, H by A; A and G are equal, so both stay on the front.
     points = {"A": (1.0, 0.70), "B": (2.0, 0.80), "C": (2.0, 0.75), "D": (3.0, 0.78), "E": (0.5, 0.60),
               "F": (4.0, 0.90), "G": (1.0, 0.70), "H": (1.5, 0.70)}
     names = list(points)
@@ -43,8 +43,8 @@ def test_pareto_front_hand_computed():
         pareto_front([1.0, 2.0], [0.5])
 
 
-def _row(trial_id, acc, gflops, *, feasible=True, status="completed"):
-    return {"trial_id": trial_id, "val_acc1": acc, "gflops": gflops, "feasible": feasible, "status": status,
+def _row(trial_id, acc, gmacs, *, feasible=True, status="completed"):
+    return {"trial_id": trial_id, "val_acc1": acc, "gmacs": gmacs, "feasible": feasible, "status": status,
             "mlflow_run_id": f"run-{trial_id}"}
 
 
@@ -55,7 +55,7 @@ def test_ranking_never_picks_an_infeasible_trial():
         _row("cheap", 0.90, 1.0),
         _row("dear", 0.90, 2.0),
         _row("slow", 0.80, 0.5),
-        {"trial_id": "crash", "val_acc1": math.nan, "gflops": math.nan, "feasible": False, "status": "error"},
+        {"trial_id": "crash", "val_acc1": math.nan, "gmacs": math.nan, "feasible": False, "status": "error"},
     ])
     assert [r["trial_id"] for r in rows] == ["early", "cheap", "dear", "slow", "over", "crash"]
     assert [r["trial_id"] for r in rows if r["best"]] == ["early"]
@@ -122,7 +122,7 @@ def budget_sweep(workdir, ray_cluster):
     code, out, result = run_sweep(
         workdir, *TINY_ARGS, "--address", ray_cluster, "--num-samples", "3", "--epochs", "2",
         "--rho", "0.3:1.0", "--lr", "3e-3:1e-2",
-        "--gflops-budget", repr(budget), "--no-budget-clip", "--experiment", "budget",
+        "--gmacs-budget", repr(budget), "--no-budget-clip", "--experiment", "budget",
         "--register-as", "tiny-budget", "--name", "budget",
     )
     assert code == 0, out[-3000:]
@@ -145,8 +145,8 @@ def test_sweep_tracks_parent_and_children_plots_and_registers(budget_sweep, work
         assert (status, child.info.status) in {("completed", "FINISHED"), ("stopped early", "KILLED")}, trial
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_acc1")]
         assert steps == ([0, 1] if status == "completed" else [0]), trial
-        assert {"rho", "lambda_rate", "lr", "predictor_lr", "gflops"} <= set(child.data.params)
-        assert child.data.metrics["gflops"] == pytest.approx(float(child.data.params["gflops"]), abs=1e-6)
+        assert {"rho", "lambda_rate", "lr", "predictor_lr", "gmacs"} <= set(child.data.params)
+        assert child.data.metrics["gmacs"] == pytest.approx(float(child.data.params["gmacs"]), abs=1e-6)
         assert f"trial {trial}: {status} after" in out
     assert result["completed"] + result["stopped_early"] == 3
     # the artifacts of the sweep's run: the plot is a real PNG, the table has one row per trial
@@ -174,9 +174,9 @@ def test_sweep_tracks_parent_and_children_plots_and_registers(budget_sweep, work
 def test_budget_sweep_never_registers_an_infeasible_trial(budget_sweep):
     budget, out, result, client = budget_sweep
     _, children = runs_of(client, "budget")
-    gflops = {c.info.run_id: float(c.data.params["gflops"]) for c in children}
-    over = {run for run, g in gflops.items() if g > budget}
-    assert over and len(over) < len(children), f"seed gave no mix of feasible and infeasible trials: {gflops}"
+    gmacs = {c.info.run_id: float(c.data.params["gmacs"]) for c in children}
+    over = {run for run, g in gmacs.items() if g > budget}
+    assert over and len(over) < len(children), f"seed gave no mix of feasible and infeasible trials: {gmacs}"
     for child in children:
         assert child.data.tags["feasible"] == str(child.info.run_id not in over)
     best_acc = {c.info.run_id: max(m.value for m in client.get_metric_history(c.info.run_id, "val_acc1"))
@@ -186,9 +186,9 @@ def test_budget_sweep_never_registers_an_infeasible_trial(budget_sweep):
     assert len(versions) == 1
     (version,) = versions
     assert version.run_id not in over
-    assert float(version.tags["gflops"]) <= budget
+    assert float(version.tags["gmacs"]) <= budget
     assert float(version.tags["val_acc1"]) == pytest.approx(feasible_best, abs=1e-6)
-    assert result["best_val_acc1"] == pytest.approx(feasible_best) and result["best_gflops"] <= budget
+    assert result["best_val_acc1"] == pytest.approx(feasible_best) and result["best_gmacs"] <= budget
     assert "over the GMACs budget" in out
 
 

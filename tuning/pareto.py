@@ -29,12 +29,12 @@ def plot_pareto(
     path: str | Path,
     *,
     budget: float | None = None,
-    dense_gflops: float | None = None,
+    dense_gmacs: float | None = None,
     title: str = "",
 ) -> Path:
-    """Top-1 accuracy (%) against GFLOPs of every trial with the Pareto front drawn, written as a PNG.
+    """Top-1 accuracy (%) against GMACs of every trial with the Pareto front drawn, written as a PNG.
 
-    ``rows`` are result-table rows with ``gflops``, ``val_acc1`` (0-1), ``rho``, ``status``, ``feasible``,
+    ``rows`` are result-table rows with ``gmacs``, ``val_acc1`` (0-1), ``rho``, ``status``, ``feasible``,
     ``pareto`` and ``best``. Completed trials are filled circles, trials stopped early hollow ones,
     trials over the ``budget`` grey crosses; the front is a line through its points, labelled with rho;
     the best feasible trial is a star; the budget a dashed vertical line, the dense backbone's cost a
@@ -55,30 +55,30 @@ def plot_pareto(
     for status, style in groups:
         points = [r for r in feasible if r["status"] == status]
         if points:
-            ax.scatter([r["gflops"] for r in points], [100 * r["val_acc1"] for r in points], s=36,
+            ax.scatter([r["gmacs"] for r in points], [100 * r["val_acc1"] for r in points], s=36,
                        label=f"{status} ({len(points)})", zorder=3, **style)
     infeasible = [r for r in rows if not r["feasible"]]
     if infeasible:
-        ax.scatter([r["gflops"] for r in infeasible], [100 * r["val_acc1"] for r in infeasible], marker="x",
+        ax.scatter([r["gmacs"] for r in infeasible], [100 * r["val_acc1"] for r in infeasible], marker="x",
                    color="0.55", s=36, label=f"over budget ({len(infeasible)})", zorder=3)
-    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["gflops"])
+    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["gmacs"])
     if front:
-        ax.plot([r["gflops"] for r in front], [100 * r["val_acc1"] for r in front], "-o", color="tab:red",
+        ax.plot([r["gmacs"] for r in front], [100 * r["val_acc1"] for r in front], "-o", color="tab:red",
                 mfc="none", ms=11, lw=1.6, zorder=2, label="Pareto front")
         for r in front:
-            ax.annotate(f"ρ={r['rho']:.2f}", (r["gflops"], 100 * r["val_acc1"]), textcoords="offset points",
+            ax.annotate(f"ρ={r['rho']:.2f}", (r["gmacs"], 100 * r["val_acc1"]), textcoords="offset points",
                         xytext=(4, -11), fontsize=7, color="tab:red")
     for r in rows:
         if r["best"]:
-            ax.scatter([r["gflops"]], [100 * r["val_acc1"]], marker="*", s=220, color="gold",
+            ax.scatter([r["gmacs"]], [100 * r["val_acc1"]], marker="*", s=220, color="gold",
                        edgecolors="black", linewidths=0.6, zorder=4, label="best (registered)")
     if budget is not None:
-        ax.axvline(budget, color="0.3", ls="--", lw=1, label=f"budget {budget:g} GFLOPs")
-    if dense_gflops is not None:
+        ax.axvline(budget, color="0.3", ls="--", lw=1, label=f"budget {budget:g} GMACs")
+    if dense_gmacs is not None:
         ax.axvline(
-            dense_gflops, color="0.5", ls=":", lw=1.2, label=f"dense backbone {dense_gflops:.3g} GFLOPs"
+            dense_gmacs, color="0.5", ls=":", lw=1.2, label=f"dense backbone {dense_gmacs:.3g} GMACs"
         )
-    ax.set_xlabel("GFLOPs per image")
+    ax.set_xlabel("GMACs per image")
     ax.set_ylabel("Top-1 accuracy (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)

@@ -16,9 +16,9 @@ from tuning import pareto, space
 from tuning.trial import TIME_ATTR, parent_run, train_name
 
 TOP = 10
-RESULT_KEYS = ("trial_id", "status", "epochs", "val_acc1", "val_acc5", "best_epoch", "gflops", "feasible",
+RESULT_KEYS = ("trial_id", "status", "epochs", "val_acc1", "val_acc5", "best_epoch", "gmacs", "feasible",
                "pareto", "best", *space.SEARCHABLE, "mlflow_run_id")
-CONSOLE_KEYS = ("trial_id", "status", "epochs", "val_acc1", "gflops", "feasible", "pareto", *space.SEARCHABLE)
+CONSOLE_KEYS = ("trial_id", "status", "epochs", "val_acc1", "gmacs", "feasible", "pareto", *space.SEARCHABLE)
 
 
 def trial_rows(grid, setup: dict) -> list[dict]:
@@ -34,12 +34,12 @@ def trial_rows(grid, setup: dict) -> list[dict]:
         if math.isnan(top.get("val_acc1", math.nan)):
             error = first_line(result.error) if result.error else ""
             rows.append(row | {"status": "error", "epochs": 0, "feasible": False, "val_acc1": math.nan,
-                               "gflops": math.nan, "error": error})
+                               "gmacs": math.nan, "error": error})
             continue
         done = int(last[trial_id][TIME_ATTR])
         status = "error" if result.error else ("completed" if done >= setup["epochs"] else "stopped early")
         rows.append(row | {
-            "status": status, "epochs": done, "best_epoch": int(top["epoch"]), "gflops": float(top["gflops"]),
+            "status": status, "epochs": done, "best_epoch": int(top["epoch"]), "gmacs": float(top["gmacs"]),
             "val_acc1": float(top["val_acc1"]), "val_acc5": float(top["val_acc5"]),
             "feasible": bool(top["feasible"]), "mlflow_run_id": top["mlflow_run_id"],
         })
@@ -50,7 +50,7 @@ def _rank(row: dict) -> tuple:
     """Sort key, best last: feasible first, then validation top-1, then fewer GMACs."""
     if math.isnan(row["val_acc1"]):
         return (False, -math.inf, -math.inf)
-    return (row["feasible"], row["val_acc1"], -row["gflops"])
+    return (row["feasible"], row["val_acc1"], -row["gmacs"])
 
 
 def mark_rows(rows: list[dict]) -> list[dict]:
@@ -58,7 +58,7 @@ def mark_rows(rows: list[dict]) -> list[dict]:
     ``best`` (the first row, if it is feasible and has a checkpoint: the one to register)."""
     rows = sorted(rows, key=_rank, reverse=True)
     contenders = [r for r in rows if r["status"] == pareto.FRONT_STATUS]
-    front = pareto.pareto_front([r["gflops"] for r in contenders], [r["val_acc1"] for r in contenders])
+    front = pareto.pareto_front([r["gmacs"] for r in contenders], [r["val_acc1"] for r in contenders])
     on_front = {contenders[i]["trial_id"] for i in front}
     for i, row in enumerate(rows):
         row["pareto"] = row["trial_id"] in on_front
@@ -98,8 +98,9 @@ def summarize(grid, setup: dict, started: float) -> dict:
         title = f"{setup['name']}: {len(rows)} trials" + (f", budget {budget:g} GMACs" if budget is not None
                                                           else "")
         measured = [r for r in rows if not math.isnan(r["val_acc1"])]
-        plot = pareto.plot_pareto(measured, Path(tmp) / "pareto.png", budget=budget,
-                                  dense_gflops=setup["dense_gflops"], title=title)
+        dense = setup.get("dense_gmacs", setup.get("dense_gflops"))  # the key of sweeps recorded before
+        plot = pareto.plot_pareto(measured, Path(tmp) / "pareto.png", budget=budget, dense_gmacs=dense,
+                                  title=title)
         parent.log_artifact(str(plot))
     parent.log_text(results_csv(rows), "sweep_results.csv")
     parent.log_text(markdown_table(rows, RESULT_KEYS), "sweep_results.md")
@@ -112,7 +113,7 @@ def summarize(grid, setup: dict, started: float) -> dict:
                "wall_time_s": wall}
     best = next((r for r in rows if r["best"]), None)
     if best is not None:
-        metrics |= {"best_val_acc1": best["val_acc1"], "best_gflops": best["gflops"]}
+        metrics |= {"best_val_acc1": best["val_acc1"], "best_gmacs": best["gmacs"]}
     parent.log_metrics(metrics)
     if registered is not None:
         parent.set_tags({"best_trial": best["trial_id"], "registered_model": registered["name"],
@@ -128,7 +129,7 @@ def summarize(grid, setup: dict, started: float) -> dict:
         **{k.replace(" ", "_"): v for k, v in counts.items()},
         "best_trial": None if best is None else best["trial_id"],
         "best_val_acc1": None if best is None else best["val_acc1"],
-        "best_gflops": None if best is None else best["gflops"],
+        "best_gmacs": None if best is None else best["gmacs"],
         "pareto_trials": [r["trial_id"] for r in rows if r["pareto"]],
         "registered_model": None if registered is None else registered["name"],
         "registered_version": None if registered is None else registered["version"],

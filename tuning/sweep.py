@@ -146,7 +146,7 @@ def _prepare_new(args: argparse.Namespace, cwd: Path) -> dict:
         "register_as": config.register_as,
         "experiment": args.experiment,
         "tracking_uri": uri,
-        "dense_gflops": summary.dense_gmacs,
+        "dense_gmacs": summary.dense_gmacs,
         "verbose": config.verbose,
     }
     return {"setup": setup, "config": config, "dims": dims, "notes": notes, "summary": summary}
@@ -218,7 +218,7 @@ def _start_parent(setup: dict, config: RunConfig, dims: dict, summary, cwd: Path
     sweep = {k: setup[k] for k in ("num_samples", "max_concurrent", "searcher", "grace_period",
                                    "reduction_factor", "budget")}
     fixed = {k: getattr(config, k) for k in training_keys() if k not in dims}
-    model = {"dense_gflops": round(summary.dense_gmacs, 6), "params": summary.params}
+    model = {"dense_gmacs": round(summary.dense_gmacs, 6), "params": summary.params}
     parent.log_params(searched | sweep | fixed | model | tracking.versions())
     parent.set_tags(tracking.system_info() | {"storage": f"{setup['storage']}/{setup['name']}"})
     entries = {k: d.low if d.fixed else {"distribution": d.distribution, "low": d.low, "high": d.high}

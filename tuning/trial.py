@@ -60,7 +60,7 @@ class TrialReport(TuneReportCallback):
         report = {k: v for k, v in metrics[0].items() if not isinstance(v, list)}  # node ids: not for Tune
         if NONFINITE in report:  # the workers stopped on a NaN / inf loss: run_trial fails the trial
             return
-        feasible = space.is_feasible(report["gflops"], self.budget)
+        feasible = space.is_feasible(report["gmacs"], self.budget)
         extra = {
             METRIC: report["val_acc1"] if feasible else report["val_acc1"] - 1.0,
             "feasible": feasible,
@@ -132,7 +132,7 @@ class TrialRuns(tune.Callback):
         outcome = "completed" if done >= epochs else "stopped early"
         self._close(trial, "FINISHED" if done >= epochs else "KILLED", outcome, result.get("feasible"))
         over = "" if result.get("feasible", True) else ", over the GMACs budget"
-        acc, gmacs = result.get("val_acc1", math.nan), result.get("gflops", math.nan)
+        acc, gmacs = result.get("val_acc1", math.nan), result.get("gmacs", math.nan)
         print(f"trial {trial.trial_id}: {outcome} after {done}/{epochs} epochs, val top-1 {acc:.4f}, "
               f"{gmacs:.4g} GMACs{over}", flush=True)
 

@@ -1,6 +1,6 @@
 """GMACs (the paper's "GFLOPs") of every backbone, dense and with SPOT at several retention rates.
 
-    python benchmarks/gflops_table.py [--img-size 224]
+    python benchmarks/gmacs_table.py [--img-size 224]
 
 Prints a Markdown table: dense GMACs, SPOT GMACs per rho, and the relevance modules' share.
 """
