@@ -118,50 +118,34 @@ def log_comparison(
     results: list[dict], table: str, figures: list[Path], *, tracking_uri: str, experiment: str, data: str
 ) -> str:
     """One MLflow run holding the rows (metrics per selector and rho), the table and the figures."""
-    from pipelines import tracking
-    from pipelines.mlflow_run import MlflowRun
+    from pipelines.mlflow_run import log_results
 
-    tracking.check_reachable(tracking_uri)
-    artifacts = tracking.local_artifact_root(tracking_uri, Path.cwd())
-    run = MlflowRun.create(tracking_uri, experiment, "compare-selectors", artifact_location=artifacts)
-    run.log_params({"data": data} | {f"weights_{r['selector'].split()[0]}": r["weights"] for r in results})
+    metrics = {}
     for r in results:
         key = r["selector"].split()[0] + ("" if r["rho"] is None else f"_rho{r['rho']:g}")
-        run.log_metrics({f"{key}_{k}": r[k] for k in ("top1", "gmacs", "images_per_s")})
-    run.log_text(table, "comparison.md")
-    for figure in figures:
-        run.log_artifact(figure, "token_masks")
-    run.end("FINISHED")
-    return run.run_id
+        metrics |= {f"{key}_{k}": r[k] for k in ("top1", "gmacs", "images_per_s")}
+    return log_results(
+        tracking_uri, experiment, "compare-selectors",
+        params={"data": data} | {f"weights_{r['selector'].split()[0]}": r["weights"] for r in results},
+        metrics=metrics, text=("comparison.md", table), artifacts={"token_masks": figures},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    import mlflow
-
-    from pipelines.cli import bad_input
-    from pipelines.config import DIGITS_DIR, DIGITS_SOURCE
+    from pipelines.cli import add_evaluation_options, bad_input, evaluation_inputs
     from pipelines.errors import TrackingError
     from pipelines.registry import load_model
-    from pipelines.shards import ensure_builtin_shards
-    from pipelines.tracking import resolve_tracking_uri
 
     parser = argparse.ArgumentParser(prog="compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dense", required=True, help="the dense model: checkpoint dir or models:/ URI")
     parser.add_argument("--spot", help="a SPOT model fine-tuned from it (checkpoint dir or models:/ URI)")
     parser.add_argument("--rho", type=float, nargs="+", default=[0.7, 0.5], help="retention rates [0.7 0.5]")
-    parser.add_argument("--data", help=f"shard directory (default: the built-in {DIGITS_SOURCE})")
-    parser.add_argument("--batch-size", type=int, default=64, help="batch size [default: 64]")
-    parser.add_argument("--mlflow", action="store_true", help="log the table and figures as an MLflow run")
-    parser.add_argument("--mlflow-uri", help="tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
-    parser.add_argument("--experiment", default="spot-compare", help="MLflow experiment [spot-compare]")
+    add_evaluation_options(parser, experiment="spot-compare")
     args = parser.parse_args(argv)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     try:
-        data = args.data or str(ensure_builtin_shards(Path.cwd() / DIGITS_DIR, DIGITS_SOURCE))
-        uri = resolve_tracking_uri(args.mlflow_uri, Path.cwd())
-        mlflow.set_tracking_uri(uri)  # where models:/ URIs are looked up
+        data, uri, device = evaluation_inputs(args)
         dense, sparse = load_model(args.dense), (load_model(args.spot) if args.spot else None)
         rows = comparison_models(dense, sparse, args.rho, dense_weights=args.dense, spot_weights=args.spot)
         results = compare(rows, data, batch_size=args.batch_size, throughput_batch=64, device=device)

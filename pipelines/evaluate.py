@@ -17,15 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import torch
 from torch import nn
 
 import spot
-from pipelines.config import DIGITS_DIR, DIGITS_SOURCE
 from pipelines.loader import PAD_LABEL, make_loader
 from pipelines.manifest import DataError, read_manifest
-from pipelines.shards import ensure_builtin_shards
 from pipelines.table import markdown_table
 from spot.flops import gmacs
 
@@ -118,21 +115,19 @@ def format_table(rows: list[dict]) -> str:
 def log_to_mlflow(rows: list[dict], table: str, *, tracking_uri: str, experiment: str, data: str) -> str:
     """Log the rows as one MLflow run (metrics prefixed by the row's label, table as artifact); returns
     its id."""
-    from pipelines import tracking
-    from pipelines.mlflow_run import MlflowRun
+    from pipelines.mlflow_run import log_results
 
-    tracking.check_reachable(tracking_uri)
-    run = MlflowRun.create(tracking_uri, experiment, "evaluate",
-                           artifact_location=tracking.local_artifact_root(tracking_uri, Path.cwd()))
-    run.log_params({"data": data} | {f"{r['model']}_uri": r["uri"] for r in rows})
-    for r in rows:
-        run.log_metrics({f"{r['model']}_{k}": r[k] for k in ("top1", "top5", "gmacs", "images_per_s")})
-    run.log_text(table + "\n", "evaluation.md")
-    run.end("FINISHED")
-    return run.run_id
+    return log_results(
+        tracking_uri, experiment, "evaluate",
+        params={"data": data} | {f"{r['model']}_uri": r["uri"] for r in rows},
+        metrics={f"{r['model']}_{k}": r[k] for r in rows for k in ("top1", "top5", "gmacs", "images_per_s")},
+        text=("evaluation.md", table + "\n"),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipelines.cli import add_evaluation_options
+
     parser = argparse.ArgumentParser(
         prog="evaluate",
         description=__doc__.split("\n\n")[0],
@@ -144,35 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--baseline", help="a second model shown side by side (e.g. the dense backbone)")
     parser.add_argument(
-        "--data", help=f"shard directory (default: the built-in {DIGITS_SOURCE} in ./{DIGITS_DIR})"
-    )
-    parser.add_argument("--batch-size", type=int, default=64, help="evaluation batch size [default: 64]")
-    parser.add_argument(
         "--throughput-batch", type=int, default=64, help="batch size of the throughput timing [default: 64]"
     )
-    parser.add_argument("--mlflow", action="store_true", help="also log the results as an MLflow run")
-    parser.add_argument("--mlflow-uri", help="tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
-    parser.add_argument(
-        "--experiment", default="spot-evaluate", help="MLflow experiment [default: spot-evaluate]"
-    )
+    add_evaluation_options(parser, experiment="spot-evaluate")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.cli import bad_input
+    from pipelines.cli import bad_input, evaluation_inputs
     from pipelines.errors import TrackingError
-    from pipelines.tracking import resolve_tracking_uri
 
     args = build_parser().parse_args(argv)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     try:
-        data = (
-            str(Path(args.data).resolve())
-            if args.data
-            else str(ensure_builtin_shards(Path.cwd() / DIGITS_DIR, DIGITS_SOURCE))
-        )
-        uri = resolve_tracking_uri(args.mlflow_uri, Path.cwd())
-        mlflow.set_tracking_uri(uri)  # where models:/ URIs are looked up
+        data, uri, device = evaluation_inputs(args)
         pairs = [("model", args.model)] + ([("baseline", args.baseline)] if args.baseline else [])
         rows = [
             evaluate(m, data, batch_size=args.batch_size, throughput_batch=args.throughput_batch,

@@ -125,3 +125,34 @@ class MlflowRun:
         """The run as MLflow's active run, for APIs that log into it (``mlflow.pyfunc.log_model``)."""
         mlflow.set_tracking_uri(self.uri)
         return mlflow.start_run(run_id=self.run_id)
+
+
+def log_results(
+    uri: str,
+    experiment: str,
+    name: str,
+    *,
+    params: dict,
+    metrics: dict[str, float],
+    text: tuple[str, str],
+    artifacts: dict[str, list] | None = None,
+) -> str:
+    """One finished run ``name`` holding an evaluation's results: ``params``, ``metrics``, ``text`` as
+    ``(artifact path, content)`` and local files by artifact directory. Checks the store first (raises
+    ``TrackingError``); returns the run id."""
+    from pathlib import Path
+
+    from pipelines import tracking
+
+    tracking.check_reachable(uri)
+    artifact_root = tracking.local_artifact_root(uri, Path.cwd())
+    run = MlflowRun.create(uri, experiment, name, artifact_location=artifact_root)
+    run.log_params(params)
+    run.log_metrics(metrics)
+    path, content = text
+    run.log_text(content, path)
+    for directory, files in (artifacts or {}).items():
+        for file in files:
+            run.log_artifact(str(file), directory)
+    run.end("FINISHED")
+    return run.run_id
