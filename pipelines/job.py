@@ -130,8 +130,8 @@ def finish(
         raise TrackingOutage(
             f"training finished (checkpoints in {storage}/{name}) but MLflow {config.mlflow_uri} failed: "
             f"{first_line(err)}. {waiting} epoch(s) of metrics wait in {storage}/{name}/"
-            f"{pending_reports.PENDING_RECORD}; the model is not registered yet. When the server answers, "
-            f"send them, register the model and end the run with:\n  {resume_command(config)}"
+            f"{pending_reports.PENDING_RECORD} and the run is not FINISHED. When the server answers, send "
+            f"them, register the best checkpoint (once) and end the run with:\n  {resume_command(config)}"
         ) from None
     return registered, rows
 
