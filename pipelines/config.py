@@ -155,6 +155,8 @@ class RunConfig:
     mlflow_wait: float = option(120.0, "seconds the end of a run waits for an unreachable MLflow server "
                                 "before it stops and prints the command that finishes the run later",
                                 metavar="S")
+    step_bar: int = option(200, "a progress bar over each epoch's steps (rank 0's, drawn by the driver) "
+                           "when an epoch has at least this many steps; 0: never", metavar="N")
     verbose: bool = option(False, "show Ray's own log lines (per-report metrics, actor warnings) too")
     # derived by resolve_config
     num_classes: int | None = option(None, "class count of the data", cli=False)

@@ -122,10 +122,21 @@ def _teacher_outputs(teacher: nn.Module | None, images: Tensor, lambdas: dict) -
     return logits, (info.tokens if lambdas["token"] > 0 else None)
 
 
+def step_bar(config: dict, rank: int, steps: int, epoch: int):
+    """Rank 0's progress bar over the ``steps`` of an epoch (Ray's tqdm: the driver draws it), if the epoch
+    is long enough (``step_bar``); else None."""
+    if rank != 0 or not config["step_bar"] or steps < config["step_bar"]:
+        return None
+    from ray.experimental import tqdm_ray
+
+    return tqdm_ray.tqdm(total=steps, desc=f"epoch {epoch + 1}/{config['epochs']}", unit="step")
+
+
 def train_one_epoch(
-    model, teacher, loader, optimizer, scheduler, scaler, mixup, config, device, epoch: int = 0
+    model, teacher, loader, optimizer, scheduler, scaler, mixup, config, device, epoch: int = 0, bar=None
 ) -> dict:
-    """One epoch in mask mode; returns mean loss parts, mean kept ratio per stage, lr and images/s."""
+    """One epoch in mask mode; returns mean loss parts, mean kept ratio per stage, lr and images/s. ``bar``
+    (:func:`step_bar`) advances by one per step and is closed at the end."""
     model.train()
     lambdas = _lambdas(config)
     sums: dict[str, float] = {}
@@ -165,6 +176,10 @@ def train_one_epoch(
             kept = stage_kept if kept is None else kept + stage_kept
         steps += 1
         images_seen += images.shape[0]
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     elapsed = time.perf_counter() - start
     metrics = {f"train_{name}": value / max(steps, 1) for name, value in sums.items()}
     if kept is not None:
@@ -290,7 +305,8 @@ def train_loop_per_worker(config: dict) -> None:
         began = time.perf_counter()
         try:
             metrics = {"epoch": epoch, **train_one_epoch(
-                model, teacher, loader, optimizer, scheduler, scaler, mixup, config, device, epoch
+                model, teacher, loader, optimizer, scheduler, scaler, mixup, config, device, epoch,
+                bar=step_bar(config, rank, len(loader), epoch),
             )}
         except NonFiniteLoss as err:  # deterministic: a retry would fail the same way, so no exception
             stop_nonfinite(config, rank, epoch, str(err))

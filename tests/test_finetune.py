@@ -4,6 +4,7 @@ MLflow on SQLite with the model registry; plus the recipe and the option handlin
 import contextlib
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -27,6 +28,7 @@ from pipelines.manifest import read_manifest
 from pipelines.pending_reports import PENDING_RECORD
 from pipelines.recipe import build_optimizer
 from pipelines.run_record import RUN_RECORD
+from pipelines.train_loop import step_bar
 from tests.mlflow_server import MlflowServer
 from tests.tiny import tiny
 
@@ -194,6 +196,26 @@ def test_resume_of_a_run_recorded_before_an_option_existed(digits_shards, tmp_pa
         resolve_config({"run_name": "old", "resume": True, "mean": [0.5, 0.5, 0.5]}, cwd=tmp_path)
 
 # --- end to end -----------------------------------------------------------------------------------------
+
+
+def test_step_bar_only_on_rank_0_of_long_epochs():
+    config = {"step_bar": 200, "epochs": 3}
+    assert step_bar(config, 0, 199, 0) is None and step_bar(config, 1, 500, 0) is None
+    assert step_bar({**config, "step_bar": 0}, 0, 10_000, 0) is None
+
+
+@pytest.mark.integration
+def test_long_epochs_show_a_progress_bar_drawn_by_the_driver(
+    ray_cluster, pipeline_dir, tiny_options, tmp_path, capfd
+):
+    options = {**tiny_options, "dense": True, "num_workers": 1, "epochs": 1, "run_name": "step-bar",
+               "register_as": "step-bar", "step_bar": 5, "vis_images": 0}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(options))
+    with contextlib.chdir(pipeline_dir):
+        assert finetune.main(["--config", str(path)]) == 0
+    out, err = capfd.readouterr()
+    assert re.search(r"epoch 1/1: 100%.* (\d+)/\1 ", out + err), (out + err)[-3000:]
 
 
 def test_two_worker_runs_report_checkpoint_track_and_register(trained, tiny_options, mlflow_uri):
