@@ -319,12 +319,13 @@ def _result(stdout: str) -> dict:
 
 
 def _dense_run_after_first_epoch(
-    name: str, ray_cluster, pipeline_dir: Path, tiny_options: dict, mlflow_uri: str
+    name: str, ray_cluster, pipeline_dir: Path, tiny_options: dict, mlflow_uri: str, extra: dict | None = None
 ) -> tuple[subprocess.Popen, str]:
-    """A 3-epoch dense finetune CLI process, returned (still running) once its first epoch is in MLflow,
-    with its MLflow run id."""
+    """A 3-epoch dense finetune CLI process (``extra`` options on top), returned (still running) once its
+    first epoch is in MLflow at ``mlflow_uri``, with its MLflow run id."""
     options = pipeline_dir / f"{name}.yaml"
-    options.write_text(yaml.safe_dump({**tiny_options, "dense": True, "epochs": 3, "run_name": name}))
+    options.write_text(yaml.safe_dump({**tiny_options, "dense": True, "epochs": 3, "run_name": name,
+                                       **(extra or {})}))
     driver = _finetune("--config", str(options), "--address", ray_cluster, cwd=pipeline_dir)
     record = Path(tiny_options["storage"]) / name / RUN_RECORD
     deadline = time.monotonic() + 300
@@ -389,17 +390,11 @@ def test_mlflow_killed_mid_run_loses_no_epoch_and_the_printed_command_finishes_t
     (one value per epoch), registers the best checkpoint and ends the run FINISHED, without training."""
     server = MlflowServer(tmp_path / "server").start()
     name = "mlflow-outage"
-    options = pipeline_dir / f"{name}.yaml"
-    options.write_text(yaml.safe_dump({**tiny_options, "dense": True, "epochs": 3, "run_name": name,
-                                       "mlflow_uri": server.url, "mlflow_wait": 0, "register_as": name}))
-    driver = _finetune("--config", str(options), "--address", ray_cluster, cwd=pipeline_dir)
+    extra = {"mlflow_uri": server.url, "mlflow_wait": 0, "register_as": name}
+    driver, run_id = _dense_run_after_first_epoch(
+        name, ray_cluster, pipeline_dir, tiny_options, server.url, extra
+    )
     record = Path(tiny_options["storage"]) / name / RUN_RECORD
-    deadline, run_id = time.monotonic() + 300, None
-    while time.monotonic() < deadline and driver.poll() is None:
-        run_id = run_id or (json.loads(record.read_text())["mlflow_run_id"] if record.exists() else None)
-        if run_id and history_steps(server.url, run_id, "val_acc1"):
-            break
-        time.sleep(0.2)
     server.kill()
     stdout, stderr = driver.communicate(timeout=600)
     assert driver.returncode == 75, stderr[-3000:]
@@ -411,6 +406,7 @@ def test_mlflow_killed_mid_run_loses_no_epoch_and_the_printed_command_finishes_t
 
     server.start()
     assert MlflowClient(server.url).get_run(run_id).info.status == "RUNNING"
+    assert MlflowClient(server.url).search_model_versions(f"name = '{name}'") == []
     resumed = _finetune(*shlex.split(command)[2:], "--address", ray_cluster, cwd=pipeline_dir)
     stdout, stderr = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, stderr[-3000:]
