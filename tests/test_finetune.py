@@ -399,8 +399,8 @@ def test_mlflow_killed_mid_run_loses_no_epoch_and_the_printed_command_finishes_t
     stdout, stderr = driver.communicate(timeout=600)
     assert driver.returncode == 75, stderr[-3000:]
     assert "RESULT_JSON" not in stdout
-    waiting = json.loads((record.parent / PENDING_RECORD).read_text())["entries"]
-    assert [e["step"] for e in waiting] == [1, 2]
+    waiting = [e["step"] for e in json.loads((record.parent / PENDING_RECORD).read_text())["entries"]]
+    assert waiting in ([1, 2], [0, 1, 2])  # epoch 0 too if the server died before it answered its send
     [command] = [line.strip() for line in stderr.splitlines() if "--resume" in line]
     checkpoints = sorted(record.parent.glob("checkpoint_*"))
 
