@@ -19,7 +19,7 @@ from pipelines.ray_session import ray_session
 from pipelines.report_callback import MlflowReportCallback
 from pipelines.run_record import FAULT_RECORD, delete_record, read_record, write_record
 from pipelines.table import markdown_table
-from pipelines.trainer import NONFINITE
+from pipelines.trainer import STOPPED
 from pipelines.weights import ModelSummary, prepare_init
 
 EPOCH_COLUMNS = ("epoch", "val_acc1", "val_acc5", "val_total", "train_total", "gmacs")
@@ -66,17 +66,18 @@ def evaluation_table(rows: list[dict], best: dict, summary: ModelSummary) -> str
     )
 
 
-def stop_on_nonfinite(result, mlflow_run: MlflowRun, storage: str, name: str) -> None:
-    """If the workers stopped on a NaN / inf loss: mark the MLflow run FAILED and raise ``TrainingError``
-    naming where it happened and the last good checkpoint (kept; nothing is registered)."""
+def stop_on_fault(result, mlflow_run: MlflowRun, storage: str, name: str) -> None:
+    """If the workers stopped for good (a NaN / inf loss, a bad sample): mark the MLflow run FAILED and raise
+    ``TrainingError`` naming what and where, and the last good checkpoint (kept; nothing is registered)."""
     fault = read_record(storage, name, FAULT_RECORD)
     if fault is None:
         return
     fault = fault["error"]
-    mlflow_run.set_tags({NONFINITE: fault})
+    mlflow_run.set_tags({STOPPED: fault})
     mlflow_run.end("FAILED")
     last = result.checkpoint.path if result.checkpoint is not None else "none (no epoch finished)"
-    raise TrainingError(f"{fault}; nothing registered; last good checkpoint: {last} (try a lower --lr)")
+    hint = " (try a lower --lr)" if fault.startswith("non-finite") else ""
+    raise TrainingError(f"{fault}; nothing registered; last good checkpoint: {last}{hint}")
 
 
 def aborted(result, config: RunConfig) -> bool:
@@ -174,7 +175,7 @@ def run(config: RunConfig) -> dict:
             except (KeyboardInterrupt, SystemExit):  # Ctrl-C; Ray Train's own SIGINT handler exits the driver
                 mlflow_run.end("KILLED")
                 raise Interrupted(resume_command(config)) from None
-            stop_on_nonfinite(result, mlflow_run, storage, name)
+            stop_on_fault(result, mlflow_run, storage, name)
             if aborted(result, config):  # Ray Train aborted the run on Ctrl-C and fit() returned
                 mlflow_run.end("KILLED")
                 raise Interrupted(resume_command(config))

@@ -19,7 +19,7 @@ from mlflow.entities import Metric, RunTag
 from pipelines.checkpoints import MASKS_FILE
 from pipelines.errors import first_line
 from pipelines.run_record import delete_record, read_record, run_dir, write_record
-from pipelines.trainer import NONFINITE
+from pipelines.trainer import STOPPED
 
 PENDING_RECORD = "mlflow_pending.json"
 MASKS_ARTIFACT_DIR = "token_masks"
@@ -34,8 +34,8 @@ def report_entry(report: dict, checkpoint_path: str | None, time_ms: int) -> dic
     """What MLflow gets of one ``ray.train.report``: its metrics at step = epoch, tags, and the checkpoint
     (by directory name in the run's storage) whose token-mask figure goes along."""
     entry = {"step": int(report["epoch"]), "time_ms": time_ms, "metrics": {}, "tags": {}, "checkpoint": None}
-    if NONFINITE in report:  # the workers stopped: no metrics of this epoch, only why
-        entry["tags"] = {NONFINITE: str(report[NONFINITE])[:5000]}
+    if STOPPED in report:  # the workers stopped: no metrics of this epoch, only why
+        entry["tags"] = {STOPPED: str(report[STOPPED])[:5000]}
         return entry
     entry["metrics"] = numeric_metrics(report)
     if checkpoint_path is not None:

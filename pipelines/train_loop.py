@@ -40,9 +40,10 @@ from torch import Tensor, nn
 import spot
 from pipelines.checkpoints import MASKS_FILE, MASKS_MIN_SIDE, load_checkpoint, save_checkpoint, unwrap
 from pipelines.loader import PAD_LABEL, make_loader
+from pipelines.manifest import DataError
 from pipelines.recipe import build_mixup, build_optimizer, freeze_embeddings
 from pipelines.run_record import FAULT_RECORD, write_record
-from pipelines.trainer import NONFINITE
+from pipelines.trainer import STOPPED
 from spot.flops import gmacs
 from spot.losses import spot_loss
 from spot.visualize import draw_token_masks
@@ -101,6 +102,15 @@ class NonFiniteLoss(Exception):
     """A NaN / inf loss on some rank; the message names the epoch (1-based, as on the console) and step."""
 
 
+class DataFault(Exception):
+    """A batch that could not be read on some rank (a label out of range, an undecodable image), raised on
+    every rank at the same step; ``message`` names shard and sample on the rank that met it, else None."""
+
+    def __init__(self, message: str | None) -> None:
+        super().__init__(message or "stopped: a data error on another rank (named in the run's fault record)")
+        self.message = message
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if ``flag`` is True on any rank (one tiny all-reduce; no-op on one worker)."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -108,6 +118,24 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([float(flag)], device=device)
     dist.all_reduce(value)
     return value.item() > 0
+
+
+def checked_batches(loader, device: torch.device):
+    """The loader's batches; a :class:`~pipelines.manifest.DataError` on any rank stops every rank at the
+    same step with :class:`DataFault` (one tiny all-reduce per step), so no rank waits in a collective for
+    one that failed and no restart reads the same bad sample again."""
+    batches = iter(loader)
+    while True:
+        error = None
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except DataError as err:
+            error = str(err)
+        if any_rank(error is not None, device):
+            raise DataFault(error)
+        yield batch
 
 
 def _lambdas(config: dict) -> dict[str, float]:
@@ -142,44 +170,46 @@ def train_one_epoch(
     sums: dict[str, float] = {}
     kept = None
     start, steps, images_seen = time.perf_counter(), 0, 0
-    for images, labels in loader:
-        targets = labels
-        if mixup is not None:
-            images, targets = mixup(images, labels)
-        with autocast(device, config["amp"]):
-            logits, info = model(images, return_info=True)
-            teacher_logits, teacher_tokens = _teacher_outputs(teacher, images, lambdas)
-            loss, parts = spot_loss(
-                logits,
-                targets,
-                info,
-                rho=config["rho"] or 1.0,
-                lambdas=lambdas,
-                teacher_logits=teacher_logits,
-                teacher_tokens=teacher_tokens,
-                label_smoothing=0.0 if mixup is not None else config["label_smoothing"],
-            )
-        if any_rank(not torch.isfinite(loss.detach()).item(), device):  # all ranks stop together
-            raise NonFiniteLoss(
-                f"non-finite training loss at epoch {epoch + 1}, step {steps + 1} of {len(loader)} "
-                f"(this rank's loss: {loss.item()})"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step_update(epoch * len(loader) + steps + 1)
-        for name, value in parts.items():
-            sums[name] = sums.get(name, 0.0) + value
-        if info.masks:
-            stage_kept = torch.stack([m.detach().float().mean() for m in info.masks])
-            kept = stage_kept if kept is None else kept + stage_kept
-        steps += 1
-        images_seen += images.shape[0]
+    try:
+        for images, labels in checked_batches(loader, device):
+            targets = labels
+            if mixup is not None:
+                images, targets = mixup(images, labels)
+            with autocast(device, config["amp"]):
+                logits, info = model(images, return_info=True)
+                teacher_logits, teacher_tokens = _teacher_outputs(teacher, images, lambdas)
+                loss, parts = spot_loss(
+                    logits,
+                    targets,
+                    info,
+                    rho=config["rho"] or 1.0,
+                    lambdas=lambdas,
+                    teacher_logits=teacher_logits,
+                    teacher_tokens=teacher_tokens,
+                    label_smoothing=0.0 if mixup is not None else config["label_smoothing"],
+                )
+            if any_rank(not torch.isfinite(loss.detach()).item(), device):  # all ranks stop together
+                raise NonFiniteLoss(
+                    f"non-finite training loss at epoch {epoch + 1}, step {steps + 1} of {len(loader)} "
+                    f"(this rank's loss: {loss.item()})"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step_update(epoch * len(loader) + steps + 1)
+            for name, value in parts.items():
+                sums[name] = sums.get(name, 0.0) + value
+            if info.masks:
+                stage_kept = torch.stack([m.detach().float().mean() for m in info.masks])
+                kept = stage_kept if kept is None else kept + stage_kept
+            steps += 1
+            images_seen += images.shape[0]
+            if bar is not None:
+                bar.update(1)
+    finally:
         if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.close()
     elapsed = time.perf_counter() - start
     metrics = {f"train_{name}": value / max(steps, 1) for name, value in sums.items()}
     if kept is not None:
@@ -206,7 +236,7 @@ def validate(model, teacher, loader, config, device) -> tuple[dict, tuple[Tensor
     sums = torch.zeros(3 + len(names), dtype=torch.float64)  # samples, top-1, top-5, loss parts
     kept_sums = None
     shown = None
-    for images, labels in loader:
+    for images, labels in checked_batches(loader, device):
         with autocast(device, config["amp"]):
             logits, info = net(images, return_info=True)
             teacher_logits, teacher_tokens = _teacher_outputs(teacher, images, lambdas)
@@ -247,13 +277,14 @@ def validate(model, teacher, loader, config, device) -> tuple[dict, tuple[Tensor
     return metrics, shown
 
 
-def stop_nonfinite(config: dict, rank: int, epoch: int, message: str) -> None:
-    """Tell the driver (rank 0's fault record in the run's storage) and the callbacks (a report without a
-    checkpoint, so the last good checkpoint stays the latest) that the run stops on a NaN / inf loss."""
-    if rank == 0:
+def stop_for_good(config: dict, epoch: int, message: str, *, record: bool) -> None:
+    """Tell the driver (a fault record in the run's storage, written by the rank that ``record`` s) and the
+    callbacks (a report without a checkpoint, so the last good checkpoint stays the latest) that the run
+    stops: a NaN / inf loss or a bad sample, which a restart would meet again."""
+    if record:
         write_record(config["ray_storage"], config["ray_name"], {"epoch": epoch, "error": message},
                      FAULT_RECORD)
-    ray.train.report({"epoch": epoch, NONFINITE: message})
+    ray.train.report({"epoch": epoch, STOPPED: message})
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -308,12 +339,15 @@ def train_loop_per_worker(config: dict) -> None:
                 model, teacher, loader, optimizer, scheduler, scaler, mixup, config, device, epoch,
                 bar=step_bar(config, rank, len(loader), epoch),
             )}
+            val_metrics, shown = validate(model, teacher, val_loader, config, device)
         except NonFiniteLoss as err:  # deterministic: a retry would fail the same way, so no exception
-            stop_nonfinite(config, rank, epoch, str(err))
+            stop_for_good(config, epoch, str(err), record=rank == 0)
             return
-        val_metrics, shown = validate(model, teacher, val_loader, config, device)
+        except DataFault as err:
+            stop_for_good(config, epoch, str(err), record=err.message is not None)
+            return
         if not np.isfinite(val_metrics["val_total"]):
-            stop_nonfinite(config, rank, epoch, f"non-finite validation loss at epoch {epoch + 1}")
+            stop_for_good(config, epoch, f"non-finite validation loss at epoch {epoch + 1}", record=rank == 0)
             return
         metrics.update(val_metrics)
         metrics.update({"gmacs": model_gmacs, "epoch_time_s": time.perf_counter() - began})

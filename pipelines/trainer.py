@@ -14,7 +14,7 @@ from pipelines.checkpoints import SCORE
 from pipelines.config import RunConfig
 from pipelines.errors import first_line
 
-NONFINITE = "nonfinite_loss"  # report key of a run its workers stopped (NaN / inf loss): where it happened
+STOPPED = "stop_reason"  # report key (and MLflow tag) of a run its workers stopped for good: why and where
 
 CONTROLLER_FAILURE_LIMIT = 3  # attempts of the Train controller to start a run (e.g. no resources)
 KEEP_GAP_WARNING = 0.1  # train-mode keep rate this far from rho^k: the rate is not being learned
@@ -52,8 +52,8 @@ class ProgressCallback(UserCallback):
         self.label = f"{label}: " if label else ""
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        if NONFINITE in metrics[0]:
-            print(f"{self.label}{metrics[0][NONFINITE]}: stopping", flush=True)
+        if STOPPED in metrics[0]:
+            print(f"{self.label}{metrics[0][STOPPED]}: stopping", flush=True)
             return
         print(f"{self.label}{epoch_line(metrics[0])}", flush=True)
 

@@ -42,7 +42,7 @@ def test_nonfinite_loss_stops_the_run_keeps_the_last_good_checkpoint_and_registe
     client = MlflowClient(mlflow_uri)
     run = client.get_run(run_id)
     assert run.info.status == "FAILED"
-    assert run.data.tags["nonfinite_loss"].startswith("non-finite training loss at epoch 1, step ")
+    assert run.data.tags["stop_reason"].startswith("non-finite training loss at epoch 1, step ")
     assert client.get_metric_history(run_id, "val_acc1") == []  # no epoch finished, nothing NaN logged
     assert client.search_model_versions("name = 'nonfinite-test'") == []
     assert not list(run_dir.glob("checkpoint_*"))  # no checkpoint of NaN weights
@@ -88,10 +88,23 @@ def test_failed_manifest_write_leaves_the_old_split_intact(tmp_path):
 # --- labels outside the classes ----------------------------------------------------------------------------
 
 
-def test_out_of_range_label_in_a_shard_is_named_and_evaluate_refuses(tmp_path):
-    """One sample's raw int32 label rewritten to 10 in a real val shard (10 classes): reading names the shard
-    and key, and evaluation stops instead of counting a miss."""
+def _poison_label(shard, sample: int) -> str:
+    """Rewrite the raw int32 label of the shard's ``sample`` to 10 (10 classes) in place, same size so the
+    manifest's size check still passes; returns the sample's key."""
     import numpy as np
+
+    fields = shard.index_path.read_text().splitlines()[sample + 1].split()  # line 0 is the header
+    at = fields.index("lbl")
+    offset, member = int(fields[at + 1]), fields[at + 3]
+    with open(shard.path, "r+b") as f:
+        f.seek(offset)
+        f.write(np.int32(10).tobytes())
+    return member.split(".", 1)[0]
+
+
+def test_out_of_range_label_in_a_shard_is_named_and_evaluate_refuses(tmp_path):
+    """One sample's label rewritten to 10 in a real val shard: reading names the shard and key, and
+    evaluation stops instead of counting a miss."""
     import torch
 
     from pipelines.evaluate import evaluate_model
@@ -101,16 +114,40 @@ def test_out_of_range_label_in_a_shard_is_named_and_evaluate_refuses(tmp_path):
     out = tmp_path / "shards"
     write_shards("digits", out, split="val", img_size=32, workers=1)
     shard = read_manifest(out).shard_infos("val")[0]
-    line = shard.index_path.read_text().splitlines()[7]  # line 0 is the header: sample 6
-    fields = line.split()
-    at = fields.index("lbl")
-    offset, member = int(fields[at + 1]), fields[at + 3]
-    with open(shard.path, "r+b") as f:  # same size: the manifest's size check still passes
-        f.seek(offset)
-        f.write(np.int32(10).tobytes())
-    key = member.split(".", 1)[0]
+    key = _poison_label(shard, 6)
     with pytest.raises(LabelRangeError, match=rf"{shard.path}: sample '{key}' has label 10, outside the 10"):
         evaluate_model(tiny("deit_t", rho=None), out, batch_size=64, device=torch.device("cpu"))
+
+
+@pytest.mark.integration
+def test_out_of_range_label_met_in_training_stops_every_rank_at_once_naming_shard_and_key(
+    ray_cluster, pipeline_dir, tiny_options, tmp_path, capsys
+):
+    """The same poisoned label in a training shard, 2 workers: the rank that reads it and the other stop at
+    the same step (no worker restart reading it again), the run is FAILED naming shard and key."""
+    out = tmp_path / "shards"
+    for split in ("train", "val"):
+        write_shards("digits", out, split=split, img_size=32, workers=1)
+    shard = read_manifest(out).shard_infos("train")[0]
+    key = _poison_label(shard, 6)
+    name = "bad-label"
+    options = {**tiny_options, "data": str(out), "dense": True, "epochs": 2, "run_name": name,
+               "register_as": "bad-label-test", "vis_images": 0}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(options))
+    with contextlib.chdir(pipeline_dir):
+        code = finetune.main(["--config", str(path)])
+    out_text, err = capsys.readouterr()
+    assert code == 1, err[-3000:]
+    [line] = [ln for ln in err.splitlines() if ln.startswith("finetune: training failed: ")]
+    assert f"{shard.path}: sample '{key}' has label 10" in line and "nothing registered" in line, line
+    run_id = json.loads((Path(tiny_options["storage"]) / name / RUN_RECORD).read_text())["mlflow_run_id"]
+    client = MlflowClient(tiny_options["mlflow_uri"])
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and key in run.data.tags["stop_reason"]
+    assert "worker_failures" not in run.data.tags  # stopped at once, not retried --max-failures times
+    assert client.search_model_versions("name = 'bad-label-test'") == []
+    assert "RESULT_JSON" not in out_text
 
 
 # --- secrets -----------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pipelines.mlflow_run import MlflowRun
 from pipelines.pending_reports import PENDING_RECORD, NotSent, send_pending
 from pipelines.report_callback import MlflowReportCallback
 from pipelines.run_record import FAULT_RECORD, delete_record, read_record
-from pipelines.trainer import NONFINITE, build_trainer
+from pipelines.trainer import STOPPED, build_trainer
 from pipelines.weights import prepare_init
 from tuning import space
 
@@ -39,8 +39,8 @@ def parent_run(setup: dict) -> MlflowRun:
     return MlflowRun(setup["tracking_uri"], setup["parent_run_id"])
 
 
-class NonFiniteLoss(RuntimeError):
-    """A trial whose training loss became NaN / inf (its workers stopped; the sweep goes on)."""
+class TrialStopped(RuntimeError):
+    """A trial whose workers stopped for good (a NaN / inf loss, a bad sample); the sweep goes on."""
 
 
 class TrialReport(TuneReportCallback):
@@ -58,7 +58,7 @@ class TrialReport(TuneReportCallback):
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         report = {k: v for k, v in metrics[0].items() if not isinstance(v, list)}  # node ids: not for Tune
-        if NONFINITE in report:  # the workers stopped on a NaN / inf loss: run_trial fails the trial
+        if STOPPED in report:  # the workers stopped for good (NaN / inf loss, bad sample): run_trial fails it
             return
         feasible = space.is_feasible(report["gmacs"], self.budget)
         extra = {
@@ -103,7 +103,7 @@ def run_trial(params: dict, *, setup: dict) -> None:
                   progress=config.verbose).fit()
     fault = read_record(storage, name, FAULT_RECORD)
     if fault is not None:  # nothing went to Tune, so the trial is still alive to fail
-        raise NonFiniteLoss(f"trial {trial_id}: {fault['error']}; the last good checkpoint is kept in "
+        raise TrialStopped(f"trial {trial_id}: {fault['error']}; the last good checkpoint is kept in "
                             f"{storage}/{name}")
 
 
