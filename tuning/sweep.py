@@ -48,15 +48,12 @@ def digits_teacher(given: dict, uri: str, cwd: Path, notes: list[str]) -> str | 
     """The dense model a digits sweep fine-tunes (and distils) from: the champion that ``make demo`` or
     ``finetune.py --dense`` registered in ``uri``, if its architecture is the trials'; else None (trials
     train SPOT from scratch), with a note either way."""
-    import mlflow
     from mlflow import MlflowClient
 
     from pipelines.registry import CHAMPION, champion_metrics, load_model
 
     arch_keys = ("backbone", "img_size", "model_args", "mean", "std")
     dense = resolve_config({"dense": True, **{k: given[k] for k in arch_keys if k in given}}, cwd=cwd)
-    tracking.check_reachable(uri)
-    mlflow.set_tracking_uri(uri)
     teacher = f"models:/{dense.register_as}@{CHAMPION}"
     if champion_metrics(MlflowClient(uri), dense.register_as) is not None:
         found = load_model(teacher).spot_config
@@ -110,6 +107,10 @@ def _prepare_new(args: argparse.Namespace, cwd: Path) -> dict:
     given = given_training_options(args)
     storage = args.storage or str(cwd / RUNS_DIR)
     uri = tracking.resolve_tracking_uri(args.mlflow_uri, cwd)
+    tracking.check_reachable(uri)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)  # where --pretrained models:/... and the digits teacher are looked up
     notes: list[str] = []
     if given.get("data") is None and given.get("pretrained") is None:
         given["pretrained"] = digits_teacher(given, uri, cwd, notes)
@@ -125,10 +126,6 @@ def _prepare_new(args: argparse.Namespace, cwd: Path) -> dict:
     check(read_record(config.storage, name, SWEEP_RECORD) is None,
           f"sweep {name!r} already exists in {config.storage}: pass --resume {config.storage}/{name} or "
           "another --name", SweepError)
-    tracking.check_reachable(uri)
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)  # --pretrained models:/...
     _, summary = prepare_init(config)  # a --pretrained that does not fit fails here, not per trial
     setup = {
         "name": name,
