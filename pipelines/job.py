@@ -7,6 +7,7 @@ use the same pieces (:func:`pipelines.weights.prepare_init`, :func:`pipelines.tr
 
 from __future__ import annotations
 
+import logging
 import shlex
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from pipelines.table import markdown_table
 from pipelines.trainer import STOPPED
 from pipelines.weights import ModelSummary, prepare_init
 
+log = logging.getLogger(__name__)
 EPOCH_COLUMNS = ("epoch", "val_acc1", "val_acc5", "val_total", "train_total", "gmacs")
 
 
@@ -66,6 +68,20 @@ def evaluation_table(rows: list[dict], best: dict, summary: ModelSummary) -> str
     )
 
 
+def end_run(mlflow_run: MlflowRun, status: str, tags: dict | None = None) -> None:
+    """Mark a run that did not finish ``status`` (with ``tags``); if MLflow cannot be reached, say so and
+    go on: the error the user must see is the run's, not the tracking server's."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if tags:
+            mlflow_run.set_tags(tags)
+        mlflow_run.end(status)
+    except MlflowException as err:
+        log.warning("MLflow run %s could not be marked %s (%s); it shows RUNNING until a --resume",
+                    mlflow_run.run_id, status, first_line(err))
+
+
 def stop_on_fault(result, mlflow_run: MlflowRun, storage: str, name: str) -> None:
     """If the workers stopped for good (a NaN / inf loss, a bad sample): mark the MLflow run FAILED and raise
     ``TrainingError`` naming what and where, and the last good checkpoint (kept; nothing is registered)."""
@@ -73,8 +89,7 @@ def stop_on_fault(result, mlflow_run: MlflowRun, storage: str, name: str) -> Non
     if fault is None:
         return
     fault = fault["error"]
-    mlflow_run.set_tags({STOPPED: fault})
-    mlflow_run.end("FAILED")
+    end_run(mlflow_run, "FAILED", {STOPPED: fault})
     last = result.checkpoint.path if result.checkpoint is not None else "none (no epoch finished)"
     hint = " (try a lower --lr)" if fault.startswith("non-finite") else ""
     raise TrainingError(f"{fault}; nothing registered; last good checkpoint: {last}{hint}")
@@ -170,14 +185,14 @@ def run(config: RunConfig) -> dict:
             try:
                 result = trainer.fit()
             except TrainingFailedError:
-                mlflow_run.end("FAILED")
+                end_run(mlflow_run, "FAILED")
                 raise
             except (KeyboardInterrupt, SystemExit):  # Ctrl-C; Ray Train's own SIGINT handler exits the driver
-                mlflow_run.end("KILLED")
+                end_run(mlflow_run, "KILLED")
                 raise Interrupted(resume_command(config)) from None
             stop_on_fault(result, mlflow_run, storage, name)
             if aborted(result, config):  # Ray Train aborted the run on Ctrl-C and fit() returned
-                mlflow_run.end("KILLED")
+                end_run(mlflow_run, "KILLED")
                 raise Interrupted(resume_command(config))
         registered, rows = finish(result, mlflow_run, config, summary)
     best = registered["metrics"]
