@@ -2,6 +2,7 @@
 
 import contextlib
 
+import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -16,6 +17,7 @@ pytestmark = pytest.mark.integration
 def test_one_row_per_selector_and_rho_on_the_same_samples(trained, digits_shards, mlflow_uri, pipeline_dir):
     dense_uri, spot_uri = (f"models:/{r['registered_model']}/{r['registered_version']}"
                            for r in (trained["dense"], trained["spot"]))
+    mlflow.set_tracking_uri(mlflow_uri)  # where models:/ URIs are looked up
     with contextlib.chdir(pipeline_dir):
         dense, sparse = load_model(dense_uri), load_model(spot_uri)
     rows = compare.comparison_models(dense, sparse, [0.7, 0.5], dense_weights="d", spot_weights="s")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -221,8 +222,12 @@ def test_password_in_the_tracking_uri_is_used_and_left_nowhere(
                "register_as": name, "mlflow_uri": f"http://admin:{password}@127.0.0.1:{server.port}"}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(options))
+    previous = mlflow.get_tracking_uri()
     with contextlib.chdir(pipeline_dir):
-        code = finetune.main(["--config", str(path)])
+        try:
+            code = finetune.main(["--config", str(path)])
+        finally:
+            mlflow.set_tracking_uri(previous)  # the server is killed below: no later test may look there
     out, err = capsys.readouterr()
     assert code == 0, err[-3000:]
     result = json.loads(out.split("RESULT_JSON: ")[-1])

@@ -213,10 +213,14 @@ def test_two_registrations_at_once_leave_the_champion_the_rule_picks(trained, tm
 
     losing = next(v.version for v in client.search_model_versions("name = 'race'") if v.version != champion)
     client.set_registered_model_alias("race", CHAMPION, losing)
-    mlflow.set_tracking_uri(server.url)
     run_id = client.create_run(client.get_experiment_by_name("race").experiment_id).info.run_id
-    out = register_checkpoint(checkpoint, run_id=run_id, name="race",
-                              metrics={"val_acc1": 0.1, "val_acc5": 1.0, "gmacs": 9.0, "epoch": 0})
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(server.url)
+    try:
+        out = register_checkpoint(checkpoint, run_id=run_id, name="race",
+                                  metrics={"val_acc1": 0.1, "val_acc5": 1.0, "gmacs": 9.0, "epoch": 0})
+    finally:
+        mlflow.set_tracking_uri(previous)  # the server is killed below: no later test may look there
     assert not out["champion"]
     assert client.get_model_version_by_alias("race", CHAMPION).version == champion
     server.kill()
