@@ -21,6 +21,14 @@ from pipelines.shards import write_shards
 from tests.mlflow_server import MlflowServer
 
 
+def _finetune_in_process(options: dict, tmp_path: Path, cwd: Path) -> int:
+    """``finetune.py --config run.yaml`` of ``options`` in this process (the session's Ray), its exit code."""
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(options))
+    with contextlib.chdir(cwd):
+        return finetune.main(["--config", str(path)])
+
+
 @pytest.mark.integration
 def test_nonfinite_loss_stops_the_run_keeps_the_last_good_checkpoint_and_registers_nothing(
     ray_cluster, pipeline_dir, tiny_options, mlflow_uri, tmp_path, capsys
@@ -29,10 +37,7 @@ def test_nonfinite_loss_stops_the_run_keeps_the_last_good_checkpoint_and_registe
     name = "nonfinite"
     options = {**tiny_options, "dense": True, "num_workers": 1, "epochs": 2, "run_name": name, "lr": 1e8,
                "warmup_epochs": 0, "register_as": "nonfinite-test", "vis_images": 0}
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(options))
-    with contextlib.chdir(pipeline_dir):
-        code = finetune.main(["--config", str(path)])
+    code = _finetune_in_process(options, tmp_path, pipeline_dir)
     out, err = capsys.readouterr()
     assert code == 1, err[-3000:]
     [line] = [ln for ln in err.splitlines() if ln.startswith("finetune: training failed: ")]
@@ -134,10 +139,7 @@ def test_out_of_range_label_met_in_training_stops_every_rank_at_once_naming_shar
     name = "bad-label"
     options = {**tiny_options, "data": str(out), "dense": True, "epochs": 2, "run_name": name,
                "register_as": "bad-label-test", "vis_images": 0}
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(options))
-    with contextlib.chdir(pipeline_dir):
-        code = finetune.main(["--config", str(path)])
+    code = _finetune_in_process(options, tmp_path, pipeline_dir)
     out_text, err = capsys.readouterr()
     assert code == 1, err[-3000:]
     [line] = [ln for ln in err.splitlines() if ln.startswith("finetune: training failed: ")]
@@ -220,14 +222,11 @@ def test_password_in_the_tracking_uri_is_used_and_left_nowhere(
     name = "secret-uri"
     options = {**tiny_options, "dense": True, "num_workers": 1, "epochs": 1, "run_name": name,
                "register_as": name, "mlflow_uri": f"http://admin:{password}@127.0.0.1:{server.port}"}
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(options))
     previous = mlflow.get_tracking_uri()
-    with contextlib.chdir(pipeline_dir):
-        try:
-            code = finetune.main(["--config", str(path)])
-        finally:
-            mlflow.set_tracking_uri(previous)  # the server is killed below: no later test may look there
+    try:
+        code = _finetune_in_process(options, tmp_path, pipeline_dir)
+    finally:
+        mlflow.set_tracking_uri(previous)  # the server is killed below: no later test may look there
     out, err = capsys.readouterr()
     assert code == 0, err[-3000:]
     result = json.loads(out.split("RESULT_JSON: ")[-1])
