@@ -33,9 +33,9 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the repos
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 
-from pipelines.loader import make_loader  # noqa: E402
-from pipelines.manifest import MANIFEST_NAME, read_manifest  # noqa: E402
-from pipelines.shards import write_shards  # noqa: E402
+from pipelines.data.loader import make_loader  # noqa: E402
+from pipelines.data.manifest import MANIFEST_NAME, read_manifest  # noqa: E402
+from pipelines.data.shards import write_shards  # noqa: E402
 
 
 def make_photo_shards(out: Path, count: int, seed: int = 0) -> None:

@@ -5,10 +5,11 @@
 
 In one process, for ``mask_grad`` in ("bounded", "dynamicvit") (``spot.masking.policy_softmax``): the same
 SPOT model (predictors from the same seed) is fine-tuned for ``--steps`` steps with the project's optimiser
-(``pipelines.recipe.build_optimizer``), ``spot_loss`` and the dense model as frozen teacher, on the train
+(``pipelines.training.recipe.build_optimizer``), ``spot_loss`` and the dense model as frozen teacher, on the
+train
 shards through the DALI loader. Reported per form: the train-mode keep rate per stage against rho^k (mean
 of the last 50 steps), the share of the cross-entropy gradient in the predictors against the rate loss's
-at the start, and in prune mode on the val canvases (``pipelines.cluttered_digits``, not JPEG-coded):
+at the start, and in prune mode on the val canvases (``pipelines.data.cluttered_digits``, not JPEG-coded):
 top-1 at rho 0.7 and 0.5 and the share of the digit's patches still present after each stage.
 """
 
@@ -26,11 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import spot  # noqa: E402
-from pipelines.cluttered_digits import digit_patches, make_canvases  # noqa: E402
-from pipelines.loader import make_loader  # noqa: E402
-from pipelines.recipe import build_optimizer, freeze_embeddings  # noqa: E402
-from pipelines.registry import load_model  # noqa: E402
-from pipelines.tracking import resolve_tracking_uri  # noqa: E402
+from pipelines.data.cluttered_digits import digit_patches, make_canvases  # noqa: E402
+from pipelines.data.loader import make_loader  # noqa: E402
+from pipelines.tracking.registry import load_model  # noqa: E402
+from pipelines.tracking.store import resolve_tracking_uri  # noqa: E402
+from pipelines.training.recipe import build_optimizer, freeze_embeddings  # noqa: E402
 from spot.losses import classification_loss, rate_loss, spot_loss  # noqa: E402
 
 FORMS = ("bounded", "dynamicvit")

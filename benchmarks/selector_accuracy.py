@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines import compare  # noqa: E402
-from pipelines.registry import load_model  # noqa: E402
-from pipelines.tracking import resolve_tracking_uri  # noqa: E402
+from pipelines.tracking.registry import load_model  # noqa: E402
+from pipelines.tracking.store import resolve_tracking_uri  # noqa: E402
 
 RHOS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Time of one fine-tuning step on one worker: SPOT (mask mode + frozen dense teacher) vs the dense backbone.
 
-Both run the project's training step (``pipelines.train_loop.train_one_epoch`` over pre-made random batches,
+Both run the project's training step (``pipelines.training.worker.train_one_epoch`` over pre-made random
+batches,
 so no data loading is timed): forward, loss, backward, AdamW step, scheduler step. SPOT adds the relevance
 modules, the Gumbel masks with the policy attention and the teacher's forward. Reported: wall-clock ms per
 step (median of the repeats) and CPU-ms per step (process CPU time: meaningful when other jobs share the
@@ -27,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from pipelines.config import RunConfig, digits_preset, resolve_config
-from pipelines.recipe import build_optimizer
-from pipelines.shards import ensure_digits_shards
-from pipelines.train_loop import build_models, train_one_epoch
-from pipelines.weights import prepare_init
+from pipelines.data.shards import ensure_digits_shards
+from pipelines.training.config import RunConfig, digits_preset, resolve_config
+from pipelines.training.recipe import build_optimizer
+from pipelines.training.weights import prepare_init
+from pipelines.training.worker import build_models, train_one_epoch
 
 DEMO = Path(__file__).resolve().parents[1] / "pipelines" / "demo.py"
 PRESETS = {

@@ -20,9 +20,9 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the repos
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import spot  # noqa: E402
-from pipelines.checkpoints import MASKS_MIN_SIDE  # noqa: E402
 from pipelines.evaluate import evaluate_model, measure_throughput  # noqa: E402
-from pipelines.table import markdown_table  # noqa: E402
+from pipelines.storage.checkpoints import MASKS_MIN_SIDE  # noqa: E402
+from pipelines.utils.table import markdown_table  # noqa: E402
 
 COLUMNS = ("selector", "weights", "rho", "top-1", "GMACs", "images/s")
 TRAINING_FREE = ("random", "cls_attn_avg")
@@ -92,7 +92,7 @@ def mask_figures(
     rows: list[tuple[dict, nn.Module]], data: str | Path, out_dir: Path, *, images: int = 8
 ) -> list[Path]:
     """Kept tokens per stage of the first ``images`` val images (paper Fig. 3), one PNG per sparse row."""
-    from pipelines.loader import make_loader
+    from pipelines.data.loader import make_loader
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -118,7 +118,7 @@ def log_comparison(
     results: list[dict], table: str, figures: list[Path], *, tracking_uri: str, experiment: str, data: str
 ) -> str:
     """One MLflow run holding the rows (metrics per selector and rho), the table and the figures."""
-    from pipelines.mlflow_run import log_results
+    from pipelines.tracking.mlflow_run import log_results
 
     metrics = {}
     for r in results:
@@ -134,9 +134,9 @@ def log_comparison(
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from pipelines.cli import add_evaluation_options, bad_input, evaluation_inputs
-    from pipelines.errors import TrackingError
-    from pipelines.registry import load_model
+    from pipelines.tracking.registry import load_model
+    from pipelines.utils.cli import add_evaluation_options, bad_input, evaluation_inputs
+    from pipelines.utils.errors import TrackingError
 
     parser = argparse.ArgumentParser(prog="compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dense", required=True, help="the dense model: checkpoint dir or models:/ URI")

@@ -25,11 +25,11 @@ import ray
 import torch
 
 from pipelines import compare
-from pipelines.config import DIGITS_SPOT_FINETUNE, RUNS_DIR, resolve_config
-from pipelines.errors import TrackingError, first_line
-from pipelines.job import run as run_job
-from pipelines.ray_session import start_local_ray
-from pipelines.registry import load_model
+from pipelines.tracking.registry import load_model
+from pipelines.training.config import DIGITS_SPOT_FINETUNE, RUNS_DIR, resolve_config
+from pipelines.training.job import run as run_job
+from pipelines.training.ray_session import start_local_ray
+from pipelines.utils.errors import TrackingError, first_line
 
 EXPERIMENT = "spot-demo"
 

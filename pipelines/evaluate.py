@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 import spot
-from pipelines.loader import PAD_LABEL, make_loader
-from pipelines.manifest import DataError, read_manifest
-from pipelines.table import markdown_table
+from pipelines.data.loader import PAD_LABEL, make_loader
+from pipelines.data.manifest import DataError, read_manifest
+from pipelines.utils.table import markdown_table
 from spot.flops import gmacs
 
 COLUMNS = ("model", "top-1", "top-5", "GMACs", "params (M)", "images/s")
@@ -81,7 +81,7 @@ def evaluate(
     uri: str, data: str | Path, *, batch_size: int, throughput_batch: int, device: torch.device, label: str
 ) -> dict:
     """One table row for the model at ``uri``: accuracy, GMACs, parameters, throughput."""
-    from pipelines.registry import load_model
+    from pipelines.tracking.registry import load_model
 
     model = load_model(uri)
     row = {"model": label, "uri": str(uri), "rho": model.spot_config["rho"]}
@@ -115,7 +115,7 @@ def format_table(rows: list[dict]) -> str:
 def log_to_mlflow(rows: list[dict], table: str, *, tracking_uri: str, experiment: str, data: str) -> str:
     """Log the rows as one MLflow run (metrics prefixed by the row's label, table as artifact); returns
     its id."""
-    from pipelines.mlflow_run import log_results
+    from pipelines.tracking.mlflow_run import log_results
 
     return log_results(
         tracking_uri, experiment, "evaluate",
@@ -126,7 +126,7 @@ def log_to_mlflow(rows: list[dict], table: str, *, tracking_uri: str, experiment
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipelines.cli import add_evaluation_options
+    from pipelines.utils.cli import add_evaluation_options
 
     parser = argparse.ArgumentParser(
         prog="evaluate",
@@ -146,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.cli import bad_input, evaluation_inputs
-    from pipelines.errors import TrackingError
+    from pipelines.utils.cli import bad_input, evaluation_inputs
+    from pipelines.utils.errors import TrackingError
 
     args = build_parser().parse_args(argv)
     try:

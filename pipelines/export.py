@@ -35,8 +35,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 import spot
-from pipelines.registry import load_model
-from pipelines.tracking import resolve_tracking_uri
+from pipelines.tracking.registry import load_model
+from pipelines.tracking.store import resolve_tracking_uri
 from spot.export import LOGITS_ATOL, ExportError, check_onnx, export_onnx
 
 ONNX_DIR = "onnx"  # artifact directory of the export in the run and in the model

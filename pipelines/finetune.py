@@ -7,7 +7,8 @@
         --address auto --num-workers 16 --gpus-per-worker 1 --cpus-per-worker 10 \\
         --storage s3://bucket/spot-runs --mlflow-uri http://head:5000
 
-The options are :class:`pipelines.config.RunConfig`'s; the job is :func:`pipelines.job.run`. The last line
+The options are :class:`pipelines.training.config.RunConfig`'s; the job is
+:func:`pipelines.training.job.run`. The last line
 printed is ``RESULT_JSON: {...}``. Bad input exits with code 2 and one line on stderr; a failed training
 run with code 1; Ctrl-C with 130 after printing the command that resumes the run; a run whose MLflow
 server was still down at its end with 75 after printing the command that finishes it.
@@ -18,10 +19,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipelines.cli import bad_input, print_result
-from pipelines.config import add_options, given_values, resolve_config
-from pipelines.errors import Interrupted, TrackingError, TrackingOutage, TrainingError, first_line
-from pipelines.manifest import DataError
+from pipelines.data.manifest import DataError
+from pipelines.training.config import add_options, given_values, resolve_config
+from pipelines.utils.cli import bad_input, print_result
+from pipelines.utils.errors import Interrupted, TrackingError, TrackingOutage, TrainingError, first_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.job import run
+    from pipelines.training.job import run
 
     args = build_parser().parse_args(argv)
     try:

@@ -1,4 +1,4 @@
-"""Turn a dataset into WebDataset shards for the DALI loader (command line over pipelines/shards.py).
+"""Turn a dataset into WebDataset shards for the DALI loader (command line over pipelines/data/shards.py).
 
 python pipelines/make_shards.py --source cluttered-digits --out data/cluttered-digits
 python pipelines/make_shards.py --source digits --out data/digits
@@ -15,8 +15,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a checkout: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.manifest import DataError  # noqa: E402
-from pipelines.shards import write_shards  # noqa: E402
+from pipelines.data.manifest import DataError  # noqa: E402
+from pipelines.data.shards import write_shards  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -25,7 +25,7 @@ import sys
 
 import numpy as np
 
-from pipelines.registry import load_model
+from pipelines.tracking.registry import load_model
 from spot.export import LOGITS_ATOL, check_onnx, check_outputs
 
 

@@ -28,7 +28,7 @@ TINY_PIPELINE_MODEL = {"depth": 4, "embed_dim": 32, "num_heads": 2, "patch_size"
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory):
     """The built-in digits as shards (train 1437, val 360 images of 32 px), made once per session."""
-    from pipelines.shards import ensure_digits_shards
+    from pipelines.data.shards import ensure_digits_shards
 
     return ensure_digits_shards(tmp_path_factory.mktemp("digits"), img_size=32)
 
@@ -38,7 +38,7 @@ def ray_cluster():
     """A local 2-CPU Ray (with the dashboard: the state API finds Train workers); its GCS address."""
     import ray
 
-    from pipelines.ray_session import start_local_ray
+    from pipelines.training.ray_session import start_local_ray
 
     started = not ray.is_initialized()
     if started:
@@ -85,8 +85,8 @@ def trained(ray_cluster, pipeline_dir, tiny_options):
     dense model (which inherits it): RESULT_JSON dicts."""
     import contextlib
 
-    from pipelines.config import resolve_config
-    from pipelines.job import run
+    from pipelines.training.config import resolve_config
+    from pipelines.training.job import run
 
     with contextlib.chdir(pipeline_dir):
         dense = run(resolve_config({**tiny_options, **TINY_NORMALIZATION, "dense": True, "epochs": 2,

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from pipelines.cluttered_digits import (
+from pipelines.data.cluttered_digits import (
     CANVAS,
     PIXEL_MEAN,
     PIXEL_STD,
@@ -17,8 +17,8 @@ from pipelines.cluttered_digits import (
     make_canvases,
     pixel_stats,
 )
-from pipelines.manifest import read_manifest
-from pipelines.shards import write_shards
+from pipelines.data.manifest import read_manifest
+from pipelines.data.shards import write_shards
 from tests.test_shards import split_samples
 
 PATCH = 8

@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 
 import spot
 from pipelines import compare
-from pipelines.registry import load_model
+from pipelines.tracking.registry import load_model
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ from tiny import tiny
 from torch import nn
 
 from pipelines import export as export_cli
-from pipelines.registry import CHAMPION, register_checkpoint
+from pipelines.tracking.registry import CHAMPION, register_checkpoint
 from spot.export import (
     LOGITS_ATOL,
     ExportError,

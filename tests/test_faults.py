@@ -15,9 +15,9 @@ import yaml
 from mlflow import MlflowClient
 
 from pipelines import finetune
-from pipelines.manifest import read_manifest
-from pipelines.run_record import RUN_RECORD, read_record, write_record
-from pipelines.shards import write_shards
+from pipelines.data.manifest import read_manifest
+from pipelines.data.shards import write_shards
+from pipelines.storage.run_record import RUN_RECORD, read_record, write_record
 from tests.mlflow_server import MlflowServer
 
 
@@ -64,7 +64,7 @@ def test_run_record_write_over_the_file_size_limit_keeps_the_old_record(tmp_path
     write_record(str(tmp_path), "run", {"mlflow_run_id": "abc"})
     script = (
         "import resource, signal, sys\n"
-        "from pipelines.run_record import write_record\n"
+        "from pipelines.storage.run_record import write_record\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (256, 256))\n"
         f"write_record({str(tmp_path)!r}, 'run', {{'mlflow_run_id': 'x' * 4096}})\n"
@@ -113,8 +113,8 @@ def test_out_of_range_label_in_a_shard_is_named_and_evaluate_refuses(tmp_path):
     evaluation stops instead of counting a miss."""
     import torch
 
+    from pipelines.data.manifest import LabelRangeError
     from pipelines.evaluate import evaluate_model
-    from pipelines.manifest import LabelRangeError
     from tests.tiny import tiny
 
     out = tmp_path / "shards"
@@ -179,7 +179,14 @@ def test_password_in_the_tracking_uri_is_never_printed_and_the_check_reaches_the
 def test_reports_wait_while_the_server_is_down_and_are_sent_once_when_it_is_back(tmp_path, monkeypatch):
     """A killed tracking server: the unsent epochs go to the run's pending record, in order; once the
     server is back they are sent, and sending them again (a retry after a half-way failure) adds nothing."""
-    from pipelines.pending_reports import PENDING_RECORD, NotSent, pending, report_entry, send, send_pending
+    from pipelines.tracking.pending_reports import (
+        PENDING_RECORD,
+        NotSent,
+        pending,
+        report_entry,
+        send,
+        send_pending,
+    )
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # as on the Train controller
     server = MlflowServer(tmp_path / "server").start()

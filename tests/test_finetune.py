@@ -19,16 +19,16 @@ import yaml
 from mlflow import MlflowClient
 
 from pipelines import finetune
-from pipelines.checkpoints import CONFIG_FILE, MASKS_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE
-from pipelines.cluttered_digits import PIXEL_MEAN, PIXEL_STD
-from pipelines.config import RUNS_DIR, given_values, resolve_config
-from pipelines.errors import ConfigError
-from pipelines.job import run as run_job
-from pipelines.manifest import read_manifest
-from pipelines.pending_reports import PENDING_RECORD
-from pipelines.recipe import build_optimizer
-from pipelines.run_record import RUN_RECORD
-from pipelines.train_loop import step_bar
+from pipelines.data.cluttered_digits import PIXEL_MEAN, PIXEL_STD
+from pipelines.data.manifest import read_manifest
+from pipelines.storage.checkpoints import CONFIG_FILE, MASKS_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE
+from pipelines.storage.run_record import RUN_RECORD
+from pipelines.tracking.pending_reports import PENDING_RECORD
+from pipelines.training.config import RUNS_DIR, given_values, resolve_config
+from pipelines.training.job import run as run_job
+from pipelines.training.recipe import build_optimizer
+from pipelines.training.worker import step_bar
+from pipelines.utils.errors import ConfigError
 from tests.mlflow_server import MlflowServer
 from tests.tiny import tiny
 
@@ -184,7 +184,7 @@ def test_inconsistent_options_are_refused(digits_shards, tmp_path, given, messag
 
 def test_resume_of_a_run_recorded_before_an_option_existed(digits_shards, tmp_path):
     """A record written before --mean / --std existed resumes with their old meaning (the backbone's)."""
-    from pipelines.run_record import write_record
+    from pipelines.storage.run_record import write_record
 
     config = resolve_config({"data": str(digits_shards), "batch_size": 64, "run_name": "old"}, cwd=tmp_path)
     saved = {k: v for k, v in config.to_dict().items() if k not in ("mean", "std")}

@@ -67,7 +67,7 @@ def test_untrained_keep_probabilities_are_not_saturated():
 
 
 def test_keep_rate_health_warns_when_the_rate_is_stuck():
-    from pipelines.trainer import epoch_line, keep_rate_warning
+    from pipelines.training.trainer import epoch_line, keep_rate_warning
 
     base = {
         "epoch": 0,

@@ -13,8 +13,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from pipelines.loader import PAD_LABEL, make_loader
-from pipelines.manifest import (
+from pipelines.data.loader import PAD_LABEL, make_loader
+from pipelines.data.manifest import (
     CorruptSampleError,
     DataDirError,
     ManifestError,
@@ -24,7 +24,7 @@ from pipelines.manifest import (
     read_manifest,
     sha256_file,
 )
-from pipelines.shards import write_shards
+from pipelines.data.shards import write_shards
 
 pytestmark = pytest.mark.timeout(120)  # a data error must fail fast, never hang
 

@@ -1,4 +1,5 @@
-"""pipelines/registry.py: registered SPOT models load back (no pickled code) and keep their accuracy; the
+"""pipelines/tracking/registry.py: registered SPOT models load back (no pickled code) and keep their
+accuracy; the
 champion alias only moves to a strictly more accurate model that costs no more GMACs."""
 
 import json
@@ -18,7 +19,7 @@ from mlflow import MlflowClient
 
 import spot
 from pipelines.evaluate import evaluate_model
-from pipelines.registry import CHAMPION, load_model, register_checkpoint
+from pipelines.tracking.registry import CHAMPION, load_model, register_checkpoint
 from tests.mlflow_server import MlflowServer, free_port
 from tests.tiny import TINY_NORMALIZATION
 
@@ -170,7 +171,7 @@ REGISTRAR = """
 import json, sys, time
 import mlflow
 from mlflow import MlflowClient
-from pipelines.registry import register_checkpoint
+from pipelines.tracking.registry import register_checkpoint
 
 uri, checkpoint, start_at, steps = sys.argv[1:]
 mlflow.set_tracking_uri(uri)

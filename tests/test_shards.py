@@ -12,7 +12,7 @@ import pytest
 from PIL import ExifTags, Image
 from sklearn.datasets import load_digits
 
-from pipelines.manifest import (
+from pipelines.data.manifest import (
     CorruptSampleError,
     DataDirError,
     ManifestError,
@@ -21,7 +21,7 @@ from pipelines.manifest import (
     SourceError,
     read_manifest,
 )
-from pipelines.shards import ensure_digits_shards, write_shards
+from pipelines.data.shards import ensure_digits_shards, write_shards
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -3,7 +3,7 @@
 import pytest
 
 import spot
-from pipelines.config import RunConfig
+from pipelines.training.config import RunConfig
 from spot.flops import macs
 from tuning import space
 from tuning.space import SpaceError

@@ -162,7 +162,7 @@ def test_sweep_tracks_parent_and_children_plots_and_registers(budget_sweep, work
                                   if c.data.tags["sweep_trial_id"] == result["best_trial"])
     import mlflow
 
-    from pipelines.registry import load_model
+    from pipelines.tracking.registry import load_model
 
     mlflow.set_tracking_uri(result["mlflow_tracking_uri"])
     model = load_model("models:/tiny-budget@champion")

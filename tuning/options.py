@@ -1,5 +1,6 @@
 """The sweep's options, declared once: its own (:class:`SweepOptions`) and the fine-tuning options it
-passes to every trial (fields of :class:`pipelines.config.RunConfig`, with the sweep's digits preset).
+passes to every trial (fields of :class:`pipelines.training.config.RunConfig`, with the sweep's digits
+preset).
 ``build_parser`` generates the command line of ``tuning/sweep_lambdas.py`` from both."""
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, fields
 
-from pipelines.config import DIGITS_SPOT_FINETUNE, RUNS_DIR, RunConfig, add_field, option
+from pipelines.training.config import DIGITS_SPOT_FINETUNE, RUNS_DIR, RunConfig, add_field, option
 from tuning import space
 
 EXPERIMENT = "spot-sweep"

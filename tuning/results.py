@@ -10,8 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipelines.errors import first_line
-from pipelines.table import cell, markdown_table
+from pipelines.utils.errors import first_line
+from pipelines.utils.table import cell, markdown_table
 from tuning import pareto, space
 from tuning.trial import TIME_ATTR, parent_run, train_name
 
@@ -78,7 +78,7 @@ def register_winner(rows: list[dict], setup: dict) -> dict | None:
     """Register the best feasible trial's best checkpoint (the fine-tuning job's registration)."""
     from ray.train import Result
 
-    from pipelines.registry import register_best
+    from pipelines.tracking.registry import register_best
 
     best = next((r for r in rows if r["best"]), None)
     if best is None:

@@ -189,7 +189,7 @@ def without_teacher(space: dict[str, Dim]) -> tuple[dict[str, Dim], list[str]]:
 
 def rho_limit(config, budget_gmacs: float) -> float:
     """The largest rho whose model (the resolved fine-tuning ``config``'s architecture, a
-    :class:`pipelines.config.RunConfig`) fits the budget of GMACs per image."""
+    :class:`pipelines.training.config.RunConfig`) fits the budget of GMACs per image."""
     model = spot.create_model(
         config.backbone, rho=0.5, selector=config.selector, img_size=config.img_size,
         num_classes=config.num_classes, **config.model_args,

@@ -14,13 +14,13 @@ import yaml
 from mlflow.exceptions import MlflowException
 from ray import tune
 
-from pipelines import tracking
-from pipelines.config import RUNS_DIR, RunConfig, given_values, resolve_config, training_keys
-from pipelines.errors import ConfigError, check, first_line
-from pipelines.mlflow_run import MlflowRun
-from pipelines.ray_session import ray_session
-from pipelines.run_record import SWEEP_RECORD, read_record, write_record
-from pipelines.weights import prepare_init
+from pipelines.storage.run_record import SWEEP_RECORD, read_record, write_record
+from pipelines.tracking import store
+from pipelines.tracking.mlflow_run import MlflowRun
+from pipelines.training.config import RUNS_DIR, RunConfig, given_values, resolve_config, training_keys
+from pipelines.training.ray_session import ray_session
+from pipelines.training.weights import prepare_init
+from pipelines.utils.errors import ConfigError, check, first_line
 from tuning import space
 from tuning.options import DIGITS_SWEEP, TRAIN_FLAGS
 from tuning.results import summarize
@@ -50,7 +50,7 @@ def digits_teacher(given: dict, uri: str, cwd: Path, notes: list[str]) -> str | 
     train SPOT from scratch), with a note either way."""
     from mlflow import MlflowClient
 
-    from pipelines.registry import CHAMPION, champion_metrics, load_model
+    from pipelines.tracking.registry import CHAMPION, champion_metrics, load_model
 
     arch_keys = ("backbone", "img_size", "model_args", "mean", "std")
     dense = resolve_config({"dense": True, **{k: given[k] for k in arch_keys if k in given}}, cwd=cwd)
@@ -106,8 +106,8 @@ def _prepare_new(args: argparse.Namespace, cwd: Path) -> dict:
     check(args.gmacs_budget is None or args.gmacs_budget > 0, "--gmacs-budget must be > 0", SweepError)
     given = given_training_options(args)
     storage = args.storage or str(cwd / RUNS_DIR)
-    uri = tracking.resolve_tracking_uri(args.mlflow_uri, cwd)
-    tracking.check_reachable(uri)
+    uri = store.resolve_tracking_uri(args.mlflow_uri, cwd)
+    store.check_reachable(uri)
     import mlflow
 
     mlflow.set_tracking_uri(uri)  # where --pretrained models:/... and the digits teacher are looked up
@@ -157,7 +157,7 @@ def _prepare_resume(args: argparse.Namespace, cwd: Path) -> dict:
         storage = str(Path(storage).expanduser().resolve())
     setup = read_record(storage, name, SWEEP_RECORD)
     check(setup is not None, f"--resume {args.resume}: not a sweep directory", SweepError)
-    tracking.check_reachable(setup["tracking_uri"])
+    store.check_reachable(setup["tracking_uri"])
     try:
         status = MlflowRun(setup["tracking_uri"], setup["parent_run_id"]).info.status
     except MlflowException as err:
@@ -209,15 +209,15 @@ def _start_parent(setup: dict, config: RunConfig, dims: dict, summary, cwd: Path
     """Create the sweep's MLflow run (and experiment) on the driver, before any trial: no SQLite races."""
     uri = setup["tracking_uri"]
     parent = MlflowRun.create(uri, setup["experiment"], setup["name"],
-                              artifact_location=tracking.local_artifact_root(uri, cwd))
+                              artifact_location=store.local_artifact_root(uri, cwd))
     setup["parent_run_id"] = parent.run_id
     searched = {f"space_{k}": d.describe() for k, d in dims.items()}
     sweep = {k: setup[k] for k in ("num_samples", "max_concurrent", "searcher", "grace_period",
                                    "reduction_factor", "budget")}
     fixed = {k: getattr(config, k) for k in training_keys() if k not in dims}
     model = {"dense_gmacs": round(summary.dense_gmacs, 6), "params": summary.params}
-    parent.log_params(searched | sweep | fixed | model | tracking.versions())
-    parent.set_tags(tracking.system_info() | {"storage": f"{setup['storage']}/{setup['name']}"})
+    parent.log_params(searched | sweep | fixed | model | store.versions())
+    parent.set_tags(store.system_info() | {"storage": f"{setup['storage']}/{setup['name']}"})
     entries = {k: d.low if d.fixed else {"distribution": d.distribution, "low": d.low, "high": d.high}
                for k, d in dims.items()}
     parent.log_text(yaml.safe_dump(entries, sort_keys=False), "search_space.yaml")
@@ -240,7 +240,7 @@ def sweep(plan: dict, address: str | None) -> dict | None:
 
     started = time.monotonic()
     setup = plan["setup"]
-    tracking.quiet_mlflow(setup.get("verbose", False))
+    store.quiet_mlflow(setup.get("verbose", False))
     mlflow.set_tracking_uri(setup["tracking_uri"])
     with ray_session(address, verbose=setup.get("verbose", False)):
         parent = None

@@ -19,8 +19,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipelines.cli import bad_input, print_result
-from pipelines.errors import TrackingError, check
+from pipelines.utils.cli import bad_input, print_result
+from pipelines.utils.errors import TrackingError, check
 from tuning import options
 
 SPACE_HELP = (

@@ -8,15 +8,15 @@ import math
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from pipelines import tracking
-from pipelines.config import resolve_config
-from pipelines.job import run_params
-from pipelines.mlflow_run import MlflowRun
-from pipelines.pending_reports import PENDING_RECORD, NotSent, send_pending
-from pipelines.report_callback import MlflowReportCallback
-from pipelines.run_record import FAULT_RECORD, delete_record, read_record
-from pipelines.trainer import STOPPED, build_trainer
-from pipelines.weights import prepare_init
+from pipelines.storage.run_record import FAULT_RECORD, delete_record, read_record
+from pipelines.tracking import store
+from pipelines.tracking.mlflow_run import MlflowRun
+from pipelines.tracking.pending_reports import PENDING_RECORD, NotSent, send_pending
+from pipelines.tracking.report_callback import MlflowReportCallback
+from pipelines.training.config import resolve_config
+from pipelines.training.job import run_params
+from pipelines.training.trainer import STOPPED, build_trainer
+from pipelines.training.weights import prepare_init
 from tuning import space
 
 METRIC = "objective"
@@ -83,7 +83,7 @@ def run_trial(params: dict, *, setup: dict) -> None:
     options = {**setup["options"], **params, "run_name": name, "storage": setup["train_storage"]}
     config = resolve_config(options)
     mlflow.set_tracking_uri(setup["tracking_uri"])  # --pretrained models:/...
-    tracking.quiet_mlflow(config.verbose)
+    store.quiet_mlflow(config.verbose)
     init, summary = prepare_init(config)
     parent = parent_run(setup)
     child = parent.find_child(TRIAL_TAG, trial_id)

@@ -28,7 +28,7 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from pipelines.manifest import (
+from pipelines.data.manifest import (
     COMPONENTS,
     CorruptSampleError,
     DataError,
@@ -334,7 +334,7 @@ def make_loader(
     images) when the manifest says every image of the split is ``img_size`` square, else ``CROP_PCT``.
     Both are then normalised with ``mean`` / ``std`` (per channel, on the [0, 1] scale; a model's own are
     :func:`spot.input_normalization`). ``device=None`` picks the current CUDA device if there is one (GPU
-    decoding), else the CPU. Raises a :class:`~pipelines.manifest.DataError` subclass for a missing/empty
+    decoding), else the CPU. Raises a :class:`~pipelines.data.manifest.DataError` subclass for a missing/empty
     directory, a manifest that does not match the shards, or too few samples (train: fewer than
     ``num_shards * batch_size``; eval: fewer than ``num_shards``). Corrupt images and missing labels are
     reported (shard and key) when read.

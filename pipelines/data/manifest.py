@@ -1,6 +1,6 @@
 """Read a shard directory's ``manifest.json`` (class names, split sizes, shard lists) and the data errors.
 
-The manifest is written by :mod:`pipelines.shards`. Paths inside it are relative to the shard directory,
+The manifest is written by :mod:`pipelines.data.shards`. Paths inside it are relative to the shard directory,
 so a dataset directory can be copied or mounted anywhere. Layout::
 
     {"format": "spot-webdataset-v1",

@@ -13,7 +13,7 @@ import uuid
 
 import pyarrow.fs
 
-from pipelines.errors import ConfigError, first_line
+from pipelines.utils.errors import ConfigError, first_line
 
 RUN_RECORD = "spot_run.json"
 FAULT_RECORD = "spot_fault.json"  # written by rank 0 when the workers stop on a NaN / inf loss

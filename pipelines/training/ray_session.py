@@ -4,7 +4,7 @@ A local Ray is started with its State API address in its processes' environment:
 placement-group cleaner asks the State API whether a stopped run's controller is gone, and with several
 local Ray instances on one host it cannot tell which one to ask, so the stopped run's workers would keep
 their CPUs and the next run would wait forever. Without ``verbose``, Ray's INFO lines stay off the
-console (the workers' per-report lines are silenced in :mod:`pipelines.train_loop`).
+console (the workers' per-report lines are silenced in :mod:`pipelines.training.worker`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 import socket
 from collections.abc import Iterator
 
-from pipelines.errors import ConfigError, first_line
+from pipelines.utils.errors import ConfigError, first_line
 
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 PROBE_TIMEOUT_S = 5.0

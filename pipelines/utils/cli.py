@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipelines.errors import first_line
+from pipelines.utils.errors import first_line
 
 RESULT_PREFIX = "RESULT_JSON: "
 BAD_INPUT = 2
@@ -27,7 +27,7 @@ def print_result(result: dict) -> None:
 
 def add_evaluation_options(parser: argparse.ArgumentParser, *, experiment: str) -> None:
     """The data, batch and MLflow options of a command that evaluates models."""
-    from pipelines.config import DIGITS_DIR, DIGITS_SOURCE
+    from pipelines.training.config import DIGITS_DIR, DIGITS_SOURCE
 
     builtin = f"./{DIGITS_DIR}"
     parser.add_argument("--data", help=f"shard directory (default: the built-in {DIGITS_SOURCE}, {builtin})")
@@ -44,9 +44,9 @@ def evaluation_inputs(args: argparse.Namespace) -> tuple[str, str, object]:
     import mlflow
     import torch
 
-    from pipelines.config import DIGITS_DIR, DIGITS_SOURCE
-    from pipelines.shards import ensure_builtin_shards
-    from pipelines.tracking import resolve_tracking_uri
+    from pipelines.data.shards import ensure_builtin_shards
+    from pipelines.tracking.store import resolve_tracking_uri
+    from pipelines.training.config import DIGITS_DIR, DIGITS_SOURCE
 
     cwd = Path.cwd()
     data = Path(args.data).resolve() if args.data else ensure_builtin_shards(cwd / DIGITS_DIR, DIGITS_SOURCE)

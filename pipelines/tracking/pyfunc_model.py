@@ -1,4 +1,4 @@
-"""MLflow "models from code" file of a registered SPOT model (logged by :mod:`pipelines.registry`).
+"""MLflow "models from code" file of a registered SPOT model (logged by :mod:`pipelines.tracking.registry`).
 
 MLflow runs this file to load the model: ``load_context`` rebuilds the architecture with
 ``spot.create_model(**spot_config)`` and loads the state_dict with ``weights_only=True``, so no pickled

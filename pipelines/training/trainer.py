@@ -1,6 +1,7 @@
 """The Ray Train ``TorchTrainer`` of a run configuration, and the one console line per epoch it prints.
 
-Used by the fine-tuning job (:mod:`pipelines.job`) and by every trial of the sweep (:mod:`tuning.trial`):
+Used by the fine-tuning job (:mod:`pipelines.training.job`) and by every trial of the sweep
+(:mod:`tuning.trial`):
 same worker loop, data loader, checkpoints and fault tolerance.
 """
 
@@ -10,9 +11,9 @@ from collections.abc import Sequence
 
 from ray.train import UserCallback
 
-from pipelines.checkpoints import SCORE
-from pipelines.config import RunConfig
-from pipelines.errors import first_line
+from pipelines.storage.checkpoints import SCORE
+from pipelines.training.config import RunConfig
+from pipelines.utils.errors import first_line
 
 STOPPED = "stop_reason"  # report key (and MLflow tag) of a run its workers stopped for good: why and where
 
@@ -75,15 +76,16 @@ def build_trainer(
     """The ``TorchTrainer`` of a resolved ``config`` (Ray must be initialised).
 
     ``name`` is the Ray run name (same name in the same ``storage`` = resume from its latest checkpoint);
-    ``init`` is :func:`pipelines.weights.prepare_init`'s payload; ``callbacks`` are Ray Train user callbacks
-    (e.g. :class:`pipelines.report_callback.MlflowReportCallback`, Tune's ``TuneReportCallback``);
+    ``init`` is :func:`pipelines.training.weights.prepare_init`'s payload; ``callbacks`` are Ray Train user
+    callbacks
+    (e.g. :class:`pipelines.tracking.report_callback.MlflowReportCallback`, Tune's ``TuneReportCallback``);
     ``progress`` prints one line per epoch (:class:`ProgressCallback`).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.train_loop import train_loop_per_worker
+    from pipelines.training.worker import train_loop_per_worker
 
     gpus = config.gpus_per_worker
     if gpus is None:

@@ -29,8 +29,8 @@ from PIL import ExifTags, Image, ImageOps
 from tqdm import tqdm
 from wds2idx import IndexCreator
 
-from pipelines import cluttered_digits
-from pipelines.manifest import (
+from pipelines.data import cluttered_digits
+from pipelines.data.manifest import (
     COMPONENTS,
     FORMAT,
     MANIFEST_NAME,
@@ -115,7 +115,8 @@ def digits_items(split: str) -> list[Item]:
 
 
 def cluttered_digits_items(split: str, seed: int) -> list[Item]:
-    """The canvases of ``split`` (:mod:`pipelines.cluttered_digits`), with the digit's box in the meta."""
+    """The canvases of ``split`` (:mod:`pipelines.data.cluttered_digits`), with the digit's box in the
+    meta."""
     return [
         Item(
             f"cluttered-digits:{c.scan}:{i}",

@@ -21,12 +21,13 @@ from typing import Any
 import yaml
 
 import spot
-from pipelines import cluttered_digits, recipe
-from pipelines.errors import ConfigError, check, first_line
+from pipelines.data import cluttered_digits
+from pipelines.training import recipe
+from pipelines.utils.errors import ConfigError, check, first_line
 from spot.config import SELECTORS
 from spot.losses import default_lambdas
 
-DIGITS_SOURCE = "cluttered-digits"  # the built-in task (pipelines/cluttered_digits.py)
+DIGITS_SOURCE = "cluttered-digits"  # the built-in task (pipelines/data/cluttered_digits.py)
 DIGITS_DIR = f"data/{DIGITS_SOURCE}"
 # SPOT fine-tuned from the dense digits model (make demo, the digits sweep): lower learning rates than the
 # dense run from scratch, no freeze, a quarter epoch of warm-up (docs/benchmarks.md, cluttered digits)
@@ -61,7 +62,7 @@ def option(
 
 @dataclass
 class RunConfig:
-    """A fine-tuning run. Defaults with ``--data``: the paper's recipe (:mod:`pipelines.recipe`)."""
+    """A fine-tuning run. Defaults with ``--data``: the paper's recipe (:mod:`pipelines.training.recipe`)."""
 
     # what the run computes (fixed for its lifetime)
     backbone: str = option("deit_s", "backbone", digits="deit_t", training=True, choices=spot.BACKBONES)
@@ -352,8 +353,8 @@ def _resolve_training(config: RunConfig) -> None:
 
 def _resolve_data(config: RunConfig, cwd: Path) -> None:
     """Make the built-in shards if no --data; sets the class count (raises DataError for bad data)."""
-    from pipelines.manifest import read_manifest
-    from pipelines.shards import ensure_builtin_shards
+    from pipelines.data.manifest import read_manifest
+    from pipelines.data.shards import ensure_builtin_shards
 
     if config.data is None:
         config.data = str(ensure_builtin_shards(cwd / DIGITS_DIR, DIGITS_SOURCE))
@@ -375,8 +376,8 @@ def resolve_config(given: dict, *, cwd: Path | None = None) -> RunConfig:
     changed. Paths (data, storage, SQLite URI) are made absolute against ``cwd`` here, on the driver: Ray
     workers run in directories of their own. Raises ``ConfigError``, ``DataError`` or ``FileNotFoundError``.
     """
-    from pipelines.run_record import read_record
-    from pipelines.tracking import resolve_tracking_uri
+    from pipelines.storage.run_record import read_record
+    from pipelines.tracking.store import resolve_tracking_uri
 
     cwd = cwd or Path.cwd()
     given = dict(given)

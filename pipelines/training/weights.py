@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import spot
-from pipelines.config import RunConfig
-from pipelines.errors import ConfigError
+from pipelines.training.config import RunConfig
+from pipelines.utils.errors import ConfigError
 from spot.checkpoint import load_pretrained
 from spot.flops import gmacs
 
@@ -30,7 +30,7 @@ def _pretrained_file(source: str, tmp: Path) -> tuple[str, dict]:
         return source, {}
     import torch
 
-    from pipelines.registry import load_model
+    from pipelines.tracking.registry import load_model
 
     path = tmp / "pretrained.pt"
     model = load_model(source)
@@ -49,7 +49,7 @@ def _overlay(config: RunConfig, inherited: dict) -> dict:
 def prepare_init(config: RunConfig) -> tuple[dict, ModelSummary]:
     """Build the student (and teacher) once: validates the architecture and ``--pretrained``.
 
-    Returns the ``init_weights`` payload of :mod:`pipelines.train_loop` (``spot_config``, ``student`` and
+    Returns the ``init_weights`` payload of :mod:`pipelines.training.worker` (``spot_config``, ``student`` and
     ``teacher`` state_dicts, ``fresh`` parameter names) and the model's :class:`ModelSummary`.
     """
     import torch

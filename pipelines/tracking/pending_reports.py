@@ -1,7 +1,8 @@
 """Epoch reports that could not reach MLflow yet: none is lost while the tracking server is down.
 
 The Train controller sends each epoch's report to MLflow
-(:class:`pipelines.report_callback.MlflowReportCallback`). When that fails, the report and every later one
+(:class:`pipelines.tracking.report_callback.MlflowReportCallback`). When that fails, the report and every
+later one
 wait, in order, in ``<storage>/<run>/mlflow_pending.json`` (written atomically) and are sent at the next
 epoch, by the driver at the end of the run, or by the ``--resume`` that finishes it. Each entry keeps the
 time it was reported, so sending it twice (a send that failed half-way) stores no second value: MLflow's
@@ -16,10 +17,10 @@ import pyarrow.fs
 from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 
-from pipelines.checkpoints import MASKS_FILE
-from pipelines.errors import first_line
-from pipelines.run_record import delete_record, read_record, run_dir, write_record
-from pipelines.trainer import STOPPED
+from pipelines.storage.checkpoints import MASKS_FILE
+from pipelines.storage.run_record import delete_record, read_record, run_dir, write_record
+from pipelines.training.trainer import STOPPED
+from pipelines.utils.errors import first_line
 
 PENDING_RECORD = "mlflow_pending.json"
 MASKS_ARTIFACT_DIR = "token_masks"

@@ -13,7 +13,7 @@ from mlflow.entities import Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking.context.registry import resolve_tags
 
-from pipelines.errors import TrackingError, first_line
+from pipelines.utils.errors import TrackingError, first_line
 
 RUN_NAME_TAG = "ray_train_run"
 PARENT_TAG = "mlflow.parentRunId"
@@ -142,10 +142,10 @@ def log_results(
     ``TrackingError``); returns the run id."""
     from pathlib import Path
 
-    from pipelines import tracking
+    from pipelines.tracking import store
 
-    tracking.check_reachable(uri)
-    artifact_root = tracking.local_artifact_root(uri, Path.cwd())
+    store.check_reachable(uri)
+    artifact_root = store.local_artifact_root(uri, Path.cwd())
     run = MlflowRun.create(uri, experiment, name, artifact_location=artifact_root)
     run.log_params(params)
     run.log_metrics(metrics)

@@ -2,7 +2,7 @@
 
 It logs each committed report (metrics with step = epoch, the token-mask figure from the checkpoint), so a
 worker restart neither duplicates nor loses an epoch, and a report MLflow cannot take waits in the run's
-storage (:mod:`pipelines.pending_reports`).
+storage (:mod:`pipelines.tracking.pending_reports`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from mlflow import MlflowClient
 from mlflow.entities import RunTag
 from ray.train import Checkpoint, UserCallback
 
-from pipelines.errors import first_line
-from pipelines.pending_reports import PENDING_RECORD, NotSent, pending, report_entry, send
-from pipelines.tracking import REACHABILITY_TIMEOUT_S, credential_names
+from pipelines.tracking.pending_reports import PENDING_RECORD, NotSent, pending, report_entry, send
+from pipelines.tracking.store import REACHABILITY_TIMEOUT_S, credential_names
+from pipelines.utils.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,8 @@ class MlflowReportCallback(UserCallback):
     The controller is a process started by Ray: it authenticates with the credentials in its own
     environment (named by :func:`credential_names` on the driver; their values never travel through Ray).
     Requests fail fast there (no MLflow retries): a report that cannot be sent waits in the run's pending
-    record (:mod:`pipelines.pending_reports`) and goes with the next one, or with the driver at the end.
+    record (:mod:`pipelines.tracking.pending_reports`) and goes with the next one, or with the driver at the
+    end.
     """
 
     def __init__(self, tracking_uri: str, run_id: str, *, storage: str, name: str) -> None:

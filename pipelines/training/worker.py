@@ -2,7 +2,7 @@
 
 ``train_loop_per_worker(config)`` is a plain Ray Train V2 function. ``config`` holds the resolved run
 configuration (``RunConfig.to_dict()``) plus ``init_weights``, an ``ObjectRef`` put by
-:func:`pipelines.trainer.build_trainer`::
+:func:`pipelines.training.trainer.build_trainer`::
 
     {"spot_config": {...}, "student": state_dict, "teacher": state_dict | None, "fresh": [param names]}
 
@@ -38,12 +38,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import spot
-from pipelines.checkpoints import MASKS_FILE, MASKS_MIN_SIDE, load_checkpoint, save_checkpoint, unwrap
-from pipelines.loader import PAD_LABEL, make_loader
-from pipelines.manifest import DataError
-from pipelines.recipe import build_mixup, build_optimizer, freeze_embeddings
-from pipelines.run_record import FAULT_RECORD, write_record
-from pipelines.trainer import STOPPED
+from pipelines.data.loader import PAD_LABEL, make_loader
+from pipelines.data.manifest import DataError
+from pipelines.storage.checkpoints import MASKS_FILE, MASKS_MIN_SIDE, load_checkpoint, save_checkpoint, unwrap
+from pipelines.storage.run_record import FAULT_RECORD, write_record
+from pipelines.training.recipe import build_mixup, build_optimizer, freeze_embeddings
+from pipelines.training.trainer import STOPPED
 from spot.flops import gmacs
 from spot.losses import spot_loss
 from spot.visualize import draw_token_masks
@@ -121,7 +121,7 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 
 def checked_batches(loader, device: torch.device):
-    """The loader's batches; a :class:`~pipelines.manifest.DataError` on any rank stops every rank at the
+    """The loader's batches; a :class:`~pipelines.data.manifest.DataError` on any rank stops every rank at the
     same step with :class:`DataFault` (one tiny all-reduce per step), so no rank waits in a collective for
     one that failed and no restart reads the same bad sample again."""
     batches = iter(loader)

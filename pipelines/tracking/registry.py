@@ -1,8 +1,8 @@
 """The best checkpoint as an MLflow model: log, register, pick the champion, load back.
 
-A checkpoint directory (:mod:`pipelines.checkpoints`) holds ``spot_config.json``
+A checkpoint directory (:mod:`pipelines.storage.checkpoints`) holds ``spot_config.json``
 (architecture) and ``model.pt`` (state_dict). It is logged as an MLflow "models from code" pyfunc
-(:mod:`pipelines.pyfunc_model`) with those two files as artifacts, the ``spot`` package as code (so
+(:mod:`pipelines.tracking.pyfunc_model`) with those two files as artifacts, the ``spot`` package as code (so
 ``mlflow models serve`` needs no checkout) and the project's mark in its MLmodel metadata. Loading checks
 that mark and rebuilds the model from its config and weights (``weights_only=True``): no code of a
 registered model is imported, no ``torch.export``, nothing unpickled. The version is registered with tags
@@ -32,7 +32,7 @@ from mlflow.types.schema import Schema, TensorSpec
 from torch import nn
 
 import spot
-from pipelines.checkpoints import (
+from pipelines.storage.checkpoints import (
     CONFIG_FILE,
     MODEL_FILE,
     best_checkpoint,
@@ -40,7 +40,7 @@ from pipelines.checkpoints import (
     model_from_checkpoint,
     read_checkpoint,
 )
-from pipelines.errors import first_line
+from pipelines.utils.errors import first_line
 
 CHAMPION = "champion"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")

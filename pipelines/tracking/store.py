@@ -2,8 +2,9 @@
 
 The driver resolves the tracking URI (``--mlflow-uri``, else ``MLFLOW_TRACKING_URI``, else an absolute
 ``sqlite:///<cwd>/mlflow.db`` with artifacts in ``<cwd>/mlartifacts``) and checks that it answers before
-any Ray worker starts; runs are made through :class:`pipelines.mlflow_run.MlflowRun`; during training,
-:class:`pipelines.report_callback.MlflowReportCallback` logs each epoch.
+any Ray worker starts; runs are made through :class:`pipelines.tracking.mlflow_run.MlflowRun`; during
+training,
+:class:`pipelines.tracking.report_callback.MlflowReportCallback` logs each epoch.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipelines.errors import TrackingError, first_line
+from pipelines.utils.errors import TrackingError, first_line
 
 log = logging.getLogger(__name__)
 

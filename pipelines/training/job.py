@@ -1,8 +1,9 @@
 """A fine-tuning run end to end, as a library call: MLflow run, Ray Train fit, evaluation table, registry.
 
 ``run(resolve_config({...}))`` is what ``python pipelines/finetune.py`` and the demo do; the sweep's trials
-use the same pieces (:func:`pipelines.weights.prepare_init`, :func:`pipelines.trainer.build_trainer`,
-:func:`pipelines.registry.register_best`).
+use the same pieces (:func:`pipelines.training.weights.prepare_init`,
+:func:`pipelines.training.trainer.build_trainer`,
+:func:`pipelines.tracking.registry.register_best`).
 """
 
 from __future__ import annotations
@@ -12,16 +13,23 @@ import shlex
 import time
 from pathlib import Path
 
-from pipelines import pending_reports, tracking
-from pipelines.config import RunConfig
-from pipelines.errors import Interrupted, TrackingError, TrackingOutage, TrainingError, check, first_line
-from pipelines.mlflow_run import MlflowRun
-from pipelines.ray_session import ray_session
-from pipelines.report_callback import MlflowReportCallback
-from pipelines.run_record import FAULT_RECORD, delete_record, read_record, write_record
-from pipelines.table import markdown_table
-from pipelines.trainer import STOPPED
-from pipelines.weights import ModelSummary, prepare_init
+from pipelines.storage.run_record import FAULT_RECORD, delete_record, read_record, write_record
+from pipelines.tracking import pending_reports, store
+from pipelines.tracking.mlflow_run import MlflowRun
+from pipelines.tracking.report_callback import MlflowReportCallback
+from pipelines.training.config import RunConfig
+from pipelines.training.ray_session import ray_session
+from pipelines.training.trainer import STOPPED
+from pipelines.training.weights import ModelSummary, prepare_init
+from pipelines.utils.errors import (
+    Interrupted,
+    TrackingError,
+    TrackingOutage,
+    TrainingError,
+    check,
+    first_line,
+)
+from pipelines.utils.table import markdown_table
 
 log = logging.getLogger(__name__)
 EPOCH_COLUMNS = ("epoch", "val_acc1", "val_acc5", "val_total", "train_total", "gmacs")
@@ -46,13 +54,13 @@ def open_mlflow_run(config: RunConfig, summary: ModelSummary) -> MlflowRun:
     else:
         check(record is None, f"run {name!r} already exists in {storage}: pass --resume to continue it or "
               "choose another --run-name")
-        artifacts = tracking.local_artifact_root(uri, Path.cwd())
+        artifacts = store.local_artifact_root(uri, Path.cwd())
         run = MlflowRun.create(uri, config.experiment, name, artifact_location=artifacts)
         record = {"config": config.to_dict(), "mlflow_run_id": run.run_id, "tracking_uri": uri}
         write_record(storage, name, record)
-        run.log_params(run_params(config, summary) | tracking.versions())
+        run.log_params(run_params(config, summary) | store.versions())
         run.log_dict(config.to_dict(), "config/resolved_config.json")
-    run.set_tags(tracking.system_info() | {
+    run.set_tags(store.system_info() | {
         "storage": f"{storage}/{name}", "address": config.address or "local",
         "num_workers": config.num_workers, "placement_strategy": config.placement_strategy,
     })
@@ -131,11 +139,11 @@ def finish(
     """
     from mlflow.exceptions import MlflowException
 
-    from pipelines.registry import register_best
+    from pipelines.tracking.registry import register_best
 
     storage, name = config.storage, config.run_name
     try:
-        tracking.wait_until_reachable(config.mlflow_uri, config.mlflow_wait)
+        store.wait_until_reachable(config.mlflow_uri, config.mlflow_wait)
         pending_reports.send_pending(mlflow_run.client, mlflow_run.run_id, storage, name)
         registered = register_best(result, run_id=mlflow_run.run_id, name=config.register_as)
         rows = mlflow_run.metric_history(list(EPOCH_COLUMNS[1:]))
@@ -153,25 +161,25 @@ def finish(
 
 
 def run(config: RunConfig) -> dict:
-    """Train ``config`` (from :func:`pipelines.config.resolve_config`) on Ray, track it in MLflow, register
-    the best model. Returns the ``RESULT_JSON`` dict.
+    """Train ``config`` (from :func:`pipelines.training.config.resolve_config`) on Ray, track it in MLflow,
+    register the best model. Returns the ``RESULT_JSON`` dict.
 
     Before any worker starts, raises ``TrackingError`` if MLflow is not usable and ``ConfigError`` for a bad
     ``--pretrained``, ``--address`` or run name; raises ``ray.train.TrainingFailedError`` if training fails
     for good and ``TrainingError`` on a NaN / inf loss (the MLflow run is then FAILED, nothing registered);
-    on Ctrl-C the MLflow run is KILLED and :class:`~pipelines.errors.Interrupted` says how to resume; if
+    on Ctrl-C the MLflow run is KILLED and :class:`~pipelines.utils.errors.Interrupted` says how to resume; if
     MLflow goes away during training, no epoch is lost (:func:`finish`). ``--resume`` of a run whose
     training is complete only finishes it in MLflow.
     """
     import mlflow
     from ray.train import TrainingFailedError
 
-    from pipelines.trainer import build_trainer
+    from pipelines.training.trainer import build_trainer
 
     started = time.monotonic()
     uri, name, storage = config.mlflow_uri, config.run_name, config.storage
-    tracking.quiet_mlflow(config.verbose)
-    tracking.check_reachable(uri)
+    store.quiet_mlflow(config.verbose)
+    store.check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     init, summary = prepare_init(config)
     need = config.num_workers * config.cpus_per_worker

@@ -1,0 +1,1 @@
+"""Storage: checkpoints and the run records kept beside them."""

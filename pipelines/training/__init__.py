@@ -1,0 +1,1 @@
+"""Training: the typed run configuration, the recipe, the Ray Train worker, trainer and job."""

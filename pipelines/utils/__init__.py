@@ -1,0 +1,1 @@
+"""Utilities shared by every layer: errors, markdown tables, the command-line convention."""
