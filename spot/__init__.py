@@ -7,7 +7,7 @@
 """
 
 from spot.checkpoint import load_pretrained
-from spot.config import SpotConfig
+from spot.config import SpotConfig, upgrade_saved_config
 from spot.descriptors import attention_descriptors
 from spot.engine import SpotInfo
 from spot.flops import gmacs, predictor_gmacs, rho_for_budget
@@ -44,4 +44,5 @@ __all__ = [
     "spot_loss",
     "stage_keep_maps",
     "token_cosine_loss",
+    "upgrade_saved_config",
 ]

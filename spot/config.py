@@ -12,6 +12,12 @@ DESCRIPTOR_SCALES = ("none", "count")
 MASK_GRADS = ("bounded", "dynamicvit")
 MODES = ("mask", "prune")
 PREDICTOR_PREFIX = "spot_predictors."  # state_dict keys of the relevance modules
+FORMAT_KEY = "spot_format"  # the key of a saved config (``model.spot_config``) that names its format
+CONFIG_FORMAT = 2  # 2: every SpotConfig option recorded; 1 (no FORMAT_KEY): only the options passed
+# The defaults of format-1 configs, which recorded only the options passed explicitly: before commit
+# d4afc4d (2026-12-02) the descriptors were always count-scaled, before 91524ce the masked softmax was
+# always DynamicViT's; format 2 (this file's defaults since) records both.
+FORMAT_1_DEFAULTS = {"descriptor_scale": "count", "mask_grad": "dynamicvit"}
 
 
 @dataclass(frozen=True)
@@ -76,3 +82,16 @@ class SpotConfig:
 
 
 SPOT_OPTIONS = frozenset(f.name for f in fields(SpotConfig))
+
+
+def upgrade_saved_config(saved: dict) -> dict:
+    """A saved ``spot_config`` (checkpoint, registered model) as ``create_model`` keywords of the current
+    format: format-1 configs get the defaults of their time (:data:`FORMAT_1_DEFAULTS`) for the options
+    they did not record. Raises ValueError for a format this code does not know."""
+    config = dict(saved)
+    found = config.get(FORMAT_KEY, 1)
+    if found == CONFIG_FORMAT:
+        return config
+    if found != 1:
+        raise ValueError(f"saved SPOT config of format {found!r}; this code reads 1 and {CONFIG_FORMAT}")
+    return {**FORMAT_1_DEFAULTS, **config, FORMAT_KEY: CONFIG_FORMAT}

@@ -68,8 +68,9 @@ def read_checkpoint(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor
 
 
 def build_model(config: dict, state: dict[str, torch.Tensor]) -> nn.Module:
-    """The model of ``spot_config`` with ``state`` loaded, in eval (prune) mode."""
-    model = spot.create_model(**config)
+    """The model of ``spot_config`` (any saved format: ``spot.upgrade_saved_config``) with ``state`` loaded,
+    in eval (prune) mode."""
+    model = spot.create_model(**spot.upgrade_saved_config(config))
     model.load_state_dict(state)
     return model.eval()
 

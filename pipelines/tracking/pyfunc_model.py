@@ -1,8 +1,9 @@
 """MLflow "models from code" file of a registered SPOT model (logged by :mod:`pipelines.tracking.registry`).
 
 MLflow runs this file to load the model: ``load_context`` rebuilds the architecture with
-``spot.create_model(**spot_config)`` and loads the state_dict with ``weights_only=True``, so no pickled
-code is ever executed. ``predict`` takes images ``(B, 3, S, S)`` normalised with the model's own mean / std
+``spot.create_model`` from ``spot_config`` (any saved format: ``spot.upgrade_saved_config``) and loads the
+state_dict with ``weights_only=True``, so no pickled code is ever executed. ``predict`` takes images
+``(B, 3, S, S)`` normalised with the model's own mean / std
 (``spot.input_normalization``, recorded in ``spot_config``) and returns logits (prune mode).
 """
 
@@ -20,7 +21,7 @@ import spot
 class SpotModel(PythonModel):
     def load_context(self, context) -> None:
         config = json.loads(Path(context.artifacts["spot_config"]).read_text())
-        self.model = spot.create_model(**config)
+        self.model = spot.create_model(**spot.upgrade_saved_config(config))
         state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
         self.model.load_state_dict(state)
         self.model.eval()

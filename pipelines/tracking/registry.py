@@ -48,7 +48,8 @@ SPOT_PACKAGE = Path(spot.__file__).parent  # travels with the model (code_paths)
 MODEL_ARTIFACT = "model"
 ARTIFACTS = ("spot_config", "weights")
 PROJECT_KEY = "spot_vit"  # MLmodel metadata that marks a model this project registered
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the spot_config artifact records every SPOT option (spot.config.CONFIG_FORMAT)
+READABLE_FORMATS = (1, FORMAT_VERSION)  # format 1 configs load with the defaults of their time
 CODE_LOADER = "mlflow.pyfunc.loaders.code_model"  # the pyfunc loader of a "models from code" model
 REQUIREMENTS = ("torch", "timm", "numpy", "mlflow")
 
@@ -63,9 +64,9 @@ def _spot_model(model_dir: Path, uri: str) -> nn.Module:
     model = Model.load(mlmodel)
     conf = model.flavors.get("python_function", {})
     ours = (model.metadata or {}).get(PROJECT_KEY, {})
-    if conf.get("loader_module") != CODE_LOADER or ours.get("format") != FORMAT_VERSION:
+    if conf.get("loader_module") != CODE_LOADER or ours.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{uri} is not a SPOT model registered by this project (no {PROJECT_KEY!r} format "
-                         f"{FORMAT_VERSION} in its MLmodel metadata); not loaded: its code would run")
+                         f"in {READABLE_FORMATS} in its MLmodel metadata); not loaded: its code would run")
     paths = {key: model_dir / conf.get("artifacts", {}).get(key, {}).get("path", key) for key in ARTIFACTS}
     missing = [key for key, path in paths.items() if not path.is_file()]
     if missing:

@@ -8,7 +8,7 @@ import timm
 from torch import nn
 
 from spot.checkpoint import load_pretrained
-from spot.config import SPOT_OPTIONS, SpotConfig
+from spot.config import CONFIG_FORMAT, FORMAT_KEY, SPOT_OPTIONS, SpotConfig
 from spot.models.base import attach_spot
 from spot.models.deit import TIMM_NAMES as DEIT_NAMES
 from spot.models.deit import patch_vit
@@ -26,6 +26,7 @@ def create_model(
     selector: str = "learned",
     pretrained: str | Path | None = None,
     num_classes: int = 1000,
+    spot_format: int = CONFIG_FORMAT,
     **overrides,
 ) -> nn.Module:
     """Build backbone ``name`` (``deit_t|s|b``, ``lvvit_t|s``) with SPOT stages at retention ``rho``.
@@ -35,8 +36,15 @@ def create_model(
     ``num_heads``, ``mlp_ratio``, ``drop_path_rate``...) or SPOT options (fields of ``SpotConfig``:
     ``stage_blocks``, ``d_remap``, ``attn_mean``, ``attn_var``, ``head_avg``, ``shared_predictor``,
     ``fuse_dropped``, ``sampling``, ``tau``). ``pretrained``: a checkpoint path, ``"hub"`` or ``"hub:<tag>"``.
-    The model carries ``spot_config``: ``create_model(**model.spot_config)`` rebuilds the architecture.
+    The model carries ``spot_config``: ``create_model(**model.spot_config)`` rebuilds the architecture. It
+    records every ``SpotConfig`` option (defaults too) and its format (``spot_format``), so a saved model
+    keeps its behaviour when a default changes; read older saved configs with ``upgrade_saved_config``.
     """
+    if spot_format != CONFIG_FORMAT:
+        raise ValueError(
+            f"{FORMAT_KEY}={spot_format!r}: create_model reads format {CONFIG_FORMAT}; pass a saved config "
+            "through spot.upgrade_saved_config first"
+        )
     if name not in TIMM_NAMES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     spot_opts = {k: v for k, v in overrides.items() if k in SPOT_OPTIONS}
@@ -52,12 +60,11 @@ def create_model(
     else:
         attach_spot(model, cfg, model.embed_dim, model.blocks[0].attn.num_heads)
     model.spot_config = {
+        FORMAT_KEY: CONFIG_FORMAT,
         "name": name,
-        "rho": rho,
-        "selector": selector,
         "num_classes": num_classes,
-        **overrides,
-        "stage_blocks": list(cfg.stage_blocks),
+        **arch_opts,
+        **cfg.to_dict(),  # every option, defaulted ones too
     }
     if pretrained is not None:
         load_pretrained(model, pretrained)
