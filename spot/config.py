@@ -33,8 +33,10 @@ class SpotConfig:
     sampling: str = "gumbel"  # training masks: Gumbel-Softmax, or the deterministic top-k of inference
     tau: float = 1.0  # Gumbel-Softmax temperature
     d_remap: int | None = None  # width of the remapped token features; None = embedding width, 0 = none
-    attn_mean: bool = True  # D^M: statistics of the running mean of attention maps (Table 2)
-    attn_var: bool = True  # D^Sigma: statistics of the running variance (Table 2)
+    attn_mean: bool = True  # cross-layer D^M: statistics of the running mean of attention maps
+    attn_var: bool = True  # cross-layer D^Sigma: statistics of the running variance (both off: Table 2 row 3)
+    descriptor_means: bool = True  # the row / column means of every map (mu-hat; off: Table 2 row 1)
+    descriptor_variances: bool = True  # the row / column variances of every map (sigma-hat^2; off: row 2)
     head_avg: bool = False  # average the statistics over heads instead of one set per head
     shared_predictor: bool = False  # one relevance module for all stages (Table 8)
     fuse_dropped: bool = False  # soft sparsification: fuse dropped tokens into one extra token
@@ -82,6 +84,13 @@ class SpotConfig:
 
 
 SPOT_OPTIONS = frozenset(f.name for f in fields(SpotConfig))
+# The paper's Table 2 (reduced attention information): the options of each row, and its predictor overhead
+# for DeiT-S at rho 0.7 in GMACs (the paper's "GFLOPs"; 0.129 with nothing removed, Sec. 4.2).
+TABLE_2_ROWS = {
+    "no means": ({"descriptor_means": False}, 0.120),
+    "no variances": ({"descriptor_variances": False}, 0.120),
+    "no cross-layer": ({"attn_mean": False, "attn_var": False}, 0.111),
+}
 
 
 def upgrade_saved_config(saved: dict) -> dict:

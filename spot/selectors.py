@@ -12,6 +12,12 @@ from spot.relevance import TokenRelevance
 DEGREE = (1.0, 1.0, 1.0, 1.0, 2.0, 2.0)  # of each descriptor in the map: cls/means 1, variances 2
 
 
+def statistic_columns(cfg: SpotConfig) -> list[int]:
+    """Which of a map's six descriptors ``[cls_out, cls_in, row_mean, col_mean, row_var, col_var]`` the
+    relevance module reads: Table 2's rows remove all means or all variances."""
+    return [0, 1] + [2, 3] * cfg.descriptor_means + [4, 5] * cfg.descriptor_variances
+
+
 def relevance_features(
     cfg: SpotConfig,
     attn: Tensor,
@@ -54,7 +60,10 @@ def relevance_features(
         spread = torch.addcmul(s2[window], s1[window], s1[window], value=-1.0 / layers)  # L * Sigma
         maps.append((spread, scale.square() / layers))
     degree = scale.new_tensor(DEGREE)
+    columns = statistic_columns(cfg)
     desc = torch.cat([attention_descriptors(m, keep) * c**degree for m, c in maps], dim=-1)  # (b, H, N, F/H)
+    if len(columns) < len(DEGREE):  # Table 2's rows: drop the means or the variances of every map
+        desc = desc[..., [6 * i + j for i in range(len(maps)) for j in columns]]
     if cfg.head_avg:
         return desc.mean(1)
     return desc.permute(0, 2, 1, 3).flatten(2)
@@ -85,4 +94,4 @@ def score_tokens(
 
 def num_descriptors(cfg: SpotConfig, num_heads: int) -> int:
     maps = 1 + int(cfg.attn_mean) + int(cfg.attn_var)
-    return 6 * maps * (1 if cfg.head_avg else num_heads)
+    return len(statistic_columns(cfg)) * maps * (1 if cfg.head_avg else num_heads)

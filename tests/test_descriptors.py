@@ -119,3 +119,34 @@ def test_history_gather_in_chunks_keeps_exactly_the_kept_rows_and_columns(monkey
         torch.testing.assert_close(history.sum_sq[b], s2[b][:, sel][:, :, sel], rtol=0, atol=0)
         torch.testing.assert_close(history.cls_sum[b], s1[b][:, 0, sel], rtol=0, atol=0)
     torch.testing.assert_close(s1, maps[0] + maps[1])  # the layers' sums, before the gather
+
+
+@pytest.mark.parametrize(
+    "options, columns",
+    [({"descriptor_means": False}, [0, 1, 4, 5]), ({"descriptor_variances": False}, [0, 1, 2, 3]),
+     ({"descriptor_means": False, "attn_var": False}, [0, 1, 4, 5])],
+)
+def test_table_2_rows_drop_the_means_or_variances_of_every_map(options, columns):
+    """Table 2's rows remove mu-hat (row / column means) or sigma-hat^2 (variances) of A, M and Sigma alike;
+    the cross-layer switches remove whole maps."""
+    from spot.config import SpotConfig
+    from spot.descriptors import AttentionHistory
+    from spot.selectors import num_descriptors, relevance_features
+
+    maps = [random_attention(seed=s).float() for s in range(3)]
+
+    def features(cfg):
+        history = AttentionHistory(batch=2)
+        for i, m in enumerate(maps):
+            describe = partial(relevance_features, cfg, keep=None, n=8) if i == len(maps) - 1 else None
+            history.start_layer(describe=describe)
+            history.add(m)
+        return history.features.view(2, 8, 3, -1)  # (B, N, heads, maps * statistics)
+
+    full = features(SpotConfig())
+    cfg = SpotConfig(**options)
+    got = features(cfg)
+    kept_maps = [0] + [1] * cfg.attn_mean + [2] * cfg.attn_var
+    want = full[..., [6 * m + c for m in kept_maps for c in columns]]
+    assert got.shape[-1] * 3 == num_descriptors(cfg, 3)
+    torch.testing.assert_close(got, want)

@@ -69,3 +69,14 @@ def test_rho_for_budget_meets_the_budget_tightly():
 def test_gmacs_reject_an_image_size_off_the_patch_grid():
     with pytest.raises(ValueError, match="multiple of the patch size"):
         spot.gmacs(tiny(), img_size=30)
+
+
+@pytest.mark.parametrize("row", sorted(spot.config.TABLE_2_ROWS))
+def test_table_2_rows_cost_the_paper_predictor_overheads(row):
+    """The paper's Table 2 rows (all means / all variances / the cross-layer maps removed) on DeiT-S at
+    rho 0.7: predictor GMACs against the paper's, and below the full module's."""
+    options, paper = spot.config.TABLE_2_ROWS[row]
+    ablated = spot.create_model("deit_s", rho=0.7, **options)
+    full = spot.predictor_gmacs(spot.create_model("deit_s", rho=0.7))
+    assert spot.predictor_gmacs(ablated) == pytest.approx(paper, abs=0.002)
+    assert spot.predictor_gmacs(ablated) < full

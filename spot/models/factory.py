@@ -34,7 +34,8 @@ def create_model(
     ``rho=None`` gives the dense backbone with the same module names (teacher / baseline).
     ``overrides`` are backbone arguments (``img_size``, ``patch_size``, ``depth``, ``embed_dim``,
     ``num_heads``, ``mlp_ratio``, ``drop_path_rate``...) or SPOT options (fields of ``SpotConfig``:
-    ``stage_blocks``, ``d_remap``, ``attn_mean``, ``attn_var``, ``head_avg``, ``shared_predictor``,
+    ``stage_blocks``, ``d_remap``, ``attn_mean``, ``attn_var``, ``descriptor_means``,
+    ``descriptor_variances``, ``head_avg``, ``shared_predictor``,
     ``fuse_dropped``, ``sampling``, ``tau``). ``pretrained``: a checkpoint path, ``"hub"`` or ``"hub:<tag>"``.
     The model carries ``spot_config``: ``create_model(**model.spot_config)`` rebuilds the architecture. It
     records every ``SpotConfig`` option (defaults too) and its format (``spot_format``), so a saved model
