@@ -1,11 +1,10 @@
 #!/usr/bin/env python
-"""Token selectors compared on the same weights (paper Table 7): random, class attention, learned SPOT.
+"""Token selectors compared (paper Table 7): random, class attention (training-free and fine-tuned), SPOT.
 
-    python pipelines/compare.py --dense models:/spot-deit_t-dense/1 --spot models:/spot-deit_t/1 --rho 0.7 0.5
+    python pipelines/compare.py --dense models:/spot-deit_t-dense/1 --spot models:/spot-deit_t/1 \
+        --heuristic models:/spot-deit_t-cls-attn/1 --rho 0.7 0.5
 
-From the dense model, ``random`` and ``cls_attn_avg`` (training-free) are evaluated at each rho on the dense
-weights; the SPOT model (fine-tuned from the dense one) is evaluated at each rho with its own weights. Every
-row reads the whole val split in prune mode; GMACs are ``spot.gmacs``; images/s are measured in this process.
+What each row is: :mod:`pipelines.evaluation.compare`.
 """
 
 from __future__ import annotations
@@ -28,14 +27,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dense", required=True, help="the dense model: checkpoint dir or models:/ URI")
     parser.add_argument("--spot", help="a SPOT model fine-tuned from it (checkpoint dir or models:/ URI)")
+    parser.add_argument("--heuristic", help="the class-attention model fine-tuned from the same dense model "
+                        "under the same recipe (finetune.py --selector cls_attn_avg; paper Table 7)")
     parser.add_argument("--rho", type=float, nargs="+", default=[0.7, 0.5], help="retention rates [0.7 0.5]")
     add_evaluation_options(parser, experiment="spot-compare")
     args = parser.parse_args(argv)
     try:
         data, uri, device = evaluation_inputs(args)
         dense, sparse = load_model(args.dense), (load_model(args.spot) if args.spot else None)
+        heuristic = load_model(args.heuristic) if args.heuristic else None
+        if heuristic is not None and heuristic.spot_options.selector != "cls_attn_avg":
+            raise ValueError(f"--heuristic {args.heuristic}: a {heuristic.spot_options.selector!r} model, "
+                             "not one fine-tuned with --selector cls_attn_avg")
         rows = compare.comparison_models(dense, sparse, args.rho, dense_weights=args.dense,
-                                         spot_weights=args.spot)
+                                         spot_weights=args.spot, heuristic=heuristic,
+                                         heuristic_weights=args.heuristic)
         results = compare.compare(rows, data, batch_size=args.batch_size, throughput_batch=64, device=device)
         table = compare.format_comparison(results)
         print(table)

@@ -2,13 +2,16 @@
 """``make demo``: the whole pipeline on the built-in cluttered digits, on this machine's CPUs, in minutes.
 
 1. cluttered-digits shards in ./data/cluttered-digits (made on first use): one real digit scan among
-   fragments of other scans, so most tokens are background;
+   fragments of other scans, so most tokens are background (``--source cluttered-digits-hard``: the harder
+   canvases of pipelines/data/hard_cluttered_digits.py, in ./data/cluttered-digits-hard);
 2. dense baseline: a small DeiT trained from scratch with 2 Ray Train workers (DDP over gloo);
 3. SPOT at rho 0.7: fine-tuned from the registered dense model, which is also its frozen teacher;
-4. selectors compared on the same weights (paper Table 7): random and class attention on the dense
-   weights, SPOT on its own, at rho 0.7 and 0.5, with top-1, GMACs and images/s, plus the kept-token
-   figures (Fig. 3); table and figures logged to MLflow;
-5. both models registered in MLflow (./mlflow.db); how to open the MLflow UI is printed at the end.
+4. the class-attention model fine-tuned from the same dense model with the same recipe (``--selector
+   cls_attn_avg``, as the paper's Table 7 did);
+5. selectors compared (paper Table 7): random and class attention on the dense weights, the fine-tuned
+   class-attention model and SPOT on their own, at rho 0.7 and 0.5, with top-1, GMACs and images/s, plus
+   the kept-token figures (Fig. 3); table and figures logged to MLflow;
+6. the models registered in MLflow (./mlflow.db); how to open the MLflow UI is printed at the end.
 """
 
 from __future__ import annotations
@@ -26,7 +29,13 @@ import torch
 
 from pipelines.evaluation import compare
 from pipelines.tracking.registry import load_model
-from pipelines.training.config import DIGITS_SPOT_FINETUNE, RUNS_DIR, resolve_config
+from pipelines.training.config import (
+    BUILTIN_TASKS,
+    DIGITS_SOURCE,
+    DIGITS_SPOT_FINETUNE,
+    RUNS_DIR,
+    resolve_config,
+)
 from pipelines.training.job import run as run_job
 from pipelines.training.ray_session import start_local_ray
 from pipelines.utils.errors import TrackingError, first_line
@@ -52,16 +61,17 @@ def ui_hint(uri: str) -> str:
 RHOS = (0.7, 0.5)
 
 
-def run_demo(num_workers: int = 2, epochs: int | None = None) -> dict:
-    """Dense baseline, SPOT from it, the selector comparison; returns both RESULT dicts, rows and table."""
-    options = {"experiment": EXPERIMENT, "num_workers": num_workers}
+def run_demo(num_workers: int = 2, epochs: int | None = None, source: str = DIGITS_SOURCE) -> dict:
+    """Dense baseline, SPOT and fine-tuned class attention from it, the selector comparison; returns the
+    three RESULT dicts, rows and table."""
+    options = {"experiment": EXPERIMENT, "num_workers": num_workers, "source": source}
     stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
     dense_options = {**options, "dense": True, "run_name": f"demo-dense-{stamp}"}
     dense_config = resolve_config(dense_options | ({"epochs": epochs} if epochs else {}))
     start_local_ray(max(os.cpu_count() or 1, num_workers))
     try:
         print(
-            f"== 1/3 dense baseline: {dense_config.backbone} {dense_config.model_args}, "
+            f"== 1/4 dense baseline: {dense_config.backbone} {dense_config.model_args}, "
             f"{dense_config.epochs} epochs, {num_workers} Ray Train workers",
             flush=True,
         )
@@ -70,23 +80,32 @@ def run_demo(num_workers: int = 2, epochs: int | None = None) -> dict:
         spot_options = {**options, **DIGITS_SPOT_FINETUNE, "pretrained": teacher, "rho": RHOS[0]}
         spot_config = resolve_config(spot_options | {"run_name": f"demo-spot-{stamp}"})
         print(
-            f"== 2/3 SPOT rho {spot_config.rho}: {spot_config.epochs} epochs from {teacher} (its teacher)",
+            f"== 2/4 SPOT rho {spot_config.rho}: {spot_config.epochs} epochs from {teacher} (its teacher)",
             flush=True,
         )
         sparse = run_job(spot_config)
+        heuristic_config = resolve_config(
+            spot_options | {"selector": "cls_attn_avg", "run_name": f"demo-cls-attn-{stamp}"}
+        )
+        print(f"== 3/4 class attention rho {heuristic_config.rho}: the same {heuristic_config.epochs} epochs "
+              f"and learning rates from {teacher}", flush=True)
+        heuristic = run_job(heuristic_config)
     finally:
         ray.shutdown()
-    print("== 3/3 selectors on the same weights, on the validation split", flush=True)
+    print("== 4/4 selectors on the validation split", flush=True)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    dense_uri, spot_uri = (
-        f"models:/{r['registered_model']}/{r['registered_version']}" for r in (dense, sparse)
+    dense_uri, spot_uri, heuristic_uri = (
+        f"models:/{r['registered_model']}/{r['registered_version']}" for r in (dense, sparse, heuristic)
     )
+    epochs = f"({dense_config.epochs} + {spot_config.epochs} epochs)"
     rows = compare.comparison_models(
         load_model(dense_uri),
         load_model(spot_uri),
         list(RHOS),
         dense_weights=f"dense ({dense_config.epochs} epochs)",
-        spot_weights=f"SPOT rho {spot_config.rho} ({dense_config.epochs} + {spot_config.epochs} epochs)",
+        spot_weights=f"SPOT rho {spot_config.rho} {epochs}",
+        heuristic=load_model(heuristic_uri),
+        heuristic_weights=f"class attention rho {heuristic_config.rho} {epochs}",
     )
     data = dense_config.data
     results = compare.compare(rows, data, batch_size=64, throughput_batch=64, device=device)
@@ -98,6 +117,7 @@ def run_demo(num_workers: int = 2, epochs: int | None = None) -> dict:
     return {
         "dense": dense,
         "spot": sparse,
+        "heuristic": heuristic,
         "rows": results,
         "table": table,
         "figures": figures,
@@ -109,16 +129,18 @@ def run_demo(num_workers: int = 2, epochs: int | None = None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-workers", type=int, default=2, help="Ray Train workers [default: 2]")
-    parser.add_argument("--epochs", type=int, help="epochs of the dense run [default: the digits preset]")
+    parser.add_argument("--epochs", type=int, help="epochs of the dense run [default: the task's preset]")
+    parser.add_argument("--source", default=DIGITS_SOURCE, choices=tuple(BUILTIN_TASKS),
+                        help=f"the built-in task [default: {DIGITS_SOURCE}]")
     args = parser.parse_args(argv)
     started = time.monotonic()
     try:
-        demo = run_demo(args.num_workers, args.epochs)
+        demo = run_demo(args.num_workers, args.epochs, args.source)
     except (ValueError, FileNotFoundError, TrackingError) as err:
         print(f"demo: error: {first_line(err)}", file=sys.stderr)
         return 2
     print(f"\n{demo['table']}\n")
-    for label in ("dense", "spot"):
+    for label in ("dense", "spot", "heuristic"):
         r = demo[label]
         champion = " (champion)" if r["champion"] else ""
         print(f"registered {label}: models:/{r['registered_model']}/{r['registered_version']}{champion}, "

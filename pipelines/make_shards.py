@@ -1,6 +1,7 @@
 """Turn a dataset into WebDataset shards for the DALI loader (command line over pipelines/data/shards.py).
 
 python pipelines/make_shards.py --source cluttered-digits --out data/cluttered-digits
+python pipelines/make_shards.py --source cluttered-digits-hard --out data/cluttered-digits-hard
 python pipelines/make_shards.py --source digits --out data/digits
 python pipelines/make_shards.py --source imagefolder:/data/imagenet/train --out data/in1k --split train
 python pipelines/make_shards.py --source csv:/data/imagenet/val.csv --out data/in1k --split val
@@ -24,7 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument(
         "--source", required=True,
-        help="cluttered-digits | digits (built in) | imagefolder:DIR | csv:FILE (path,label rows)",
+        help="cluttered-digits | cluttered-digits-hard | digits (built in) | imagefolder:DIR | csv:FILE "
+        "(path,label rows)",
     )
     parser.add_argument("--out", required=True, type=Path, help="shard directory (manifest.json goes here)")
     parser.add_argument(

@@ -94,3 +94,18 @@ def trained(ray_cluster, pipeline_dir, tiny_options):
         teacher = f"models:/{dense['registered_model']}/{dense['registered_version']}"
         sparse = run(resolve_config({**tiny_options, "pretrained": teacher, "epochs": 2, "run_name": "spot"}))
     return {"dense": dense, "spot": sparse}
+
+
+@pytest.fixture(scope="session")
+def trained_heuristic(trained, pipeline_dir, tiny_options):
+    """The class-attention model fine-tuned from the same registered dense model with the same epochs and
+    learning rates as ``trained``'s SPOT run (``finetune.py --selector cls_attn_avg``, paper Table 7)."""
+    import contextlib
+
+    from pipelines.training.config import resolve_config
+    from pipelines.training.job import run
+
+    teacher = f"models:/{trained['dense']['registered_model']}/{trained['dense']['registered_version']}"
+    with contextlib.chdir(pipeline_dir):
+        return run(resolve_config({**tiny_options, "pretrained": teacher, "epochs": 2,
+                                   "selector": "cls_attn_avg", "run_name": "cls-attn"}))

@@ -53,3 +53,40 @@ def test_one_row_per_selector_and_rho_on_the_same_samples(trained, digits_shards
     assert run.data.metrics["cls_attn_avg_rho0.5_top1"] == results[5]["top1"]
     names = {a.path for a in client.list_artifacts(run_id, "token_masks")}
     assert names == {f"token_masks/{f.name}" for f in figures}
+
+
+def test_fine_tuned_class_attention_row_beside_the_training_free_one(
+    trained, trained_heuristic, digits_shards, mlflow_uri, pipeline_dir, capsys
+):
+    """Table 7 as the paper did it: class attention fine-tuned from the same dense model, registered apart
+    from SPOT's models, evaluated with its own weights next to the training-free row; compare.py --heuristic
+    prints the row and refuses a model that is not a class-attention one."""
+    from pipelines import compare as compare_cli
+
+    runs = {"dense": trained["dense"], "spot": trained["spot"], "heuristic": trained_heuristic}
+    uri = {k: f"models:/{r['registered_model']}/{r['registered_version']}" for k, r in runs.items()}
+    assert trained_heuristic["registered_model"] == "spot-deit_t-cls-attn"
+    mlflow.set_tracking_uri(mlflow_uri)
+    with contextlib.chdir(pipeline_dir):
+        dense, sparse, heuristic = (load_model(uri[k]) for k in ("dense", "spot", "heuristic"))
+    assert heuristic.spot_options.selector == "cls_attn_avg" and heuristic.spot_predictors is None
+    trained_away = [k for k, v in heuristic.state_dict().items() if not torch.equal(v, dense.state_dict()[k])]
+    assert trained_away  # fine-tuned: its weights are not the dense model's
+    rows = compare.comparison_models(dense, sparse, [0.5], dense_weights="d", spot_weights="s",
+                                     heuristic=heuristic, heuristic_weights="h")
+    assert [labels["selector"] for labels, _ in rows] == [
+        "none (dense)", "random", "cls_attn_avg", "cls_attn_avg (fine-tuned)", "learned (SPOT)"]
+    labels, model = rows[3]
+    assert labels["weights"] == "h" and model.spot_options.selector == "cls_attn_avg"
+    for name, value in heuristic.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0)
+
+    args = ["--dense", uri["dense"], "--spot", uri["spot"], "--heuristic", uri["heuristic"], "--rho", "0.5",
+            "--data", str(digits_shards), "--mlflow-uri", mlflow_uri]
+    with contextlib.chdir(pipeline_dir):
+        assert compare_cli.main(args) == 0
+        table = capsys.readouterr().out
+        assert "| cls_attn_avg (fine-tuned) | " + uri["heuristic"] in table
+        wrong = args[:4] + ["--heuristic", uri["spot"]] + args[6:]
+        assert compare_cli.main(wrong) == 2
+    assert "not one fine-tuned with --selector cls_attn_avg" in capsys.readouterr().err

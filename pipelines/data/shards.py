@@ -29,7 +29,7 @@ from PIL import ExifTags, Image, ImageOps
 from tqdm import tqdm
 from wds2idx import IndexCreator
 
-from pipelines.data import cluttered_digits
+from pipelines.data import cluttered_digits, hard_cluttered_digits
 from pipelines.data.manifest import (
     COMPONENTS,
     FORMAT,
@@ -48,7 +48,12 @@ from pipelines.data.manifest import (
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
 DIGITS_IMG_SIZE = 64
 DIGITS_SPLITS = ("train", "val")
-BUILTIN_IMG_SIZE = {"digits": DIGITS_IMG_SIZE, "cluttered-digits": cluttered_digits.CANVAS}  # default sides
+BUILTIN_IMG_SIZE = {  # default sides
+    "digits": DIGITS_IMG_SIZE,
+    "cluttered-digits": cluttered_digits.CANVAS,
+    "cluttered-digits-hard": hard_cluttered_digits.CANVAS,
+}
+CANVAS_MODULES = {"cluttered-digits": cluttered_digits, "cluttered-digits-hard": hard_cluttered_digits}
 BUILTIN_SOURCES = tuple(BUILTIN_IMG_SIZE)  # made by this project, no path
 DIGITS_VAL_FRACTION = 0.2
 JPEG_QUALITY = 90
@@ -76,7 +81,8 @@ class Problem:
 
 
 def parse_source(source: str) -> tuple[str, Path | None]:
-    """Split ``digits`` / ``cluttered-digits`` / ``imagefolder:DIR`` / ``csv:FILE`` into kind and path."""
+    """Split a built-in source (``digits``, ``cluttered-digits``, ``cluttered-digits-hard``),
+    ``imagefolder:DIR`` or ``csv:FILE`` into kind and path."""
     kind, _, arg = source.partition(":")
     if kind in BUILTIN_SOURCES and not arg:
         return kind, None
@@ -86,7 +92,8 @@ def parse_source(source: str) -> tuple[str, Path | None]:
             raise SourceError(f"source {source!r}: {path} does not exist")
         return kind, path
     raise SourceError(
-        f"source {source!r}: expected 'digits', 'cluttered-digits', 'imagefolder:DIR' or 'csv:FILE'"
+        f"source {source!r}: expected one of {', '.join(map(repr, BUILTIN_SOURCES))}, 'imagefolder:DIR' or "
+        "'csv:FILE'"
     )
 
 
@@ -114,17 +121,17 @@ def digits_items(split: str) -> list[Item]:
     return [Item(f"digits:{i}", int(digits.target[i]), pixels=pixels[i]) for i in sorted(chosen)]
 
 
-def cluttered_digits_items(split: str, seed: int) -> list[Item]:
-    """The canvases of ``split`` (:mod:`pipelines.data.cluttered_digits`), with the digit's box in the
-    meta."""
+def cluttered_digits_items(split: str, seed: int, source: str = "cluttered-digits") -> list[Item]:
+    """The canvases of ``split`` (:mod:`pipelines.data.cluttered_digits`, or for ``cluttered-digits-hard``
+    :mod:`pipelines.data.hard_cluttered_digits`), with the digit's box in the meta."""
     return [
         Item(
-            f"cluttered-digits:{c.scan}:{i}",
+            f"{source}:{c.scan}:{i}",
             c.label,
             pixels=c.pixels,
             meta={"scan": c.scan, "digit_box": list(c.box), "clutter_scans": list(c.clutter)},
         )
-        for i, c in enumerate(cluttered_digits.make_canvases(split, seed))
+        for i, c in enumerate(CANVAS_MODULES[source].make_canvases(split, seed))
     ]
 
 
@@ -389,7 +396,7 @@ def write_shards(
             classes = _merge_classes([str(d) for d in range(10)], existing, kind)
             if name not in DIGITS_SPLITS:
                 raise SourceError(f"{kind} has splits {DIGITS_SPLITS}, not {name!r}")
-            items = digits_items(name) if kind == "digits" else cluttered_digits_items(name, seed)
+            items = digits_items(name) if kind == "digits" else cluttered_digits_items(name, seed, kind)
         elif kind == "imagefolder":
             classes, items, problems = imagefolder_items(path, existing)
         else:

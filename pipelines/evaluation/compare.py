@@ -1,10 +1,13 @@
-"""Token selectors compared on the same weights (paper Table 7): random, class attention, learned SPOT.
+"""Token selectors compared (paper Table 7): random, class attention (training-free and fine-tuned), SPOT.
 
-    python pipelines/compare.py --dense models:/spot-deit_t-dense/1 --spot models:/spot-deit_t/1 --rho 0.7 0.5
+    python pipelines/compare.py --dense models:/spot-deit_t-dense/1 --spot models:/spot-deit_t/1 \
+        --heuristic models:/spot-deit_t-cls-attn/1 --rho 0.7 0.5
 
 From the dense model, ``random`` and ``cls_attn_avg`` (training-free) are evaluated at each rho on the dense
-weights; the SPOT model (fine-tuned from the dense one) is evaluated at each rho with its own weights. Every
-row reads the whole val split in prune mode; GMACs are ``spot.gmacs``; images/s are measured in this process.
+weights; the SPOT model and the class-attention model fine-tuned from the same dense model under the same
+recipe (``finetune.py --selector cls_attn_avg``, as the paper's Table 7 did) are evaluated at each rho with
+their own weights. Every row reads the whole val split in prune mode; GMACs are ``spot.gmacs``; images/s are
+measured in this process.
 """
 
 from __future__ import annotations
@@ -23,6 +26,12 @@ from pipelines.utils.table import markdown_table
 
 COLUMNS = ("selector", "weights", "rho", "top-1", "GMACs", "images/s")
 TRAINING_FREE = ("random", "cls_attn_avg")
+FINETUNED_HEURISTIC = "cls_attn_avg (fine-tuned)"
+
+
+def row_key(selector: str) -> str:
+    """A row's selector label as a metric / file name: ``learned``, ``cls_attn_avg_finetuned``..."""
+    return selector.split()[0] + ("_finetuned" if "fine-tuned" in selector else "")
 
 
 def with_selector(model: nn.Module, rho: float | None, selector: str = "learned") -> nn.Module:
@@ -34,14 +43,25 @@ def with_selector(model: nn.Module, rho: float | None, selector: str = "learned"
 
 
 def comparison_models(
-    dense: nn.Module, sparse: nn.Module | None, rhos: list[float], *, dense_weights: str, spot_weights: str
+    dense: nn.Module,
+    sparse: nn.Module | None,
+    rhos: list[float],
+    *,
+    dense_weights: str,
+    spot_weights: str | None,
+    heuristic: nn.Module | None = None,
+    heuristic_weights: str | None = None,
 ) -> list[tuple[dict, nn.Module]]:
-    """``(row labels, model)`` per row: the dense model, then per rho each training-free selector and SPOT."""
+    """``(row labels, model)`` per row: the dense model, then per rho each training-free selector, the
+    fine-tuned class-attention model (``heuristic``, if given) and SPOT."""
     rows = [({"selector": "none (dense)", "weights": dense_weights, "rho": None}, with_selector(dense, None))]
     for rho in rhos:
         for selector in TRAINING_FREE:
             labels = {"selector": selector, "weights": dense_weights, "rho": rho}
             rows.append((labels, with_selector(dense, rho, selector)))
+        if heuristic is not None:
+            labels = {"selector": FINETUNED_HEURISTIC, "weights": heuristic_weights, "rho": rho}
+            rows.append((labels, with_selector(heuristic, rho, "cls_attn_avg")))
         if sparse is not None:
             labels = {"selector": "learned (SPOT)", "weights": spot_weights, "rho": rho}
             rows.append((labels, with_selector(sparse, rho)))
@@ -102,7 +122,7 @@ def mask_figures(
             first = next(iter(loader))[0][:images]
         torch.manual_seed(0)
         _, info = model(first, return_info=True)
-        name = f"masks_{labels['selector'].split()[0]}_rho{labels['rho']:g}.png"
+        name = f"masks_{row_key(labels['selector'])}_rho{labels['rho']:g}.png"
         spot.draw_token_masks(first, info.kept_indices, model.patch_embed.patch_size[0], out_dir / name,
                               min_side=MASKS_MIN_SIDE, **normalization)
         paths.append(out_dir / name)
@@ -115,10 +135,10 @@ def log_comparison(
     """One MLflow run holding the rows (metrics per selector and rho), the table and the figures."""
     metrics = {}
     for r in results:
-        key = r["selector"].split()[0] + ("" if r["rho"] is None else f"_rho{r['rho']:g}")
+        key = row_key(r["selector"]) + ("" if r["rho"] is None else f"_rho{r['rho']:g}")
         metrics |= {f"{key}_{k}": r[k] for k in ("top1", "gmacs", "images_per_s")}
     return log_results(
         tracking_uri, experiment, "compare-selectors",
-        params={"data": data} | {f"weights_{r['selector'].split()[0]}": r["weights"] for r in results},
+        params={"data": data} | {f"weights_{row_key(r['selector'])}": r["weights"] for r in results},
         metrics=metrics, text=("comparison.md", table), artifacts={"token_masks": figures},
     )

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 import spot
-from pipelines.data import cluttered_digits
+from pipelines.data import cluttered_digits, hard_cluttered_digits
 from pipelines.training import recipe
 from pipelines.utils.errors import ConfigError, check, first_line
 from spot.config import SELECTORS
@@ -29,6 +29,14 @@ from spot.losses import default_lambdas
 
 DIGITS_SOURCE = "cluttered-digits"  # the built-in task (pipelines/data/cluttered_digits.py)
 DIGITS_DIR = f"data/{DIGITS_SOURCE}"
+HARD = hard_cluttered_digits
+# The built-in tasks (--source, without --data): what each changes in the digits preset. The harder canvases
+# (pipelines/data/hard_cluttered_digits.py): 64 px, 64 tokens, their own pixel statistics, more epochs.
+BUILTIN_TASKS = {
+    DIGITS_SOURCE: {},
+    "cluttered-digits-hard": {"img_size": HARD.CANVAS, "mean": [HARD.PIXEL_MEAN] * 3,
+                              "std": [HARD.PIXEL_STD] * 3, "epochs": 8},
+}
 # SPOT fine-tuned from the dense digits model (make demo, the digits sweep): lower learning rates than the
 # dense run from scratch, no freeze, a quarter epoch of warm-up (docs/benchmarks.md, cluttered digits)
 DIGITS_SPOT_FINETUNE = {"epochs": 2, "lr": 1e-4, "predictor_lr": 1e-3, "freeze_epochs": 0,
@@ -37,6 +45,7 @@ RUNS_DIR = "ray_results"
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
 AMP_MODES = ("bf16", "fp16", "off")
 NO_DIGITS = object()
+SELECTOR_SUFFIX = {"cls_attn_avg": "-cls-attn", "random": "-random"}  # registered apart from SPOT's models
 
 
 def option(
@@ -71,6 +80,8 @@ class RunConfig:
         f"are made on first use in ./{DIGITS_DIR} and the small digits defaults apply", training=True,
         metavar="DIR",
     )
+    source: str = option(DIGITS_SOURCE, "the built-in task of a run without --data, made on first use in "
+                         "./data/<source> with its preset", training=True, choices=tuple(BUILTIN_TASKS))
     pretrained: str | None = option(
         None, "initial weights: checkpoint file, models:/NAME@ALIAS, or hub (needs network); SPOT runs "
         "distil from the frozen dense model built from the same weights", training=True, metavar="SOURCE",
@@ -149,8 +160,9 @@ class RunConfig:
     experiment: str = option("spot-finetune", "MLflow experiment", metavar="NAME")
     run_name: str | None = option(None, "run name = Ray storage dir = MLflow run name (default: "
                                   "<backbone>-<rho>-<time>)", metavar="NAME")
-    register_as: str | None = option(None, "registered model name (default: spot-<backbone>, "
-                                     "spot-<backbone>-dense for dense runs)", metavar="NAME")
+    register_as: str | None = option(None, "registered model name (default: spot-<backbone>; "
+                                     "spot-<backbone>-dense for dense runs, spot-<backbone>-cls-attn / "
+                                     "-random for the non-learned selectors)", metavar="NAME")
     mlflow_uri: str | None = option(None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                                     "sqlite:///<cwd>/mlflow.db)", metavar="URI")
     mlflow_wait: float = option(120.0, "seconds the end of a run waits for an unreachable MLflow server "
@@ -357,7 +369,7 @@ def _resolve_data(config: RunConfig, cwd: Path) -> None:
     from pipelines.data.shards import ensure_builtin_shards
 
     if config.data is None:
-        config.data = str(ensure_builtin_shards(cwd / DIGITS_DIR, DIGITS_SOURCE))
+        config.data = str(ensure_builtin_shards(cwd / "data" / config.source, config.source))
     config.data = str(Path(config.data).expanduser().resolve())
     manifest = read_manifest(config.data)
     for split in ("train", "val"):
@@ -384,8 +396,9 @@ def resolve_config(given: dict, *, cwd: Path | None = None) -> RunConfig:
     _check_types(given)
     unknown = sorted(set(given) - set(FIELDS) - {"dense"})
     check(not unknown, f"unknown option(s): {', '.join(unknown)}")
-    values = {**(digits_preset() if given.get("data") is None else {}),
-              **{k: v for k, v in given.items() if v is not None and k != "dense"}}
+    builtin = given.get("data") is None
+    preset = {**digits_preset(), **BUILTIN_TASKS[given.get("source") or DIGITS_SOURCE]} if builtin else {}
+    values = {**preset, **{k: v for k, v in given.items() if v is not None and k != "dense"}}
     config = RunConfig(**values)
     config.storage = config.storage or str(cwd / RUNS_DIR)
     if "://" not in config.storage:
@@ -414,5 +427,7 @@ def resolve_config(given: dict, *, cwd: Path | None = None) -> RunConfig:
     config.mlflow_uri = resolve_tracking_uri(config.mlflow_uri, cwd)
     rho_text = "dense" if config.dense else f"rho{config.rho}"
     config.run_name = config.run_name or f"{config.backbone}-{rho_text}-{datetime.now():%Y%m%d-%H%M%S}"
-    config.register_as = config.register_as or f"spot-{config.backbone}{'-dense' if config.dense else ''}"
+    kind = "-dense" if config.dense else SELECTOR_SUFFIX.get(config.selector, "")
+    task = f"-{config.source}" if builtin and config.source != DIGITS_SOURCE else ""  # apart from the digits'
+    config.register_as = config.register_as or f"spot-{config.backbone}{kind}{task}"
     return config

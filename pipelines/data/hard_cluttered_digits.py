@@ -1,0 +1,89 @@
+"""A harder built-in task (``cluttered-digits-hard``): the digit anywhere, clutter as bright as it, noise.
+
+Each sample is a ``CANVAS`` x ``CANVAS`` grey image: a scikit-learn digit scan (8 x 8, blown up to
+``DIGIT_SIDE`` px) at ANY pixel offset, so it straddles patch borders (up to 9 patches of 8 px), among
+``CLUTTER_PIECES`` fragments of other scans of the same split, blown up alike, scaled to the digit's own
+brightness and allowed to overlap its box (at most ``MAX_OVERLAP`` of a fragment's area lies inside it);
+then Gaussian sensor noise (``NOISE_STD`` of full scale) on every pixel. With patch 8 the canvas has 64
+tokens. Unlike :mod:`pipelines.data.cluttered_digits`, the digit is no longer the one bright compact blob.
+
+Splits, seeds and meta are as in :mod:`pipelines.data.cluttered_digits` (split by scan, clutter from the
+split's own scans, everything from ``numpy.random.default_rng``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipelines.data.cluttered_digits import SCALE, Canvas, split_scans
+
+CANVAS = 64
+DIGIT_SIDE = 8 * SCALE
+FRAGMENT = 4  # side of a clutter fragment in scan pixels
+CLUTTER_PIECES = 14
+MAX_OVERLAP = 0.25  # largest fraction of a fragment's area inside the digit's box
+NOISE_STD = 0.08  # Gaussian sensor noise, fraction of full scale
+CANVASES_PER_SCAN = {"train": 8, "val": 5}
+# Pixel mean / std of the train split on the [0, 1] scale (``pixel_stats("train")``, checked by the tests)
+PIXEL_MEAN = 0.131
+PIXEL_STD = 0.260
+
+
+def _blow_up(scan: np.ndarray) -> np.ndarray:
+    return np.kron(scan.astype(np.float32), np.ones((SCALE, SCALE), np.float32))
+
+
+def _overlap(y: int, x: int, side: int, top: int, left: int) -> float:
+    """Fraction of the fragment at ``(y, x)`` that lies inside the digit's box."""
+    dy = max(0, min(y + side, top + DIGIT_SIDE) - max(y, top))
+    dx = max(0, min(x + side, left + DIGIT_SIDE) - max(x, left))
+    return dy * dx / (side * side)
+
+
+def render(
+    scan: np.ndarray, fragments: list[np.ndarray], rng: np.random.Generator
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """A canvas with ``scan`` (8x8, 0-255) at a random pixel offset, ``fragments`` over and around it,
+    noise; and the digit's box."""
+    canvas = np.zeros((CANVAS, CANVAS), np.float32)
+    top, left = (int(v) for v in rng.integers(0, CANVAS - DIGIT_SIDE + 1, size=2))
+    digit = _blow_up(scan)
+    canvas[top : top + DIGIT_SIDE, left : left + DIGIT_SIDE] = digit
+    peak = float(digit.max())
+    side = FRAGMENT * SCALE
+    for fragment in fragments:
+        piece = _blow_up(fragment)
+        piece *= peak / max(float(piece.max()), 1.0)  # as bright as the digit
+        for _ in range(20):
+            y, x = (int(v) for v in rng.integers(0, CANVAS - side + 1, size=2))
+            if _overlap(y, x, side, top, left) <= MAX_OVERLAP:
+                window = canvas[y : y + side, x : x + side]
+                np.maximum(window, piece, out=window)
+                break
+    canvas += rng.normal(0.0, NOISE_STD * 255, size=canvas.shape).astype(np.float32)
+    return np.clip(np.round(canvas), 0, 255).astype(np.uint8), (top, left, DIGIT_SIDE)
+
+
+def make_canvases(split: str, seed: int = 0) -> list[Canvas]:
+    """``CANVASES_PER_SCAN[split]`` canvases per scan of ``split``, deterministic in ``seed``."""
+    scans, digits = split_scans(split)
+    images = np.round(digits.images * (255 / 16)).astype(np.uint8)
+    rng = np.random.default_rng([seed, list(CANVASES_PER_SCAN).index(split), 1])
+    out = []
+    for _ in range(CANVASES_PER_SCAN[split]):
+        for scan in scans:
+            others = rng.choice(scans[scans != scan], size=CLUTTER_PIECES)
+            fragments = []
+            for other in others:
+                y, x = (int(v) for v in rng.integers(0, 8 - FRAGMENT + 1, size=2))
+                fragments.append(images[other, y : y + FRAGMENT, x : x + FRAGMENT])
+            pixels, box = render(images[scan], fragments, rng)
+            clutter = tuple(int(o) for o in others)
+            out.append(Canvas(pixels, int(digits.target[scan]), int(scan), box, clutter))
+    return out
+
+
+def pixel_stats(split: str, seed: int = 0) -> tuple[float, float]:
+    """Mean and std of all pixels of ``split``'s canvases, on the [0, 1] scale."""
+    pixels = np.stack([c.pixels for c in make_canvases(split, seed)]).astype(np.float64) / 255
+    return float(pixels.mean()), float(pixels.std())

@@ -1,0 +1,71 @@
+"""The harder built-in task: the digit at any pixel offset, clutter as bright as it and over it, noise."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from pipelines.data import hard_cluttered_digits as hard
+from pipelines.data.cluttered_digits import digit_patches
+from pipelines.data.manifest import read_manifest
+from pipelines.data.shards import write_shards
+from pipelines.training.config import resolve_config
+from tests.test_shards import split_samples
+
+
+@pytest.fixture(scope="module")
+def canvases():
+    return hard.make_canvases("val")
+
+
+def test_digit_straddles_patch_borders_among_clutter_as_bright_as_it(canvases):
+    boxes = np.array([c.box for c in canvases])
+    assert (boxes[:, :2] % 8 != 0).any(axis=1).mean() > 0.9  # off the patch grid almost always
+    assert np.mean([len(digit_patches(c.box, 8, hard.CANVAS)) for c in canvases]) > 6  # of 64 tokens
+    scans = load_digits().images * (255 / 16)
+    overlapped, bright = 0, 0
+    for c in canvases[:300]:
+        top, left, side = c.box
+        pixels = c.pixels.astype(np.float32)
+        outside = pixels.copy()
+        outside[top : top + side, left : left + side] = 0
+        inside = pixels[top : top + side, left : left + side]
+        bright += outside.max() >= 0.9 * inside.max()
+        rest = np.ones_like(pixels, bool)
+        rest[top : top + side, left : left + side] = False
+        noise = pixels[rest][pixels[rest] < 60].std()  # the background carries sensor noise
+        assert noise > 0.03 * 255
+        blank = np.kron(scans[c.scan], np.ones((2, 2))) == 0  # where the digit itself has no ink
+        overlapped += (inside[blank] > 150).any()  # clutter drawn inside the digit's box
+    assert bright / 300 > 0.95 and overlapped / 300 > 0.25  # clutter ink inside the box: a third of them
+
+
+def test_same_seed_same_canvases_and_shards_hold_the_boxes(tmp_path, canvases):
+    again = hard.make_canvases("val")[:20]
+    for a, b in zip(canvases[:20], again, strict=True):
+        assert np.array_equal(a.pixels, b.pixels) and a.box == b.box
+    write_shards("cluttered-digits-hard", tmp_path, split="val", shard_size=2000, workers=1)
+    samples = split_samples(tmp_path, "val")
+    assert len(samples) == read_manifest(tmp_path).counts["val"] == len(canvases)
+    meta = json.loads(samples[0]["json"])
+    image = np.asarray(Image.open(io.BytesIO(samples[0]["jpg"])).convert("L"))
+    assert image.shape == (hard.CANVAS, hard.CANVAS) and meta["source"].startswith("cluttered-digits-hard:")
+    assert len(meta["digit_box"]) == 3
+
+
+def test_preset_normalisation_is_the_train_split_statistics():
+    mean, std = hard.pixel_stats("train")
+    assert mean == pytest.approx(hard.PIXEL_MEAN, abs=5e-4) and std == pytest.approx(hard.PIXEL_STD, abs=5e-4)
+
+
+def test_source_option_makes_the_hard_shards_with_its_own_preset_and_model_names(tmp_path):
+    config = resolve_config({"source": "cluttered-digits-hard", "dense": True}, cwd=tmp_path)
+    assert config.data == str(tmp_path / "data" / "cluttered-digits-hard")
+    assert read_manifest(config.data).info["val"]["params"]["source"] == "cluttered-digits-hard"
+    assert (config.img_size, config.mean, config.std) == (64, [hard.PIXEL_MEAN] * 3, [hard.PIXEL_STD] * 3)
+    assert config.register_as == "spot-deit_t-dense-cluttered-digits-hard"  # apart from the digits' models
+    spot_run = resolve_config({"source": "cluttered-digits-hard", "selector": "cls_attn_avg"}, cwd=tmp_path)
+    assert spot_run.register_as == "spot-deit_t-cls-attn-cluttered-digits-hard"
