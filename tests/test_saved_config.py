@@ -80,3 +80,34 @@ def test_unknown_format_is_refused_by_name():
         spot.upgrade_saved_config({"name": "deit_s", FORMAT_KEY: 7})
     with pytest.raises(ValueError, match="spot_format=1"):
         spot.create_model("deit_s", spot_format=1, **TINY)
+
+
+def test_model_registered_in_format_1_loads_with_the_defaults_of_its_time(tmp_path):
+    """An MLflow model as the registry wrote it before format 2 (project format 1, a format-1 spot_config
+    artifact) loads through ``load_model`` and through MLflow's pyfunc with its original options."""
+    import mlflow
+    import numpy as np
+
+    from pipelines.tracking.registry import PROJECT_KEY, PYFUNC_CODE, SPOT_PACKAGE, load_model
+
+    torch.manual_seed(0)
+    original = tiny("deit_s", rho=0.5, descriptor_scale="count", mask_grad="dynamicvit").eval()
+    old_config = {"name": "deit_s", "rho": 0.5, "selector": "learned", "num_classes": TINY["num_classes"],
+                  **{k: v for k, v in TINY.items() if k != "num_classes"}, "stage_blocks": [1, 2, 3]}
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(old_config))
+    torch.save(original.state_dict(), tmp_path / MODEL_FILE)
+    model_dir = tmp_path / "mlflow-model"
+    mlflow.pyfunc.save_model(
+        str(model_dir), python_model=str(PYFUNC_CODE), code_paths=[str(SPOT_PACKAGE)],
+        artifacts={"spot_config": str(tmp_path / CONFIG_FILE), "weights": str(tmp_path / MODEL_FILE)},
+        metadata={PROJECT_KEY: {"format": 1}}, pip_requirements=["torch"],
+    )
+    x = torch.randn(8, 3, 32, 32)
+    want, kept_want = _kept(original, x)
+    loaded = load_model(model_dir)
+    assert loaded.spot_options == original.spot_options
+    got, kept_got = _kept(loaded, x)
+    torch.testing.assert_close(got, want)
+    assert all(torch.equal(i, j) for i, j in zip(kept_got, kept_want, strict=True))
+    served = mlflow.pyfunc.load_model(str(model_dir)).predict(x.numpy())
+    np.testing.assert_allclose(served, want.numpy(), rtol=1e-5, atol=1e-5)
