@@ -33,7 +33,10 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the repos
 import mlflow  # noqa: E402
 
 from pipelines.evaluation import export  # noqa: E402
+from pipelines.tracking.registry import load_model  # noqa: E402
 from pipelines.tracking.store import resolve_tracking_uri  # noqa: E402
+from pipelines.utils.cli import bad_input  # noqa: E402
+from pipelines.utils.errors import ConfigError, TrackingError  # noqa: E402
 from spot.export import LOGITS_ATOL, ExportError  # noqa: E402
 
 
@@ -48,20 +51,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--no-mlflow", action="store_true", help="write the file only")
     p.add_argument(
-        "--mlflow-uri", default=None, help="tracking URI (default: MLFLOW_TRACKING_URI / ./mlruns)"
+        "--mlflow-uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)"
     )
     args = p.parse_args(argv)
-    if args.mlflow_uri:  # a password in it goes to MLflow's variables, never into what is logged
-        mlflow.set_tracking_uri(resolve_tracking_uri(args.mlflow_uri, Path.cwd()))
+    try:
+        export.check_export_options(tuple(args.check_batches), args.opset)
+        if args.mlflow_uri:  # a password in it goes to MLflow's variables, never into what is logged
+            mlflow.set_tracking_uri(resolve_tracking_uri(args.mlflow_uri, Path.cwd()))
+        model = load_model(args.model)  # a model that is missing or does not load is bad input
+    except (ValueError, FileNotFoundError, TrackingError) as err:
+        return bad_input("export", err)
     try:
         report = export.export_model(
             args.model,
             args.out,
+            model=model,
             check_batches=tuple(args.check_batches) if not args.logits_only else (),
             with_indices=not args.logits_only,
             log=not args.no_mlflow,
             opset=args.opset,
         )
+    except ConfigError as err:
+        return bad_input("export", err)
     except (ExportError, export.ParityError, FileNotFoundError, ValueError) as err:
         print(f"export failed: {err}", file=sys.stderr)
         return 1

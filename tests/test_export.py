@@ -177,7 +177,7 @@ def test_cli_exports_a_checkpoint_directory_without_mlflow(tmp_path):
         == 0
     )
     assert (tmp_path / "d.onnx").is_file()
-    assert export_cli.main(["--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.onnx")]) == 1
+    assert export_cli.main(["--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.onnx")]) == 2
 
 
 def test_parity_script_checks_any_runtimes_saved_outputs(tmp_path, capsys):

@@ -325,7 +325,7 @@ def _dense_run_after_first_epoch(
     first epoch is in MLflow at ``mlflow_uri``, with its MLflow run id."""
     options = pipeline_dir / f"{name}.yaml"
     options.write_text(yaml.safe_dump({**tiny_options, "dense": True, "epochs": 3, "run_name": name,
-                                       **(extra or {})}))
+                                       "gpus_per_worker": 0, **(extra or {})}))
     driver = _finetune("--config", str(options), "--address", ray_cluster, cwd=pipeline_dir)
     record = Path(tiny_options["storage"]) / name / RUN_RECORD
     deadline = time.monotonic() + 300

@@ -26,7 +26,7 @@ SCRIPT = Path(__file__).parents[1] / "tuning" / "sweep_lambdas.py"
 TINY = {"patch_size": 8, "depth": 4, "embed_dim": 32, "num_heads": 2}
 TINY_ARGS = [
     *(arg for key, value in TINY.items() for arg in ("--model-arg", f"{key}={value}")),
-    "--img-size", "32", "--num-workers", "1", "--seed", "3",
+    "--img-size", "32", "--num-workers", "1", "--seed", "3", "--gpus-per-worker", "0",
 ]
 BUDGET_RHO = 0.5  # the budget of the budget sweep: the tiny model's cost at this rho
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -17,8 +17,15 @@ from ray import tune
 from pipelines.storage.run_record import SWEEP_RECORD, read_record, write_record
 from pipelines.tracking import store
 from pipelines.tracking.mlflow_run import MlflowRun
-from pipelines.training.config import RUNS_DIR, RunConfig, given_values, resolve_config, training_keys
-from pipelines.training.ray_session import ray_session
+from pipelines.training.config import (
+    RUNS_DIR,
+    RunConfig,
+    check_name,
+    given_values,
+    resolve_config,
+    training_keys,
+)
+from pipelines.training.ray_session import check_shared_storage, ray_session, worker_gpus
 from pipelines.training.weights import prepare_init
 from pipelines.utils.errors import ConfigError, check, first_line
 from tuning import space
@@ -123,6 +130,7 @@ def _prepare_new(args: argparse.Namespace, cwd: Path) -> dict:
         dims = space.clip_rho(dims, rho_max, args.gmacs_budget, RunConfig.rho)
     _, fixed = space.split(dims, args.space)  # the Tuner samples the rest
     name = args.name or f"sweep-{config.backbone}-{datetime.now():%Y%m%d-%H%M%S}"
+    check_name("--name", name)
     check(read_record(config.storage, name, SWEEP_RECORD) is None,
           f"sweep {name!r} already exists in {config.storage}: pass --resume {config.storage}/{name} or "
           "another --name", SweepError)
@@ -250,6 +258,11 @@ def sweep(plan: dict, address: str | None) -> dict | None:
                                        resume_errored=True)
         else:
             config, dims = plan["config"], plan["dims"]
+            if address is not None:  # as a fine-tuning run: decided on the cluster, never from what is up
+                gpus = worker_gpus(config.gpus_per_worker, config.num_workers, address)
+                config = replace(config, gpus_per_worker=gpus)
+                setup["options"]["gpus_per_worker"] = config.gpus_per_worker
+                check_shared_storage(setup["storage"], address)
             setup["max_concurrent"] = setup["max_concurrent"] or default_max_concurrent(
                 ray.cluster_resources(), config.to_dict()
             )

@@ -36,7 +36,11 @@ def with_selector(model: nn.Module, rho: float | None, selector: str = "learned"
 def comparison_models(
     dense: nn.Module, sparse: nn.Module | None, rhos: list[float], *, dense_weights: str, spot_weights: str
 ) -> list[tuple[dict, nn.Module]]:
-    """``(row labels, model)`` per row: the dense model, then per rho each training-free selector and SPOT."""
+    """``(row labels, model)`` per row: the dense model, then per rho each training-free selector and SPOT.
+    Raises ``ValueError`` if ``sparse`` is a dense model (no trained predictors to compare)."""
+    if sparse is not None and sparse.spot_config.get("rho") is None:
+        raise ValueError(f"--spot {spot_weights}: a dense model, with no trained relevance predictors; pass "
+                         "a SPOT model fine-tuned from --dense")
     rows = [({"selector": "none (dense)", "weights": dense_weights, "rho": None}, with_selector(dense, None))]
     for rho in rhos:
         for selector in TRAINING_FREE:

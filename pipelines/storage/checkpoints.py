@@ -68,8 +68,20 @@ def read_checkpoint(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor
 
 
 def build_model(config: dict, state: dict[str, torch.Tensor]) -> nn.Module:
-    """The model of ``spot_config`` with ``state`` loaded, in eval (prune) mode."""
+    """The model of ``spot_config`` with ``state`` loaded, in eval (prune) mode. Raises ``ValueError``
+    naming the keys where weights and architecture disagree."""
     model = spot.create_model(**config)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{label} {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} ({len(keys)})"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                     ("shape (weights vs architecture)", shapes)) if keys]
+        raise ValueError(f"weights do not fit the architecture {config.get('name')} of {CONFIG_FILE}: "
+                         + "; ".join(parts))
     model.load_state_dict(state)
     return model.eval()
 

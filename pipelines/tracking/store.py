@@ -60,17 +60,40 @@ def _move_credentials_to_env(uri: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
+# what a tracking URI may be: a server, or a database that also holds the model registry
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
+USABLE_STORES = "sqlite:///PATH.db, postgresql://..., mysql://... or http(s)://SERVER"
+
+
+def _check_store_kind(uri: str, source: str) -> None:
+    """Refuse what is no usable store, naming where the URI came from: MLflow's file store (``file:`` or a
+    bare directory: no model registry here), an unknown scheme."""
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
+    if uri.startswith("file:"):
+        reason = "a file store, which has no model registry"
+    elif not scheme:
+        reason = "a bare path (MLflow would make a file store there, which has no model registry)"
+    elif scheme not in ("http", "https", "sqlite", "databricks", *DATABASE_SCHEMES):
+        reason = f"unknown scheme {scheme!r}"
+    else:
+        return
+    raise TrackingError(f"{source} {uri}: {reason}; use {USABLE_STORES}")
+
+
 def resolve_tracking_uri(uri: str | None, base: str | Path) -> str:
-    """The tracking URI to use, with relative SQLite / file paths made absolute against ``base`` and a
-    server's ``user:password@`` moved into this process's environment (MLflow's own variables)."""
+    """The tracking URI to use, with a relative SQLite path made absolute against ``base`` and a server's
+    ``user:password@`` moved into this process's environment (MLflow's own variables). Raises
+    :class:`TrackingError` for a file store, a bare directory or an unknown scheme."""
+    source = "--mlflow-uri" if uri else "$MLFLOW_TRACKING_URI"
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(base).resolve() / DB_FILE}"
+    if uri == "databricks" or uri.startswith("databricks://"):
+        return uri
+    _check_store_kind(uri, source)
     if uri.startswith(("http://", "https://")):
         return _move_credentials_to_env(uri)
     if uri.startswith("sqlite:///"):
         path = Path(uri.removeprefix("sqlite:///"))
         return f"sqlite:///{path if path.is_absolute() else Path(base).resolve() / path}"
-    if "://" not in uri and not uri.startswith(("databricks", "file:")):
-        return (Path(base) / uri).resolve().as_uri()  # a bare directory: MLflow's file store
     return uri
 
 

@@ -11,14 +11,15 @@ from __future__ import annotations
 import logging
 import shlex
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from pipelines.storage.run_record import FAULT_RECORD, STOPPED, delete_record, read_record, write_record
 from pipelines.tracking import pending_reports, store
 from pipelines.tracking.mlflow_run import MlflowRun
 from pipelines.tracking.report_callback import MlflowReportCallback
-from pipelines.training.config import RunConfig
-from pipelines.training.ray_session import ray_session
+from pipelines.training.config import PLACEMENT_KEYS, RunConfig, flag
+from pipelines.training.ray_session import check_shared_storage, ray_session, worker_gpus
 from pipelines.training.weights import ModelSummary, prepare_init
 from pipelines.utils.errors import (
     Interrupted,
@@ -112,6 +113,10 @@ def aborted(result, config: RunConfig) -> bool:
 def resume_command(config: RunConfig) -> str:
     """The command that continues ``config``'s run from its last checkpoint (same MLflow run)."""
     args = ["--resume", "--run-name", config.run_name, "--storage", config.storage]
+    for key in PLACEMENT_KEYS:  # where it ran, as started (the defaults of a --resume too)
+        value = getattr(config, key)
+        if value is not None:
+            args += [flag(key), f"{value:g}" if isinstance(value, float) else str(value)]
     return "python pipelines/finetune.py " + " ".join(shlex.quote(a) for a in args)
 
 
@@ -183,6 +188,10 @@ def run(config: RunConfig) -> dict:
     init, summary = prepare_init(config)
     need = config.num_workers * config.cpus_per_worker
     with ray_session(config.address, need_cpus=need, verbose=config.verbose):
+        if config.address is not None:  # what a cluster can give is known once joined, before any run
+            config = replace(config, gpus_per_worker=worker_gpus(config.gpus_per_worker, config.num_workers,
+                                                                 config.address))
+            check_shared_storage(storage, config.address)
         mlflow_run = open_mlflow_run(config, summary)
         result = trained_result(config) if config.resume else None
         if result is None:

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 from pipelines.utils.errors import ConfigError, first_line
 
@@ -51,6 +52,70 @@ def start_local_ray(num_cpus: int | None = None, *, verbose: bool = False) -> No
 def quiet_kwargs(verbose: bool) -> dict:
     """``ray.init`` arguments that keep the driver's Ray INFO lines off the console unless ``verbose``."""
     return {} if verbose else {"logging_level": logging.WARNING}
+
+
+# file systems other machines can mount too (a local --storage on a cluster must be on one)
+SHARED_FILE_SYSTEMS = ("nfs", "nfs4", "efs", "cifs", "smb3", "smbfs", "lustre", "ceph", "glusterfs", "gpfs",
+                       "beegfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.mountpoint-s3", "fuse.juicefs", "9p")
+
+
+def _autoscaler_resources() -> dict | None:
+    """The most resources the cluster's autoscaler can bring up, if it reported its node types to Ray."""
+    from ray._private.state import state
+
+    try:
+        return state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - a private API; without it the cluster shows only what is up
+        return None
+
+
+def worker_gpus(gpus_per_worker: float | None, num_workers: int, address: str) -> float:
+    """GPUs per worker on the joined cluster ``address``: as given, else 1 when the cluster has GPUs or its
+    autoscaler can start GPU nodes; a cluster that shows neither is refused (it may be scaling from zero:
+    the GPUs up right now decide nothing). Raises ``ConfigError`` naming ``--gpus-per-worker``."""
+    import ray
+
+    if gpus_per_worker is not None:
+        return gpus_per_worker
+    gpus = max(ray.cluster_resources().get("GPU", 0), (_autoscaler_resources() or {}).get("GPU", 0))
+    if gpus:
+        return 1
+    raise ConfigError(f"--address {address}: the cluster shows no GPU now and reports none it can start; "
+                      "pass --gpus-per-worker (0: train on CPUs; 1: wait for GPU nodes)")
+
+
+def _mount_type(path: str) -> str:
+    """The file system type of the mount holding ``path`` (longest matching mount point)."""
+    best, kind = "", "unknown"
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return kind
+    for point, fstype in mounts:
+        point = point.replace("\\040", " ")
+        if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+            best, kind = point, fstype
+    return kind
+
+
+def check_shared_storage(storage: str, address: str) -> None:
+    """A local ``--storage`` on a joined cluster must be readable by every node: on a shared file system,
+    or the cluster is this machine alone (no node elsewhere, no autoscaler that can add one). Raises
+    ``ConfigError`` naming ``--storage``."""
+    import ray
+
+    if "://" in storage:
+        return
+    kind = _mount_type(os.path.realpath(storage))
+    if kind in SHARED_FILE_SYSTEMS:
+        return
+    here = ray.util.get_node_ip_address()
+    elsewhere = sorted({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]} - {here})
+    scaling = bool(_autoscaler_resources())
+    if elsewhere or scaling:
+        who = f"nodes {', '.join(elsewhere)}" if elsewhere else "nodes its autoscaler starts"
+        raise ConfigError(f"--storage {storage}: a local {kind} path that the other {who} of --address "
+                          f"{address} cannot read; use s3://, gs:// or a shared file system (NFS, EFS)")
 
 
 @contextlib.contextmanager

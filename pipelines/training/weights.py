@@ -9,7 +9,7 @@ from pathlib import Path
 
 import spot
 from pipelines.training.config import RunConfig
-from pipelines.utils.errors import ConfigError
+from pipelines.utils.errors import ConfigError, first_line
 from spot.checkpoint import load_pretrained
 from spot.flops import gmacs
 
@@ -59,8 +59,12 @@ def prepare_init(config: RunConfig) -> tuple[dict, ModelSummary]:
         arch = {"num_classes": config.num_classes, "img_size": config.img_size, **config.model_args,
                 **_overlay(config, inherited)}
         torch.manual_seed(config.seed)
-        student = spot.create_model(config.backbone, rho=config.rho, selector=config.selector, **arch)
-        dense = spot.create_model(config.backbone, rho=None, **arch)
+        try:
+            student = spot.create_model(config.backbone, rho=config.rho, selector=config.selector, **arch)
+            dense = spot.create_model(config.backbone, rho=None, **arch)
+        except (TypeError, ValueError, AssertionError, ZeroDivisionError) as err:
+            raise ConfigError(f"--model-arg {config.model_args}: the {config.backbone} backbone cannot be "
+                              f"built: {first_line(err)}") from None
         fresh = [name for name, _ in student.named_parameters()]
         teacher = None
         if config.pretrained:
