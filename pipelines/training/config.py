@@ -149,8 +149,9 @@ class RunConfig:
     vis_images: int = option(8, "validation images in the per-epoch token-mask figure", training=True, ge=0)
     # where it runs (may change on --resume)
     num_workers: int = option(2, "Ray Train workers (DDP ranks)", ge=1)
-    gpus_per_worker: float | None = option(None, "GPUs per worker (default: 1 if the Ray cluster has GPUs, "
-                                           "else 0)", ge=0)
+    gpus_per_worker: float | None = option(None, "GPUs per worker (default: without --address 1 if this "
+                                           "machine has a GPU, else 0; with --address 1 if the cluster has "
+                                           "or can start GPU nodes, else it must be given)", ge=0)
     cpus_per_worker: float = option(1, "CPUs per worker (also DALI and torch threads)", gt=0)
     placement_strategy: str = option("PACK", "placement of the workers", choices=PLACEMENT_STRATEGIES)
     address: str | None = option(None, "Ray cluster address (e.g. auto, ray://head:10001); default: start a "

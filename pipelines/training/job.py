@@ -21,6 +21,7 @@ from pipelines.tracking.report_callback import MlflowReportCallback
 from pipelines.training.config import PLACEMENT_KEYS, RunConfig, flag
 from pipelines.training.ray_session import check_shared_storage, ray_session, worker_gpus
 from pipelines.training.weights import ModelSummary, prepare_init
+from pipelines.utils import signals
 from pipelines.utils.errors import (
     Interrupted,
     TrackingError,
@@ -120,6 +121,19 @@ def resume_command(config: RunConfig) -> str:
     return "python pipelines/finetune.py " + " ".join(shlex.quote(a) for a in args)
 
 
+def checkpoint_count(storage: str, name: str) -> int | None:
+    """How many checkpoints run ``name`` has in ``storage`` (local or a pyarrow URI), None if unknown."""
+    import pyarrow.fs as pafs
+
+    try:
+        local = "://" not in storage
+        fs, root = (pafs.LocalFileSystem(), storage) if local else pafs.FileSystem.from_uri(storage)
+        infos = fs.get_file_info(pafs.FileSelector(f"{root}/{name}", allow_not_found=True))
+    except (OSError, ValueError):
+        return None
+    return sum(i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_") for i in infos)
+
+
 def trained_result(config: RunConfig):
     """The Ray Train ``Result`` of ``config``'s run if every epoch of it was trained (a ``--resume`` that only
     finishes it in MLflow), else None."""
@@ -176,7 +190,6 @@ def run(config: RunConfig) -> dict:
     training is complete only finishes it in MLflow.
     """
     import mlflow
-    from ray.train import TrainingFailedError
 
     from pipelines.training.trainer import build_trainer
 
@@ -188,29 +201,36 @@ def run(config: RunConfig) -> dict:
     init, summary = prepare_init(config)
     need = config.num_workers * config.cpus_per_worker
     with ray_session(config.address, need_cpus=need, verbose=config.verbose):
+        signals.reinstall()  # ray.init took SIGTERM
         if config.address is not None:  # what a cluster can give is known once joined, before any run
             config = replace(config, gpus_per_worker=worker_gpus(config.gpus_per_worker, config.num_workers,
                                                                  config.address))
             check_shared_storage(storage, config.address)
-        mlflow_run = open_mlflow_run(config, summary)
-        result = trained_result(config) if config.resume else None
-        if result is None:
-            callbacks = [MlflowReportCallback(uri, mlflow_run.run_id, storage=storage, name=name)]
-            trainer = build_trainer(config, name=name, storage=storage, init=init, callbacks=callbacks)
-            delete_record(storage, name, FAULT_RECORD)  # a fault of an earlier attempt (before --resume)
-            try:
-                result = trainer.fit()
-            except TrainingFailedError:
-                end_run(mlflow_run, "FAILED")
-                raise
-            except (KeyboardInterrupt, SystemExit):  # Ctrl-C; Ray Train's own SIGINT handler exits the driver
-                end_run(mlflow_run, "KILLED")
-                raise Interrupted(resume_command(config)) from None
-            stop_on_fault(result, mlflow_run, storage, name)
-            if aborted(result, config):  # Ray Train aborted the run on Ctrl-C and fit() returned
-                end_run(mlflow_run, "KILLED")
-                raise Interrupted(resume_command(config))
-        registered, rows = finish(result, mlflow_run, config, summary)
+        mlflow_run = None
+        try:
+            with signals.deferred():  # created and recorded as one step
+                mlflow_run = open_mlflow_run(config, summary)  # started: from here every way out ends it
+            result = trained_result(config) if config.resume else None
+            if result is None:
+                callbacks = [MlflowReportCallback(uri, mlflow_run.run_id, storage=storage, name=name)]
+                trainer = build_trainer(config, name=name, storage=storage, init=init, callbacks=callbacks)
+                delete_record(storage, name, FAULT_RECORD)  # a fault of an earlier attempt (before --resume)
+                try:
+                    result = trainer.fit()
+                except Exception:
+                    if signals.received():  # a stop signal to the process group also hit Ray's processes
+                        raise KeyboardInterrupt from None
+                    end_run(mlflow_run, "FAILED")
+                    raise
+                stop_on_fault(result, mlflow_run, storage, name)
+                if aborted(result, config):  # Ray Train aborted the run on Ctrl-C and fit() returned
+                    raise KeyboardInterrupt
+            registered, rows = finish(result, mlflow_run, config, summary)
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C / SIGTERM / SIGHUP; Ray Train's handler may exit
+            if mlflow_run is None:
+                raise  # not started: nothing recorded
+            end_run(mlflow_run, "KILLED")
+            raise Interrupted(resume_command(config), checkpoint_count(storage, name)) from None
     best = registered["metrics"]
     return {
         "run_name": name,
