@@ -296,3 +296,53 @@ def test_make_shards_skip_reasons_are_the_same_on_every_run(tmp_path, capsys):
         reasons.append(manifest["splits"]["train"]["skipped"])
     assert reasons[0] == reasons[1] and len(reasons[0]) == 1
     assert "0x" not in reasons[0][0]["reason"] and "broken.png" in reasons[0][0]["source"]
+
+
+# --- a champion is the best on the same task --------------------------------------------------------------
+
+
+def test_a_model_trained_on_other_data_is_refused_under_the_same_name_and_the_champion_stays(
+    digits_shards, tmp_path, capsys, monkeypatch
+):
+    """The issue's false champion: a 2-class toy model under the name of the 10-class digits model."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipelines.tracking.registry import CHAMPION, data_tags, register_checkpoint
+
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            _png(tmp_path / "toy" / split / label / f"{split}{label}.png")
+        argv = ["--source", f"imagefolder:{tmp_path / 'toy' / split}", "--out", str(tmp_path / "toyshards"),
+                "--split", split, "--workers", "1"]
+        assert make_shards.main(argv) == 0
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("task", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    metrics = {"val_acc1": 0.5, "val_acc5": 0.9, "gmacs": 0.01, "epoch": 1}
+    digits = _checkpoint(tmp_path / "digits_model", rho=None)
+    first = register_checkpoint(digits, run_id=client.create_run(experiment).info.run_id, name="task",
+                                metrics=metrics, data=data_tags(digits_shards, 32))
+    assert first["champion"]
+    toy_tags = data_tags(tmp_path / "toyshards", 16)
+    toy = _checkpoint(tmp_path / "toy_model", rho=None)
+    with pytest.raises(ValueError, match=r"under its own name, e\.g\. --register-as task-2cls-16px"):
+        register_checkpoint(toy, run_id=client.create_run(experiment).info.run_id, name="task",
+                            metrics={**metrics, "val_acc1": 0.99}, data=toy_tags)
+    assert [str(v.version) for v in client.search_model_versions("name = 'task'")] == ["1"]
+    assert str(client.get_model_version_by_alias("task", CHAMPION).version) == "1"
+    assert client.get_model_version("task", "1").tags["data_classes"] == "10"
+
+    # the fine-tuning job refuses it before anything starts
+    runs_before = len(client.search_runs([experiment]))
+    capsys.readouterr()
+    code, err = _finetune(["--data", str(tmp_path / "toyshards"), "--img-size", "16", "--register-as", "task",
+                           "--batch-size", "2", "--num-workers", "1", "--mixup", "0", "--cutmix", "0",
+                           "--mlflow-uri", uri, "--experiment", "task", "--storage", str(tmp_path / "runs"),
+                           *TINY_ARGS[2:], "--model-arg", "patch_size=4"], tmp_path, capsys)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("finetune: error: registered model 'task' holds versions trained on other data")
+    assert len(client.search_runs([experiment])) == runs_before
+    assert str(client.get_model_version_by_alias("task", CHAMPION).version) == "1"

@@ -78,13 +78,14 @@ def register_winner(rows: list[dict], setup: dict) -> dict | None:
     """Register the best feasible trial's best checkpoint (the fine-tuning job's registration)."""
     from ray.train import Result
 
-    from pipelines.tracking.registry import register_best
+    from pipelines.tracking.registry import data_tags, register_best
 
     best = next((r for r in rows if r["best"]), None)
     if best is None:
         return None
     train_run = Result.from_path(f"{setup['train_storage']}/{train_name(best['trial_id'])}")
-    registered = register_best(train_run, run_id=best["mlflow_run_id"], name=setup["register_as"])
+    data = data_tags(setup["options"]["data"], setup["options"]["img_size"])
+    registered = register_best(train_run, run_id=best["mlflow_run_id"], name=setup["register_as"], data=data)
     return registered | {"trial_id": best["trial_id"]}
 
 

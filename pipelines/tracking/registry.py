@@ -118,6 +118,41 @@ def version_tags(config: dict, metrics: dict) -> dict[str, str]:
     }
 
 
+DATA_TAGS = ("data_digest", "data_classes", "img_size")  # what "the same task" means for a champion
+
+
+def data_tags(data: str | Path, img_size: int) -> dict[str, str]:
+    """The data set a model was trained on, as version tags: the digest of its ``manifest.json`` (shards,
+    classes, counts), its class count and the image side."""
+    from pipelines.data.manifest import MANIFEST_NAME, read_manifest, sha256_file
+
+    manifest = read_manifest(data)
+    return {"data_digest": sha256_file(Path(manifest.root) / MANIFEST_NAME)[:16],
+            "data_classes": str(manifest.num_classes), "img_size": str(img_size)}
+
+
+def _task(tags: dict) -> tuple:
+    return tuple(tags.get(key) for key in DATA_TAGS)
+
+
+def check_same_task(client: MlflowClient, name: str, data: dict[str, str]) -> None:
+    """Refuse (``ValueError``) to add a model trained on ``data`` to registered model ``name`` when its
+    versions were trained on another data set: a champion compares like with like."""
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return
+    other = [v for v in versions if v.tags.get("data_digest") and _task(v.tags) != _task(data)]
+    if other:
+        seen = other[-1].tags
+        raise ValueError(
+            f"registered model {name!r} holds versions trained on other data (manifest "
+            f"{seen['data_digest']}, {seen.get('data_classes')} classes, {seen.get('img_size')} px); this "
+            f"run's is {data['data_digest']}, {data['data_classes']} classes, {data['img_size']} px: "
+            f"register it under its own name, e.g. --register-as {name}-{data['data_classes']}cls-"
+            f"{data['img_size']}px")
+
+
 def _gmacs(tags: dict) -> float:
     """A version's GMACs tag (``gflops`` on versions registered before the key said its unit)."""
     return float(tags.get("gmacs", tags.get("gflops", "nan")))
@@ -147,7 +182,11 @@ def elect_champion(versions: list) -> str | None:
 
     A function of the versions alone, so concurrent registrations agree on it whatever their order."""
     champion = None
-    for version in sorted(versions, key=lambda v: int(v.version)):
+    versions = sorted(versions, key=lambda v: int(v.version))
+    if versions:  # only versions of the newest one's task (data set, classes, image side) compete
+        task = _task(versions[-1].tags)
+        versions = [v for v in versions if _task(v.tags) == task]
+    for version in versions:
         acc, gmacs = float(version.tags.get("val_acc1", "nan")), _gmacs(version.tags)
         if not (math.isnan(acc) or math.isnan(gmacs)) and beats(acc, gmacs, champion):
             champion = (version.version, acc, gmacs)
@@ -169,17 +208,22 @@ def settle_champion(client: MlflowClient, name: str, rounds: int = 3, pause_s: f
     return elected
 
 
-def register_checkpoint(checkpoint_dir: str | Path, *, run_id: str, name: str, metrics: dict) -> dict:
+def register_checkpoint(
+    checkpoint_dir: str | Path, *, run_id: str, name: str, metrics: dict, data: dict | None = None
+) -> dict:
     """Log ``checkpoint_dir`` as an MLflow model of ``run_id``, register it as ``name``, maybe promote it.
 
     ``metrics`` are the checkpoint's validation metrics (``val_acc1``, ``val_acc5``, ``gmacs``, ``epoch``).
+    ``data``: :func:`data_tags` of the training data (refused if ``name`` holds another task's versions).
     Uses the current MLflow tracking URI. Returns ``{"name", "version", "uri", "champion",
     "previous_champion"}``.
     """
     checkpoint_dir = Path(checkpoint_dir)
     config, _ = read_checkpoint(checkpoint_dir)
-    tags = version_tags(config, metrics)
+    tags = version_tags(config, metrics) | (data or {})
     client = MlflowClient()
+    if data:
+        check_same_task(client, name, data)
     status = client.get_run(run_id).info.status
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         # the signature is given; an input example (a full image batch as JSON) would only bloat the model
@@ -222,12 +266,12 @@ def registered_version(client: MlflowClient, name: str, run_id: str) -> dict | N
             "champion": champion is not None and champion[0] == version, "previous_champion": None}
 
 
-def register_best(result, *, run_id: str, name: str) -> dict:
+def register_best(result, *, run_id: str, name: str, data: dict | None = None) -> dict:
     """Register the best checkpoint of a Ray Train ``result`` (:func:`register_checkpoint`) unless this run
     registered it already; adds its ``checkpoint`` path and ``metrics``."""
     checkpoint, metrics = best_checkpoint(result)
     registered = registered_version(MlflowClient(), name, run_id)
     if registered is None:
         with checkpoint.as_directory() as directory:
-            registered = register_checkpoint(directory, run_id=run_id, name=name, metrics=metrics)
+            registered = register_checkpoint(directory, run_id=run_id, name=name, metrics=metrics, data=data)
     return registered | {"checkpoint": checkpoint.path, "metrics": metrics}

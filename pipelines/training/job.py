@@ -157,13 +157,14 @@ def finish(
     """
     from mlflow.exceptions import MlflowException
 
-    from pipelines.tracking.registry import register_best
+    from pipelines.tracking.registry import data_tags, register_best
 
     storage, name = config.storage, config.run_name
     try:
         store.wait_until_reachable(config.mlflow_uri, config.mlflow_wait)
         pending_reports.send_pending(mlflow_run.client, mlflow_run.run_id, storage, name)
-        registered = register_best(result, run_id=mlflow_run.run_id, name=config.register_as)
+        registered = register_best(result, run_id=mlflow_run.run_id, name=config.register_as,
+                                   data=data_tags(config.data, config.img_size))
         rows = mlflow_run.metric_history(list(EPOCH_COLUMNS[1:]))
         mlflow_run.log_text(evaluation_table(rows, registered["metrics"], summary), "evaluation.md")
         mlflow_run.end("FINISHED")
@@ -190,7 +191,9 @@ def run(config: RunConfig) -> dict:
     training is complete only finishes it in MLflow.
     """
     import mlflow
+    from mlflow import MlflowClient
 
+    from pipelines.tracking.registry import check_same_task, data_tags
     from pipelines.training.trainer import build_trainer
 
     started = time.monotonic()
@@ -198,6 +201,7 @@ def run(config: RunConfig) -> dict:
     store.quiet_mlflow(config.verbose)
     store.check_reachable(uri)
     mlflow.set_tracking_uri(uri)
+    check_same_task(MlflowClient(uri), config.register_as, data_tags(config.data, config.img_size))
     init, summary = prepare_init(config)
     need = config.num_workers * config.cpus_per_worker
     with ray_session(config.address, need_cpus=need, verbose=config.verbose):
@@ -226,6 +230,12 @@ def run(config: RunConfig) -> dict:
                 if aborted(result, config):  # Ray Train aborted the run on Ctrl-C and fit() returned
                     raise KeyboardInterrupt
             registered, rows = finish(result, mlflow_run, config, summary)
+        except TrackingOutage:
+            raise  # trained; the run stays open for the command that finishes it
+        except Exception:
+            if mlflow_run is not None:
+                end_run(mlflow_run, "FAILED")  # no way out leaves it RUNNING
+            raise
         except (KeyboardInterrupt, SystemExit):  # Ctrl-C / SIGTERM / SIGHUP; Ray Train's handler may exit
             if mlflow_run is None:
                 raise  # not started: nothing recorded
