@@ -36,16 +36,18 @@ def render(text: str, values: dict[str, str]) -> str:
     return PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
 
 
-def stack_values(stack: str, region: str) -> dict[str, str]:
-    """The stack's outputs, plus AmiId resolved from the public SSM parameter."""
+def stack_values(stack: str, region: str, ami: str | None = None) -> dict[str, str]:
+    """The stack's outputs, plus AmiId: `ami` when given, else the current one of the public SSM parameter."""
     import boto3
 
     (described,) = boto3.client("cloudformation", region_name=region).describe_stacks(StackName=stack)[
         "Stacks"
     ]
     values = {o["OutputKey"]: o["OutputValue"] for o in described.get("Outputs", [])}
-    ssm = boto3.client("ssm", region_name=region)
-    values["AmiId"] = ssm.get_parameter(Name=AMI_PARAMETER)["Parameter"]["Value"]
+    if ami is None:
+        ssm = boto3.client("ssm", region_name=region)
+        ami = ssm.get_parameter(Name=AMI_PARAMETER)["Parameter"]["Value"]
+    values["AmiId"] = ami
     return values
 
 
@@ -59,9 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         "--ami", help="an AMI id to use instead of the current one (e.g. the one of a running cluster)"
     )
     args = p.parse_args(argv)
-    values = stack_values(args.stack, args.region)
-    if args.ami:
-        values["AmiId"] = args.ami
+    values = stack_values(args.stack, args.region, args.ami)
     try:
         text = render(args.config.read_text(), values)
     except KeyError as err:
