@@ -156,6 +156,102 @@ def test_file_mounts_create_no_root_owned_directories(rel):
     )
 
 
+def rendered_aws_config() -> dict:
+    """ray_cluster.yaml with every placeholder filled (as render_cluster_config.py does), prepared by Ray."""
+    render = _load_script("infra/aws/render_cluster_config.py")
+    text = (REPO / "ray_cluster.yaml").read_text()
+    values = {name: f"x-{name.lower()}" for name in render.placeholders(text)}
+    return prepare_config(yaml.safe_load(render.render(text, values)))
+
+
+def prepared(rel: str) -> dict:
+    return rendered_aws_config() if rel == "ray_cluster.yaml" else prepare_config(load(rel))
+
+
+def worker_docker_run(config: dict, node_type: str) -> str:
+    """The `docker run` command Ray's launcher issues for a worker of node_type: the node type's docker
+    fields merged by the autoscaler's own code, the options joined and rendered by Ray's docker module
+    (before the host-dependent --runtime=nvidia and --shm-size, which Ray adds on the node)."""
+    from types import SimpleNamespace
+
+    from ray.autoscaler._private.autoscaler import StandardAutoscaler
+    from ray.autoscaler._private.docker import docker_start_cmds
+    from ray.autoscaler.tags import TAG_RAY_USER_NODE_TYPE
+
+    provider = SimpleNamespace(node_tags=lambda _: {TAG_RAY_USER_NODE_TYPE: node_type})
+    scaler = SimpleNamespace(config=config, available_node_types=config["available_node_types"],
+                             provider=provider)
+    scaler._get_node_type_specific_fields = lambda node_id, key: (
+        StandardAutoscaler._get_node_type_specific_fields(scaler, node_id, key))
+    docker = StandardAutoscaler._get_node_specific_docker_config(scaler, "i-0")
+    options = docker.get("run_options", []) + docker.get("worker_run_options", [])
+    return docker_start_cmds("ubuntu", docker["image"], {}, docker["container_name"], options,
+                             config["cluster_name"], "/home/ray", "docker")
+
+
+def worker_types(config: dict) -> dict[str, dict]:
+    return {k: v for k, v in config["available_node_types"].items() if k != config["head_node_type"]}
+
+
+@pytest.mark.parametrize("rel", LAUNCHER_CONFIGS)
+def test_gpu_containers_are_started_with_the_gpus(rel):
+    """Issue 23 item 2: every worker type is a GPU type, and its container gets the GPUs (--gpus all); the
+    EFA type also the four EFA devices and unlimited locked memory."""
+    config = prepared(rel)
+    assert worker_types(config)
+    for name, node_type in worker_types(config).items():
+        node = node_type["node_config"]
+        assert node.get("InstanceType", "").startswith(("p4d.", "p5.")) or node.get("guestAccelerators"), name
+        command = worker_docker_run(config, name)
+        assert " --gpus all " in f" {command} ", f"{name}: {command}"
+        if "efa" in name:
+            for device in range(4):
+                assert f"--device /dev/infiniband/uverbs{device}" in command, name
+            assert "--ulimit memlock=-1" in command, name
+    head = config["head_node_type"]
+    assert "--gpus" not in " ".join(config["docker"]["run_options"]), "the CPU head has no GPUs to pass"
+    assert "docker" not in config["available_node_types"][head]
+
+
+def test_the_docker_run_check_sees_per_type_options():
+    """The check above is live: a GPU type without its docker options yields a command without --gpus."""
+    config = rendered_aws_config()
+    del config["available_node_types"]["gpu_8x_h100"]["docker"]
+    assert "--gpus" not in worker_docker_run(config, "gpu_8x_h100")
+    assert "--gpus all" in worker_docker_run(config, "gpu_8x_a100")
+
+
+def _fake_nvidia_smi(bin_dir: Path, output: str, code: int) -> None:
+    bin_dir.mkdir(exist_ok=True)
+    tool = bin_dir / "nvidia-smi"
+    tool.write_text(f"#!/bin/sh\n[ \"$1\" = -L ] || exit 2\ncat <<'EOF'\n{output}\nEOF\nexit {code}\n")
+    tool.chmod(0o755)
+
+
+A100_LIST = "\n".join(f"GPU {i}: NVIDIA A100-SXM4-40GB (UUID: GPU-{i:08d})" for i in range(8))
+
+
+@pytest.mark.parametrize("rel", LAUNCHER_CONFIGS)
+@pytest.mark.parametrize("output, code, ok", [
+    ("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.", 9, False),
+    ("No devices were found", 6, False),
+    (A100_LIST, 0, True),
+])
+def test_worker_setup_stops_when_the_container_sees_no_gpu(rel, output, code, ok, tmp_path):
+    """Issue 23 item 2: the workers' setup command exits non-zero with a clear message when `nvidia-smi -L`
+    lists no GPU (run here with stand-ins for nvidia-smi: no driver, no device, 8 A100s)."""
+    config = prepared(rel)
+    (check,) = [c for c in config["worker_setup_commands"] if "nvidia-smi -L" in c]
+    assert check not in config["head_setup_commands"], "the CPU head is not checked for GPUs"
+    _fake_nvidia_smi(tmp_path / "bin", output, code)
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    done = subprocess.run(["bash", "-c", check], env=env, capture_output=True, text=True, timeout=30)
+    if ok:
+        assert done.returncode == 0 and "8 GPUs visible" in done.stdout, done.stderr
+    else:
+        assert done.returncode != 0 and "nvidia-smi -L finds no GPU" in done.stderr, done.stdout
+
+
 START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
@@ -650,3 +746,13 @@ def test_every_file_the_cluster_doc_names_exists():
     } <= named
     missing = sorted(p for p in named if not (REPO / p).exists())
     assert not missing, missing
+
+
+def test_the_docs_say_how_nccl_runs_on_the_efa_type():
+    """Issue 23 item 2: without aws-ofi-nccl in the image, docs/cluster.md must say NCCL runs over sockets
+    on the EFA type (and must not claim EFA transport)."""
+    image = [ln for ln in (REPO / "infra/Dockerfile").read_text().splitlines() if not ln.startswith("#")]
+    docs = re.sub(r"\s+", " ", (REPO / "docs/cluster.md").read_text())
+    if not any("aws-ofi-nccl" in ln for ln in image):
+        assert "NCCL runs over TCP sockets, **also on the EFA node type**" in docs
+        assert "the aws-ofi-nccl plugin that would carry NCCL over EFA is not in them" in docs
