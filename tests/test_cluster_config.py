@@ -365,13 +365,89 @@ def check_pins_within_pyproject(text: str, where: str) -> int:
     return checked
 
 
+CONSTRAINTS = REPO / "infra/constraints.txt"
+CONSTRAINT_FLAG = "-c ~/spot/infra/constraints.txt"
+
+
+def constraint_pins(text: str) -> dict[str, str]:
+    """canonical name -> version of a constraints file's `name==version` lines."""
+    pins = {}
+    for line in text.splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            req = Requirement(line)
+            (spec,) = req.specifier
+            assert spec.operator == "==", f"infra/constraints.txt: {line} is not an exact pin"
+            pins[canonicalize_name(req.name)] = spec.version
+    return pins
+
+
+def constraint_violations(text: str) -> list[str]:
+    """Project dependencies (pyproject.toml's runtime list) that a constraints text leaves unpinned or pins
+    outside pyproject's range."""
+    pins = constraint_pins(text)
+    problems = []
+    for dep in pyproject_deps():
+        req = Requirement(dep)
+        name = canonicalize_name(req.name)
+        if name not in pins:
+            problems.append(f"{req.name} is not pinned")
+        elif not req.specifier.contains(pins[name], prereleases=True):
+            problems.append(f"{req.name}=={pins[name]} is outside pyproject's {req.specifier}")
+    return problems
+
+
+def test_constraints_pin_every_project_dependency_within_its_range():
+    """Issue 23 item 7: the nodes' versions, exact, inside pyproject.toml's ranges."""
+    text = CONSTRAINTS.read_text()
+    assert constraint_violations(text) == []
+    pins = constraint_pins(text)
+    for name in ["torch", "torchvision", "nvidia-dali-cuda130", "mlflow", "ray", "timm", "numpy",
+                 "nvidia-nccl-cu13", "sqlalchemy", "psycopg", "psycopg-binary", "boto3", "flask-wtf"]:
+        assert name in pins, f"{name} is not pinned in infra/constraints.txt"
+
+
+def test_the_constraints_check_is_live():
+    text = CONSTRAINTS.read_text()
+    outside = re.sub(r"^torch==\S+$", "torch==1.13.1", text, flags=re.M)
+    assert constraint_violations(outside) == ["torch==1.13.1 is outside pyproject's " +
+                                              str(Requirement(next(d for d in pyproject_deps()
+                                                                   if d.startswith("torch>"))).specifier)]
+    missing = re.sub(r"^timm==\S+\n", "", text, flags=re.M)
+    assert constraint_violations(missing) == ["timm is not pinned"]
+
+
 @pytest.mark.parametrize("rel", LAUNCHER_CONFIGS)
-def test_launcher_config_pins_lie_within_the_project_ranges(rel):
-    """The packages installed on the nodes are within pyproject.toml's ranges (not this machine's versions:
-    a fresh install may resolve newer ones)."""
-    config = load(rel)
-    setup = " ".join(config["setup_commands"] + config["head_setup_commands"])
-    assert check_pins_within_pyproject(setup, rel) >= 3  # torch, torchvision, mlflow
+def test_every_node_install_uses_the_constraints_file(rel):
+    """Issue 23 item 7: every pip install of the node setup commands is constrained, and what they name
+    without a version is pinned there."""
+    config = prepare_config(load(rel))
+    commands = config["head_setup_commands"] + config["worker_setup_commands"]
+    installs = [part for cmd in commands for part in re.split(r"&&|;", cmd) if "pip install" in part]
+    assert any("-e ~/spot" in part for part in installs)
+    pins = constraint_pins(CONSTRAINTS.read_text())
+    for part in installs:
+        assert CONSTRAINT_FLAG in part, f"{rel}: unconstrained install: {part.strip()}"
+        for req in pinned_requirements(part) + [Requirement(w.strip('"')) for w in shlex.split(part)
+                                                if re.fullmatch(r"[A-Za-z][\w.-]*(\[[\w,]+\])?", w)
+                                                and w not in ("pip", "install")]:
+            if canonicalize_name(req.name) in pins:
+                continue
+            assert str(req.specifier), f"{rel}: {req.name} is neither pinned in the constraints nor ranged"
+
+
+def test_make_constraints_writes_the_pins_of_this_environment(tmp_path):
+    """The generator runs, and the versions it writes are those installed here."""
+    import importlib.metadata
+
+    out = tmp_path / "constraints.txt"
+    done = subprocess.run([sys.executable, str(REPO / "infra/make_constraints.py"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    pins = constraint_pins(out.read_text())
+    assert constraint_violations(out.read_text()) == []
+    for name in ["torch", "ray", "mlflow", "psycopg"]:
+        assert pins[name] == importlib.metadata.version(name)
 
 
 def test_pin_check_catches_a_pin_outside_the_range():
@@ -694,20 +770,21 @@ def test_dockerfile_pins_lie_within_the_project_ranges():
     text = " ".join(f'"{pin}"' for pin in pins)
     assert check_pins_within_pyproject(text, "infra/Dockerfile") >= 3  # torch, torchvision, mlflow, ...
     names = {canonicalize_name(Requirement(p).name) for p in pins}
-    assert {"torch", "torchvision", "mlflow", "psycopg2-binary", "boto3"} <= names
+    assert {"torch", "torchvision", "mlflow", "psycopg", "boto3"} <= names
 
 
-def test_dockerfile_and_cluster_configs_pin_the_same_versions():
-    """The image and the nodes' setup commands install the same torch and MLflow."""
+def test_dockerfile_pins_are_those_of_the_constraints_file():
+    """The image and the nodes without it get the same versions: the Dockerfile's exact pins are the
+    constraints file's, and its dependency install is constrained by the file."""
     args = dockerfile_args()
-    image = {canonicalize_name(Requirement(p).name): str(Requirement(p).specifier)
-             for p in args["TORCH_PINS"].split() + args["SERVER_PINS"].split()}
-    for rel in LAUNCHER_CONFIGS:
-        config = load(rel)
-        for req in pinned_requirements(" ".join(config["setup_commands"] + config["head_setup_commands"])):
-            name = canonicalize_name(req.name)
-            if name in ("torch", "torchvision", "mlflow"):
-                assert image[name] == str(req.specifier), f"{rel}: {req} vs the image's {image[name]}"
+    pins = constraint_pins(CONSTRAINTS.read_text())
+    for pin in args["TORCH_PINS"].split() + args["SERVER_PINS"].split():
+        req = Requirement(pin)
+        (spec,) = req.specifier
+        assert spec.operator == "==" and pins[canonicalize_name(req.name)] == spec.version, pin
+    text = (REPO / "infra/Dockerfile").read_text()
+    assert "COPY --chown=ray:ray infra/constraints.txt infra/" in text
+    assert "uv pip install -c infra/constraints.txt -r /tmp/requirements.txt" in text
 
 
 def test_dockerfile_layers_keep_torch_apart_from_the_source():
