@@ -538,6 +538,19 @@ def test_head_role_passes_the_worker_role_and_terminates_only_its_cluster():
     assert secrets == [{"Ref": "MlflowJobsSecret"}], "workers read the jobs secret only"
 
 
+def test_head_role_tags_only_new_instances_or_its_own_cluster():
+    """Issue 23 item 8: ec2:CreateTags only on instances being launched (RunInstances' tags) or on this
+    cluster's instances; the database master secret is not among the head's secrets."""
+    head = _statements(load(CFN)["Resources"]["HeadRole"])
+    tagging = [st for st in head if "ec2:CreateTags" in str(st["Action"])]
+    assert tagging and all(st["Action"] == "ec2:CreateTags" for st in tagging), "in statements of its own"
+    conditions = [st["Condition"]["StringEquals"] for st in tagging]
+    assert conditions == [{"ec2:CreateAction": "RunInstances"},
+                          {"ec2:ResourceTag/ray-cluster-name": {"Ref": "ClusterName"}}]
+    (secrets,) = [st["Resource"] for st in head if st["Action"] == "secretsmanager:GetSecretValue"]
+    assert {"Ref": "DbSecret"} not in secrets and {"Ref": "MlflowDbSecret"} in secrets
+
+
 def test_nothing_but_ssh_from_the_admin_range_is_open():
     """Item 8: no ingress from 0.0.0.0/0; SSH only from AdminCidr, which may not be 0.0.0.0/0."""
     template = load(CFN)

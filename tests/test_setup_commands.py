@@ -67,7 +67,7 @@ def secrets_manager():
     for name, value in {
         "MlflowJobsSecretArn": {"username": "spot-jobs", "password": "jobs pw $1"},
         "MlflowAdminSecretArn": {"username": "admin", "password": "admin-password-0001"},
-        "DbSecretArn": {"username": "mlflow", "password": "db/pw@x"},
+        "MlflowDbSecretArn": {"username": "mlflow", "password": "db/pw@x"},
     }.items():
         arns[name] = client.create_secret(Name=name, SecretString=json.dumps(value))["ARN"]
     yield endpoint, arns
