@@ -237,3 +237,32 @@ def test_render_refuses_a_stack_without_an_output(aws, capsys):
     code = _render_script().main(argv)
     assert code == 2 and "REPLACE-HeadSubnetId" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_multi_node_config_launches_one_type_in_one_zone(aws):
+    """Issue 23 item 8: --multi-node N leaves the placement-group type (one subnet, one zone, one
+    instance type) as the only GPU workers, and Ray's bootstrap accepts it."""
+    ids, _, _, out = _stack_and_render(aws)
+    ami = yaml.safe_load(out.read_text())["available_node_types"]["gpu_8x_a100"]["node_config"]["ImageId"]
+    multi = aws / "spot" / "ray_cluster_multinode.yaml"
+    argv = ["--stack", STACK, "--region", REGION, "--ami", ami, "--out", str(multi), "--multi-node", "2"]
+    assert _render_script().main(argv) == 0
+    config = prepare_config(yaml.safe_load(multi.read_text()))
+    validate_config(config)
+    booted = bootstrap_aws(config)
+    launching = {name: t for name, t in booted["available_node_types"].items() if t["max_workers"] > 0}
+    assert list(launching) == ["gpu_8x_a100_efa"] and launching["gpu_8x_a100_efa"]["max_workers"] == 2
+    assert booted["max_workers"] >= 2
+    node = launching["gpu_8x_a100_efa"]["node_config"]
+    assert set(node["SubnetIds"]) == {ids["PrivateSubnet1"]}
+    assert node["Placement"]["GroupName"] == ids["PlacementGroup"]
+    # everything else is as in the single-node file
+    single = yaml.safe_load(out.read_text())
+    for key in ("setup_commands", "worker_setup_commands", "docker", "provider", "file_mounts"):
+        assert yaml.safe_load(multi.read_text())[key] == single[key], key
+
+
+def test_multi_node_refuses_a_single_node(aws, capsys):
+    with pytest.raises(SystemExit) as exited:
+        _render_script().main(["--region", REGION, "--out", str(aws / "x.yaml"), "--multi-node", "1"])
+    assert exited.value.code == 2 and "--multi-node 1" in capsys.readouterr().err
