@@ -266,3 +266,11 @@ def test_multi_node_refuses_a_single_node(aws, capsys):
     with pytest.raises(SystemExit) as exited:
         _render_script().main(["--region", REGION, "--out", str(aws / "x.yaml"), "--multi-node", "1"])
     assert exited.value.code == 2 and "--multi-node 1" in capsys.readouterr().err
+
+
+def test_render_refuses_a_missing_stack(aws, capsys):
+    """A wrong --stack: one line naming the stack, exit 2, nothing written."""
+    out = aws / "spot" / "ray_cluster.yaml"
+    code = _render_script().main(["--stack", "no-such-stack", "--region", REGION, "--out", str(out)])
+    assert code == 2 and "stack no-such-stack in us-east-1" in capsys.readouterr().err
+    assert not out.exists()

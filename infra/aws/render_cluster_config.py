@@ -91,7 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.multi_node is not None and args.multi_node < 2:
         p.error(f"--multi-node {args.multi_node}: a multi-node run needs at least 2 nodes")
-    values = stack_values(args.stack, args.region, args.ami)
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        values = stack_values(args.stack, args.region, args.ami)
+    except (BotoCoreError, ClientError) as err:
+        print(f"render_cluster_config.py: stack {args.stack} in {args.region}: {err}", file=sys.stderr)
+        return 2
     try:
         text = render(args.config.read_text(), values)
         if args.multi_node:
