@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,8 +93,12 @@ def test_a_file_store_in_the_environment_is_refused_naming_the_variable(
 
 
 @pytest.mark.skipif(torch.cuda.device_count() > 0, reason="this machine has a GPU")
-def test_gpus_that_this_machine_cannot_give_are_refused_without_address(digits_shards, tmp_path, capsys):
-    code, err = _finetune([*_base(tmp_path, digits_shards), "--gpus-per-worker", "1"], tmp_path, capsys)
+def test_gpus_that_this_machine_cannot_give_are_refused_without_address(digits_shards, tmp_path):
+    """The command line itself (this test process may hold a Ray, inside which the Ray's owner decides)."""
+    command = [sys.executable, str(Path(finetune.__file__)), *_base(tmp_path, digits_shards),
+               "--gpus-per-worker", "1"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    code, err = done.returncode, done.stderr.strip().splitlines()
     assert code == 2
     assert err == ["finetune: error: --gpus-per-worker 1: the run needs 2 GPUs (2 workers) and this machine "
                    "has 0; without --address no other GPU can come (--gpus-per-worker 0 trains on CPUs)"]

@@ -403,8 +403,10 @@ def check_storage_writable(storage: str) -> None:
 def _resolve_local_gpus(config: RunConfig) -> None:
     """Without ``--address`` the run uses this machine: GPUs per worker default to 1 if it has a GPU, and
     GPUs it does not have are refused (no other node can bring them)."""
-    if config.address is not None:
-        return  # decided on the cluster (pipelines.training.ray_session.worker_gpus)
+    import ray
+
+    if config.address is not None or ray.is_initialized():
+        return  # decided on the cluster (ray_session.worker_gpus), or by the Ray this runs in (a sweep trial)
     import torch
 
     have = torch.cuda.device_count()
