@@ -19,6 +19,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -88,7 +89,8 @@ def finetune(dense: torch.nn.Module, form: str, args: argparse.Namespace) -> dic
     size = dense.spot_config["img_size"]
     loader = make_loader(args.data, "train", batch_size=args.batch_size, img_size=size, train=True,
                          crop_scale=1.0, hflip=0.0, seed=args.seed, **normalization)
-    optimizer, scheduler = build_optimizer(model, {**RECIPE, "steps_per_epoch": args.steps}, fresh)
+    optimizer, scheduler = build_optimizer(model, SimpleNamespace(**RECIPE), fresh,
+                                           steps_per_epoch=args.steps)
     model.train()
     kept, step, ratio, began = [], 0, None, time.perf_counter()
     while step < args.steps:

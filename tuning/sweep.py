@@ -14,6 +14,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from ray import tune
 
+from pipelines.storage.location import RunLocation
 from pipelines.storage.run_record import SWEEP_RECORD, read_record, write_record
 from pipelines.tracking import store
 from pipelines.tracking.mlflow_run import MlflowRun
@@ -123,14 +124,15 @@ def _prepare_new(args: argparse.Namespace, cwd: Path) -> dict:
         dims = space.clip_rho(dims, rho_max, args.gmacs_budget, RunConfig.rho)
     _, fixed = space.split(dims, args.space)  # the Tuner samples the rest
     name = args.name or f"sweep-{config.backbone}-{datetime.now():%Y%m%d-%H%M%S}"
-    check(read_record(config.storage, name, SWEEP_RECORD) is None,
-          f"sweep {name!r} already exists in {config.storage}: pass --resume {config.storage}/{name} or "
+    location = RunLocation(config.storage, name)
+    check(read_record(location, SWEEP_RECORD) is None,
+          f"sweep {location.name!r} already exists in {config.storage}: pass --resume {location.uri} or "
           "another --name", SweepError)
     _, summary = prepare_init(config)  # a --pretrained that does not fit fails here, not per trial
     setup = {
-        "name": name,
-        "storage": config.storage,
-        "train_storage": f"{config.storage}/{name}/train_runs",
+        "name": location.name,
+        "storage": location.storage,
+        "train_storage": location.file("train_runs"),
         "options": trial_options(config, given, fixed),
         "epochs": config.epochs,
         "budget": args.gmacs_budget,
@@ -152,10 +154,10 @@ def _prepare_new(args: argparse.Namespace, cwd: Path) -> dict:
 def _prepare_resume(args: argparse.Namespace, cwd: Path) -> dict:
     """The plan of ``--resume PATH``: the sweep's recorded ``setup`` and its ``path``, checked."""
     path = args.resume.rstrip("/")
-    storage, name = path.rsplit("/", 1) if "/" in path else (str(cwd), path)
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().resolve())
-    setup = read_record(storage, name, SWEEP_RECORD)
+    location = RunLocation.from_uri(path) if "/" in path else RunLocation(str(cwd), path)
+    if "://" not in location.storage:
+        location = RunLocation(str(Path(location.storage).expanduser().resolve()), location.name)
+    setup = read_record(location, SWEEP_RECORD)
     check(setup is not None, f"--resume {args.resume}: not a sweep directory", SweepError)
     store.check_reachable(setup["tracking_uri"])
     try:
@@ -164,7 +166,7 @@ def _prepare_resume(args: argparse.Namespace, cwd: Path) -> dict:
         raise SweepError(f"--resume {args.resume}: its MLflow run: {first_line(err)}") from None
     check(status != "FINISHED", f"--resume {args.resume}: the sweep has finished (MLflow run "
           f"{setup['parent_run_id']})", SweepError)
-    return {"setup": setup, "path": f"{storage}/{name}", "notes": []}
+    return {"setup": setup, "path": location.uri, "notes": []}
 
 
 def prepare(args: argparse.Namespace, cwd: Path) -> dict:
@@ -255,7 +257,7 @@ def sweep(plan: dict, address: str | None) -> dict | None:
             )
             _start_parent(setup, config, dims, plan["summary"], Path.cwd())
             parent = MlflowRun(setup["tracking_uri"], setup["parent_run_id"])
-            write_record(setup["storage"], setup["name"], setup, SWEEP_RECORD)
+            write_record(RunLocation(setup["storage"], setup["name"]), setup, SWEEP_RECORD)
             tuner = _tuner(setup, dims)
             print(
                 f"sweep {setup['name']}: {setup['num_samples']} trials, {setup['max_concurrent']} at a time, "

@@ -22,6 +22,7 @@ import yaml
 
 import spot
 from pipelines.data import cluttered_digits
+from pipelines.storage.location import RunLocation
 from pipelines.training import recipe
 from pipelines.utils.errors import ConfigError, check, first_line
 from spot.config import SELECTORS
@@ -174,6 +175,11 @@ class RunConfig:
     @property
     def dense(self) -> bool:
         return self.rho is None
+
+    @property
+    def location(self) -> RunLocation:
+        """Where the run's checkpoints and records are: ``run_name`` in ``storage``."""
+        return RunLocation(self.storage, self.run_name)
 
 
 FIELDS = {f.name: f for f in fields(RunConfig)}
@@ -392,7 +398,7 @@ def resolve_config(given: dict, *, cwd: Path | None = None) -> RunConfig:
         config.storage = str(Path(config.storage).expanduser().resolve())
     if config.resume:
         check(given.get("run_name") is not None, "--resume needs the --run-name of the run to continue")
-        record = read_record(config.storage, config.run_name)
+        record = read_record(config.location)
         check(record is not None and "config" in record,
               f"--resume: no run {config.run_name!r} in {config.storage}")
         saved = record["config"]

@@ -2,7 +2,7 @@
 
 ``run(resolve_config({...}))`` is what ``python pipelines/finetune.py`` and the demo do; the sweep's trials
 use the same pieces (:func:`pipelines.training.weights.prepare_init`,
-:func:`pipelines.training.trainer.build_trainer`,
+:func:`pipelines.training.trainer.fit_run`,
 :func:`pipelines.tracking.registry.register_best`).
 """
 
@@ -13,12 +13,17 @@ import shlex
 import time
 from pathlib import Path
 
-from pipelines.storage.run_record import FAULT_RECORD, STOPPED, delete_record, read_record, write_record
+import mlflow
+from mlflow.exceptions import MlflowException
+from ray.train import Result, TrainingFailedError
+
+from pipelines.storage.run_record import STOPPED, read_record, write_record
 from pipelines.tracking import pending_reports, store
 from pipelines.tracking.mlflow_run import MlflowRun
-from pipelines.tracking.report_callback import MlflowReportCallback
+from pipelines.tracking.registry import register_best
 from pipelines.training.config import RunConfig
 from pipelines.training.ray_session import ray_session
+from pipelines.training.trainer import fit_run
 from pipelines.training.weights import ModelSummary, prepare_init
 from pipelines.utils.errors import (
     Interrupted,
@@ -46,21 +51,21 @@ def run_params(config: RunConfig, summary: ModelSummary) -> dict:
 
 def open_mlflow_run(config: RunConfig, summary: ModelSummary) -> MlflowRun:
     """Create the run's MLflow run (params, resolved config, run record), or reopen it on ``--resume``."""
-    uri, name, storage = config.mlflow_uri, config.run_name, config.storage
-    record = read_record(storage, name)
+    uri, location = config.mlflow_uri, config.location
+    record = read_record(location)
     if config.resume:
         run = MlflowRun.reopen(uri, record["mlflow_run_id"])
     else:
-        check(record is None, f"run {name!r} already exists in {storage}: pass --resume to continue it or "
-              "choose another --run-name")
+        check(record is None, f"run {location.name!r} already exists in {location.storage}: pass --resume to "
+              "continue it or choose another --run-name")
         artifacts = store.local_artifact_root(uri, Path.cwd())
-        run = MlflowRun.create(uri, config.experiment, name, artifact_location=artifacts)
+        run = MlflowRun.create(uri, config.experiment, location.name, artifact_location=artifacts)
         record = {"config": config.to_dict(), "mlflow_run_id": run.run_id, "tracking_uri": uri}
-        write_record(storage, name, record)
+        write_record(location, record)
         run.log_params(run_params(config, summary) | store.versions())
         run.log_dict(config.to_dict(), "config/resolved_config.json")
     run.set_tags(store.system_info() | {
-        "storage": f"{storage}/{name}", "address": config.address or "local",
+        "storage": location.uri, "address": config.address or "local",
         "num_workers": config.num_workers, "placement_strategy": config.placement_strategy,
     })
     return run
@@ -78,8 +83,6 @@ def evaluation_table(rows: list[dict], best: dict, summary: ModelSummary) -> str
 def end_run(mlflow_run: MlflowRun, status: str, tags: dict | None = None) -> None:
     """Mark a run that did not finish ``status`` (with ``tags``); if MLflow cannot be reached, say so and
     go on: the error the user must see is the run's, not the tracking server's."""
-    from mlflow.exceptions import MlflowException
-
     try:
         if tags:
             mlflow_run.set_tags(tags)
@@ -89,13 +92,12 @@ def end_run(mlflow_run: MlflowRun, status: str, tags: dict | None = None) -> Non
                     mlflow_run.run_id, status, first_line(err))
 
 
-def stop_on_fault(result, mlflow_run: MlflowRun, storage: str, name: str) -> None:
-    """If the workers stopped for good (a NaN / inf loss, a bad sample): mark the MLflow run FAILED and raise
-    ``TrainingError`` naming what and where, and the last good checkpoint (kept; nothing is registered)."""
-    fault = read_record(storage, name, FAULT_RECORD)
+def stop_on_fault(result, mlflow_run: MlflowRun, fault: str | None) -> None:
+    """If the workers stopped for good (``fault``: a NaN / inf loss, a bad sample): mark the MLflow run FAILED
+    and raise ``TrainingError`` naming what and where, and the last good checkpoint (kept; nothing is
+    registered)."""
     if fault is None:
         return
-    fault = fault["error"]
     end_run(mlflow_run, "FAILED", {STOPPED: fault})
     last = result.checkpoint.path if result.checkpoint is not None else "none (no epoch finished)"
     hint = " (try a lower --lr)" if fault.startswith("non-finite") else ""
@@ -118,10 +120,8 @@ def resume_command(config: RunConfig) -> str:
 def trained_result(config: RunConfig):
     """The Ray Train ``Result`` of ``config``'s run if every epoch of it was trained (a ``--resume`` that only
     finishes it in MLflow), else None."""
-    from ray.train import Result
-
     try:
-        result = Result.from_path(f"{config.storage}/{config.run_name}")
+        result = Result.from_path(config.location.uri)
     except (RuntimeError, OSError, ValueError):
         return None
     return None if aborted(result, config) else result
@@ -136,25 +136,22 @@ def finish(
     Waits up to ``config.mlflow_wait`` seconds for an unreachable server, then raises ``TrackingOutage``
     with the command that does all this later (the checkpoints and the unsent epochs stay in storage).
     """
-    from mlflow.exceptions import MlflowException
-
-    from pipelines.tracking.registry import register_best
-
-    storage, name = config.storage, config.run_name
+    location = config.location
     try:
         store.wait_until_reachable(config.mlflow_uri, config.mlflow_wait)
-        pending_reports.send_pending(mlflow_run.client, mlflow_run.run_id, storage, name)
+        pending_reports.send_pending(mlflow_run.client, mlflow_run.run_id, location)
         registered = register_best(result, run_id=mlflow_run.run_id, name=config.register_as)
         rows = mlflow_run.metric_history(list(EPOCH_COLUMNS[1:]))
         mlflow_run.log_text(evaluation_table(rows, registered["metrics"], summary), "evaluation.md")
         mlflow_run.end("FINISHED")
     except (TrackingError, pending_reports.NotSent, MlflowException) as err:
-        waiting = len(pending_reports.pending(storage, name))
+        waiting = len(pending_reports.pending(location))
         raise TrackingOutage(
-            f"training finished (checkpoints in {storage}/{name}) but MLflow {config.mlflow_uri} failed: "
-            f"{first_line(err)}. {waiting} epoch(s) of metrics wait in {storage}/{name}/"
-            f"{pending_reports.PENDING_RECORD} and the run is not FINISHED. When the server answers, send "
-            f"them, register the best checkpoint (once) and end the run with:\n  {resume_command(config)}"
+            f"training finished (checkpoints in {location.uri}) but MLflow {config.mlflow_uri} failed: "
+            f"{first_line(err)}. {waiting} epoch(s) of metrics wait in "
+            f"{location.file(pending_reports.PENDING_RECORD)} and the run is not FINISHED. When the server "
+            f"answers, send them, register the best checkpoint (once) and end the "
+            f"run with:\n  {resume_command(config)}"
         ) from None
     return registered, rows
 
@@ -170,13 +167,8 @@ def run(config: RunConfig) -> dict:
     MLflow goes away during training, no epoch is lost (:func:`finish`). ``--resume`` of a run whose
     training is complete only finishes it in MLflow.
     """
-    import mlflow
-    from ray.train import TrainingFailedError
-
-    from pipelines.training.trainer import build_trainer
-
     started = time.monotonic()
-    uri, name, storage = config.mlflow_uri, config.run_name, config.storage
+    uri, location = config.mlflow_uri, config.location
     store.quiet_mlflow(config.verbose)
     store.check_reachable(uri)
     mlflow.set_tracking_uri(uri)
@@ -186,25 +178,23 @@ def run(config: RunConfig) -> dict:
         mlflow_run = open_mlflow_run(config, summary)
         result = trained_result(config) if config.resume else None
         if result is None:
-            callbacks = [MlflowReportCallback(uri, mlflow_run.run_id, storage=storage, name=name)]
-            trainer = build_trainer(config, name=name, storage=storage, init=init, callbacks=callbacks)
-            delete_record(storage, name, FAULT_RECORD)  # a fault of an earlier attempt (before --resume)
             try:
-                result = trainer.fit()
+                result, fault = fit_run(config, location, init=init, tracking_uri=uri,
+                                        mlflow_run_id=mlflow_run.run_id)
             except TrainingFailedError:
                 end_run(mlflow_run, "FAILED")
                 raise
             except (KeyboardInterrupt, SystemExit):  # Ctrl-C; Ray Train's own SIGINT handler exits the driver
                 end_run(mlflow_run, "KILLED")
                 raise Interrupted(resume_command(config)) from None
-            stop_on_fault(result, mlflow_run, storage, name)
+            stop_on_fault(result, mlflow_run, fault)
             if aborted(result, config):  # Ray Train aborted the run on Ctrl-C and fit() returned
                 end_run(mlflow_run, "KILLED")
                 raise Interrupted(resume_command(config))
         registered, rows = finish(result, mlflow_run, config, summary)
     best = registered["metrics"]
     return {
-        "run_name": name,
+        "run_name": location.name,
         "best_val_acc1": best["val_acc1"],
         "best_val_acc5": best["val_acc5"],
         "best_epoch": best["epoch"],
@@ -212,7 +202,7 @@ def run(config: RunConfig) -> dict:
         "gmacs": best["gmacs"],
         "dense_gmacs": summary.dense_gmacs,
         "checkpoint": registered["checkpoint"],
-        "storage": f"{storage}/{name}",
+        "storage": location.uri,
         "mlflow_tracking_uri": uri,
         "mlflow_experiment": config.experiment,
         "mlflow_run_id": mlflow_run.run_id,
