@@ -78,17 +78,17 @@ def trial_options(config: RunConfig, given: dict, fixed: dict) -> dict:
     return options | fixed
 
 
-def default_max_concurrent(resources: dict, config: dict) -> int:
+def default_max_concurrent(resources: dict, config: RunConfig) -> int:
     """Trials the cluster runs at once; Tune counts only trial drivers, not their Train workers."""
-    workers, gpus = config["num_workers"], resources.get("GPU", 0)
-    per_worker = config["gpus_per_worker"] if config["gpus_per_worker"] is not None else (1 if gpus else 0)
+    workers, gpus = config.num_workers, resources.get("GPU", 0)
+    per_worker = config.gpus_per_worker if config.gpus_per_worker is not None else (1 if gpus else 0)
     if per_worker:
         if not gpus:
             raise SweepError("the cluster shows no GPUs (yet: autoscaling?); pass --max-concurrent")
         return max(1, int(gpus // (workers * per_worker)))
-    need = workers * config["cpus_per_worker"] + DRIVER_CPUS
+    need = workers * config.cpus_per_worker + DRIVER_CPUS
     if need > resources.get("CPU", 0):
-        raise SweepError(f"a trial needs {need:g} CPUs ({workers} workers x {config['cpus_per_worker']:g} + "
+        raise SweepError(f"a trial needs {need:g} CPUs ({workers} workers x {config.cpus_per_worker:g} + "
                          f"the driver); the cluster has {resources.get('CPU', 0):g}")
     return max(1, int(resources["CPU"] // need))
 
@@ -253,7 +253,7 @@ def sweep(plan: dict, address: str | None) -> dict | None:
         else:
             config, dims = plan["config"], plan["dims"]
             setup["max_concurrent"] = setup["max_concurrent"] or default_max_concurrent(
-                ray.cluster_resources(), config.to_dict()
+                ray.cluster_resources(), config
             )
             _start_parent(setup, config, dims, plan["summary"], Path.cwd())
             parent = MlflowRun(setup["tracking_uri"], setup["parent_run_id"])
