@@ -16,7 +16,7 @@ from torch import nn
 
 import spot
 from pipelines.data.loader import make_loader
-from pipelines.evaluation.metrics import evaluate_model, measure_throughput
+from pipelines.evaluation.metrics import model_row
 from pipelines.storage.checkpoints import MASKS_MIN_SIDE
 from pipelines.tracking.mlflow_run import log_results
 from pipelines.utils.table import markdown_table
@@ -61,10 +61,8 @@ def compare(
     results = []
     for labels, model in rows:
         torch.manual_seed(seed)
-        row = {**labels, **evaluate_model(model, data, batch_size=batch_size, device=device)}
-        row["gmacs"] = spot.gmacs(model, model.spot_config.get("img_size", 224))
-        row["images_per_s"] = measure_throughput(model, batch_size=throughput_batch, device=device)
-        results.append(row)
+        results.append({**labels, **model_row(model, data, batch_size=batch_size,
+                                              throughput_batch=throughput_batch, device=device)})
     return results
 
 

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import torch
 
-from pipelines.evaluation.metrics import evaluate_model, measure_throughput
+from pipelines.evaluation.metrics import model_row
 from pipelines.tracking.mlflow_run import log_results
 from pipelines.tracking.registry import load_model
 from pipelines.utils.table import markdown_table
-from spot.flops import gmacs
 
 COLUMNS = ("model", "top-1", "top-5", "GMACs", "params (M)", "images/s")
 
@@ -22,10 +21,9 @@ def evaluate(
     """One table row for the model at ``uri``: accuracy, GMACs, parameters, throughput."""
     model = load_model(uri)
     row = {"model": label, "uri": str(uri), "rho": model.spot_config["rho"]}
-    row.update(evaluate_model(model, data, batch_size=batch_size, device=device))
-    row["gmacs"] = gmacs(model, model.spot_config.get("img_size", 224))
+    row.update(model_row(model, data, batch_size=batch_size, throughput_batch=throughput_batch,
+                         device=device))
     row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
-    row["images_per_s"] = measure_throughput(model, batch_size=throughput_batch, device=device)
     return row
 
 

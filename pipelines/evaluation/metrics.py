@@ -1,4 +1,5 @@
-"""Accuracy of a model over the val split of a shard directory, and the throughput of its forward."""
+"""Accuracy of a model over the val split of a shard directory, the throughput of its forward, and the two
+with its GMACs: the numbers of one row of the evaluate and compare tables."""
 
 from __future__ import annotations
 
@@ -59,3 +60,14 @@ def measure_throughput(
         sync()
         runs += 1
     return runs * batch_size / elapsed
+
+
+def model_row(
+    model: nn.Module, data: str | Path, *, batch_size: int, throughput_batch: int, device: torch.device
+) -> dict:
+    """``top1``, ``top5``, ``samples`` (:func:`evaluate_model`), ``gmacs`` (``spot.gmacs`` at the model's
+    image size) and ``images_per_s`` (:func:`measure_throughput`) of ``model``."""
+    row = evaluate_model(model, data, batch_size=batch_size, device=device)
+    row["gmacs"] = spot.gmacs(model, model.spot_config.get("img_size", 224))
+    row["images_per_s"] = measure_throughput(model, batch_size=throughput_batch, device=device)
+    return row
