@@ -31,7 +31,7 @@ import spot  # noqa: E402
 from pipelines.data.cluttered_digits import digit_patches, make_canvases  # noqa: E402
 from pipelines.data.loader import make_loader  # noqa: E402
 from pipelines.tracking.registry import load_model  # noqa: E402
-from pipelines.tracking.store import resolve_tracking_uri  # noqa: E402
+from pipelines.tracking.uri import move_credentials_to_env, resolve_tracking_uri  # noqa: E402
 from pipelines.training.recipe import build_optimizer, freeze_embeddings  # noqa: E402
 from spot.losses import classification_loss, rate_loss, spot_loss  # noqa: E402
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mlflow-uri", help="tracking URI of models:/ URIs (default: ./mlflow.db)")
     args = parser.parse_args(argv)
-    mlflow.set_tracking_uri(resolve_tracking_uri(args.mlflow_uri, Path.cwd()))
+    mlflow.set_tracking_uri(resolve_tracking_uri(move_credentials_to_env(args.mlflow_uri), Path.cwd()))
     dense = load_model(args.dense).eval()
     val = val_canvases(spot.input_normalization(dense))
     with torch.no_grad():

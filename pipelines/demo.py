@@ -26,7 +26,8 @@ import torch
 
 from pipelines.evaluation import compare
 from pipelines.tracking.registry import load_model
-from pipelines.training.config import DIGITS_SPOT_FINETUNE, RUNS_DIR, resolve_config
+from pipelines.tracking.uri import move_credentials_to_env
+from pipelines.training.config import DIGITS_SPOT_FINETUNE, RUNS_DIR, make_builtin_data, resolve_config
 from pipelines.training.job import run as run_job
 from pipelines.training.ray_session import start_local_ray
 from pipelines.utils.errors import TrackingError, first_line
@@ -55,6 +56,8 @@ RHOS = (0.7, 0.5)
 def run_demo(num_workers: int = 2, epochs: int | None = None) -> dict:
     """Dense baseline, SPOT from it, the selector comparison; returns both RESULT dicts, rows and table."""
     options = {"experiment": EXPERIMENT, "num_workers": num_workers}
+    move_credentials_to_env(None)  # a user:password@ in $MLFLOW_TRACKING_URI
+    make_builtin_data(options)
     stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
     dense_options = {**options, "dense": True, "run_name": f"demo-dense-{stamp}"}
     dense_config = resolve_config(dense_options | ({"epochs": epochs} if epochs else {}))

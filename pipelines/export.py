@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the repos
 import mlflow  # noqa: E402
 
 from pipelines.evaluation import export  # noqa: E402
-from pipelines.tracking.store import resolve_tracking_uri  # noqa: E402
+from pipelines.tracking.uri import move_credentials_to_env, resolve_tracking_uri  # noqa: E402
 from spot.export import LOGITS_ATOL, ExportError  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     if args.mlflow_uri:  # a password in it goes to MLflow's variables, never into what is logged
-        mlflow.set_tracking_uri(resolve_tracking_uri(args.mlflow_uri, Path.cwd()))
+        mlflow.set_tracking_uri(resolve_tracking_uri(move_credentials_to_env(args.mlflow_uri), Path.cwd()))
     try:
         report = export.export_model(
             args.model,

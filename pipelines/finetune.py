@@ -20,7 +20,8 @@ import argparse
 import sys
 
 from pipelines.data.manifest import DataError
-from pipelines.training.config import add_options, given_values, resolve_config
+from pipelines.tracking.uri import move_credentials_to_env
+from pipelines.training.config import add_options, given_values, make_builtin_data, resolve_config
 from pipelines.utils.cli import bad_input, print_result
 from pipelines.utils.errors import Interrupted, TrackingError, TrackingOutage, TrainingError, first_line
 
@@ -46,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        result = run(resolve_config(given_values(args)))
+        given = given_values(args)
+        given["mlflow_uri"] = move_credentials_to_env(given.get("mlflow_uri"))
+        make_builtin_data(given)
+        result = run(resolve_config(given))
     except (DataError, FileNotFoundError, TrackingError, ValueError) as err:
         return bad_input("finetune", err)
     except Interrupted as err:

@@ -21,11 +21,12 @@ from mlflow import MlflowClient
 
 from pipelines import finetune
 from pipelines.data.cluttered_digits import PIXEL_MEAN, PIXEL_STD
-from pipelines.data.manifest import read_manifest
+from pipelines.data.manifest import DataError, read_manifest
 from pipelines.storage.checkpoints import CONFIG_FILE, MASKS_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE
 from pipelines.storage.run_record import RUN_RECORD
 from pipelines.tracking.pending_reports import PENDING_RECORD
-from pipelines.training.config import RUNS_DIR, RunConfig, given_values, resolve_config
+from pipelines.tracking.uri import move_credentials_to_env, resolve_tracking_uri
+from pipelines.training.config import RUNS_DIR, RunConfig, given_values, make_builtin_data, resolve_config
 from pipelines.training.job import run as run_job
 from pipelines.training.recipe import build_optimizer
 from pipelines.training.worker import step_bar
@@ -133,7 +134,12 @@ def test_paper_defaults_with_data_and_digits_defaults_without(digits_shards, tmp
     assert config.register_as == "spot-deit_s" and config.num_classes == 10
     assert config.mlflow_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert config.storage == str(tmp_path / RUNS_DIR)
-    # no --data: the built-in cluttered digits, made on first use in ./data/cluttered-digits, small defaults
+    # no --data: the built-in cluttered digits, which the command makes in ./data/cluttered-digits (resolving
+    # the options writes nothing), small defaults
+    with pytest.raises(DataError, match="no --data and no built-in shards in .*make_builtin_data"):
+        resolve_config({"dense": True}, cwd=tmp_path)
+    assert not (tmp_path / "data").exists()
+    assert make_builtin_data({"dense": True}, tmp_path) == tmp_path / "data" / "cluttered-digits"
     digits = resolve_config({"dense": True}, cwd=tmp_path)
     assert digits.data == str(tmp_path / "data" / "cluttered-digits")
     manifest = read_manifest(tmp_path / "data" / "cluttered-digits")
@@ -197,6 +203,22 @@ def test_resume_of_a_run_recorded_before_an_option_existed(digits_shards, tmp_pa
         resolve_config({"run_name": "old", "resume": True, "mean": [0.5, 0.5, 0.5]}, cwd=tmp_path)
 
 # --- end to end -----------------------------------------------------------------------------------------
+
+
+def test_credentials_leave_the_tracking_uri_only_by_the_command(monkeypatch):
+    """resolve_tracking_uri moves nothing: a URI with user:password@ is refused without being printed; the
+    command's move_credentials_to_env puts them where MLflow's client reads them (also from the env URI)."""
+    secret = "http://alice:s%40cret@127.0.0.1:5999"
+    with pytest.raises(ConfigError, match="move_credentials_to_env") as raised:
+        resolve_tracking_uri(secret, ".")
+    assert "s%40cret" not in str(raised.value) and "MLFLOW_TRACKING_USERNAME" not in os.environ
+    assert move_credentials_to_env(secret) == "http://127.0.0.1:5999"
+    user, password = os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
+    assert (user, password) == ("alice", "s@cret")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://bob:pw@127.0.0.1:5998")
+    assert move_credentials_to_env(None) is None
+    assert resolve_tracking_uri(None, ".") == "http://127.0.0.1:5998"
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "bob"
 
 
 def test_step_bar_only_on_rank_0_of_long_epochs():

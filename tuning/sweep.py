@@ -18,7 +18,15 @@ from pipelines.storage.location import RunLocation
 from pipelines.storage.run_record import SWEEP_RECORD, read_record, write_record
 from pipelines.tracking import store
 from pipelines.tracking.mlflow_run import MlflowRun
-from pipelines.training.config import RUNS_DIR, RunConfig, given_values, resolve_config, training_keys
+from pipelines.tracking.uri import resolve_tracking_uri
+from pipelines.training.config import (
+    RUNS_DIR,
+    RunConfig,
+    given_values,
+    make_builtin_data,
+    resolve_config,
+    training_keys,
+)
 from pipelines.training.ray_session import ray_session
 from pipelines.training.weights import prepare_init
 from pipelines.utils.errors import ConfigError, check, first_line
@@ -107,12 +115,13 @@ def _prepare_new(args: argparse.Namespace, cwd: Path) -> dict:
     check(args.gmacs_budget is None or args.gmacs_budget > 0, "--gmacs-budget must be > 0", SweepError)
     given = given_training_options(args)
     storage = args.storage or str(cwd / RUNS_DIR)
-    uri = store.resolve_tracking_uri(args.mlflow_uri, cwd)
+    uri = resolve_tracking_uri(args.mlflow_uri, cwd)
     store.check_reachable(uri)
     import mlflow
 
     mlflow.set_tracking_uri(uri)  # where --pretrained models:/... and the digits teacher are looked up
     notes: list[str] = []
+    make_builtin_data(given, cwd)  # the built-in digits without --data: the trials' and the teacher's data
     if given.get("data") is None and given.get("pretrained") is None:
         given["pretrained"] = digits_teacher(given, uri, cwd, notes)
     config = resolve_config({**given, "storage": storage}, cwd=cwd)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from pipelines.tracking.uri import move_credentials_to_env
 from pipelines.utils.cli import bad_input, print_result
 from pipelines.utils.errors import TrackingError, check
 from tuning import options
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cli = build_parser()
     args = cli.parse_args(argv)
+    args.mlflow_uri = move_credentials_to_env(args.mlflow_uri)
     try:
         if args.resume:
             allowed = options.RESUME_OPTIONS
