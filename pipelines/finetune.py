@@ -19,9 +19,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ray.train import TrainingFailedError
+
 from pipelines.data.manifest import DataError
 from pipelines.tracking.uri import move_credentials_to_env
 from pipelines.training.config import add_options, given_values, make_builtin_data, resolve_config
+from pipelines.training.job import run
 from pipelines.utils.cli import bad_input, print_result
 from pipelines.utils.errors import Interrupted, TrackingError, TrackingOutage, TrainingError, first_line
 
@@ -43,8 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.training.job import run
-
     args = build_parser().parse_args(argv)
     try:
         given = given_values(args)
@@ -63,11 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as err:  # stopped for good (non-finite loss): the message says where
         print(f"finetune: training failed: {first_line(err)}", file=sys.stderr)
         return 1
-    except Exception as err:
-        from ray.train import TrainingFailedError
-
-        if not isinstance(err, TrainingFailedError):
-            raise
+    except TrainingFailedError as err:
         print(f"finetune: training failed: {first_line(err)}", file=sys.stderr)
         return 1
     print_result(result)

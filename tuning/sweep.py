@@ -10,14 +10,21 @@ from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
 
+import mlflow
+import ray
 import yaml
+from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.tune.search.optuna import OptunaSearch
 
 from pipelines.storage.location import RunLocation
 from pipelines.storage.run_record import SWEEP_RECORD, read_record, write_record
 from pipelines.tracking import store
 from pipelines.tracking.mlflow_run import MlflowRun
+from pipelines.tracking.registry import CHAMPION, champion_metrics, load_model
 from pipelines.tracking.uri import resolve_tracking_uri
 from pipelines.training.config import (
     RUNS_DIR,
@@ -57,10 +64,6 @@ def digits_teacher(given: dict, uri: str, cwd: Path, notes: list[str]) -> str | 
     """The dense model a digits sweep fine-tunes (and distils) from: the champion that ``make demo`` or
     ``finetune.py --dense`` registered in ``uri``, if its architecture is the trials'; else None (trials
     train SPOT from scratch), with a note either way."""
-    from mlflow import MlflowClient
-
-    from pipelines.tracking.registry import CHAMPION, champion_metrics, load_model
-
     arch_keys = ("backbone", "img_size", "model_args", "mean", "std")
     dense = resolve_config({"dense": True, **{k: given[k] for k in arch_keys if k in given}}, cwd=cwd)
     teacher = f"models:/{dense.register_as}@{CHAMPION}"
@@ -117,8 +120,6 @@ def _prepare_new(args: argparse.Namespace, cwd: Path) -> dict:
     storage = args.storage or str(cwd / RUNS_DIR)
     uri = resolve_tracking_uri(args.mlflow_uri, cwd)
     store.check_reachable(uri)
-    import mlflow
-
     mlflow.set_tracking_uri(uri)  # where --pretrained models:/... and the digits teacher are looked up
     notes: list[str] = []
     make_builtin_data(given, cwd)  # the built-in digits without --data: the trials' and the teacher's data
@@ -191,10 +192,6 @@ def _trainable(setup: dict):
 
 
 def _tuner(setup: dict, dims: dict) -> tune.Tuner:
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-    from ray.tune.search.optuna import OptunaSearch
-
     searched, _ = space.split(dims, "search space")
     if setup["searcher"] == "tpe":
         searcher, limit = OptunaSearch(seed=setup["seed"]), setup["max_concurrent"]
@@ -246,9 +243,6 @@ def sweep(plan: dict, address: str | None) -> dict | None:
 
     Raises :class:`SweepError` before any trial if the cluster cannot run one.
     """
-    import mlflow
-    import ray
-
     started = time.monotonic()
     setup = plan["setup"]
     store.quiet_mlflow(setup.get("verbose", False))

@@ -23,6 +23,7 @@ from pipelines.tracking.uri import move_credentials_to_env
 from pipelines.utils.cli import bad_input, print_result
 from pipelines.utils.errors import TrackingError, check
 from tuning import options
+from tuning.sweep import SweepError, prepare, sweep
 
 SPACE_HELP = (
     "\n\nsearch space: a YAML file (--space) of fine-tuning options, each a number (fixed) or\n"
@@ -40,8 +41,6 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tuning.sweep import SweepError, prepare, sweep
-
     cli = build_parser()
     args = cli.parse_args(argv)
     args.mlflow_uri = move_credentials_to_env(args.mlflow_uri)

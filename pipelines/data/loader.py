@@ -125,7 +125,7 @@ def _components(index_line: str) -> dict[str, tuple[int, int, str]]:
 
 def _decode_error(data: bytes) -> str | None:
     """Why DALI's CPU decoder rejects ``data``, or None if it decodes."""
-    import nvidia.dali.experimental.dynamic as ndd  # eager DALI ops; only needed on this error path
+    import nvidia.dali.experimental.dynamic as ndd  # lazy: eager DALI ops, only on this error path
 
     try:
         np.asarray(ndd.decoders.image(ndd.tensor(np.frombuffer(data, np.uint8)), device="cpu"))

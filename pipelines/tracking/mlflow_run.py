@@ -6,6 +6,7 @@ before any worker starts: concurrent first use of a SQLite store races.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
@@ -13,6 +14,7 @@ from mlflow.entities import Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking.context.registry import resolve_tags
 
+from pipelines.tracking import store
 from pipelines.utils.errors import TrackingError, first_line
 
 RUN_NAME_TAG = "ray_train_run"
@@ -140,10 +142,6 @@ def log_results(
     """One finished run ``name`` holding an evaluation's results: ``params``, ``metrics``, ``text`` as
     ``(artifact path, content)`` and local files by artifact directory. Checks the store first (raises
     ``TrackingError``); returns the run id."""
-    from pathlib import Path
-
-    from pipelines.tracking import store
-
     store.check_reachable(uri)
     artifact_root = store.local_artifact_root(uri, Path.cwd())
     run = MlflowRun.create(uri, experiment, name, artifact_location=artifact_root)

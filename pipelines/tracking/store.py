@@ -19,6 +19,7 @@ import urllib.request
 from importlib import metadata
 from pathlib import Path
 
+import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
@@ -130,8 +131,6 @@ def versions() -> dict[str, str]:
 
 def system_info() -> dict[str, str]:
     """Where the driver runs (logged as tags; they may change on ``--resume``)."""
-    import torch
-
     info = {
         "host": socket.gethostname(),
         "platform": platform.platform(),

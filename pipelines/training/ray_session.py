@@ -15,6 +15,8 @@ import os
 import socket
 from collections.abc import Iterator
 
+import ray
+
 from pipelines.utils.errors import ConfigError, first_line
 
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
@@ -41,8 +43,6 @@ def _free_port() -> int:
 
 def start_local_ray(num_cpus: int | None = None, *, verbose: bool = False) -> None:
     """``ray.init`` of a local Ray with the State API workaround (see the module docstring)."""
-    import ray
-
     port = _free_port()
     os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
     ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_port=port, **quiet_kwargs(verbose))
@@ -64,8 +64,6 @@ def ray_session(
     """Ray initialised for the block: ``address`` joined (probed first), else a local Ray started (with
     ``num_cpus``) and shut down at the end; an already initialised Ray is used as it is. ``need_cpus``
     is checked against a local Ray. Yields whether Ray was started here. Raises ``ConfigError``."""
-    import ray
-
     if ray.is_initialized():
         yield False
         return
