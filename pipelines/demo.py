@@ -13,13 +13,15 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from a checkout: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ray
 import torch
@@ -30,7 +32,8 @@ from pipelines.tracking.uri import move_credentials_to_env
 from pipelines.training.config import DIGITS_SPOT_FINETUNE, RUNS_DIR, make_builtin_data, resolve_config
 from pipelines.training.job import run as run_job
 from pipelines.training.ray_session import start_local_ray
-from pipelines.utils.errors import TrackingError, first_line
+from pipelines.utils.cli import Parser, bad_input
+from pipelines.utils.errors import TrackingError
 
 EXPERIMENT = "spot-demo"
 
@@ -110,7 +113,7 @@ def run_demo(num_workers: int = 2, epochs: int | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="demo", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-workers", type=int, default=2, help="Ray Train workers [default: 2]")
     parser.add_argument("--epochs", type=int, help="epochs of the dense run [default: the digits preset]")
     args = parser.parse_args(argv)
@@ -118,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         demo = run_demo(args.num_workers, args.epochs)
     except (ValueError, FileNotFoundError, TrackingError) as err:
-        print(f"demo: error: {first_line(err)}", file=sys.stderr)
-        return 2
+        return bad_input("demo", err)
     print(f"\n{demo['table']}\n")
     for label in ("dense", "spot"):
         r = demo[label]

@@ -30,15 +30,17 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a checkout: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import mlflow  # noqa: E402
+import mlflow
 
-from pipelines.evaluation import export  # noqa: E402
-from pipelines.tracking.uri import move_credentials_to_env, resolve_tracking_uri  # noqa: E402
-from spot.export import LOGITS_ATOL, ExportError  # noqa: E402
+from pipelines.evaluation import export
+from pipelines.tracking.uri import move_credentials_to_env, resolve_tracking_uri
+from pipelines.utils.cli import Parser, bad_input
+from pipelines.utils.errors import first_line
+from spot.export import LOGITS_ATOL, ExportError
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--model", required=True, help="models:/NAME@ALIAS, models:/NAME/V, runs:/ID/model or a dir"
     )
@@ -62,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
             log=not args.no_mlflow,
             opset=args.opset,
         )
-    except (ExportError, export.ParityError, FileNotFoundError, ValueError) as err:
-        print(f"export failed: {err}", file=sys.stderr)
+    except (FileNotFoundError, ValueError) as err:  # no such model, a bad URI or option
+        return bad_input("export", err)
+    except (ExportError, export.ParityError) as err:  # the model does not export faithfully
+        print(f"export: failed: {first_line(err)}", file=sys.stderr)
         return 1
     for batch, r in report["parity"].items():
         worst = r["logits_max_abs"]

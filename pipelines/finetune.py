@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from a checkout: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ray.train import TrainingFailedError
 
@@ -25,17 +29,12 @@ from pipelines.data.manifest import DataError
 from pipelines.tracking.uri import move_credentials_to_env
 from pipelines.training.config import add_options, given_values, make_builtin_data, resolve_config
 from pipelines.training.job import run
-from pipelines.utils.cli import bad_input, print_result
+from pipelines.utils.cli import Parser, bad_input, print_result
 from pipelines.utils.errors import Interrupted, TrackingError, TrackingOutage, TrainingError, first_line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="finetune",
         description="SPOT fine-tuning on Ray Train with MLflow tracking and registry.",
         epilog="examples:\n" + __doc__.split("\n\n")[1],

@@ -19,6 +19,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script from a checkout: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from pipelines.tracking.uri import move_credentials_to_env
 from pipelines.utils.cli import bad_input, print_result
 from pipelines.utils.errors import TrackingError, check
