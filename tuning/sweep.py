@@ -16,6 +16,7 @@ from ray import tune
 
 from pipelines.storage.run_record import SWEEP_RECORD, read_record, write_record
 from pipelines.tracking import store
+from pipelines.tracking.datasets import log_shard_inputs
 from pipelines.tracking.mlflow_run import MlflowRun
 from pipelines.training.config import RUNS_DIR, RunConfig, given_values, resolve_config, training_keys
 from pipelines.training.ray_session import ray_session
@@ -217,6 +218,7 @@ def _start_parent(setup: dict, config: RunConfig, dims: dict, summary, cwd: Path
     fixed = {k: getattr(config, k) for k in training_keys() if k not in dims}
     model = {"dense_gmacs": round(summary.dense_gmacs, 6), "params": summary.params}
     parent.log_params(searched | sweep | fixed | model | store.versions())
+    log_shard_inputs(parent.client, parent.run_id, config.data, ("train", "val"))
     parent.set_tags(store.system_info() | {"storage": f"{setup['storage']}/{setup['name']}"})
     entries = {k: d.low if d.fixed else {"distribution": d.distribution, "low": d.low, "high": d.high}
                for k, d in dims.items()}

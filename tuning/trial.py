@@ -10,6 +10,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from pipelines.storage.run_record import FAULT_RECORD, STOPPED, delete_record, read_record
 from pipelines.tracking import store
+from pipelines.tracking.datasets import log_shard_inputs
 from pipelines.tracking.mlflow_run import MlflowRun
 from pipelines.tracking.pending_reports import PENDING_RECORD, NotSent, send_pending
 from pipelines.tracking.report_callback import MlflowReportCallback
@@ -91,6 +92,7 @@ def run_trial(params: dict, *, setup: dict) -> None:
         child = MlflowRun.create(setup["tracking_uri"], setup["experiment"], name, parent=parent,
                                  tags={TRIAL_TAG: trial_id, STATUS_TAG: "running"})
         child.log_params(run_params(config, summary))
+        log_shard_inputs(child.client, child.run_id, config.data, ("train", "val"))
     else:
         child = MlflowRun.reopen(child.uri, child.run_id)
     storage = setup["train_storage"]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipelines.storage.run_record import FAULT_RECORD, STOPPED, delete_record, read_record, write_record
 from pipelines.tracking import pending_reports, store
+from pipelines.tracking.datasets import log_shard_inputs
 from pipelines.tracking.mlflow_run import MlflowRun
 from pipelines.tracking.report_callback import MlflowReportCallback
 from pipelines.training.config import RunConfig
@@ -44,8 +45,9 @@ def run_params(config: RunConfig, summary: ModelSummary) -> dict:
     }
 
 
-def open_mlflow_run(config: RunConfig, summary: ModelSummary) -> MlflowRun:
-    """Create the run's MLflow run (params, resolved config, run record), or reopen it on ``--resume``."""
+def open_mlflow_run(config: RunConfig, summary: ModelSummary, parent: MlflowRun | None = None) -> MlflowRun:
+    """Create the run's MLflow run (params, resolved config, dataset inputs, run record; a child of
+    ``parent`` if given), or reopen it on ``--resume``."""
     uri, name, storage = config.mlflow_uri, config.run_name, config.storage
     record = read_record(storage, name)
     if config.resume:
@@ -54,11 +56,12 @@ def open_mlflow_run(config: RunConfig, summary: ModelSummary) -> MlflowRun:
         check(record is None, f"run {name!r} already exists in {storage}: pass --resume to continue it or "
               "choose another --run-name")
         artifacts = store.local_artifact_root(uri, Path.cwd())
-        run = MlflowRun.create(uri, config.experiment, name, artifact_location=artifacts)
+        run = MlflowRun.create(uri, config.experiment, name, artifact_location=artifacts, parent=parent)
         record = {"config": config.to_dict(), "mlflow_run_id": run.run_id, "tracking_uri": uri}
         write_record(storage, name, record)
         run.log_params(run_params(config, summary) | store.versions())
         run.log_dict(config.to_dict(), "config/resolved_config.json")
+        log_shard_inputs(run.client, run.run_id, config.data, ("train", "val"))
     run.set_tags(store.system_info() | {
         "storage": f"{storage}/{name}", "address": config.address or "local",
         "num_workers": config.num_workers, "placement_strategy": config.placement_strategy,
@@ -159,9 +162,9 @@ def finish(
     return registered, rows
 
 
-def run(config: RunConfig) -> dict:
-    """Train ``config`` (from :func:`pipelines.training.config.resolve_config`) on Ray, track it in MLflow,
-    register the best model. Returns the ``RESULT_JSON`` dict.
+def run(config: RunConfig, parent: MlflowRun | None = None) -> dict:
+    """Train ``config`` (from :func:`pipelines.training.config.resolve_config`) on Ray, track it in MLflow
+    (as a child run of ``parent`` if given), register the best model. Returns the ``RESULT_JSON`` dict.
 
     Before any worker starts, raises ``TrackingError`` if MLflow is not usable and ``ConfigError`` for a bad
     ``--pretrained``, ``--address`` or run name; raises ``ray.train.TrainingFailedError`` if training fails
@@ -183,7 +186,7 @@ def run(config: RunConfig) -> dict:
     init, summary = prepare_init(config)
     need = config.num_workers * config.cpus_per_worker
     with ray_session(config.address, need_cpus=need, verbose=config.verbose):
-        mlflow_run = open_mlflow_run(config, summary)
+        mlflow_run = open_mlflow_run(config, summary, parent)
         result = trained_result(config) if config.resume else None
         if result is None:
             callbacks = [MlflowReportCallback(uri, mlflow_run.run_id, storage=storage, name=name)]
