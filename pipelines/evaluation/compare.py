@@ -110,15 +110,16 @@ def mask_figures(
 
 
 def log_comparison(
-    results: list[dict], table: str, figures: list[Path], *, tracking_uri: str, experiment: str, data: str
+    results: list[dict], table: str, figures: list[Path], *, tracking_uri: str, experiment: str, data: str,
+    models: dict[str, str] | None = None, parent=None,
 ) -> str:
-    """One MLflow run holding the rows (metrics per selector and rho), the table and the figures."""
-    metrics = {}
-    for r in results:
-        key = r["selector"].split()[0] + ("" if r["rho"] is None else f"_rho{r['rho']:g}")
-        metrics |= {f"{key}_{k}": r[k] for k in ("top1", "gmacs", "images_per_s")}
+    """One MLflow run holding the rows (a table artifact, ``comparison_table.json``), the markdown table,
+    the figures, the val split as its dataset and the evaluated ``models`` (role -> URI) with their source
+    runs; a child of ``parent`` if given."""
+    columns = ("selector", "weights", "rho", "top1", "gmacs", "images_per_s")
+    rows = [{k: r[k] for k in columns} for r in results]
     return log_results(
         tracking_uri, experiment, "compare-selectors",
-        params={"data": data} | {f"weights_{r['selector'].split()[0]}": r["weights"] for r in results},
-        metrics=metrics, text=("comparison.md", table), artifacts={"token_masks": figures},
+        params={"data": data}, metrics={}, text=("comparison.md", table), artifacts={"token_masks": figures},
+        data=data, models=models, table=(rows, "comparison_table.json"), parent=parent,
     )

@@ -50,11 +50,11 @@ def format_table(rows: list[dict]) -> str:
 
 
 def log_to_mlflow(rows: list[dict], table: str, *, tracking_uri: str, experiment: str, data: str) -> str:
-    """Log the rows as one MLflow run (metrics prefixed by the row's label, table as artifact); returns
-    its id."""
+    """Log the rows as one MLflow run (metrics prefixed by the row's label, table as artifact, the val split
+    as its dataset, the evaluated models with their versions and source runs); returns its id."""
     return log_results(
         tracking_uri, experiment, "evaluate",
-        params={"data": data} | {f"{r['model']}_uri": r["uri"] for r in rows},
+        params={"data": data},
         metrics={f"{r['model']}_{k}": r[k] for r in rows for k in ("top1", "top5", "gmacs", "images_per_s")},
-        text=("evaluation.md", table + "\n"),
+        text=("evaluation.md", table + "\n"), data=data, models={r["model"]: r["uri"] for r in rows},
     )

@@ -136,21 +136,38 @@ def log_results(
     metrics: dict[str, float],
     text: tuple[str, str],
     artifacts: dict[str, list] | None = None,
+    data: str | None = None,
+    models: dict[str, str] | None = None,
+    table: tuple[list[dict], str] | None = None,
+    parent: MlflowRun | None = None,
 ) -> str:
     """One finished run ``name`` holding an evaluation's results: ``params``, ``metrics``, ``text`` as
-    ``(artifact path, content)`` and local files by artifact directory. Checks the store first (raises
+    ``(artifact path, content)``, local files by artifact directory, the val split of the shard directory
+    ``data`` as its dataset input, the evaluated ``models`` (role -> URI) with their registered versions and
+    source runs (:func:`pipelines.tracking.lineage.log_model_inputs`), ``table`` as ``(rows, artifact file)``
+    through ``log_table`` and, if given, its ``parent`` run. Checks the store first (raises
     ``TrackingError``); returns the run id."""
     from pathlib import Path
 
     from pipelines.tracking import store
+    from pipelines.tracking.datasets import log_shard_inputs
+    from pipelines.tracking.lineage import log_model_inputs
 
     store.check_reachable(uri)
     artifact_root = store.local_artifact_root(uri, Path.cwd())
-    run = MlflowRun.create(uri, experiment, name, artifact_location=artifact_root)
+    run = MlflowRun.create(uri, experiment, name, artifact_location=artifact_root, parent=parent)
     run.log_params(params)
+    if models:
+        log_model_inputs(run, models)
+    if data is not None:
+        log_shard_inputs(run.client, run.run_id, data, ("val",))
     run.log_metrics(metrics)
     path, content = text
     run.log_text(content, path)
+    if table is not None:
+        rows, artifact_file = table
+        columns = {key: [row.get(key) for row in rows] for key in rows[0]}
+        run.client.log_table(run.run_id, columns, artifact_file)
     for directory, files in (artifacts or {}).items():
         for file in files:
             run.log_artifact(str(file), directory)

@@ -1,0 +1,49 @@
+"""What an evaluation run evaluated: the registered models behind its model URIs, as parameters, tags and
+MLflow model inputs, so the run page links to the models and their training runs."""
+
+from __future__ import annotations
+
+from mlflow.entities import LoggedModelInput
+from mlflow.exceptions import MlflowException
+
+from pipelines.tracking.mlflow_run import MlflowRun
+
+SOURCE_RUN_TAG = "{role}_source_run"
+
+
+def registered_version(client, uri: str):
+    """The registry's ``ModelVersion`` of ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``; None for
+    any other URI (a checkpoint directory, ``runs:/``) or a version the registry does not know."""
+    if not uri.startswith("models:/"):
+        return None
+    ref = uri.removeprefix("models:/")
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return client.get_model_version_by_alias(name, alias)
+        name, _, version = ref.partition("/")
+        return client.get_model_version(name, version) if version.isdigit() else None
+    except MlflowException:
+        return None
+
+
+def log_model_inputs(run: MlflowRun, models: dict[str, str]) -> None:
+    """For each ``role -> URI``: params ``<role>_uri`` and (a registered model) ``<role>_version``, a tag
+    ``<role>_source_run`` with the run that trained it, and the logged model as a model input of ``run``."""
+    client = run.client
+    params, tags, inputs = {}, {}, []
+    for role, uri in models.items():
+        params[f"{role}_uri"] = uri
+        version = registered_version(client, uri)
+        if version is None:
+            continue
+        params[f"{role}_version"] = f"{version.name}/{version.version}"
+        if version.run_id:
+            tags[SOURCE_RUN_TAG.format(role=role)] = version.run_id
+        if getattr(version, "model_id", None):
+            inputs.append(LoggedModelInput(version.model_id))
+    run.log_params(params)
+    if tags:
+        run.set_tags(tags)
+    if inputs:
+        client.log_inputs(run.run_id, models=inputs)
