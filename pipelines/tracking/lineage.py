@@ -27,6 +27,15 @@ def registered_version(client, uri: str):
         return None
 
 
+def logged_model_id(version) -> str | None:
+    """The id of the logged model behind a registered ``version`` (MLflow's SQL registry keeps it only in
+    the version's source, ``models:/<model id>``)."""
+    if getattr(version, "model_id", None):
+        return version.model_id
+    source = version.source or ""
+    return source.removeprefix("models:/") if source.startswith("models:/m-") else None
+
+
 def log_model_inputs(run: MlflowRun, models: dict[str, str]) -> None:
     """For each ``role -> URI``: params ``<role>_uri`` and (a registered model) ``<role>_version``, a tag
     ``<role>_source_run`` with the run that trained it, and the logged model as a model input of ``run``."""
@@ -40,8 +49,8 @@ def log_model_inputs(run: MlflowRun, models: dict[str, str]) -> None:
         params[f"{role}_version"] = f"{version.name}/{version.version}"
         if version.run_id:
             tags[SOURCE_RUN_TAG.format(role=role)] = version.run_id
-        if getattr(version, "model_id", None):
-            inputs.append(LoggedModelInput(version.model_id))
+        if model_id := logged_model_id(version):
+            inputs.append(LoggedModelInput(model_id))
     run.log_params(params)
     if tags:
         run.set_tags(tags)
