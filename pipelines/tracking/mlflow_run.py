@@ -5,6 +5,8 @@ before any worker starts: concurrent first use of a SQLite store races.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import mlflow
@@ -116,6 +118,19 @@ class MlflowRun:
             for metric in sorted(self.client.get_metric_history(self.run_id, key), key=lambda m: m.timestamp):
                 rows.setdefault(metric.step, {"epoch": metric.step})[key] = metric.value
         return [rows[e] for e in sorted(rows)]
+
+    @contextlib.contextmanager
+    def system_metrics(self) -> Iterator[None]:
+        """MLflow's system metrics (``system/*``: CPU, memory, disk, network, GPU where present) of this
+        host, sampled into the run while the block runs; continued, not restarted, on a reopened run."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(self.run_id, resume_logging=True, tracking_uri=self.uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
 
     def end(self, status: str) -> None:
         """Mark the run ``FINISHED``, ``FAILED`` or ``KILLED``."""

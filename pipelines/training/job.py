@@ -193,7 +193,8 @@ def run(config: RunConfig, parent: MlflowRun | None = None) -> dict:
             trainer = build_trainer(config, name=name, storage=storage, init=init, callbacks=callbacks)
             delete_record(storage, name, FAULT_RECORD)  # a fault of an earlier attempt (before --resume)
             try:
-                result = trainer.fit()
+                with mlflow_run.system_metrics():
+                    result = trainer.fit()
             except TrainingFailedError:
                 end_run(mlflow_run, "FAILED")
                 raise
