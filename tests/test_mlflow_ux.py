@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_RUN_NOTE
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_MODEL_VERSIONS, MLFLOW_RUN_NOTE
 
 from pipelines.storage.checkpoints import METRICS_FILE
 from pipelines.tracking.datasets import shard_split
@@ -32,6 +32,9 @@ def test_a_logged_model_carries_its_checkpoints_epoch_metrics_name_description_a
     model = client.get_logged_model(logged_model_id(version))
 
     assert model.name == result["registered_model"] != "model"
+    versions_tag = json.loads(model.tags[MLFLOW_MODEL_VERSIONS])  # the UI: "Model versions"
+    assert {"name": version.name, "version": str(version.version)} in [
+        {"name": e["name"], "version": str(e["version"])} for e in versions_tag]
     assert model.source_run_id == result["mlflow_run_id"]
     linked = {m.key: m for m in model.metrics}
     for key in ("val_acc1", "val_acc5", "val_total", "train_total", "gmacs"):
@@ -51,6 +54,8 @@ def test_a_logged_model_carries_its_checkpoints_epoch_metrics_name_description_a
     assert ("dense ViT" if which == "dense" else "SPOT ViT, keep rate rho 0.7") in description
     assert str(Path(client.get_run(result["mlflow_run_id"]).data.params["data"])) in description
     assert client.get_registered_model(result["registered_model"]).description
+    run_note = client.get_run(result["mlflow_run_id"]).data.tags[MLFLOW_RUN_NOTE]
+    assert run_note.startswith("dense deit_t" if which == "dense" else "SPOT (rho 0.7) deit_t")
 
 
 def test_training_runs_on_the_same_shards_share_one_dataset_per_split(trained, mlflow_uri, digits_shards):

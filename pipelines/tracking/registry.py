@@ -31,7 +31,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
-from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS, MLFLOW_RUN_NOTE
 from torch import nn
 
 import spot
@@ -183,6 +183,15 @@ def settle_champion(client: MlflowClient, name: str, rounds: int = 3, pause_s: f
     return elected
 
 
+def _link_version(client: MlflowClient, model_id: str, name: str, version: str) -> None:
+    """Record the registered version on the logged model (its ``mlflow.modelVersions`` tag, which the UI's
+    "Model versions" reads; a tracking server adds it itself, a direct SQL store does not)."""
+    entry = {"name": name, "version": str(version)}
+    linked = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+    if entry not in [{"name": e["name"], "version": str(e["version"])} for e in linked]:
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*linked, entry])})
+
+
 def register_checkpoint(checkpoint_dir: str | Path, *, run_id: str, name: str, metrics: dict) -> dict:
     """Log ``checkpoint_dir`` as an MLflow model of ``run_id``, register it as ``name``, maybe promote it.
 
@@ -223,6 +232,7 @@ def register_checkpoint(checkpoint_dir: str | Path, *, run_id: str, name: str, m
             raise
     version = client.create_model_version(name, info.model_uri, run_id=run_id, tags=tags,
                                           description=description, model_id=info.model_id)
+    _link_version(client, info.model_id, name, version.version)
     champion = champion_metrics(client, name)
     elected = settle_champion(client, name)
     return {

@@ -13,6 +13,8 @@ import shlex
 import time
 from pathlib import Path
 
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
 from pipelines.storage.run_record import FAULT_RECORD, STOPPED, delete_record, read_record, write_record
 from pipelines.tracking import pending_reports, store
 from pipelines.tracking.datasets import log_shard_inputs
@@ -45,6 +47,15 @@ def run_params(config: RunConfig, summary: ModelSummary) -> dict:
     }
 
 
+def run_description(config: RunConfig) -> str:
+    """The run's description in the MLflow UI: what is trained, from what, on which data."""
+    kind = "dense" if config.rho is None else f"SPOT (rho {config.rho})"
+    start = f"fine-tuned from {config.pretrained}" if config.pretrained else "trained from scratch"
+    return (f"{kind} {config.backbone} {config.model_args or ''}, {start}, {config.epochs} epochs on "
+            f"{config.data} with {config.num_workers} Ray Train workers; the best epoch is registered as "
+            f"{config.register_as}")
+
+
 def open_mlflow_run(config: RunConfig, summary: ModelSummary, parent: MlflowRun | None = None) -> MlflowRun:
     """Create the run's MLflow run (params, resolved config, dataset inputs, run record; a child of
     ``parent`` if given), or reopen it on ``--resume``."""
@@ -61,6 +72,7 @@ def open_mlflow_run(config: RunConfig, summary: ModelSummary, parent: MlflowRun 
         write_record(storage, name, record)
         run.log_params(run_params(config, summary) | store.versions())
         run.log_dict(config.to_dict(), "config/resolved_config.json")
+        run.set_tags({MLFLOW_RUN_NOTE: run_description(config)})
         log_shard_inputs(run.client, run.run_id, config.data, ("train", "val"))
     run.set_tags(store.system_info() | {
         "storage": f"{storage}/{name}", "address": config.address or "local",
