@@ -27,6 +27,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from pipelines.evaluation import compare
 from pipelines.tracking import store
+from pipelines.tracking.datasets import log_shard_inputs
 from pipelines.tracking.mlflow_run import MlflowRun
 from pipelines.tracking.registry import load_model
 from pipelines.training.config import DIGITS_SPOT_FINETUNE, RUNS_DIR, resolve_config
@@ -81,6 +82,7 @@ def run_demo(num_workers: int = 2, epochs: int | None = None, verbose: bool = Fa
     dense_config = resolve_config(dense_options | ({"epochs": epochs} if epochs else {}))
     store.quiet_mlflow(verbose)
     parent = open_parent(dense_config.mlflow_uri, f"demo-{stamp}")
+    log_shard_inputs(parent.client, parent.run_id, dense_config.data, ("train", "val"))  # for the runs table
     start_local_ray(max(os.cpu_count() or 1, num_workers), verbose=verbose)
     try:
         print(
