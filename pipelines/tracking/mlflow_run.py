@@ -6,6 +6,7 @@ before any worker starts: concurrent first use of a SQLite store races.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from pipelines.utils.errors import TrackingError, first_line
 
 RUN_NAME_TAG = "ray_train_run"
 PARENT_TAG = "mlflow.parentRunId"
+SYSTEM_METRICS_STOP_S = 15.0  # MLflow's monitor samples every 10 s, then flushes
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
@@ -122,7 +124,9 @@ class MlflowRun:
     @contextlib.contextmanager
     def system_metrics(self) -> Iterator[None]:
         """MLflow's system metrics (``system/*``: CPU, memory, disk, network, GPU where present) of this
-        host, sampled into the run while the block runs; continued, not restarted, on a reopened run."""
+        host, sampled into the run while the block runs; continued, not restarted, on a reopened run. Best
+        effort: stopping it waits at most ``SYSTEM_METRICS_STOP_S`` (an unreachable server must not hold the
+        run's end)."""
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         monitor = SystemMetricsMonitor(self.run_id, resume_logging=True, tracking_uri=self.uri)
@@ -130,7 +134,9 @@ class MlflowRun:
         try:
             yield
         finally:
-            monitor.finish()
+            stopper = threading.Thread(target=monitor.finish, daemon=True, name="stop-system-metrics")
+            stopper.start()
+            stopper.join(SYSTEM_METRICS_STOP_S)
 
     def end(self, status: str) -> None:
         """Mark the run ``FINISHED``, ``FAILED`` or ``KILLED``."""
