@@ -2,7 +2,7 @@
 """Export a SPOT model (prune mode) or a dense model to ONNX, check it in ONNX Runtime, log it to MLflow.
 
     python pipelines/export.py --model models:/spot-lvvit_s@champion --out model.onnx
-    python pipelines/export.py --model runs:/<run_id>/model --out model.onnx
+    python pipelines/export.py --model runs:/<run_id>/<registered model name> --out model.onnx
     python pipelines/export.py --model ray_results/<run>/checkpoint_<time> --out model.onnx
 
 The model goes through ``torch.export`` and torch's dynamo-based ONNX exporter (``spot.export``): input
@@ -42,7 +42,7 @@ from spot.export import LOGITS_ATOL, ExportError
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--model", required=True, help="models:/NAME@ALIAS, models:/NAME/V, runs:/ID/model or a dir"
+        "--model", required=True, help="models:/NAME@ALIAS, models:/NAME/V, runs:/ID/NAME or a dir"
     )
     p.add_argument("--out", default="model.onnx")
     p.add_argument("--check-batches", type=int, nargs="*", default=[1, 7], help="ORT parity at these sizes")

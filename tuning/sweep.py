@@ -23,6 +23,7 @@ from ray.tune.search.optuna import OptunaSearch
 from pipelines.storage.location import RunLocation
 from pipelines.storage.run_record import SWEEP_RECORD, read_record, write_record
 from pipelines.tracking import store
+from pipelines.tracking.datasets import log_shard_inputs
 from pipelines.tracking.mlflow_run import MlflowRun
 from pipelines.tracking.registry import CHAMPION, champion_metrics, load_model
 from pipelines.tracking.uri import resolve_tracking_uri
@@ -225,6 +226,7 @@ def _start_parent(setup: dict, config: RunConfig, dims: dict, summary, cwd: Path
     fixed = {k: getattr(config, k) for k in training_keys() if k not in dims}
     model = {"dense_gmacs": round(summary.dense_gmacs, 6), "params": summary.params}
     parent.log_params(searched | sweep | fixed | model | store.versions())
+    log_shard_inputs(parent.client, parent.run_id, config.data, ("train", "val"))
     parent.set_tags(store.system_info() | {"storage": f"{setup['storage']}/{setup['name']}"})
     entries = {k: d.low if d.fixed else {"distribution": d.distribution, "low": d.low, "high": d.high}
                for k, d in dims.items()}

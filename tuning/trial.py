@@ -12,6 +12,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from pipelines.storage.location import RunLocation
 from pipelines.storage.run_record import STOPPED
 from pipelines.tracking import store
+from pipelines.tracking.datasets import log_shard_inputs
 from pipelines.tracking.mlflow_run import MlflowRun
 from pipelines.tracking.pending_reports import PENDING_RECORD, NotSent, send_pending
 from pipelines.training.config import resolve_config
@@ -96,6 +97,7 @@ def run_trial(params: dict, *, setup: dict) -> None:
         child = MlflowRun.create(setup["tracking_uri"], setup["experiment"], location.name, parent=parent,
                                  tags={TRIAL_TAG: trial_id, STATUS_TAG: "running"})
         child.log_params(run_params(config, summary))
+        log_shard_inputs(child.client, child.run_id, config.data, ("train", "val"))
     else:
         child = MlflowRun.reopen(child.uri, child.run_id)
     _, fault = fit_run(config, location, init=init, tracking_uri=setup["tracking_uri"],

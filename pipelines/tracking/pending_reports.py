@@ -17,6 +17,7 @@ from pathlib import PurePosixPath
 import pyarrow.fs
 from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
+from PIL import Image
 
 from pipelines.storage.checkpoints import MASKS_FILE
 from pipelines.storage.location import RunLocation
@@ -55,6 +56,9 @@ def _log_masks(client: MlflowClient, run_id: str, location: RunLocation, entry: 
     with fs.open_input_stream(source) as src, open(local, "wb") as dst:
         dst.write(src.read())
     client.log_artifact(run_id, str(local), MASKS_ARTIFACT_DIR)
+    with Image.open(local) as image:  # also an image at step = epoch: the UI's chart view has a step slider
+        client.log_image(run_id, image.convert("RGB"), key=MASKS_ARTIFACT_DIR, step=entry["step"],
+                         timestamp=entry["time_ms"], synchronous=True)
 
 
 class NotSent(RuntimeError):

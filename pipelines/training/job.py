@@ -15,10 +15,12 @@ from pathlib import Path
 
 import mlflow
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from ray.train import Result, TrainingFailedError
 
 from pipelines.storage.run_record import STOPPED, read_record, write_record
 from pipelines.tracking import pending_reports, store
+from pipelines.tracking.datasets import log_shard_inputs
 from pipelines.tracking.mlflow_run import MlflowRun
 from pipelines.tracking.registry import register_best
 from pipelines.training.config import RunConfig
@@ -49,8 +51,18 @@ def run_params(config: RunConfig, summary: ModelSummary) -> dict:
     }
 
 
-def open_mlflow_run(config: RunConfig, summary: ModelSummary) -> MlflowRun:
-    """Create the run's MLflow run (params, resolved config, run record), or reopen it on ``--resume``."""
+def run_description(config: RunConfig) -> str:
+    """The run's description in the MLflow UI: what is trained, from what, on which data."""
+    kind = "dense" if config.rho is None else f"SPOT (rho {config.rho})"
+    start = f"fine-tuned from {config.pretrained}" if config.pretrained else "trained from scratch"
+    return (f"{kind} {config.backbone} {config.model_args or ''}, {start}, {config.epochs} epochs on "
+            f"{config.data} with {config.num_workers} Ray Train workers; the best epoch is registered as "
+            f"{config.register_as}")
+
+
+def open_mlflow_run(config: RunConfig, summary: ModelSummary, parent: MlflowRun | None = None) -> MlflowRun:
+    """Create the run's MLflow run (params, resolved config, dataset inputs, run record; a child of
+    ``parent`` if given), or reopen it on ``--resume``."""
     uri, location = config.mlflow_uri, config.location
     record = read_record(location)
     if config.resume:
@@ -59,11 +71,14 @@ def open_mlflow_run(config: RunConfig, summary: ModelSummary) -> MlflowRun:
         check(record is None, f"run {location.name!r} already exists in {location.storage}: pass --resume to "
               "continue it or choose another --run-name")
         artifacts = store.local_artifact_root(uri, Path.cwd())
-        run = MlflowRun.create(uri, config.experiment, location.name, artifact_location=artifacts)
+        run = MlflowRun.create(uri, config.experiment, location.name, artifact_location=artifacts,
+                               parent=parent)
         record = {"config": config.to_dict(), "mlflow_run_id": run.run_id, "tracking_uri": uri}
         write_record(location, record)
         run.log_params(run_params(config, summary) | store.versions())
         run.log_dict(config.to_dict(), "config/resolved_config.json")
+        run.set_tags({MLFLOW_RUN_NOTE: run_description(config)})
+        log_shard_inputs(run.client, run.run_id, config.data, ("train", "val"))
     run.set_tags(store.system_info() | {
         "storage": location.uri, "address": config.address or "local",
         "num_workers": config.num_workers, "placement_strategy": config.placement_strategy,
@@ -156,9 +171,9 @@ def finish(
     return registered, rows
 
 
-def run(config: RunConfig) -> dict:
-    """Train ``config`` (from :func:`pipelines.training.config.resolve_config`) on Ray, track it in MLflow,
-    register the best model. Returns the ``RESULT_JSON`` dict.
+def run(config: RunConfig, parent: MlflowRun | None = None) -> dict:
+    """Train ``config`` (from :func:`pipelines.training.config.resolve_config`) on Ray, track it in MLflow
+    (as a child run of ``parent`` if given), register the best model. Returns the ``RESULT_JSON`` dict.
 
     Before any worker starts, raises ``TrackingError`` if MLflow is not usable and ``ConfigError`` for a bad
     ``--pretrained``, ``--address`` or run name; raises ``ray.train.TrainingFailedError`` if training fails
@@ -175,12 +190,13 @@ def run(config: RunConfig) -> dict:
     init, summary = prepare_init(config)
     need = config.num_workers * config.cpus_per_worker
     with ray_session(config.address, need_cpus=need, verbose=config.verbose):
-        mlflow_run = open_mlflow_run(config, summary)
+        mlflow_run = open_mlflow_run(config, summary, parent)
         result = trained_result(config) if config.resume else None
         if result is None:
             try:
-                result, fault = fit_run(config, location, init=init, tracking_uri=uri,
-                                        mlflow_run_id=mlflow_run.run_id)
+                with mlflow_run.system_metrics():
+                    result, fault = fit_run(config, location, init=init, tracking_uri=uri,
+                                            mlflow_run_id=mlflow_run.run_id)
             except TrainingFailedError:
                 end_run(mlflow_run, "FAILED")
                 raise

@@ -5,6 +5,12 @@ placement-group cleaner asks the State API whether a stopped run's controller is
 local Ray instances on one host it cannot tell which one to ask, so the stopped run's workers would keep
 their CPUs and the next run would wait forever. Without ``verbose``, Ray's INFO lines stay off the
 console (the workers' per-report lines are silenced in :mod:`pipelines.training.worker`).
+
+A local Ray runs on one host, which no cluster drains: its Ray Train runs go without Ray Train's preemption
+watcher (``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0``, unless set), whose actor otherwise makes the core
+worker log an ERROR line about its restart arguments in every run. Ray's token-auth WARNING of a local
+Ray goes away when ``RAY_AUTH_MODE`` is set before Ray is imported (``make demo`` sets ``token``;
+docs/tracking.md).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import ray
 from pipelines.utils.errors import ConfigError, first_line
 
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 PROBE_TIMEOUT_S = 5.0
 
 
@@ -45,6 +52,7 @@ def start_local_ray(num_cpus: int | None = None, *, verbose: bool = False) -> No
     """``ray.init`` of a local Ray with the State API workaround (see the module docstring)."""
     port = _free_port()
     os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")  # one host: nothing to drain (module docstring)
     ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_port=port, **quiet_kwargs(verbose))
 
 

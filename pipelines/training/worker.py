@@ -152,6 +152,40 @@ def _lambdas(config: RunConfig) -> dict[str, float]:
     return {"rate": config.lambda_rate, "kl": config.lambda_kl, "token": config.lambda_token}
 
 
+def loss_parts(config: dict, has_teacher: bool) -> tuple[str, ...]:
+    """The loss parts that this run computes (the others are constant zeros, not logged): the rate loss
+    needs token selection (rho), the KL loss a teacher, the token loss a teacher and ``lambda_token`` > 0."""
+    parts = ["ce"]
+    if config["rho"] is not None:
+        parts.append("rate")
+    if has_teacher:
+        parts.append("kl")
+        if config["lambda_token"] > 0:
+            parts.append("token")
+    return (*parts, "total")
+
+
+def lr_metrics(param_groups: list[dict]) -> dict[str, float]:
+    """The learning rate per part of the model under one name in every run: ``lr_backbone`` and
+    ``lr_predictor`` (their pretrained groups if any, else their fresh ones), plus ``lr_<part>_fresh`` only
+    when a part has both (a re-initialised head next to pretrained weights). Decay and no-decay groups of a
+    part share one lr."""
+    found: dict[tuple[str, bool], float] = {}
+    for group in param_groups:
+        part = "predictor" if group["name"].startswith("predictor") else "backbone"
+        found.setdefault((part, bool(group.get("pretrained"))), group["lr"])
+    metrics = {}
+    for part in ("backbone", "predictor"):
+        pretrained, fresh = found.get((part, True)), found.get((part, False))
+        if pretrained is not None:
+            metrics[f"lr_{part}"] = pretrained
+            if fresh is not None:
+                metrics[f"lr_{part}_fresh"] = fresh
+        elif fresh is not None:
+            metrics[f"lr_{part}"] = fresh
+    return metrics
+
+
 def _teacher_outputs(teacher: nn.Module | None, images: Tensor, lambdas: dict) -> tuple[Tensor | None, ...]:
     if teacher is None:
         return None, None
@@ -220,14 +254,14 @@ def train_one_epoch(
         if bar is not None:
             bar.close()
     elapsed = time.perf_counter() - start
-    metrics = {f"train_{name}": value / max(steps, 1) for name, value in sums.items()}
+    kept_parts = loss_parts(config, teacher is not None)
+    metrics = {f"train_{name}": value / max(steps, 1) for name, value in sums.items() if name in kept_parts}
     if kept is not None:
         metrics.update({f"train_kept_s{k + 1}": v / steps for k, v in enumerate(kept.tolist())})
         # health: how far the train-mode (Gumbel) keep rate is from its target rho^k (Eq. 12)
         metrics.update({f"train_keep_gap_s{k}": metrics[f"train_kept_s{k}"] - config.rho ** k
                         for k in range(1, len(kept) + 1)})
-    for group in optimizer.param_groups:
-        metrics[f"lr_{group['name']}"] = group["lr"]
+    metrics.update(lr_metrics(optimizer.param_groups))
     metrics["train_images_per_s"] = images_seen / elapsed
     return metrics
 
@@ -280,7 +314,9 @@ def validate(
     sums = all_reduce_sum(sums.to(device)).cpu()
     total = sums[0].item()
     metrics = {"val_acc1": sums[1].item() / total, "val_acc5": sums[2].item() / total}
-    metrics.update({f"val_{name}": sums[3 + i].item() / total for i, name in enumerate(names)})
+    kept_parts = loss_parts(config, teacher is not None)
+    metrics.update({f"val_{name}": sums[3 + i].item() / total for i, name in enumerate(names)
+                    if name in kept_parts})
     if kept_sums is not None:
         kept_sums = all_reduce_sum(kept_sums.double().to(device)).cpu()
         metrics.update({f"val_kept_s{k + 1}": v / total for k, v in enumerate(kept_sums.tolist())})
