@@ -2,7 +2,7 @@
 """Export a SPOT model (prune mode) or a dense model to ONNX, check it in ONNX Runtime, log it to MLflow.
 
     python pipelines/export.py --model models:/spot-lvvit_s@champion --out model.onnx
-    python pipelines/export.py --model runs:/<run_id>/model --out model.onnx
+    python pipelines/export.py --model runs:/<run_id>/<registered model name> --out model.onnx
     python pipelines/export.py --model ray_results/<run>/checkpoint_<time> --out model.onnx
 
 The model goes through ``torch.export`` and torch's dynamo-based ONNX exporter (``spot.export``): input
@@ -30,20 +30,20 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a checkout: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import mlflow  # noqa: E402
+import mlflow
 
-from pipelines.evaluation import export  # noqa: E402
-from pipelines.tracking.registry import load_model  # noqa: E402
-from pipelines.tracking.store import resolve_tracking_uri  # noqa: E402
-from pipelines.utils.cli import bad_input  # noqa: E402
-from pipelines.utils.errors import ConfigError, TrackingError  # noqa: E402
-from spot.export import LOGITS_ATOL, ExportError  # noqa: E402
+from pipelines.evaluation import export
+from pipelines.tracking.registry import load_model
+from pipelines.tracking.uri import move_credentials_to_env, resolve_tracking_uri
+from pipelines.utils.cli import Parser, bad_input
+from pipelines.utils.errors import ConfigError, TrackingError, first_line
+from spot.export import LOGITS_ATOL, ExportError
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--model", required=True, help="models:/NAME@ALIAS, models:/NAME/V, runs:/ID/model or a dir"
+        "--model", required=True, help="models:/NAME@ALIAS, models:/NAME/V, runs:/ID/NAME or a dir"
     )
     p.add_argument("--out", default="model.onnx")
     p.add_argument("--check-batches", type=int, nargs="*", default=[1, 7], help="ORT parity at these sizes")
@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         export.check_export_options(tuple(args.check_batches), args.opset)
         if args.mlflow_uri:  # a password in it goes to MLflow's variables, never into what is logged
-            mlflow.set_tracking_uri(resolve_tracking_uri(args.mlflow_uri, Path.cwd()))
+            uri = move_credentials_to_env(args.mlflow_uri)
+            mlflow.set_tracking_uri(resolve_tracking_uri(uri, Path.cwd()))
         model = load_model(args.model)  # a model that is missing or does not load is bad input
     except (ValueError, FileNotFoundError, TrackingError) as err:
         return bad_input("export", err)
@@ -71,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
             log=not args.no_mlflow,
             opset=args.opset,
         )
-    except ConfigError as err:
+    except (ConfigError, FileNotFoundError, ValueError) as err:  # no such model, a bad URI or option
         return bad_input("export", err)
-    except (ExportError, export.ParityError, FileNotFoundError, ValueError) as err:
-        print(f"export failed: {err}", file=sys.stderr)
+    except (ExportError, export.ParityError) as err:  # the model does not export faithfully
+        print(f"export: failed: {first_line(err)}", file=sys.stderr)
         return 1
     for batch, r in report["parity"].items():
         worst = r["logits_max_abs"]

@@ -20,21 +20,24 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from a checkout: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ray.train import TrainingFailedError
 
 from pipelines.data.manifest import DataError
-from pipelines.training.config import add_options, given_values, resolve_config
+from pipelines.tracking.uri import move_credentials_to_env
+from pipelines.training.config import add_options, given_values, make_builtin_data, resolve_config
+from pipelines.training.job import run
 from pipelines.utils import signals
-from pipelines.utils.cli import bad_input, print_result
+from pipelines.utils.cli import Parser, bad_input, print_result
 from pipelines.utils.errors import Interrupted, TrackingError, TrackingOutage, TrainingError, first_line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="finetune",
         description="SPOT fine-tuning on Ray Train with MLflow tracking and registry.",
         epilog="examples:\n" + __doc__.split("\n\n")[1],
@@ -49,12 +52,13 @@ def signal_name() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.training.job import run
-
     args = build_parser().parse_args(argv)
     try:
+        given = given_values(args)
+        given["mlflow_uri"] = move_credentials_to_env(given.get("mlflow_uri"))
+        make_builtin_data(given)
         with signals.stop_signals():
-            result = run(resolve_config(given_values(args)))
+            result = run(resolve_config(given))
     except (DataError, FileNotFoundError, TrackingError, ValueError) as err:
         return bad_input("finetune", err)
     except Interrupted as err:
@@ -73,11 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as err:  # stopped for good (non-finite loss): the message says where
         print(f"finetune: training failed: {first_line(err)}", file=sys.stderr)
         return 1
-    except Exception as err:
-        from ray.train import TrainingFailedError
-
-        if not isinstance(err, TrainingFailedError):
-            raise
+    except TrainingFailedError as err:
         print(f"finetune: training failed: {first_line(err)}", file=sys.stderr)
         return 1
     print_result(result)

@@ -54,7 +54,6 @@ BUILTIN_SOURCES = tuple(BUILTIN_IMG_SIZE)  # made by this project, no path
 MIN_IMG_SIZE = 8  # as finetune's --img-size
 SPLIT_FOLDER_NAMES = ("train", "val", "validation", "test")  # an imagefolder root of splits, not classes
 OBJECT_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")  # "<_io.BytesIO object at 0x7f...>"
-DIGITS_VAL_FRACTION = 0.2
 JPEG_QUALITY = 90
 CHUNK = 512  # images decoded per round trip to the worker pool (bounds memory on large datasets)
 
@@ -105,17 +104,11 @@ def _merge_classes(found: list[str], existing: list[str] | None, where: str) -> 
 
 
 def digits_items(split: str) -> list[Item]:
-    """scikit-learn's bundled digits; fixed stratified 80/20 train/val split (seed-independent)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    train, val = train_test_split(
-        np.arange(len(digits.target)), test_size=DIGITS_VAL_FRACTION, stratify=digits.target, random_state=0
-    )
+    """scikit-learn's bundled digits; the fixed stratified train/val split of the cluttered digits
+    (:func:`pipelines.data.cluttered_digits.split_scans`, seed-independent)."""
+    chosen, digits = cluttered_digits.split_scans(split)
     pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)
-    chosen = {"train": train, "val": val}[split]
-    return [Item(f"digits:{i}", int(digits.target[i]), pixels=pixels[i]) for i in sorted(chosen)]
+    return [Item(f"digits:{i}", int(digits.target[i]), pixels=pixels[i]) for i in chosen]
 
 
 def cluttered_digits_items(split: str, seed: int) -> list[Item]:

@@ -13,6 +13,7 @@ import onnx
 import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from torch.onnx._constants import ONNX_MAX_OPSET
 
 import spot
 from pipelines.tracking.registry import load_model
@@ -29,8 +30,6 @@ class ParityError(RuntimeError):
 
 def check_export_options(check_batches: tuple[int, ...], opset: int | None) -> None:
     """Bad export options as one ``ConfigError`` naming flag and value (before any model is loaded)."""
-    from torch.onnx._constants import ONNX_MAX_OPSET
-
     bad = [b for b in check_batches if b < 1]
     check(not bad, f"--check-batches {' '.join(map(str, bad))}: batch sizes must be >= 1")
     check(opset is None or MIN_OPSET <= opset <= ONNX_MAX_OPSET,

@@ -4,7 +4,9 @@ built-in digits preset, validation, and which options a ``--resume`` must keep, 
 The command line (:func:`add_options` generates the flags, for ``finetune`` and, a subset, for the sweep),
 a YAML file (``--config``: the same names, dashes or underscores) and the defaults feed :class:`RunConfig`,
 in that order of precedence. :func:`resolve_config` validates the values and derives the rest (lrs, loss
-weights, absolute paths, class count) before any Ray worker starts.
+weights, absolute paths, class count) before any Ray worker starts; it writes nothing. What a command does
+before it: :func:`make_builtin_data` (the built-in shards without ``--data``) and
+:func:`pipelines.tracking.store.move_credentials_to_env`.
 """
 
 from __future__ import annotations
@@ -20,10 +22,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import ray
+import torch
 import yaml
 
 import spot
 from pipelines.data import cluttered_digits
+from pipelines.data.manifest import MANIFEST_NAME, DataError, read_manifest
+from pipelines.data.shards import ensure_builtin_shards
+from pipelines.storage.location import RunLocation
+from pipelines.storage.run_record import read_record
+from pipelines.tracking.uri import resolve_tracking_uri
 from pipelines.training import recipe
 from pipelines.utils.errors import ConfigError, check, first_line
 from spot.config import SELECTORS
@@ -190,6 +199,11 @@ class RunConfig:
     @property
     def dense(self) -> bool:
         return self.rho is None
+
+    @property
+    def location(self) -> RunLocation:
+        """Where the run's checkpoints and records are: ``run_name`` in ``storage``."""
+        return RunLocation(self.storage, self.run_name)
 
 
 FIELDS = {f.name: f for f in fields(RunConfig)}
@@ -403,12 +417,8 @@ def check_storage_writable(storage: str) -> None:
 def _resolve_local_gpus(config: RunConfig) -> None:
     """Without ``--address`` the run uses this machine: GPUs per worker default to 1 if it has a GPU, and
     GPUs it does not have are refused (no other node can bring them)."""
-    import ray
-
     if config.address is not None or ray.is_initialized():
         return  # decided on the cluster (ray_session.worker_gpus), or by the Ray this runs in (a sweep trial)
-    import torch
-
     have = torch.cuda.device_count()
     if config.gpus_per_worker is None:
         config.gpus_per_worker = 1 if have else 0
@@ -473,13 +483,24 @@ def _resolve_training(config: RunConfig) -> None:
     check(not mixing or per_worker % 2 == 0, f"mixup/cutmix need an even batch per worker; got {per_worker}")
 
 
-def _resolve_data(config: RunConfig, cwd: Path) -> None:
-    """Make the built-in shards if no --data; sets the class count (raises DataError for bad data)."""
-    from pipelines.data.manifest import read_manifest
-    from pipelines.data.shards import ensure_builtin_shards
+def make_builtin_data(given: dict, cwd: Path | None = None) -> Path | None:
+    """Make the built-in digits shards in ``<cwd>/data/cluttered-digits`` (unless valid ones are there) when
+    the ``given`` options name no ``data`` and continue no run: what a command does before
+    :func:`resolve_config`. Their directory, or None when none is needed."""
+    if given.get("data") is not None or given.get("resume"):
+        return None
+    return ensure_builtin_shards((cwd or Path.cwd()) / DIGITS_DIR, DIGITS_SOURCE)
 
+
+def _resolve_data(config: RunConfig, cwd: Path) -> None:
+    """The absolute shard directory (the built-in one without --data) and the class count (raises DataError
+    for bad data)."""
     if config.data is None:
-        config.data = str(ensure_builtin_shards(cwd / DIGITS_DIR, DIGITS_SOURCE))
+        builtin = (cwd / DIGITS_DIR).resolve()
+        if not (builtin / MANIFEST_NAME).is_file():
+            raise DataError(f"no --data and no built-in shards in {builtin}: make them first "
+                            "(pipelines.training.config.make_builtin_data)")
+        config.data = str(builtin)
     config.data = str(Path(config.data).expanduser().resolve())
     manifest = read_manifest(config.data)
     for split in ("train", "val"):
@@ -496,11 +517,9 @@ def resolve_config(given: dict, *, cwd: Path | None = None) -> RunConfig:
     Defaults: the field defaults (the paper's recipe), with :func:`digits_preset` on top when no ``data`` is
     given. With ``resume``, the training options come from the run's record in ``storage`` and may not be
     changed. Paths (data, storage, SQLite URI) are made absolute against ``cwd`` here, on the driver: Ray
-    workers run in directories of their own. Raises ``ConfigError``, ``DataError`` or ``FileNotFoundError``.
+    workers run in directories of their own. Without ``data`` the built-in shards must have been made
+    (:func:`make_builtin_data`). Raises ``ConfigError``, ``DataError`` or ``FileNotFoundError``.
     """
-    from pipelines.storage.run_record import read_record
-    from pipelines.tracking.store import resolve_tracking_uri
-
     cwd = cwd or Path.cwd()
     given = dict(given)
     _check_types(given)
@@ -521,7 +540,7 @@ def resolve_config(given: dict, *, cwd: Path | None = None) -> RunConfig:
     check_storage_writable(config.storage)
     if config.resume:
         check(given.get("run_name") is not None, "--resume needs the --run-name of the run to continue")
-        record = read_record(config.storage, config.run_name)
+        record = read_record(config.location)
         check(record is not None and "config" in record,
               f"--resume: no run {config.run_name!r} in {config.storage}")
         saved = record["config"]

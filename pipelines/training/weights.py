@@ -7,7 +7,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 import spot
+from pipelines.tracking.registry import load_model
 from pipelines.training.config import RunConfig
 from pipelines.utils.errors import ConfigError, first_line
 from spot.checkpoint import load_pretrained
@@ -28,10 +31,6 @@ def _pretrained_file(source: str, tmp: Path) -> tuple[str, dict]:
     (known for MLflow models, which are saved to ``tmp`` first; else empty)."""
     if not source.startswith(("models:/", "runs:/")):
         return source, {}
-    import torch
-
-    from pipelines.tracking.registry import load_model
-
     path = tmp / "pretrained.pt"
     model = load_model(source)
     torch.save(model.state_dict(), path)
@@ -52,8 +51,6 @@ def prepare_init(config: RunConfig) -> tuple[dict, ModelSummary]:
     Returns the ``init_weights`` payload of :mod:`pipelines.training.worker` (``spot_config``, ``student`` and
     ``teacher`` state_dicts, ``fresh`` parameter names) and the model's :class:`ModelSummary`.
     """
-    import torch
-
     with tempfile.TemporaryDirectory() as tmp:
         source, inherited = _pretrained_file(config.pretrained, Path(tmp)) if config.pretrained else ("", {})
         arch = {"num_classes": config.num_classes, "img_size": config.img_size, **config.model_args,
