@@ -24,11 +24,15 @@ def free_port() -> int:
 
 class MlflowServer:
     """``mlflow server`` over ``root``; with ``admin_password``, through ``infra/mlflow/start_server.sh``
-    (basic auth, user ``admin``)."""
+    (basic auth, user ``admin``). The stores are SQLite files in ``root`` unless ``backend_store_uri`` /
+    ``auth_database_uri`` name others (a PostgreSQL database, as deployed)."""
 
-    def __init__(self, root: Path, admin_password: str | None = None) -> None:
+    def __init__(self, root: Path, admin_password: str | None = None, *, backend_store_uri: str | None = None,
+                 auth_database_uri: str | None = None) -> None:
         self.root = root
         self.admin_password = admin_password
+        self.backend_store_uri = backend_store_uri or f"sqlite:///{root / 'mlflow.db'}"
+        self.auth_database_uri = auth_database_uri or f"sqlite:///{root / 'mlflow_auth.db'}"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -37,12 +41,12 @@ class MlflowServer:
     def _command(self) -> tuple[list[str], dict[str, str]]:
         bindir = Path(sys.executable).parent
         env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
-               "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{self.root / 'mlflow.db'}",
+               "MLFLOW_BACKEND_STORE_URI": self.backend_store_uri,
                "MLFLOW_ARTIFACTS_DESTINATION": str(self.root / "mlartifacts")}
         if self.admin_password is None:
             return [str(bindir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
                     "--workers", "1"], env
-        env.update(MLFLOW_AUTH_DATABASE_URI=f"sqlite:///{self.root / 'mlflow_auth.db'}",
+        env.update(MLFLOW_AUTH_DATABASE_URI=self.auth_database_uri,
                    MLFLOW_AUTH_ADMIN_PASSWORD=self.admin_password, MLFLOW_HOST="127.0.0.1",
                    MLFLOW_PORT=str(self.port), MLFLOW_WORKERS="1",
                    SPOT_MLFLOW_RUNTIME_DIR=str(self.root / "runtime"))
