@@ -37,6 +37,7 @@ from pipelines.storage.checkpoints import (
     MODEL_FILE,
     best_checkpoint,
     build_model,
+    checkpoint_uri,
     model_from_checkpoint,
     read_checkpoint,
 )
@@ -230,4 +231,4 @@ def register_best(result, *, run_id: str, name: str) -> dict:
     if registered is None:
         with checkpoint.as_directory() as directory:
             registered = register_checkpoint(directory, run_id=run_id, name=name, metrics=metrics)
-    return registered | {"checkpoint": checkpoint.path, "metrics": metrics}
+    return registered | {"checkpoint": checkpoint_uri(checkpoint), "metrics": metrics}

@@ -13,6 +13,7 @@ import shlex
 import time
 from pathlib import Path
 
+from pipelines.storage.checkpoints import checkpoint_uri
 from pipelines.storage.run_record import FAULT_RECORD, delete_record, read_record, write_record
 from pipelines.tracking import pending_reports, store
 from pipelines.tracking.mlflow_run import MlflowRun
@@ -98,7 +99,7 @@ def stop_on_fault(result, mlflow_run: MlflowRun, storage: str, name: str) -> Non
         return
     fault = fault["error"]
     end_run(mlflow_run, "FAILED", {STOPPED: fault})
-    last = result.checkpoint.path if result.checkpoint is not None else "none (no epoch finished)"
+    last = checkpoint_uri(result.checkpoint) if result.checkpoint is not None else "none (no epoch finished)"
     hint = " (try a lower --lr)" if fault.startswith("non-finite") else ""
     raise TrainingError(f"{fault}; nothing registered; last good checkpoint: {last}{hint}")
 
