@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines import compare  # noqa: E402
+from pipelines.evaluation import compare  # noqa: E402
 from pipelines.tracking.registry import load_model  # noqa: E402
 from pipelines.tracking.store import resolve_tracking_uri  # noqa: E402
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import ray
 import torch
 
-from pipelines import compare
+from pipelines.evaluation import compare
 from pipelines.tracking.registry import load_model
 from pipelines.training.config import DIGITS_SPOT_FINETUNE, RUNS_DIR, resolve_config
 from pipelines.training.job import run as run_job

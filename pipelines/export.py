@@ -25,128 +25,16 @@ import argparse
 import json
 import math
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import mlflow
-import torch
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
+if __package__ in (None, ""):  # run as a script from a checkout: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import spot
-from pipelines.tracking.registry import load_model
-from pipelines.tracking.store import resolve_tracking_uri
-from spot.export import LOGITS_ATOL, ExportError, check_onnx, export_onnx
+import mlflow  # noqa: E402
 
-ONNX_DIR = "onnx"  # artifact directory of the export in the run and in the model
-
-
-class ParityError(RuntimeError):
-    """The exported model does not reproduce the eager model."""
-
-
-def is_mlflow_uri(uri: str) -> bool:
-    return uri.startswith(("models:/", "runs:/")) or (Path(uri) / "MLmodel").is_file()
-
-
-def export_model(
-    uri: str,
-    out: str | Path,
-    *,
-    check_batches: tuple[int, ...] = (1, 7),
-    with_indices: bool = True,
-    log: bool = True,
-    opset: int | None = None,
-) -> dict:
-    """Export the model at ``uri`` to ``out``, check it in ONNX Runtime, and log it to MLflow (if any).
-
-    Returns the export report (path, outputs, parity per batch size, MLflow places).
-    """
-    model = load_model(uri)
-    start = time.perf_counter()
-    exported = export_onnx(model, out, with_indices=with_indices, opset=opset)
-    report = {
-        "source": uri,
-        "path": str(exported.path),
-        "backbone": model.spot_config["name"],
-        "rho": model.spot_config["rho"],
-        "selector": model.spot_config.get("selector", "learned"),
-        **spot.input_normalization(model),  # what the caller normalises the images with
-        "inputs": exported.inputs,
-        "outputs": exported.outputs,
-        "keep_counts": exported.keep_counts,
-        "opset": exported.opset,
-        "export_s": round(time.perf_counter() - start, 1),
-        "torch": torch.__version__,
-        "parity": {},
-    }
-    if check_batches:
-        if not with_indices and not model.spot_options.dense:
-            raise ValueError("the parity check needs the kept indices: drop --logits-only or --check-batches")
-        parity = check_onnx(model, exported.path, tuple(check_batches))
-        report["parity"] = {str(b): r for b, r in parity.items()}
-        failed = {b: r for b, r in parity.items() if not r["ok"]}
-        if failed:
-            raise ParityError(f"ONNX Runtime does not reproduce the eager model: {json.dumps(failed)}")
-        report["logits_max_abs"] = max(r["logits_max_abs"] for r in parity.values())
-    if log and is_mlflow_uri(uri):
-        report["mlflow"] = log_export(uri, exported.path, report)
-    return report
-
-
-def log_export(uri: str, path: Path, report: dict) -> dict:
-    """Log the export to the model's run and attach the file to the model (and its registered version)."""
-    import onnx
-
-    info = mlflow.models.get_model_info(uri)
-    if not info.run_id:  # a model saved outside any run: nothing to log to
-        return {}
-    client = MlflowClient()
-    out: dict = {"run_id": info.run_id}
-    with mlflow.start_run(run_id=info.run_id) as run, tempfile.TemporaryDirectory() as tmp:
-        onnx_info = mlflow.onnx.log_model(
-            onnx.load(str(path)),
-            name=ONNX_DIR,
-            save_as_external_data=False,
-            pip_requirements=["onnx", "onnxruntime", "numpy"],
-        )
-        out["onnx_model_uri"] = onnx_info.model_uri
-        report_file = Path(tmp) / "onnx_export.json"
-        report_file.write_text(json.dumps({**report, "onnx_model_uri": onnx_info.model_uri}, indent=2))
-        mlflow.log_artifact(str(report_file), ONNX_DIR)
-        if "logits_max_abs" in report:
-            mlflow.log_metric("onnx_logits_max_abs", report["logits_max_abs"])
-        out["run_id"] = run.info.run_id
-    if info.model_id:  # the model itself (what a registered version points to) gets the file too
-        client.log_model_artifact(info.model_id, str(path), ONNX_DIR)
-        out["attached_to_model"] = info.model_id
-    version = _registered_version(client, uri)
-    if version is not None:
-        name, number = version
-        client.set_model_version_tag(name, number, "onnx_model_uri", onnx_info.model_uri)
-        client.set_model_version_tag(name, number, "onnx_file", f"{ONNX_DIR}/{path.name}")
-        if "logits_max_abs" in report:
-            client.set_model_version_tag(
-                name, number, "onnx_logits_max_abs", f"{report['logits_max_abs']:.3g}"
-            )
-        out["registered_version"] = f"models:/{name}/{number}"
-    return out
-
-
-def _registered_version(client: MlflowClient, uri: str) -> tuple[str, str] | None:
-    """(name, version) of a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI, else None."""
-    if not uri.startswith("models:/"):
-        return None
-    ref = uri.removeprefix("models:/")
-    try:
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            return name, client.get_model_version_by_alias(name, alias).version
-        name, _, number = ref.partition("/")
-        return (name, number) if number.isdigit() else None
-    except MlflowException:
-        return None
+from pipelines.evaluation import export  # noqa: E402
+from pipelines.tracking.store import resolve_tracking_uri  # noqa: E402
+from spot.export import LOGITS_ATOL, ExportError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.mlflow_uri:  # a password in it goes to MLflow's variables, never into what is logged
         mlflow.set_tracking_uri(resolve_tracking_uri(args.mlflow_uri, Path.cwd()))
     try:
-        report = export_model(
+        report = export.export_model(
             args.model,
             args.out,
             check_batches=tuple(args.check_batches) if not args.logits_only else (),
@@ -174,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             log=not args.no_mlflow,
             opset=args.opset,
         )
-    except (ExportError, ParityError, FileNotFoundError, ValueError) as err:
+    except (ExportError, export.ParityError, FileNotFoundError, ValueError) as err:
         print(f"export failed: {err}", file=sys.stderr)
         return 1
     for batch, r in report["parity"].items():

@@ -8,7 +8,7 @@ import torch
 from mlflow import MlflowClient
 
 import spot
-from pipelines import compare
+from pipelines.evaluation import compare
 from pipelines.tracking.registry import load_model
 
 pytestmark = pytest.mark.integration

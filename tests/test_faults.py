@@ -114,7 +114,7 @@ def test_out_of_range_label_in_a_shard_is_named_and_evaluate_refuses(tmp_path):
     import torch
 
     from pipelines.data.manifest import LabelRangeError
-    from pipelines.evaluate import evaluate_model
+    from pipelines.evaluation.metrics import evaluate_model
     from tests.tiny import tiny
 
     out = tmp_path / "shards"

@@ -18,7 +18,7 @@ import torch
 from mlflow import MlflowClient
 
 import spot
-from pipelines.evaluate import evaluate_model
+from pipelines.evaluation.metrics import evaluate_model
 from pipelines.tracking.registry import CHAMPION, load_model, register_checkpoint
 from tests.mlflow_server import MlflowServer, free_port
 from tests.tiny import TINY_NORMALIZATION

@@ -8,14 +8,14 @@ import math
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from pipelines.storage.run_record import FAULT_RECORD, delete_record, read_record
+from pipelines.storage.run_record import FAULT_RECORD, STOPPED, delete_record, read_record
 from pipelines.tracking import store
 from pipelines.tracking.mlflow_run import MlflowRun
 from pipelines.tracking.pending_reports import PENDING_RECORD, NotSent, send_pending
 from pipelines.tracking.report_callback import MlflowReportCallback
 from pipelines.training.config import resolve_config
 from pipelines.training.job import run_params
-from pipelines.training.trainer import STOPPED, build_trainer
+from pipelines.training.trainer import build_trainer
 from pipelines.training.weights import prepare_init
 from tuning import space
 

@@ -18,6 +18,7 @@ from pipelines.utils.errors import ConfigError, first_line
 RUN_RECORD = "spot_run.json"
 FAULT_RECORD = "spot_fault.json"  # written by rank 0 when the workers stop on a NaN / inf loss
 SWEEP_RECORD = "spot_sweep.json"
+STOPPED = "stop_reason"  # report key (and MLflow tag) of a run its workers stopped for good: why and where
 
 
 def _root(storage: str) -> tuple[pyarrow.fs.FileSystem, str]:

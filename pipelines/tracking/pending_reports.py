@@ -18,8 +18,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 
 from pipelines.storage.checkpoints import MASKS_FILE
-from pipelines.storage.run_record import delete_record, read_record, run_dir, write_record
-from pipelines.training.trainer import STOPPED
+from pipelines.storage.run_record import STOPPED, delete_record, read_record, run_dir, write_record
 from pipelines.utils.errors import first_line
 
 PENDING_RECORD = "mlflow_pending.json"

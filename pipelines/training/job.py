@@ -14,13 +14,12 @@ import time
 from pathlib import Path
 
 from pipelines.storage.checkpoints import checkpoint_uri
-from pipelines.storage.run_record import FAULT_RECORD, delete_record, read_record, write_record
+from pipelines.storage.run_record import FAULT_RECORD, STOPPED, delete_record, read_record, write_record
 from pipelines.tracking import pending_reports, store
 from pipelines.tracking.mlflow_run import MlflowRun
 from pipelines.tracking.report_callback import MlflowReportCallback
 from pipelines.training.config import RunConfig
 from pipelines.training.ray_session import ray_session
-from pipelines.training.trainer import STOPPED
 from pipelines.training.weights import ModelSummary, prepare_init
 from pipelines.utils.errors import (
     Interrupted,

@@ -1,21 +1,23 @@
 """The Ray Train ``TorchTrainer`` of a run configuration, and the one console line per epoch it prints.
 
 Used by the fine-tuning job (:mod:`pipelines.training.job`) and by every trial of the sweep
-(:mod:`tuning.trial`):
-same worker loop, data loader, checkpoints and fault tolerance.
+(:mod:`tuning.trial`): same worker loop, data loader, checkpoints and fault tolerance.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ray.train import UserCallback
+import ray
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig, UserCallback
+from ray.train import RunConfig as TrainRunConfig
+from ray.train.torch import TorchTrainer
 
 from pipelines.storage.checkpoints import SCORE
+from pipelines.storage.run_record import STOPPED
 from pipelines.training.config import RunConfig
+from pipelines.training.worker import train_loop_per_worker
 from pipelines.utils.errors import first_line
-
-STOPPED = "stop_reason"  # report key (and MLflow tag) of a run its workers stopped for good: why and where
 
 CONTROLLER_FAILURE_LIMIT = 3  # attempts of the Train controller to start a run (e.g. no resources)
 KEEP_GAP_WARNING = 0.1  # train-mode keep rate this far from rho^k: the rate is not being learned
@@ -81,12 +83,6 @@ def build_trainer(
     (e.g. :class:`pipelines.tracking.report_callback.MlflowReportCallback`, Tune's ``TuneReportCallback``);
     ``progress`` prints one line per epoch (:class:`ProgressCallback`).
     """
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from pipelines.training.worker import train_loop_per_worker
-
     gpus = config.gpus_per_worker
     if gpus is None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
@@ -101,7 +97,7 @@ def build_trainer(
             resources_per_worker=resources,
             placement_strategy=config.placement_strategy,
         ),
-        run_config=RunConfig(
+        run_config=TrainRunConfig(
             name=name,
             storage_path=storage,
             failure_config=FailureConfig(

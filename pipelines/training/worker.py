@@ -41,9 +41,8 @@ import spot
 from pipelines.data.loader import PAD_LABEL, make_loader
 from pipelines.data.manifest import DataError
 from pipelines.storage.checkpoints import MASKS_FILE, MASKS_MIN_SIDE, load_checkpoint, save_checkpoint, unwrap
-from pipelines.storage.run_record import FAULT_RECORD, write_record
+from pipelines.storage.run_record import FAULT_RECORD, STOPPED, write_record
 from pipelines.training.recipe import build_mixup, build_optimizer, freeze_embeddings
-from pipelines.training.trainer import STOPPED
 from spot.flops import gmacs
 from spot.losses import spot_loss
 from spot.visualize import draw_token_masks

@@ -1,0 +1,2 @@
+"""Evaluation: accuracy and throughput of a model, selectors compared, ONNX export and its parity check,
+and the options shared by the commands that evaluate models."""

@@ -1,0 +1,60 @@
+"""The evaluate command's library half: one table row per model (accuracy, GMACs, parameters,
+throughput), the table, and its MLflow run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipelines.evaluation.metrics import evaluate_model, measure_throughput
+from pipelines.tracking.mlflow_run import log_results
+from pipelines.tracking.registry import load_model
+from pipelines.utils.table import markdown_table
+from spot.flops import gmacs
+
+COLUMNS = ("model", "top-1", "top-5", "GMACs", "params (M)", "images/s")
+
+
+def evaluate(
+    uri: str, data: str | Path, *, batch_size: int, throughput_batch: int, device: torch.device, label: str
+) -> dict:
+    """One table row for the model at ``uri``: accuracy, GMACs, parameters, throughput."""
+    model = load_model(uri)
+    row = {"model": label, "uri": str(uri), "rho": model.spot_config["rho"]}
+    row.update(evaluate_model(model, data, batch_size=batch_size, device=device))
+    row["gmacs"] = gmacs(model, model.spot_config.get("img_size", 224))
+    row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+    row["images_per_s"] = measure_throughput(model, batch_size=throughput_batch, device=device)
+    return row
+
+
+def _cells(row: dict) -> dict:
+    return dict(zip(COLUMNS, [row["model"], f"{100 * row['top1']:.2f}", f"{100 * row['top5']:.2f}",
+                              f"{row['gmacs']:.4g}", f"{row['params_m']:.3f}", f"{row['images_per_s']:.0f}"],
+                    strict=True))
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table of :func:`evaluate` rows; with two rows, a last line compares the first to the
+    second."""
+    table = markdown_table([_cells(r) for r in rows], COLUMNS).rstrip("\n")
+    if len(rows) == 2:
+        a, b = rows
+        table += (
+            f"\n\n{a['model']} vs {b['model']}: top-1 {100 * (a['top1'] - b['top1']):+.2f} points, "
+            f"{b['gmacs'] / a['gmacs']:.2f}x fewer GMACs, {a['images_per_s'] / b['images_per_s']:.2f}x "
+            "throughput"
+        )
+    return table
+
+
+def log_to_mlflow(rows: list[dict], table: str, *, tracking_uri: str, experiment: str, data: str) -> str:
+    """Log the rows as one MLflow run (metrics prefixed by the row's label, table as artifact); returns
+    its id."""
+    return log_results(
+        tracking_uri, experiment, "evaluate",
+        params={"data": data} | {f"{r['model']}_uri": r["uri"] for r in rows},
+        metrics={f"{r['model']}_{k}": r[k] for r in rows for k in ("top1", "top5", "gmacs", "images_per_s")},
+        text=("evaluation.md", table + "\n"),
+    )
