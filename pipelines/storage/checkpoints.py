@@ -23,6 +23,7 @@ METRICS_FILE = "metrics.json"
 MASKS_FILE = "token_masks.png"
 MASKS_MIN_SIDE = 128  # token-mask figures enlarge smaller images to this side so patches stay visible
 SCORE = "val_acc1"  # what "best" means: validation top-1
+URI_SCHEMES = {"s3": "s3://", "gcs": "gs://"}  # pyarrow file system type -> URI scheme of its paths
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -89,6 +90,13 @@ def build_model(config: dict, state: dict[str, torch.Tensor]) -> nn.Module:
 def model_from_checkpoint(directory: str | Path) -> nn.Module:
     """Rebuild a checkpoint's model in eval (prune) mode."""
     return build_model(*read_checkpoint(directory))
+
+
+def checkpoint_uri(checkpoint) -> str:
+    """Where a Ray Train ``Checkpoint`` is: its local path, or a URI with its file system's scheme
+    (``s3://bucket/...``; Ray's ``Checkpoint.path`` alone has none)."""
+    scheme = URI_SCHEMES.get(checkpoint.filesystem.type_name)
+    return checkpoint.path if scheme is None else scheme + checkpoint.path
 
 
 def best_checkpoint(result) -> tuple:

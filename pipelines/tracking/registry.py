@@ -41,6 +41,7 @@ from pipelines.storage.checkpoints import (
     MODEL_FILE,
     best_checkpoint,
     build_model,
+    checkpoint_uri,
     model_from_checkpoint,
     read_checkpoint,
 )
@@ -307,4 +308,4 @@ def register_best(result, *, run_id: str, name: str, data: dict | None = None) -
     if registered is None:
         with checkpoint.as_directory() as directory:
             registered = register_checkpoint(directory, run_id=run_id, name=name, metrics=metrics, data=data)
-    return registered | {"checkpoint": checkpoint.path, "metrics": metrics}
+    return registered | {"checkpoint": checkpoint_uri(checkpoint), "metrics": metrics}

@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from mlflow.entities import RunTag
 from ray.train import Checkpoint, UserCallback
 
+from pipelines.storage.checkpoints import checkpoint_uri
 from pipelines.storage.location import RunLocation
 from pipelines.tracking.pending_reports import PENDING_RECORD, NotSent, pending, report_entry, send
 from pipelines.tracking.store import REACHABILITY_TIMEOUT_S, credential_names
@@ -58,7 +59,7 @@ class MlflowReportCallback(UserCallback):
         return self._client
 
     def after_report(self, run_context, metrics: list[dict], checkpoint: Checkpoint | None) -> None:
-        path = None if checkpoint is None else checkpoint.path
+        path = None if checkpoint is None else checkpoint_uri(checkpoint)
         entry = report_entry(metrics[0], path, int(time.time() * 1000))
         if self._queue is None:  # a restarted controller picks up what its predecessor could not send
             self._queue = pending(self.location)

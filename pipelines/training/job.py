@@ -21,6 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from ray.train import Result
 
+from pipelines.storage.checkpoints import checkpoint_uri
 from pipelines.storage.location import RunLocation
 from pipelines.storage.run_record import STOPPED, read_record, write_record
 from pipelines.tracking import pending_reports, store
@@ -119,7 +120,7 @@ def stop_on_fault(result, mlflow_run: MlflowRun, fault: str | None) -> None:
     if fault is None:
         return
     end_run(mlflow_run, "FAILED", {STOPPED: fault})
-    last = result.checkpoint.path if result.checkpoint is not None else "none (no epoch finished)"
+    last = checkpoint_uri(result.checkpoint) if result.checkpoint is not None else "none (no epoch finished)"
     hint = " (try a lower --lr)" if fault.startswith("non-finite") else ""
     raise TrainingError(f"{fault}; nothing registered; last good checkpoint: {last}{hint}")
 
