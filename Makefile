@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -e ".[dev]"
 	touch $(STAMP)
 
+# RAY_AUTH_MODE chosen explicitly (Ray's default for a local cluster, token) is respected without a WARNING
 demo: $(STAMP)
-	$(BIN)/python pipelines/demo.py
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-token} $(BIN)/python pipelines/demo.py
 
 test: $(STAMP)
 	$(BIN)/ruff check .

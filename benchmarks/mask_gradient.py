@@ -19,6 +19,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -30,7 +31,7 @@ import spot  # noqa: E402
 from pipelines.data.cluttered_digits import digit_patches, make_canvases  # noqa: E402
 from pipelines.data.loader import make_loader  # noqa: E402
 from pipelines.tracking.registry import load_model  # noqa: E402
-from pipelines.tracking.store import resolve_tracking_uri  # noqa: E402
+from pipelines.tracking.uri import move_credentials_to_env, resolve_tracking_uri  # noqa: E402
 from pipelines.training.recipe import build_optimizer, freeze_embeddings  # noqa: E402
 from spot.losses import classification_loss, rate_loss, spot_loss  # noqa: E402
 
@@ -88,7 +89,8 @@ def finetune(dense: torch.nn.Module, form: str, args: argparse.Namespace) -> dic
     size = dense.spot_config["img_size"]
     loader = make_loader(args.data, "train", batch_size=args.batch_size, img_size=size, train=True,
                          crop_scale=1.0, hflip=0.0, seed=args.seed, **normalization)
-    optimizer, scheduler = build_optimizer(model, {**RECIPE, "steps_per_epoch": args.steps}, fresh)
+    optimizer, scheduler = build_optimizer(model, SimpleNamespace(**RECIPE), fresh,
+                                           steps_per_epoch=args.steps)
     model.train()
     kept, step, ratio, began = [], 0, None, time.perf_counter()
     while step < args.steps:
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mlflow-uri", help="tracking URI of models:/ URIs (default: ./mlflow.db)")
     args = parser.parse_args(argv)
-    mlflow.set_tracking_uri(resolve_tracking_uri(args.mlflow_uri, Path.cwd()))
+    mlflow.set_tracking_uri(resolve_tracking_uri(move_credentials_to_env(args.mlflow_uri), Path.cwd()))
     dense = load_model(args.dense).eval()
     val = val_canvases(spot.input_normalization(dense))
     with torch.no_grad():

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.evaluation import compare  # noqa: E402
 from pipelines.tracking.registry import load_model  # noqa: E402
-from pipelines.tracking.store import resolve_tracking_uri  # noqa: E402
+from pipelines.tracking.uri import move_credentials_to_env, resolve_tracking_uri  # noqa: E402
 
 RHOS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("selectors.png"), help="where the plot goes")
     parser.add_argument("--mlflow-uri", help="tracking URI of models:/ URIs (default: ./mlflow.db)")
     args = parser.parse_args(argv)
-    mlflow.set_tracking_uri(resolve_tracking_uri(args.mlflow_uri, Path.cwd()))
+    mlflow.set_tracking_uri(resolve_tracking_uri(move_credentials_to_env(args.mlflow_uri), Path.cwd()))
     dense = load_model(args.dense)
     sparse = load_model(args.spot) if args.spot else None
     weights = {"dense_weights": args.dense, "spot_weights": args.spot}

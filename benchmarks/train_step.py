@@ -45,15 +45,13 @@ PRESETS = {
 def step_times(run_config: RunConfig, *, steps: int, repeats: int, warmup: int) -> dict:
     """Median wall and CPU milliseconds per training step of ``run_config`` (random data, CPU)."""
     init, summary = prepare_init(run_config)
-    config = run_config.to_dict()
+    config = replace(run_config, epochs=warmup + repeats)
     device = torch.device("cpu")
     student, teacher = build_models(init, device)
-    batch = config["batch_size"]
-    side, classes = config["img_size"], config["num_classes"]
+    batch = config.batch_size
+    side, classes = config.img_size, config.num_classes
     batches = [(torch.randn(batch, 3, side, side), torch.randint(0, classes, (batch,))) for _ in range(steps)]
-    optimizer, scheduler = build_optimizer(
-        student, {**config, "steps_per_epoch": steps, "epochs": warmup + repeats}, set(init["fresh"])
-    )
+    optimizer, scheduler = build_optimizer(student, config, set(init["fresh"]), steps_per_epoch=steps)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     wall, cpu = [], []
     for run in range(warmup + repeats):

@@ -9,22 +9,21 @@ What each row is: :mod:`pipelines.evaluation.compare`.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script from a checkout: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.evaluation import compare  # noqa: E402
-from pipelines.evaluation.options import add_evaluation_options, evaluation_inputs  # noqa: E402
-from pipelines.tracking.registry import load_model  # noqa: E402
-from pipelines.utils.cli import bad_input  # noqa: E402
-from pipelines.utils.errors import TrackingError  # noqa: E402
+from pipelines.evaluation import compare
+from pipelines.evaluation.options import add_evaluation_options, evaluation_inputs
+from pipelines.tracking.registry import load_model
+from pipelines.utils.cli import Parser, bad_input
+from pipelines.utils.errors import TrackingError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="compare", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dense", required=True, help="the dense model: checkpoint dir or models:/ URI")
     parser.add_argument("--spot", help="a SPOT model fine-tuned from it (checkpoint dir or models:/ URI)")
     parser.add_argument("--heuristic", help="the class-attention model fine-tuned from the same dense model "

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
@@ -24,58 +23,93 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script from a checkout: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import ray
 import torch
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from pipelines.evaluation import compare
+from pipelines.tracking import store
+from pipelines.tracking.datasets import log_shard_inputs
+from pipelines.tracking.mlflow_run import MlflowRun
 from pipelines.tracking.registry import load_model
+from pipelines.tracking.uri import move_credentials_to_env
 from pipelines.training.config import (
     BUILTIN_TASKS,
     DIGITS_SOURCE,
     DIGITS_SPOT_FINETUNE,
     RUNS_DIR,
+    make_builtin_data,
     resolve_config,
 )
+from pipelines.training.job import end_run
 from pipelines.training.job import run as run_job
 from pipelines.training.ray_session import start_local_ray
-from pipelines.utils.errors import TrackingError, first_line
+from pipelines.utils.cli import Parser, bad_input
+from pipelines.utils.errors import TrackingError
 
 EXPERIMENT = "spot-demo"
+WORKFLOW = "machine_learning"  # the MLflow UI's model-training view (its URL parameter workflowType)
 
 
-def ui_hint(uri: str) -> str:
-    """How to look at ``uri``'s runs and models in the MLflow UI."""
+def ui_hint(uri: str, experiment_id: str) -> str:
+    """How to open ``uri``'s demo runs and registered models in the MLflow UI's model-training view
+    (MLflow 3's UI opens on GenAI pages unless the URL's ``workflowType`` says so; docs/tracking.md)."""
+    view = f"?workflowType={WORKFLOW}"
     if not uri.startswith("sqlite:///"):
-        return f"Open the MLflow UI at {uri} (experiment {EXPERIMENT!r}, Models tab)"
-    db = Path(uri.removeprefix("sqlite:///"))
-    store = "sqlite:///mlflow.db" if db.parent == Path.cwd() else uri
-    mlflow_cli = Path(sys.executable).with_name("mlflow")
-    with contextlib.suppress(ValueError):
-        mlflow_cli = mlflow_cli.relative_to(Path.cwd())
+        base = uri.rstrip("/")
+        start = ""
+    else:
+        db = Path(uri.removeprefix("sqlite:///"))
+        store_uri = "sqlite:///mlflow.db" if db.parent == Path.cwd() else uri
+        mlflow_cli = Path(sys.executable).with_name("mlflow")
+        with contextlib.suppress(ValueError):
+            mlflow_cli = mlflow_cli.relative_to(Path.cwd())
+        base = "http://127.0.0.1:5000"
+        start = f"Start the MLflow UI:  {mlflow_cli} ui --backend-store-uri {store_uri}\n"
     return (
-        f"Open the MLflow UI:  {mlflow_cli} ui --backend-store-uri {store}\n"
-        f"then browse http://127.0.0.1:5000 (experiment {EXPERIMENT!r}; registered models in the Models tab)"
+        f"{start}Runs (model-training view): {base}/#/experiments/{experiment_id}{view}\n"
+        f"Registered models: {base}/#/models{view}  (the sidebar's \"Model registry\"; if the UI shows "
+        "GenAI pages, switch \"GenAI | Model training\" at the top of the sidebar to \"Model training\")"
     )
 
 
 RHOS = (0.7, 0.5)
 
 
-def run_demo(num_workers: int = 2, epochs: int | None = None, source: str = DIGITS_SOURCE) -> dict:
+def open_parent(uri: str, name: str) -> MlflowRun:
+    """The demo's parent run: the dense, SPOT and comparison runs are its children."""
+    store.check_reachable(uri)
+    note = ("make demo: dense baseline, SPOT fine-tuned from it, and the token selectors compared on the "
+            "same weights (its child runs)")
+    artifacts = store.local_artifact_root(uri, Path.cwd())
+    return MlflowRun.create(uri, EXPERIMENT, name, artifact_location=artifacts, tags={MLFLOW_RUN_NOTE: note})
+
+
+def run_demo(
+    num_workers: int = 2, epochs: int | None = None, verbose: bool = False, source: str = DIGITS_SOURCE
+) -> dict:
     """Dense baseline, SPOT and fine-tuned class attention from it, the selector comparison; returns the
     three RESULT dicts, rows and table."""
-    options = {"experiment": EXPERIMENT, "num_workers": num_workers, "source": source}
+    options = {"experiment": EXPERIMENT, "num_workers": num_workers, "verbose": verbose, "source": source}
+    move_credentials_to_env(None)  # a user:password@ in $MLFLOW_TRACKING_URI
+    make_builtin_data(options)
     stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
     dense_options = {**options, "dense": True, "run_name": f"demo-dense-{stamp}"}
     dense_config = resolve_config(dense_options | ({"epochs": epochs} if epochs else {}))
-    start_local_ray(max(os.cpu_count() or 1, num_workers))
+    store.quiet_mlflow(verbose)
+    parent = open_parent(dense_config.mlflow_uri, f"demo-{stamp}")
+    log_shard_inputs(parent.client, parent.run_id, dense_config.data, ("train", "val"))  # for the runs table
+    start_local_ray(max(os.cpu_count() or 1, num_workers), verbose=verbose)
     try:
         print(
             f"== 1/4 dense baseline: {dense_config.backbone} {dense_config.model_args}, "
             f"{dense_config.epochs} epochs, {num_workers} Ray Train workers",
             flush=True,
         )
-        dense = run_job(dense_config)
+        dense = run_job(dense_config, parent=parent)
         teacher = f"models:/{dense['registered_model']}/{dense['registered_version']}"
         spot_options = {**options, **DIGITS_SPOT_FINETUNE, "pretrained": teacher, "rho": RHOS[0]}
         spot_config = resolve_config(spot_options | {"run_name": f"demo-spot-{stamp}"})
@@ -83,13 +117,16 @@ def run_demo(num_workers: int = 2, epochs: int | None = None, source: str = DIGI
             f"== 2/4 SPOT rho {spot_config.rho}: {spot_config.epochs} epochs from {teacher} (its teacher)",
             flush=True,
         )
-        sparse = run_job(spot_config)
+        sparse = run_job(spot_config, parent=parent)
         heuristic_config = resolve_config(
             spot_options | {"selector": "cls_attn_avg", "run_name": f"demo-cls-attn-{stamp}"}
         )
         print(f"== 3/4 class attention rho {heuristic_config.rho}: the same {heuristic_config.epochs} epochs "
               f"and learning rates from {teacher}", flush=True)
-        heuristic = run_job(heuristic_config)
+        heuristic = run_job(heuristic_config, parent=parent)
+    except BaseException:
+        end_run(parent, "FAILED")
+        raise
     finally:
         ray.shutdown()
     print("== 4/4 selectors on the validation split", flush=True)
@@ -112,8 +149,10 @@ def run_demo(num_workers: int = 2, epochs: int | None = None, source: str = DIGI
     table = compare.format_comparison(results)
     figures = compare.mask_figures(rows, data, Path(RUNS_DIR) / f"demo-{stamp}-token-masks")
     run_id = compare.log_comparison(
-        results, table, figures, tracking_uri=dense_config.mlflow_uri, experiment=EXPERIMENT, data=data
+        results, table, figures, tracking_uri=dense_config.mlflow_uri, experiment=EXPERIMENT, data=data,
+        models={"dense": dense_uri, "spot": spot_uri}, parent=parent,
     )
+    parent.end("FINISHED")
     return {
         "dense": dense,
         "spot": sparse,
@@ -122,32 +161,35 @@ def run_demo(num_workers: int = 2, epochs: int | None = None, source: str = DIGI
         "table": table,
         "figures": figures,
         "evaluation_run_id": run_id,
+        "parent_run_id": parent.run_id,
+        "experiment_id": parent.info.experiment_id,
         "tracking_uri": dense_config.mlflow_uri,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="demo", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-workers", type=int, default=2, help="Ray Train workers [default: 2]")
     parser.add_argument("--epochs", type=int, help="epochs of the dense run [default: the task's preset]")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's own log lines too")
     parser.add_argument("--source", default=DIGITS_SOURCE, choices=tuple(BUILTIN_TASKS),
                         help=f"the built-in task [default: {DIGITS_SOURCE}]")
     args = parser.parse_args(argv)
     started = time.monotonic()
     try:
-        demo = run_demo(args.num_workers, args.epochs, args.source)
+        demo = run_demo(args.num_workers, args.epochs, args.verbose, args.source)
     except (ValueError, FileNotFoundError, TrackingError) as err:
-        print(f"demo: error: {first_line(err)}", file=sys.stderr)
-        return 2
+        return bad_input("demo", err)
     print(f"\n{demo['table']}\n")
     for label in ("dense", "spot", "heuristic"):
         r = demo[label]
         champion = " (champion)" if r["champion"] else ""
         print(f"registered {label}: models:/{r['registered_model']}/{r['registered_version']}{champion}, "
               f"MLflow run {r['mlflow_run_id']}")
-    print(f"comparison and kept-token figures: MLflow run {demo['evaluation_run_id']}")
+    print(f"comparison and kept-token figures: MLflow run {demo['evaluation_run_id']}; all three are "
+          f"children of MLflow run {demo['parent_run_id']}")
     print(f"demo wall time {time.monotonic() - started:.0f} s")
-    print("\n" + ui_hint(demo["tracking_uri"]))
+    print("\n" + ui_hint(demo["tracking_uri"], demo["experiment_id"]))
     return 0
 
 

@@ -19,14 +19,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a checkout: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.evaluation.evaluate import evaluate, format_table, log_to_mlflow  # noqa: E402
-from pipelines.evaluation.options import add_evaluation_options, evaluation_inputs  # noqa: E402
-from pipelines.utils.cli import bad_input  # noqa: E402
-from pipelines.utils.errors import TrackingError  # noqa: E402
+from pipelines.evaluation.evaluate import evaluate, format_table, log_to_mlflow
+from pipelines.evaluation.options import add_evaluation_options, evaluation_inputs
+from pipelines.utils.cli import Parser, bad_input
+from pipelines.utils.errors import TrackingError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="evaluate",
         description=__doc__.split("\n\n")[0],
         epilog="examples:\n" + __doc__.split("\n\n")[1],

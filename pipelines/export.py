@@ -2,7 +2,7 @@
 """Export a SPOT model (prune mode) or a dense model to ONNX, check it in ONNX Runtime, log it to MLflow.
 
     python pipelines/export.py --model models:/spot-lvvit_s@champion --out model.onnx
-    python pipelines/export.py --model runs:/<run_id>/model --out model.onnx
+    python pipelines/export.py --model runs:/<run_id>/<registered model name> --out model.onnx
     python pipelines/export.py --model ray_results/<run>/checkpoint_<time> --out model.onnx
 
 The model goes through ``torch.export`` and torch's dynamo-based ONNX exporter (``spot.export``): input
@@ -30,17 +30,20 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a checkout: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import mlflow  # noqa: E402
+import mlflow
 
-from pipelines.evaluation import export  # noqa: E402
-from pipelines.tracking.store import resolve_tracking_uri  # noqa: E402
-from spot.export import LOGITS_ATOL, ExportError  # noqa: E402
+from pipelines.evaluation import export
+from pipelines.tracking.registry import load_model
+from pipelines.tracking.uri import move_credentials_to_env, resolve_tracking_uri
+from pipelines.utils.cli import Parser, bad_input
+from pipelines.utils.errors import ConfigError, TrackingError, first_line
+from spot.export import LOGITS_ATOL, ExportError
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--model", required=True, help="models:/NAME@ALIAS, models:/NAME/V, runs:/ID/model or a dir"
+        "--model", required=True, help="models:/NAME@ALIAS, models:/NAME/V, runs:/ID/NAME or a dir"
     )
     p.add_argument("--out", default="model.onnx")
     p.add_argument("--check-batches", type=int, nargs="*", default=[1, 7], help="ORT parity at these sizes")
@@ -48,22 +51,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--no-mlflow", action="store_true", help="write the file only")
     p.add_argument(
-        "--mlflow-uri", default=None, help="tracking URI (default: MLFLOW_TRACKING_URI / ./mlruns)"
+        "--mlflow-uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)"
     )
     args = p.parse_args(argv)
-    if args.mlflow_uri:  # a password in it goes to MLflow's variables, never into what is logged
-        mlflow.set_tracking_uri(resolve_tracking_uri(args.mlflow_uri, Path.cwd()))
+    try:
+        export.check_export_options(tuple(args.check_batches), args.opset)
+        if args.mlflow_uri:  # a password in it goes to MLflow's variables, never into what is logged
+            uri = move_credentials_to_env(args.mlflow_uri)
+            mlflow.set_tracking_uri(resolve_tracking_uri(uri, Path.cwd()))
+        model = load_model(args.model)  # a model that is missing or does not load is bad input
+    except (ValueError, FileNotFoundError, TrackingError) as err:
+        return bad_input("export", err)
     try:
         report = export.export_model(
             args.model,
             args.out,
+            model=model,
             check_batches=tuple(args.check_batches) if not args.logits_only else (),
             with_indices=not args.logits_only,
             log=not args.no_mlflow,
             opset=args.opset,
         )
-    except (ExportError, export.ParityError, FileNotFoundError, ValueError) as err:
-        print(f"export failed: {err}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, ValueError) as err:  # no such model, a bad URI or option
+        return bad_input("export", err)
+    except (ExportError, export.ParityError) as err:  # the model does not export faithfully
+        print(f"export: failed: {first_line(err)}", file=sys.stderr)
         return 1
     for batch, r in report["parity"].items():
         worst = r["logits_max_abs"]

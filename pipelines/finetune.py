@@ -10,28 +10,34 @@
 The options are :class:`pipelines.training.config.RunConfig`'s; the job is
 :func:`pipelines.training.job.run`. The last line
 printed is ``RESULT_JSON: {...}``. Bad input exits with code 2 and one line on stderr; a failed training
-run with code 1; Ctrl-C with 130 after printing the command that resumes the run; a run whose MLflow
-server was still down at its end with 75 after printing the command that finishes it.
+run with code 1; Ctrl-C, SIGTERM or SIGHUP with 128 + the signal (130, 143, 129) after printing the command
+that resumes the run; a run whose MLflow server was still down at its end with 75 after printing the
+command that finishes it.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from a checkout: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ray.train import TrainingFailedError
 
 from pipelines.data.manifest import DataError
-from pipelines.training.config import add_options, given_values, resolve_config
-from pipelines.utils.cli import bad_input, print_result
+from pipelines.tracking.uri import move_credentials_to_env
+from pipelines.training.config import add_options, given_values, make_builtin_data, resolve_config
+from pipelines.training.job import run
+from pipelines.utils import signals
+from pipelines.utils.cli import Parser, bad_input, print_result
 from pipelines.utils.errors import Interrupted, TrackingError, TrackingOutage, TrainingError, first_line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="finetune",
         description="SPOT fine-tuning on Ray Train with MLflow tracking and registry.",
         epilog="examples:\n" + __doc__.split("\n\n")[1],
@@ -41,29 +47,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pipelines.training.job import run
+def signal_name() -> str:
+    return signal.Signals(signals.received() or signal.SIGINT).name
 
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        result = run(resolve_config(given_values(args)))
+        given = given_values(args)
+        given["mlflow_uri"] = move_credentials_to_env(given.get("mlflow_uri"))
+        make_builtin_data(given)
+        with signals.stop_signals():
+            result = run(resolve_config(given))
     except (DataError, FileNotFoundError, TrackingError, ValueError) as err:
         return bad_input("finetune", err)
     except Interrupted as err:
-        print(f"finetune: interrupted; MLflow run marked KILLED, checkpoints kept. Continue with:\n  {err}",
+        kept = ("no checkpoint yet (it starts again at epoch 1)" if err.checkpoints == 0
+                else "its checkpoints kept")  # an epoch ending as the run stops may still add one
+        print(f"finetune: interrupted ({signal_name()}); MLflow run marked KILLED, {kept}. Continue with:\n"
+              f"  {err}", file=sys.stderr)
+        return signals.exit_code()
+    except KeyboardInterrupt:  # before the run started: nothing recorded, nothing to continue
+        print(f"finetune: interrupted ({signal_name()}) before the run started; nothing recorded",
               file=sys.stderr)
-        return 130
+        return signals.exit_code()
     except TrackingOutage as err:  # trained; MLflow down at the end: the message says how to finish later
         print(f"finetune: {err}", file=sys.stderr)
         return 75
     except TrainingError as err:  # stopped for good (non-finite loss): the message says where
         print(f"finetune: training failed: {first_line(err)}", file=sys.stderr)
         return 1
-    except Exception as err:
-        from ray.train import TrainingFailedError
-
-        if not isinstance(err, TrainingFailedError):
-            raise
+    except TrainingFailedError as err:
         print(f"finetune: training failed: {first_line(err)}", file=sys.stderr)
         return 1
     print_result(result)

@@ -16,13 +16,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a checkout: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.data.manifest import DataError  # noqa: E402
-from pipelines.data.shards import write_shards  # noqa: E402
+from pipelines.data.manifest import DataError
+from pipelines.data.shards import write_shards
+from pipelines.utils.cli import Parser, bad_input
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser = Parser(prog="make_shards", description=__doc__, formatter_class=formatter)
     parser.add_argument(
         "--source", required=True,
         help="cluttered-digits | cluttered-digits-hard | digits (built in) | imagefolder:DIR | csv:FILE "
@@ -58,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             strict=args.strict,
         )
     except DataError as err:
-        print(f"make_shards: error: {err}", file=sys.stderr)
-        return 2
+        return bad_input("make_shards", err)
     for split, count in sorted(manifest.counts.items()):
         skipped = len(manifest.info[split]["skipped"])
         print(f"{split}: {count} samples in {len(manifest.shards(split))} shards ({skipped} skipped)")

@@ -22,15 +22,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from a checkout: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
+from mlflow.exceptions import MlflowException
 
 from pipelines.tracking.registry import load_model
+from pipelines.utils.cli import Parser, bad_input
+from pipelines.utils.errors import TrackingError
 from spot.export import LOGITS_ATOL, check_onnx, check_outputs
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="parity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint dir or MLflow model URI of the exported model")
     p.add_argument("--write-images", help="write seeded random images (.npy) and exit")
     p.add_argument("--images", help="the images (.npy) the runtime was given")
@@ -40,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--atol", type=float, default=LOGITS_ATOL)
     args = p.parse_args(argv)
-    model = load_model(args.model)
+    try:
+        model = load_model(args.model)
+    except (FileNotFoundError, ValueError, TrackingError, MlflowException) as err:
+        return bad_input("parity", err)
     side = int(model.patch_embed.img_size[0])
     if args.write_images:
         rng = np.random.default_rng(args.seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import timm
 from timm.models import load_state_dict as timm_load_state_dict
 from torch import Tensor, nn
 
@@ -37,8 +38,6 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
 def hub_state_dict(model: nn.Module, tag: str | None) -> dict[str, Tensor]:
     """Download the backbone's pretrained weights through timm (needs network access); the architecture
     is the model's own ``pretrained_cfg``."""
-    import timm
-
     arch = model.pretrained_cfg["architecture"] + (f".{tag}" if tag else "")
     try:
         return timm.create_model(arch, pretrained=True).state_dict()

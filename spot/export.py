@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from spot.schedule import keep_counts
+
 INPUT = "images"
 LOGITS = "logits"
 LOGITS_ATOL = 1e-4  # float32 logits of the exported model against eager PyTorch
@@ -107,8 +109,6 @@ def export_onnx(
 
 
 def _keep_counts(model: nn.Module) -> list[int]:
-    from spot.schedule import keep_counts
-
     cfg = model.spot_options
     return keep_counts(model.num_patches, cfg.rho, cfg.num_stages)
 
@@ -216,7 +216,8 @@ def _first_line(err: BaseException) -> str:
 
 def ort_session(path: str | Path, threads: int | None = None):
     """An ONNX Runtime CPU session of ``path`` (``threads``: intra-op threads, default ORT's choice)."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # lazy: heavy, and only the parity checks run models; spot is imported by
+    # every Ray worker and every registered model
 
     options = ort.SessionOptions()
     if threads:

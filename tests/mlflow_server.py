@@ -24,11 +24,19 @@ def free_port() -> int:
 
 class MlflowServer:
     """``mlflow server`` over ``root``; with ``admin_password``, through ``infra/mlflow/start_server.sh``
-    (basic auth, user ``admin``)."""
+    (basic auth, user ``admin``). The stores are SQLite files and the artifacts a directory in ``root``
+    unless ``backend_store_uri`` / ``auth_database_uri`` / ``artifacts_destination`` name others (PostgreSQL
+    databases and an S3 bucket, as deployed; ``env``: what the server needs to reach them)."""
 
-    def __init__(self, root: Path, admin_password: str | None = None) -> None:
+    def __init__(self, root: Path, admin_password: str | None = None, *, backend_store_uri: str | None = None,
+                 auth_database_uri: str | None = None, artifacts_destination: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.root = root
         self.admin_password = admin_password
+        self.backend_store_uri = backend_store_uri or f"sqlite:///{root / 'mlflow.db'}"
+        self.auth_database_uri = auth_database_uri or f"sqlite:///{root / 'mlflow_auth.db'}"
+        self.artifacts_destination = artifacts_destination or str(root / "mlartifacts")
+        self.env = env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -36,13 +44,13 @@ class MlflowServer:
 
     def _command(self) -> tuple[list[str], dict[str, str]]:
         bindir = Path(sys.executable).parent
-        env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
-               "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{self.root / 'mlflow.db'}",
-               "MLFLOW_ARTIFACTS_DESTINATION": str(self.root / "mlartifacts")}
+        env = {**os.environ, **self.env, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
+               "MLFLOW_BACKEND_STORE_URI": self.backend_store_uri,
+               "MLFLOW_ARTIFACTS_DESTINATION": self.artifacts_destination}
         if self.admin_password is None:
             return [str(bindir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
                     "--workers", "1"], env
-        env.update(MLFLOW_AUTH_DATABASE_URI=f"sqlite:///{self.root / 'mlflow_auth.db'}",
+        env.update(MLFLOW_AUTH_DATABASE_URI=self.auth_database_uri,
                    MLFLOW_AUTH_ADMIN_PASSWORD=self.admin_password, MLFLOW_HOST="127.0.0.1",
                    MLFLOW_PORT=str(self.port), MLFLOW_WORKERS="1",
                    SPOT_MLFLOW_RUNTIME_DIR=str(self.root / "runtime"))

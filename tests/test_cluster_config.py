@@ -156,6 +156,102 @@ def test_file_mounts_create_no_root_owned_directories(rel):
     )
 
 
+def rendered_aws_config() -> dict:
+    """ray_cluster.yaml with every placeholder filled (as render_cluster_config.py does), prepared by Ray."""
+    render = _load_script("infra/aws/render_cluster_config.py")
+    text = (REPO / "ray_cluster.yaml").read_text()
+    values = {name: f"x-{name.lower()}" for name in render.placeholders(text)}
+    return prepare_config(yaml.safe_load(render.render(text, values)))
+
+
+def prepared(rel: str) -> dict:
+    return rendered_aws_config() if rel == "ray_cluster.yaml" else prepare_config(load(rel))
+
+
+def worker_docker_run(config: dict, node_type: str) -> str:
+    """The `docker run` command Ray's launcher issues for a worker of node_type: the node type's docker
+    fields merged by the autoscaler's own code, the options joined and rendered by Ray's docker module
+    (before the host-dependent --runtime=nvidia and --shm-size, which Ray adds on the node)."""
+    from types import SimpleNamespace
+
+    from ray.autoscaler._private.autoscaler import StandardAutoscaler
+    from ray.autoscaler._private.docker import docker_start_cmds
+    from ray.autoscaler.tags import TAG_RAY_USER_NODE_TYPE
+
+    provider = SimpleNamespace(node_tags=lambda _: {TAG_RAY_USER_NODE_TYPE: node_type})
+    scaler = SimpleNamespace(config=config, available_node_types=config["available_node_types"],
+                             provider=provider)
+    scaler._get_node_type_specific_fields = lambda node_id, key: (
+        StandardAutoscaler._get_node_type_specific_fields(scaler, node_id, key))
+    docker = StandardAutoscaler._get_node_specific_docker_config(scaler, "i-0")
+    options = docker.get("run_options", []) + docker.get("worker_run_options", [])
+    return docker_start_cmds("ubuntu", docker["image"], {}, docker["container_name"], options,
+                             config["cluster_name"], "/home/ray", "docker")
+
+
+def worker_types(config: dict) -> dict[str, dict]:
+    return {k: v for k, v in config["available_node_types"].items() if k != config["head_node_type"]}
+
+
+@pytest.mark.parametrize("rel", LAUNCHER_CONFIGS)
+def test_gpu_containers_are_started_with_the_gpus(rel):
+    """Issue 23 item 2: every worker type is a GPU type, and its container gets the GPUs (--gpus all); the
+    EFA type also the four EFA devices and unlimited locked memory."""
+    config = prepared(rel)
+    assert worker_types(config)
+    for name, node_type in worker_types(config).items():
+        node = node_type["node_config"]
+        assert node.get("InstanceType", "").startswith(("p4d.", "p5.")) or node.get("guestAccelerators"), name
+        command = worker_docker_run(config, name)
+        assert " --gpus all " in f" {command} ", f"{name}: {command}"
+        if "efa" in name:
+            for device in range(4):
+                assert f"--device /dev/infiniband/uverbs{device}" in command, name
+            assert "--ulimit memlock=-1" in command, name
+    head = config["head_node_type"]
+    assert "--gpus" not in " ".join(config["docker"]["run_options"]), "the CPU head has no GPUs to pass"
+    assert "docker" not in config["available_node_types"][head]
+
+
+def test_the_docker_run_check_sees_per_type_options():
+    """The check above is live: a GPU type without its docker options yields a command without --gpus."""
+    config = rendered_aws_config()
+    del config["available_node_types"]["gpu_8x_h100"]["docker"]
+    assert "--gpus" not in worker_docker_run(config, "gpu_8x_h100")
+    assert "--gpus all" in worker_docker_run(config, "gpu_8x_a100")
+
+
+def _fake_nvidia_smi(bin_dir: Path, output: str, code: int) -> None:
+    bin_dir.mkdir(exist_ok=True)
+    tool = bin_dir / "nvidia-smi"
+    tool.write_text(f"#!/bin/sh\n[ \"$1\" = -L ] || exit 2\ncat <<'EOF'\n{output}\nEOF\nexit {code}\n")
+    tool.chmod(0o755)
+
+
+A100_LIST = "\n".join(f"GPU {i}: NVIDIA A100-SXM4-40GB (UUID: GPU-{i:08d})" for i in range(8))
+
+
+@pytest.mark.parametrize("rel", LAUNCHER_CONFIGS)
+@pytest.mark.parametrize("output, code, ok", [
+    ("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.", 9, False),
+    ("No devices were found", 6, False),
+    (A100_LIST, 0, True),
+])
+def test_worker_setup_stops_when_the_container_sees_no_gpu(rel, output, code, ok, tmp_path):
+    """Issue 23 item 2: the workers' setup command exits non-zero with a clear message when `nvidia-smi -L`
+    lists no GPU (run here with stand-ins for nvidia-smi: no driver, no device, 8 A100s)."""
+    config = prepared(rel)
+    (check,) = [c for c in config["worker_setup_commands"] if "nvidia-smi -L" in c]
+    assert check not in config["head_setup_commands"], "the CPU head is not checked for GPUs"
+    _fake_nvidia_smi(tmp_path / "bin", output, code)
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    done = subprocess.run(["bash", "-c", check], env=env, capture_output=True, text=True, timeout=30)
+    if ok:
+        assert done.returncode == 0 and "8 GPUs visible" in done.stdout, done.stderr
+    else:
+        assert done.returncode != 0 and "nvidia-smi -L finds no GPU" in done.stderr, done.stdout
+
+
 START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
@@ -259,7 +355,7 @@ def check_pins_within_pyproject(text: str, where: str) -> int:
     for req in pinned_requirements(text):
         allowed = project.get(canonicalize_name(req.name))
         if allowed is None:
-            continue  # not a project dependency (psycopg2-binary, boto3...)
+            continue  # not a project dependency (boto3...)
         exact = [s.version for s in req.specifier if s.operator == "=="]
         if exact:
             assert allowed.contains(exact[0], prereleases=True), f"{where}: {req} is outside {allowed}"
@@ -269,13 +365,89 @@ def check_pins_within_pyproject(text: str, where: str) -> int:
     return checked
 
 
+CONSTRAINTS = REPO / "infra/constraints.txt"
+CONSTRAINT_FLAG = "-c ~/spot/infra/constraints.txt"
+
+
+def constraint_pins(text: str) -> dict[str, str]:
+    """canonical name -> version of a constraints file's `name==version` lines."""
+    pins = {}
+    for line in text.splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            req = Requirement(line)
+            (spec,) = req.specifier
+            assert spec.operator == "==", f"infra/constraints.txt: {line} is not an exact pin"
+            pins[canonicalize_name(req.name)] = spec.version
+    return pins
+
+
+def constraint_violations(text: str) -> list[str]:
+    """Project dependencies (pyproject.toml's runtime list) that a constraints text leaves unpinned or pins
+    outside pyproject's range."""
+    pins = constraint_pins(text)
+    problems = []
+    for dep in pyproject_deps():
+        req = Requirement(dep)
+        name = canonicalize_name(req.name)
+        if name not in pins:
+            problems.append(f"{req.name} is not pinned")
+        elif not req.specifier.contains(pins[name], prereleases=True):
+            problems.append(f"{req.name}=={pins[name]} is outside pyproject's {req.specifier}")
+    return problems
+
+
+def test_constraints_pin_every_project_dependency_within_its_range():
+    """Issue 23 item 7: the nodes' versions, exact, inside pyproject.toml's ranges."""
+    text = CONSTRAINTS.read_text()
+    assert constraint_violations(text) == []
+    pins = constraint_pins(text)
+    for name in ["torch", "torchvision", "nvidia-dali-cuda130", "mlflow", "ray", "timm", "numpy",
+                 "nvidia-nccl-cu13", "sqlalchemy", "psycopg", "psycopg-binary", "boto3", "flask-wtf"]:
+        assert name in pins, f"{name} is not pinned in infra/constraints.txt"
+
+
+def test_the_constraints_check_is_live():
+    text = CONSTRAINTS.read_text()
+    outside = re.sub(r"^torch==\S+$", "torch==1.13.1", text, flags=re.M)
+    assert constraint_violations(outside) == ["torch==1.13.1 is outside pyproject's " +
+                                              str(Requirement(next(d for d in pyproject_deps()
+                                                                   if d.startswith("torch>"))).specifier)]
+    missing = re.sub(r"^timm==\S+\n", "", text, flags=re.M)
+    assert constraint_violations(missing) == ["timm is not pinned"]
+
+
 @pytest.mark.parametrize("rel", LAUNCHER_CONFIGS)
-def test_launcher_config_pins_lie_within_the_project_ranges(rel):
-    """The packages installed on the nodes are within pyproject.toml's ranges (not this machine's versions:
-    a fresh install may resolve newer ones)."""
-    config = load(rel)
-    setup = " ".join(config["setup_commands"] + config["head_setup_commands"])
-    assert check_pins_within_pyproject(setup, rel) >= 3  # torch, torchvision, mlflow
+def test_every_node_install_uses_the_constraints_file(rel):
+    """Issue 23 item 7: every pip install of the node setup commands is constrained, and what they name
+    without a version is pinned there."""
+    config = prepare_config(load(rel))
+    commands = config["head_setup_commands"] + config["worker_setup_commands"]
+    installs = [part for cmd in commands for part in re.split(r"&&|;", cmd) if "pip install" in part]
+    assert any("-e ~/spot" in part for part in installs)
+    pins = constraint_pins(CONSTRAINTS.read_text())
+    for part in installs:
+        assert CONSTRAINT_FLAG in part, f"{rel}: unconstrained install: {part.strip()}"
+        for req in pinned_requirements(part) + [Requirement(w.strip('"')) for w in shlex.split(part)
+                                                if re.fullmatch(r"[A-Za-z][\w.-]*(\[[\w,]+\])?", w)
+                                                and w not in ("pip", "install")]:
+            if canonicalize_name(req.name) in pins:
+                continue
+            assert str(req.specifier), f"{rel}: {req.name} is neither pinned in the constraints nor ranged"
+
+
+def test_make_constraints_writes_the_pins_of_this_environment(tmp_path):
+    """The generator runs, and the versions it writes are those installed here."""
+    import importlib.metadata
+
+    out = tmp_path / "constraints.txt"
+    done = subprocess.run([sys.executable, str(REPO / "infra/make_constraints.py"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    pins = constraint_pins(out.read_text())
+    assert constraint_violations(out.read_text()) == []
+    for name in ["torch", "ray", "mlflow", "psycopg"]:
+        assert pins[name] == importlib.metadata.version(name)
 
 
 def test_pin_check_catches_a_pin_outside_the_range():
@@ -364,6 +536,19 @@ def test_head_role_passes_the_worker_role_and_terminates_only_its_cluster():
     )
     secrets = [st["Resource"] for st in worker if st["Action"] == "secretsmanager:GetSecretValue"]
     assert secrets == [{"Ref": "MlflowJobsSecret"}], "workers read the jobs secret only"
+
+
+def test_head_role_tags_only_new_instances_or_its_own_cluster():
+    """Issue 23 item 8: ec2:CreateTags only on instances being launched (RunInstances' tags) or on this
+    cluster's instances; the database master secret is not among the head's secrets."""
+    head = _statements(load(CFN)["Resources"]["HeadRole"])
+    tagging = [st for st in head if "ec2:CreateTags" in str(st["Action"])]
+    assert tagging and all(st["Action"] == "ec2:CreateTags" for st in tagging), "in statements of its own"
+    conditions = [st["Condition"]["StringEquals"] for st in tagging]
+    assert conditions == [{"ec2:CreateAction": "RunInstances"},
+                          {"ec2:ResourceTag/ray-cluster-name": {"Ref": "ClusterName"}}]
+    (secrets,) = [st["Resource"] for st in head if st["Action"] == "secretsmanager:GetSecretValue"]
+    assert {"Ref": "DbSecret"} not in secrets and {"Ref": "MlflowDbSecret"} in secrets
 
 
 def test_nothing_but_ssh_from_the_admin_range_is_open():
@@ -598,20 +783,21 @@ def test_dockerfile_pins_lie_within_the_project_ranges():
     text = " ".join(f'"{pin}"' for pin in pins)
     assert check_pins_within_pyproject(text, "infra/Dockerfile") >= 3  # torch, torchvision, mlflow, ...
     names = {canonicalize_name(Requirement(p).name) for p in pins}
-    assert {"torch", "torchvision", "mlflow", "psycopg2-binary", "boto3"} <= names
+    assert {"torch", "torchvision", "mlflow", "psycopg", "boto3"} <= names
 
 
-def test_dockerfile_and_cluster_configs_pin_the_same_versions():
-    """The image and the nodes' setup commands install the same torch and MLflow."""
+def test_dockerfile_pins_are_those_of_the_constraints_file():
+    """The image and the nodes without it get the same versions: the Dockerfile's exact pins are the
+    constraints file's, and its dependency install is constrained by the file."""
     args = dockerfile_args()
-    image = {canonicalize_name(Requirement(p).name): str(Requirement(p).specifier)
-             for p in args["TORCH_PINS"].split() + args["SERVER_PINS"].split()}
-    for rel in LAUNCHER_CONFIGS:
-        config = load(rel)
-        for req in pinned_requirements(" ".join(config["setup_commands"] + config["head_setup_commands"])):
-            name = canonicalize_name(req.name)
-            if name in ("torch", "torchvision", "mlflow"):
-                assert image[name] == str(req.specifier), f"{rel}: {req} vs the image's {image[name]}"
+    pins = constraint_pins(CONSTRAINTS.read_text())
+    for pin in args["TORCH_PINS"].split() + args["SERVER_PINS"].split():
+        req = Requirement(pin)
+        (spec,) = req.specifier
+        assert spec.operator == "==" and pins[canonicalize_name(req.name)] == spec.version, pin
+    text = (REPO / "infra/Dockerfile").read_text()
+    assert "COPY --chown=ray:ray infra/constraints.txt infra/" in text
+    assert "uv pip install -c infra/constraints.txt -r /tmp/requirements.txt" in text
 
 
 def test_dockerfile_layers_keep_torch_apart_from_the_source():
@@ -650,3 +836,13 @@ def test_every_file_the_cluster_doc_names_exists():
     } <= named
     missing = sorted(p for p in named if not (REPO / p).exists())
     assert not missing, missing
+
+
+def test_the_docs_say_how_nccl_runs_on_the_efa_type():
+    """Issue 23 item 2: without aws-ofi-nccl in the image, docs/cluster.md must say NCCL runs over sockets
+    on the EFA type (and must not claim EFA transport)."""
+    image = [ln for ln in (REPO / "infra/Dockerfile").read_text().splitlines() if not ln.startswith("#")]
+    docs = re.sub(r"\s+", " ", (REPO / "docs/cluster.md").read_text())
+    if not any("aws-ofi-nccl" in ln for ln in image):
+        assert "NCCL runs over TCP sockets, **also on the EFA node type**" in docs
+        assert "the aws-ofi-nccl plugin that would carry NCCL over EFA is not in them" in docs

@@ -1,6 +1,8 @@
 """pipelines/compare.py: selectors on the same weights, one row each, logged to MLflow with the figures."""
 
 import contextlib
+import json
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -50,7 +52,13 @@ def test_one_row_per_selector_and_rho_on_the_same_samples(trained, digits_shards
                                         experiment="tests-compare", data=str(digits_shards))
     client = MlflowClient(mlflow_uri)
     run = client.get_run(run_id)
-    assert run.data.metrics["cls_attn_avg_rho0.5_top1"] == results[5]["top1"]
+    assert run.data.metrics == {}  # the rows are a table artifact, not one-point metrics
+    path = client.download_artifacts(run_id, "comparison_table.json", str(pipeline_dir))
+    table = json.loads(Path(path).read_text())
+    row = table["data"][5]
+    assert row[table["columns"].index("top1")] == results[5]["top1"]
+    assert row[table["columns"].index("selector")] == "cls_attn_avg"
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == [f"{Path(digits_shards).name}-val"]
     names = {a.path for a in client.list_artifacts(run_id, "token_masks")}
     assert names == {f"token_masks/{f.name}" for f in figures}
 

@@ -168,7 +168,7 @@ def test_cli_exports_the_champion_and_attaches_it_to_the_registered_version(tmp_
     assert client.get_run(run_id).data.metrics["onnx_logits_max_abs"] <= LOGITS_ATOL
 
 
-def test_cli_exports_a_checkpoint_directory_without_mlflow(tmp_path):
+def test_cli_exports_a_checkpoint_directory_without_mlflow(tmp_path, capsys):
     checkpoint = _checkpoint(tmp_path / "ckpt", tiny("deit_s", rho=None).eval())
     assert (
         export_cli.main(
@@ -177,7 +177,20 @@ def test_cli_exports_a_checkpoint_directory_without_mlflow(tmp_path):
         == 0
     )
     assert (tmp_path / "d.onnx").is_file()
-    assert export_cli.main(["--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.onnx")]) == 1
+    assert export_cli.main(["--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.onnx")]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()  # bad input: one line, exit 2 as every command
+    assert line.startswith("export: error: ") and "nowhere" in line, line
+    from pipelines import parity
+
+    assert parity.main(["--model", str(tmp_path / "nowhere"), "--onnx", "x.onnx"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("parity: error: ") and "nowhere" in line, line
+    with pytest.raises(SystemExit) as raised:
+        parity.main(["--model", str(checkpoint)])  # none of --write-images / --onnx / --images
+    assert raised.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "parity: error: give --write-images, --onnx, or --images with --outputs"
+    ]
 
 
 def test_parity_script_checks_any_runtimes_saved_outputs(tmp_path, capsys):

@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from pipelines import finetune
 from pipelines.data.manifest import read_manifest
 from pipelines.data.shards import write_shards
+from pipelines.storage.location import RunLocation
 from pipelines.storage.run_record import RUN_RECORD, read_record, write_record
 from tests.mlflow_server import MlflowServer
 
@@ -61,18 +62,19 @@ def test_nonfinite_loss_stops_the_run_keeps_the_last_good_checkpoint_and_registe
 def test_run_record_write_over_the_file_size_limit_keeps_the_old_record(tmp_path):
     """A record write that hits RLIMIT_FSIZE (a full disk's stand-in) in a real process: the old record is
     still there and valid JSON, and no temporary file is left."""
-    write_record(str(tmp_path), "run", {"mlflow_run_id": "abc"})
+    write_record(RunLocation(str(tmp_path), "run"), {"mlflow_run_id": "abc"})
     script = (
         "import resource, signal, sys\n"
+        "from pipelines.storage.location import RunLocation\n"
         "from pipelines.storage.run_record import write_record\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (256, 256))\n"
-        f"write_record({str(tmp_path)!r}, 'run', {{'mlflow_run_id': 'x' * 4096}})\n"
+        f"write_record(RunLocation({str(tmp_path)!r}, 'run'), {{'mlflow_run_id': 'x' * 4096}})\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           cwd=Path(__file__).parents[1], timeout=120)
     assert proc.returncode != 0 and "File too large" in proc.stderr, proc.stderr[-2000:]
-    assert read_record(str(tmp_path), "run") == {"mlflow_run_id": "abc"}
+    assert read_record(RunLocation(str(tmp_path), "run")) == {"mlflow_run_id": "abc"}
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [RUN_RECORD]
 
 
@@ -192,20 +194,20 @@ def test_reports_wait_while_the_server_is_down_and_are_sent_once_when_it_is_back
     server = MlflowServer(tmp_path / "server").start()
     client = MlflowClient(server.url)
     run_id = client.create_run(client.create_experiment("outage")).info.run_id
-    storage, name = str(tmp_path / "runs"), "r"
+    location, name = RunLocation(str(tmp_path / "runs"), "r"), "r"
     entries = [report_entry({"epoch": e, "val_acc1": 0.5 + e / 10, "worker_node_ids": ["n"]}, None, 1000 + e)
                for e in range(3)]
-    send(client, run_id, storage, name, entries[:1])
+    send(client, run_id, location, entries[:1])
     server.kill()
     with pytest.raises(NotSent) as raised:
-        send(client, run_id, storage, name, entries[1:])
+        send(client, run_id, location, entries[1:])
     assert [e["step"] for e in raised.value.entries] == [1, 2]
-    assert pending(storage, name) == entries[1:]
+    assert pending(location) == entries[1:]
 
     server.start()
-    assert send_pending(client, run_id, storage, name) == 2
+    assert send_pending(client, run_id, location) == 2
     assert not (tmp_path / "runs" / name / PENDING_RECORD).exists()
-    send(client, run_id, storage, name, entries)
+    send(client, run_id, location, entries)
     history = client.get_metric_history(run_id, "val_acc1")
     assert sorted((m.step, round(m.value, 6)) for m in history) == [(0, 0.5), (1, 0.6), (2, 0.7)]
     server.kill()

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,11 +21,12 @@ from mlflow import MlflowClient
 
 from pipelines import finetune
 from pipelines.data.cluttered_digits import PIXEL_MEAN, PIXEL_STD
-from pipelines.data.manifest import read_manifest
+from pipelines.data.manifest import DataError, read_manifest
 from pipelines.storage.checkpoints import CONFIG_FILE, MASKS_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE
 from pipelines.storage.run_record import RUN_RECORD
 from pipelines.tracking.pending_reports import PENDING_RECORD
-from pipelines.training.config import RUNS_DIR, given_values, resolve_config
+from pipelines.tracking.uri import move_credentials_to_env, resolve_tracking_uri
+from pipelines.training.config import RUNS_DIR, RunConfig, given_values, make_builtin_data, resolve_config
 from pipelines.training.job import run as run_job
 from pipelines.training.recipe import build_optimizer
 from pipelines.training.worker import step_bar
@@ -60,9 +62,9 @@ def _lrs(scheduler, optimizer, steps: int) -> list[list[float]]:
 def test_schedule_freezes_warms_up_then_decays_to_min():
     model = tiny("deit_s", rho=0.7)
     fresh = {n for n, _ in model.named_parameters() if n.startswith("spot_predictors.")}
-    config = {"lr": 1e-3, "predictor_lr": 1e-2, "weight_decay": 0.05, "min_lr": 1e-5, "epochs": 10,
-              "warmup_epochs": 2, "freeze_epochs": 3, "steps_per_epoch": 10}
-    optimizer, scheduler = build_optimizer(model, config, fresh)
+    config = RunConfig(lr=1e-3, predictor_lr=1e-2, weight_decay=0.05, min_lr=1e-5, epochs=10, warmup_epochs=2,
+                       freeze_epochs=3)
+    optimizer, scheduler = build_optimizer(model, config, fresh, steps_per_epoch=10)
     names = [g["name"] for g in optimizer.param_groups]
     lrs = _lrs(scheduler, optimizer, 100)
     backbone, predictor = names.index("backbone"), names.index("predictor_fresh")
@@ -82,9 +84,9 @@ def test_no_weight_decay_on_position_embedding_and_class_token():
     for name in ("deit_s", "lvvit_s"):
         model = tiny(name, rho=0.7)
         fresh = {n for n, _ in model.named_parameters()}
-        config = {"lr": 1e-3, "predictor_lr": 1e-2, "weight_decay": 0.05, "min_lr": 1e-6, "epochs": 2,
-                  "warmup_epochs": 1, "freeze_epochs": 1, "steps_per_epoch": 5}
-        optimizer, _ = build_optimizer(model, config, fresh)
+        config = RunConfig(lr=1e-3, predictor_lr=1e-2, weight_decay=0.05, min_lr=1e-6, epochs=2,
+                           warmup_epochs=1, freeze_epochs=1)
+        optimizer, _ = build_optimizer(model, config, fresh, steps_per_epoch=5)
         decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
         for key in ("pos_embed", "cls_token"):
             assert decay_of[id(model.get_parameter(key))] == 0.0, (name, key)
@@ -94,9 +96,9 @@ def test_no_weight_decay_on_position_embedding_and_class_token():
 def test_optimizer_groups_predictor_lr_no_decay_and_freeze_of_pretrained_weights():
     model = tiny("deit_s", rho=0.7)
     fresh = {n for n, _ in model.named_parameters() if n.startswith(("spot_predictors.", "head."))}
-    config = {"lr": 1e-3, "predictor_lr": 1e-2, "weight_decay": 0.05, "min_lr": 1e-6, "epochs": 4,
-              "warmup_epochs": 1, "freeze_epochs": 2, "steps_per_epoch": 5}
-    optimizer, scheduler = build_optimizer(model, config, fresh)
+    config = RunConfig(lr=1e-3, predictor_lr=1e-2, weight_decay=0.05, min_lr=1e-6, epochs=4, warmup_epochs=1,
+                       freeze_epochs=2)
+    optimizer, scheduler = build_optimizer(model, config, fresh, steps_per_epoch=5)
     groups = {g["name"]: g for g in optimizer.param_groups}
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)] for p in groups["predictor_fresh"]["params"]} <= fresh
@@ -132,7 +134,12 @@ def test_paper_defaults_with_data_and_digits_defaults_without(digits_shards, tmp
     assert config.register_as == "spot-deit_s" and config.num_classes == 10
     assert config.mlflow_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert config.storage == str(tmp_path / RUNS_DIR)
-    # no --data: the built-in cluttered digits, made on first use in ./data/cluttered-digits, small defaults
+    # no --data: the built-in cluttered digits, which the command makes in ./data/cluttered-digits (resolving
+    # the options writes nothing), small defaults
+    with pytest.raises(DataError, match="no --data and no built-in shards in .*make_builtin_data"):
+        resolve_config({"dense": True}, cwd=tmp_path)
+    assert not (tmp_path / "data").exists()
+    assert make_builtin_data({"dense": True}, tmp_path) == tmp_path / "data" / "cluttered-digits"
     digits = resolve_config({"dense": True}, cwd=tmp_path)
     assert digits.data == str(tmp_path / "data" / "cluttered-digits")
     manifest = read_manifest(tmp_path / "data" / "cluttered-digits")
@@ -189,7 +196,7 @@ def test_resume_of_a_run_recorded_before_an_option_existed(digits_shards, tmp_pa
     config = resolve_config({"data": str(digits_shards), "batch_size": 64, "run_name": "old"}, cwd=tmp_path)
     saved = {k: v for k, v in config.to_dict().items() if k not in ("mean", "std")}
     record = {"config": saved, "mlflow_run_id": "x", "tracking_uri": config.mlflow_uri}
-    write_record(config.storage, "old", record)
+    write_record(config.location, record)
     resumed = resolve_config({"run_name": "old", "resume": True}, cwd=tmp_path)
     assert (resumed.mean, resumed.std, resumed.data) == (None, None, config.data)
     with pytest.raises(ConfigError, match="cannot change training options: mean"):
@@ -198,10 +205,26 @@ def test_resume_of_a_run_recorded_before_an_option_existed(digits_shards, tmp_pa
 # --- end to end -----------------------------------------------------------------------------------------
 
 
+def test_credentials_leave_the_tracking_uri_only_by_the_command(monkeypatch):
+    """resolve_tracking_uri moves nothing: a URI with user:password@ is refused without being printed; the
+    command's move_credentials_to_env puts them where MLflow's client reads them (also from the env URI)."""
+    secret = "http://alice:s%40cret@127.0.0.1:5999"
+    with pytest.raises(ConfigError, match="move_credentials_to_env") as raised:
+        resolve_tracking_uri(secret, ".")
+    assert "s%40cret" not in str(raised.value) and "MLFLOW_TRACKING_USERNAME" not in os.environ
+    assert move_credentials_to_env(secret) == "http://127.0.0.1:5999"
+    user, password = os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
+    assert (user, password) == ("alice", "s@cret")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://bob:pw@127.0.0.1:5998")
+    assert move_credentials_to_env(None) is None
+    assert resolve_tracking_uri(None, ".") == "http://127.0.0.1:5998"
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "bob"
+
+
 def test_step_bar_only_on_rank_0_of_long_epochs():
-    config = {"step_bar": 200, "epochs": 3}
+    config = RunConfig(step_bar=200, epochs=3)
     assert step_bar(config, 0, 199, 0) is None and step_bar(config, 1, 500, 0) is None
-    assert step_bar({**config, "step_bar": 0}, 0, 10_000, 0) is None
+    assert step_bar(replace(config, step_bar=0), 0, 10_000, 0) is None
 
 
 @pytest.mark.integration
@@ -325,7 +348,7 @@ def _dense_run_after_first_epoch(
     first epoch is in MLflow at ``mlflow_uri``, with its MLflow run id."""
     options = pipeline_dir / f"{name}.yaml"
     options.write_text(yaml.safe_dump({**tiny_options, "dense": True, "epochs": 3, "run_name": name,
-                                       **(extra or {})}))
+                                       "gpus_per_worker": 0, **(extra or {})}))
     driver = _finetune("--config", str(options), "--address", ray_cluster, cwd=pipeline_dir)
     record = Path(tiny_options["storage"]) / name / RUN_RECORD
     deadline = time.monotonic() + 300

@@ -12,7 +12,7 @@ from pipelines.data import hard_cluttered_digits as hard
 from pipelines.data.cluttered_digits import digit_patches
 from pipelines.data.manifest import read_manifest
 from pipelines.data.shards import write_shards
-from pipelines.training.config import resolve_config
+from pipelines.training.config import make_builtin_data, resolve_config
 from tests.test_shards import split_samples
 
 
@@ -62,6 +62,7 @@ def test_preset_normalisation_is_the_train_split_statistics():
 
 
 def test_source_option_makes_the_hard_shards_with_its_own_preset_and_model_names(tmp_path):
+    make_builtin_data({"source": "cluttered-digits-hard"}, cwd=tmp_path)
     config = resolve_config({"source": "cluttered-digits-hard", "dense": True}, cwd=tmp_path)
     assert config.data == str(tmp_path / "data" / "cluttered-digits-hard")
     assert read_manifest(config.data).info["val"]["params"]["source"] == "cluttered-digits-hard"

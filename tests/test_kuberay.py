@@ -1,16 +1,19 @@
 """The Kubernetes manifests (infra/kuberay/, infra/mlflow/mlflow.yaml) against schemas, not hand-picked keys.
 
-Plain Kubernetes objects, and every pod template of the Ray resources, are validated strictly (unknown
-fields are errors) against the Kubernetes OpenAPI schemas that the kubernetes-validate package ships. The
-Ray resources themselves are checked against the field names and types of KubeRay's ray.io/v1 API
-(RayCluster, RayJob), written down below from KubeRay's Go API types (ray-operator/apis/ray/v1).
+The Ray resources (RayCluster, RayJob) are validated against KubeRay's own CRD schemas (the
+openAPIV3Schema of the CRDs vendored in tests/data/kuberay_crds/, KubeRay v1.5.1), strictly: a field the
+CRD does not declare is an error, as with `kubectl apply` (field validation Strict). Plain Kubernetes
+objects, and every pod template of the Ray resources, are also validated strictly against the Kubernetes
+OpenAPI schemas that the kubernetes-validate package ships.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -19,86 +22,42 @@ REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = ["infra/kuberay/raycluster.yaml", "infra/kuberay/rayjob.yaml", "infra/mlflow/mlflow.yaml"]
 K8S_VERSION = "1.33"  # a Kubernetes release EKS and GKE run; the schemas of kubernetes-validate
 RAY_KINDS = {"RayCluster", "RayJob"}
-
-# --- ray.io/v1, from KubeRay's API types. A spec is a type name, [item spec], {"map": value spec},
-# {"enum": [...]}, or a Fields object. "pod" is a corev1.PodTemplateSpec (validated by the Kubernetes
-# schema), "object" another Kubernetes type this test does not descend into.
+CRDS = REPO / "tests/data/kuberay_crds"
+KUBERAY_CRD_VERSION = "v1.5.1"  # see tests/data/kuberay_crds/README.md
 
 
-class Fields(dict):
-    """An object's fields: name -> spec; `required` names the ones that must be present."""
-
-    def __init__(self, fields: dict, required: tuple[str, ...] = ()):
-        super().__init__(fields)
-        self.required = required
-
-
-STR, INT, BOOL, NUM, OBJ, POD = "string", "integer", "boolean", "number", "object", "pod"
-MAP_STR = {"map": STR}
-
-AUTH_OPTIONS = Fields(
-    {"enableK8sTokenAuth": BOOL, "secretName": STR, "mode": {"enum": ["disabled", "token"]}}
-)
-AUTOSCALER_OPTIONS = Fields({
-    "resources": OBJ, "image": STR, "imagePullPolicy": {"enum": ["Always", "Never", "IfNotPresent"]},
-    "securityContext": OBJ, "idleTimeoutSeconds": INT,
-    "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]}, "version": {"enum": ["v1", "v2"]},
-    "env": [OBJ], "envFrom": [OBJ], "volumeMounts": [OBJ], "command": [STR], "args": [STR],
-})
-HEAD_GROUP = Fields({
-    "template": POD, "headService": OBJ, "enableIngress": BOOL, "ingressOptions": OBJ, "resources": MAP_STR,
-    "labels": MAP_STR, "rayStartParams": MAP_STR, "serviceType": STR,
-}, required=("template",))
-WORKER_GROUP = Fields({
-    "suspend": BOOL, "groupName": STR, "replicas": INT, "minReplicas": INT, "maxReplicas": INT,
-    "idleTimeoutSeconds": INT, "priority": INT, "resources": MAP_STR, "labels": MAP_STR,
-    "rayStartParams": MAP_STR, "template": POD, "scaleStrategy": Fields({"workersToDelete": [STR]}),
-    "numOfHosts": INT,
-}, required=("groupName", "minReplicas", "maxReplicas", "template"))
-RAY_CLUSTER_SPEC = Fields({
-    "upgradeStrategy": Fields({"type": {"enum": ["Recreate", "None"]}}), "authOptions": AUTH_OPTIONS,
-    "suspend": BOOL, "managedBy": STR, "autoscalerOptions": AUTOSCALER_OPTIONS,
-    "headServiceAnnotations": MAP_STR,
-    "enableInTreeAutoscaling": BOOL, "gcsFaultToleranceOptions": OBJ, "historyServerOptions": OBJ,
-    "networkPolicy": OBJ, "tlsOptions": Fields({"enabled": BOOL}), "headGroupSpec": HEAD_GROUP,
-    "rayVersion": STR, "workerGroupSpecs": [WORKER_GROUP],
-}, required=("headGroupSpec",))
-RAY_JOB_SPEC = Fields({
-    "activeDeadlineSeconds": INT, "backoffLimit": INT, "rayClusterSpec": RAY_CLUSTER_SPEC,
-    "submitterPodTemplate": POD, "metadata": MAP_STR, "clusterSelector": MAP_STR,
-    "submitterConfig": Fields({"backoffLimit": INT}), "managedBy": STR, "deletionStrategy": OBJ,
-    "entrypoint": STR, "runtimeEnvYAML": STR, "jobId": STR,
-    "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
-    "entrypointResources": STR, "entrypointNumCpus": NUM, "entrypointNumGpus": NUM,
-    "ttlSecondsAfterFinished": INT, "shutdownAfterJobFinishes": BOOL, "suspend": BOOL,
-})
-SPECS = {"RayCluster": RAY_CLUSTER_SPEC, "RayJob": RAY_JOB_SPEC}
-PY_TYPES = {STR: str, INT: int, BOOL: bool, NUM: (int, float), OBJ: dict, POD: dict}
+def _structural_to_jsonschema(node):
+    """A CRD's structural schema as plain JSON Schema: objects with declared properties admit no other
+    field (unless x-kubernetes-preserve-unknown-fields), `nullable` admits null; the other x-kubernetes-*
+    markers (list types, int-or-string, whose anyOf is already spelled out) need no conversion."""
+    if isinstance(node, list):
+        return [_structural_to_jsonschema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _structural_to_jsonschema(v) for k, v in node.items()}
+    if out.get("type") == "object" and "properties" in out and "additionalProperties" not in out \
+            and not out.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    if out.pop("nullable", False) and "type" in out:
+        out["type"] = [out["type"], "null"]
+    return out
 
 
-def check(value, spec, path: str) -> list[str]:
-    """Errors of `value` against a ray.io/v1 spec (empty when it conforms)."""
-    if isinstance(spec, Fields):
-        if not isinstance(value, dict):
-            return [f"{path}: expected an object, got {type(value).__name__}"]
-        errors = [f"{path}.{k}: not a field of ray.io/v1" for k in value if k not in spec]
-        errors += [f"{path}.{k}: required" for k in spec.required if k not in value]
-        for key, sub in value.items():
-            if key in spec:
-                errors += check(sub, spec[key], f"{path}.{key}")
-        return errors
-    if isinstance(spec, list):
-        if not isinstance(value, list):
-            return [f"{path}: expected a list"]
-        return [e for i, item in enumerate(value) for e in check(item, spec[0], f"{path}[{i}]")]
-    if isinstance(spec, dict) and "map" in spec:
-        if not isinstance(value, dict):
-            return [f"{path}: expected a map"]
-        return [e for k, v in value.items() for e in check(v, spec["map"], f"{path}.{k}")]
-    if isinstance(spec, dict) and "enum" in spec:
-        return [] if value in spec["enum"] else [f"{path}: {value!r} is not one of {spec['enum']}"]
-    ok = isinstance(value, PY_TYPES[spec]) and not (spec in (INT, NUM) and isinstance(value, bool))
-    return [] if ok else [f"{path}: expected {spec}, got {type(value).__name__} {value!r}"]
+@functools.cache
+def crd_schema(kind: str) -> dict:
+    """The ray.io/v1 openAPIV3Schema of KubeRay's CRD for `kind`, as JSON Schema."""
+    path = CRDS / f"ray.io_{kind.lower()}s.yaml"
+    crd = yaml.load(path.read_text(), Loader=yaml.CSafeLoader)
+    assert crd["spec"]["names"]["kind"] == kind and crd["spec"]["group"] == "ray.io"
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return _structural_to_jsonschema(version["schema"]["openAPIV3Schema"])
+
+
+def crd_errors(doc: dict) -> list[str]:
+    """Every violation of the KubeRay CRD schema by a RayCluster / RayJob document ([] if none)."""
+    validator = jsonschema.Draft7Validator(crd_schema(doc["kind"]))
+    return [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+            for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))]
 
 
 def docs() -> list[tuple[str, dict]]:
@@ -129,24 +88,33 @@ def test_the_manifests_hold_a_raycluster_and_a_rayjob():
 
 
 @pytest.mark.parametrize("kind", sorted(RAY_KINDS))
-def test_ray_resources_use_only_kuberay_v1_fields(kind):
+def test_ray_resources_pass_the_kuberay_crd_schema(kind):
     (doc,) = [d for _, d in docs() if d["kind"] == kind]
-    assert set(doc) <= {"apiVersion", "kind", "metadata", "spec"}
-    assert check(doc["spec"], SPECS[kind], f"{kind}.spec") == []
+    assert doc["apiVersion"] == "ray.io/v1"
+    assert crd_errors(doc) == []
 
 
-def test_the_kuberay_check_finds_wrong_fields_and_types():
+def test_the_crd_check_finds_wrong_fields_types_and_values():
     (cluster,) = [d for _, d in docs() if d["kind"] == "RayCluster"]
-    bad = copy.deepcopy(cluster["spec"])
-    bad["workerGroupSpecs"][0]["maxReplica"] = 2  # misspelt
-    bad["workerGroupSpecs"][0]["minReplicas"] = "0"  # a string
-    bad["authOptions"]["mode"] = "tokens"
-    del bad["headGroupSpec"]["template"]
-    errors = check(bad, RAY_CLUSTER_SPEC, "spec")
-    assert any("maxReplica: not a field" in e for e in errors)
-    assert any("minReplicas: expected integer" in e for e in errors)
-    assert any("mode: 'tokens'" in e for e in errors)
-    assert any("headGroupSpec.template: required" in e for e in errors)
+    bad = copy.deepcopy(cluster)
+    bad["spec"]["workerGroupSpecs"][0]["maxReplica"] = 2  # misspelt
+    bad["spec"]["workerGroupSpecs"][0]["minReplicas"] = "0"  # a string
+    bad["spec"]["authOptions"]["mode"] = "tokens"  # not in the enum
+    del bad["spec"]["headGroupSpec"]["template"]  # required
+    bad["spec"]["headGroupSpec"]["template_"] = {}
+    errors = "\n".join(crd_errors(bad))
+    assert "'maxReplica' was unexpected" in errors
+    assert "spec.workerGroupSpecs.0.minReplicas: '0' is not of type 'integer'" in errors
+    assert "spec.authOptions.mode: 'tokens' is not one of" in errors
+    assert "'template' is a required property" in errors
+    (job,) = [d for _, d in docs() if d["kind"] == "RayJob"]
+    bad_job = copy.deepcopy(job)
+    bad_job["spec"]["shutdownAfterJobFinish"] = True  # KubeRay's field ends in -es
+    assert any("shutdownAfterJobFinish' was unexpected" in e for e in crd_errors(bad_job))
+    # the pod templates inside are checked by the CRD too (strictly, like the rest)
+    bad_pod = copy.deepcopy(cluster)
+    bad_pod["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Always"
+    assert any("imagePullPolcy" in e for e in crd_errors(bad_pod))
 
 
 def test_every_ray_pod_template_passes_the_kubernetes_schema():

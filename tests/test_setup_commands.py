@@ -67,7 +67,7 @@ def secrets_manager():
     for name, value in {
         "MlflowJobsSecretArn": {"username": "spot-jobs", "password": "jobs pw $1"},
         "MlflowAdminSecretArn": {"username": "admin", "password": "admin-password-0001"},
-        "DbSecretArn": {"username": "mlflow", "password": "db/pw@x"},
+        "MlflowDbSecretArn": {"username": "mlflow", "password": "db/pw@x"},
     }.items():
         arns[name] = client.create_secret(Name=name, SecretString=json.dumps(value))["ARN"]
     yield endpoint, arns
@@ -171,6 +171,10 @@ def test_head_and_worker_setup_commands_succeed_as_non_root(scratch, secrets_man
     assert "SPOT_MLFLOW_URI=http://" in (head_home / ".spot/head.env").read_text()
 
     worker_home = container_home(scratch / "worker", token)
+    # a GPU node: its container lists 8 GPUs (the workers' setup stops when it lists none)
+    gpus = "\n".join(f"GPU {i}: NVIDIA A100-SXM4-40GB (UUID: GPU-{i})" for i in range(8))
+    (bindir / "nvidia-smi").write_text(f"#!/bin/sh\ncat <<'EOF'\n{gpus}\nEOF\n")
+    os.chmod(bindir / "nvidia-smi", 0o755)
     run_all(config["worker_setup_commands"], node_env(worker_home, bindir, endpoint))
     assert (worker_home / ".spot/jobs.env").exists() and (worker_home / ".ray/auth_token").exists()
     assert not (worker_home / ".spot/server.env").exists(), "the server's secrets stay on the head"
@@ -179,6 +183,9 @@ def test_head_and_worker_setup_commands_succeed_as_non_root(scratch, secrets_man
     assert all(call[0] == "install" for call in calls)
     installed = " ".join(" ".join(call) for call in calls)
     assert "-e " + str(head_home / "spot") in installed and "mlflow[auth]" in installed
+    constraints = str(head_home / "spot/infra/constraints.txt")
+    assert all(call[call.index("-c") + 1] in (constraints, constraints.replace("head", "worker"))
+               for call in calls), calls
 
 
 def test_the_old_mount_layout_breaks_the_head_setup(scratch):

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 import spot
+from pipelines.training.config import RunConfig
 from spot.flops import macs
 from tuning.pareto import pareto_front
 from tuning.results import mark_rows
@@ -26,7 +28,7 @@ SCRIPT = Path(__file__).parents[1] / "tuning" / "sweep_lambdas.py"
 TINY = {"patch_size": 8, "depth": 4, "embed_dim": 32, "num_heads": 2}
 TINY_ARGS = [
     *(arg for key, value in TINY.items() for arg in ("--model-arg", f"{key}={value}")),
-    "--img-size", "32", "--num-workers", "1", "--seed", "3",
+    "--img-size", "32", "--num-workers", "1", "--seed", "3", "--gpus-per-worker", "0",
 ]
 BUDGET_RHO = 0.5  # the budget of the budget sweep: the tiny model's cost at this rho
 
@@ -67,16 +69,16 @@ def test_ranking_never_picks_an_infeasible_trial():
 
 
 def test_default_max_concurrent_counts_train_workers():
-    cpu = {"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": None}
+    cpu = RunConfig(num_workers=1, cpus_per_worker=1, gpus_per_worker=None)
     assert default_max_concurrent({"CPU": 2.0}, cpu) == 1  # 1 worker CPU + the driver's share
-    assert default_max_concurrent({"CPU": 16.0}, cpu | {"num_workers": 2}) == 7
-    gpu = {"num_workers": 8, "cpus_per_worker": 10, "gpus_per_worker": None}
+    assert default_max_concurrent({"CPU": 16.0}, replace(cpu, num_workers=2)) == 7
+    gpu = RunConfig(num_workers=8, cpus_per_worker=10, gpus_per_worker=None)
     assert default_max_concurrent({"CPU": 192.0, "GPU": 16.0}, gpu) == 2
-    assert default_max_concurrent({"CPU": 192.0, "GPU": 16.0}, gpu | {"gpus_per_worker": 0.5}) == 4
+    assert default_max_concurrent({"CPU": 192.0, "GPU": 16.0}, replace(gpu, gpus_per_worker=0.5)) == 4
     with pytest.raises(SweepError, match="shows no GPUs"):
-        default_max_concurrent({"CPU": 8.0}, gpu | {"gpus_per_worker": 1})
+        default_max_concurrent({"CPU": 8.0}, replace(gpu, gpus_per_worker=1))
     with pytest.raises(SweepError, match="a trial needs 4.25 CPUs"):
-        default_max_concurrent({"CPU": 2.0}, cpu | {"num_workers": 4})
+        default_max_concurrent({"CPU": 2.0}, replace(cpu, num_workers=4))
 
 
 # ---------------------------------------------------------------------------------------- real sweeps

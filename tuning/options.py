@@ -9,6 +9,7 @@ import argparse
 from dataclasses import dataclass, fields
 
 from pipelines.training.config import DIGITS_SPOT_FINETUNE, RUNS_DIR, RunConfig, add_field, option
+from pipelines.utils.cli import Parser
 from tuning import space
 
 EXPERIMENT = "spot-sweep"
@@ -67,7 +68,7 @@ class SweepOptions:
 
 
 def build_parser(description: str, epilog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sweep_lambdas", description=description, epilog=epilog,
+    parser = Parser(prog="sweep_lambdas", description=description, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     own = {f.name: f for f in fields(SweepOptions)}
 

@@ -40,10 +40,10 @@ def plot_pareto(
     the best feasible trial is a star; the budget a dashed vertical line, the dense backbone's cost a
     dotted one.
     """
-    import matplotlib
+    import matplotlib  # lazy: heavy, and only the end of a sweep draws; the backend is chosen before pyplot
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy (above)
 
     path = Path(path)
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)

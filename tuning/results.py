@@ -10,10 +10,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from ray.train import Result
+
+from pipelines.tracking.registry import data_tags, register_best
 from pipelines.utils.errors import first_line
 from pipelines.utils.table import cell, markdown_table
 from tuning import pareto, space
-from tuning.trial import TIME_ATTR, parent_run, train_name
+from tuning.trial import TIME_ATTR, parent_run, train_location
 
 TOP = 10
 RESULT_KEYS = ("trial_id", "status", "epochs", "val_acc1", "val_acc5", "best_epoch", "gmacs", "feasible",
@@ -76,15 +79,12 @@ def results_csv(rows: list[dict]) -> str:
 
 def register_winner(rows: list[dict], setup: dict) -> dict | None:
     """Register the best feasible trial's best checkpoint (the fine-tuning job's registration)."""
-    from ray.train import Result
-
-    from pipelines.tracking.registry import register_best
-
     best = next((r for r in rows if r["best"]), None)
     if best is None:
         return None
-    train_run = Result.from_path(f"{setup['train_storage']}/{train_name(best['trial_id'])}")
-    registered = register_best(train_run, run_id=best["mlflow_run_id"], name=setup["register_as"])
+    train_run = Result.from_path(train_location(setup, best["trial_id"]).uri)
+    data = data_tags(setup["options"]["data"], setup["options"]["img_size"])
+    registered = register_best(train_run, run_id=best["mlflow_run_id"], name=setup["register_as"], data=data)
     return registered | {"trial_id": best["trial_id"]}
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
+from ray import tune
 
 import spot
 
@@ -56,8 +57,6 @@ class Dim:
         return f"{self.low:g}" if self.fixed else f"{self.distribution}({self.low:g}, {self.high:g})"
 
     def to_tune(self):
-        from ray import tune
-
         sample = tune.loguniform if self.distribution == "loguniform" else tune.uniform
         return sample(self.low, self.high)
 

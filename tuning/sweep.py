@@ -6,19 +6,37 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from datetime import datetime
 from pathlib import Path
 
+import mlflow
+import ray
 import yaml
+from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.tune.search.optuna import OptunaSearch
 
+from pipelines.storage.location import RunLocation
 from pipelines.storage.run_record import SWEEP_RECORD, read_record, write_record
 from pipelines.tracking import store
+from pipelines.tracking.datasets import log_shard_inputs
 from pipelines.tracking.mlflow_run import MlflowRun
-from pipelines.training.config import RUNS_DIR, RunConfig, given_values, resolve_config, training_keys
-from pipelines.training.ray_session import ray_session
+from pipelines.tracking.registry import CHAMPION, champion_metrics, load_model
+from pipelines.tracking.uri import resolve_tracking_uri
+from pipelines.training.config import (
+    RUNS_DIR,
+    RunConfig,
+    check_name,
+    given_values,
+    make_builtin_data,
+    resolve_config,
+    training_keys,
+)
+from pipelines.training.ray_session import check_shared_storage, ray_session, worker_gpus
 from pipelines.training.weights import prepare_init
 from pipelines.utils.errors import ConfigError, check, first_line
 from tuning import space
@@ -48,10 +66,6 @@ def digits_teacher(given: dict, uri: str, cwd: Path, notes: list[str]) -> str | 
     """The dense model a digits sweep fine-tunes (and distils) from: the champion that ``make demo`` or
     ``finetune.py --dense`` registered in ``uri``, if its architecture is the trials'; else None (trials
     train SPOT from scratch), with a note either way."""
-    from mlflow import MlflowClient
-
-    from pipelines.tracking.registry import CHAMPION, champion_metrics, load_model
-
     arch_keys = ("backbone", "img_size", "model_args", "mean", "std")
     dense = resolve_config({"dense": True, **{k: given[k] for k in arch_keys if k in given}}, cwd=cwd)
     teacher = f"models:/{dense.register_as}@{CHAMPION}"
@@ -77,17 +91,17 @@ def trial_options(config: RunConfig, given: dict, fixed: dict) -> dict:
     return options | fixed
 
 
-def default_max_concurrent(resources: dict, config: dict) -> int:
+def default_max_concurrent(resources: dict, config: RunConfig) -> int:
     """Trials the cluster runs at once; Tune counts only trial drivers, not their Train workers."""
-    workers, gpus = config["num_workers"], resources.get("GPU", 0)
-    per_worker = config["gpus_per_worker"] if config["gpus_per_worker"] is not None else (1 if gpus else 0)
+    workers, gpus = config.num_workers, resources.get("GPU", 0)
+    per_worker = config.gpus_per_worker if config.gpus_per_worker is not None else (1 if gpus else 0)
     if per_worker:
         if not gpus:
             raise SweepError("the cluster shows no GPUs (yet: autoscaling?); pass --max-concurrent")
         return max(1, int(gpus // (workers * per_worker)))
-    need = workers * config["cpus_per_worker"] + DRIVER_CPUS
+    need = workers * config.cpus_per_worker + DRIVER_CPUS
     if need > resources.get("CPU", 0):
-        raise SweepError(f"a trial needs {need:g} CPUs ({workers} workers x {config['cpus_per_worker']:g} + "
+        raise SweepError(f"a trial needs {need:g} CPUs ({workers} workers x {config.cpus_per_worker:g} + "
                          f"the driver); the cluster has {resources.get('CPU', 0):g}")
     return max(1, int(resources["CPU"] // need))
 
@@ -106,12 +120,11 @@ def _prepare_new(args: argparse.Namespace, cwd: Path) -> dict:
     check(args.gmacs_budget is None or args.gmacs_budget > 0, "--gmacs-budget must be > 0", SweepError)
     given = given_training_options(args)
     storage = args.storage or str(cwd / RUNS_DIR)
-    uri = store.resolve_tracking_uri(args.mlflow_uri, cwd)
+    uri = resolve_tracking_uri(args.mlflow_uri, cwd)
     store.check_reachable(uri)
-    import mlflow
-
     mlflow.set_tracking_uri(uri)  # where --pretrained models:/... and the digits teacher are looked up
     notes: list[str] = []
+    make_builtin_data(given, cwd)  # the built-in digits without --data: the trials' and the teacher's data
     if given.get("data") is None and given.get("pretrained") is None:
         given["pretrained"] = digits_teacher(given, uri, cwd, notes)
     config = resolve_config({**given, "storage": storage}, cwd=cwd)
@@ -123,14 +136,16 @@ def _prepare_new(args: argparse.Namespace, cwd: Path) -> dict:
         dims = space.clip_rho(dims, rho_max, args.gmacs_budget, RunConfig.rho)
     _, fixed = space.split(dims, args.space)  # the Tuner samples the rest
     name = args.name or f"sweep-{config.backbone}-{datetime.now():%Y%m%d-%H%M%S}"
-    check(read_record(config.storage, name, SWEEP_RECORD) is None,
-          f"sweep {name!r} already exists in {config.storage}: pass --resume {config.storage}/{name} or "
+    check_name("--name", name)
+    location = RunLocation(config.storage, name)
+    check(read_record(location, SWEEP_RECORD) is None,
+          f"sweep {location.name!r} already exists in {config.storage}: pass --resume {location.uri} or "
           "another --name", SweepError)
     _, summary = prepare_init(config)  # a --pretrained that does not fit fails here, not per trial
     setup = {
-        "name": name,
-        "storage": config.storage,
-        "train_storage": f"{config.storage}/{name}/train_runs",
+        "name": location.name,
+        "storage": location.storage,
+        "train_storage": location.file("train_runs"),
         "options": trial_options(config, given, fixed),
         "epochs": config.epochs,
         "budget": args.gmacs_budget,
@@ -152,10 +167,10 @@ def _prepare_new(args: argparse.Namespace, cwd: Path) -> dict:
 def _prepare_resume(args: argparse.Namespace, cwd: Path) -> dict:
     """The plan of ``--resume PATH``: the sweep's recorded ``setup`` and its ``path``, checked."""
     path = args.resume.rstrip("/")
-    storage, name = path.rsplit("/", 1) if "/" in path else (str(cwd), path)
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().resolve())
-    setup = read_record(storage, name, SWEEP_RECORD)
+    location = RunLocation.from_uri(path) if "/" in path else RunLocation(str(cwd), path)
+    if "://" not in location.storage:
+        location = RunLocation(str(Path(location.storage).expanduser().resolve()), location.name)
+    setup = read_record(location, SWEEP_RECORD)
     check(setup is not None, f"--resume {args.resume}: not a sweep directory", SweepError)
     store.check_reachable(setup["tracking_uri"])
     try:
@@ -164,7 +179,7 @@ def _prepare_resume(args: argparse.Namespace, cwd: Path) -> dict:
         raise SweepError(f"--resume {args.resume}: its MLflow run: {first_line(err)}") from None
     check(status != "FINISHED", f"--resume {args.resume}: the sweep has finished (MLflow run "
           f"{setup['parent_run_id']})", SweepError)
-    return {"setup": setup, "path": f"{storage}/{name}", "notes": []}
+    return {"setup": setup, "path": location.uri, "notes": []}
 
 
 def prepare(args: argparse.Namespace, cwd: Path) -> dict:
@@ -180,10 +195,6 @@ def _trainable(setup: dict):
 
 
 def _tuner(setup: dict, dims: dict) -> tune.Tuner:
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-    from ray.tune.search.optuna import OptunaSearch
-
     searched, _ = space.split(dims, "search space")
     if setup["searcher"] == "tpe":
         searcher, limit = OptunaSearch(seed=setup["seed"]), setup["max_concurrent"]
@@ -217,6 +228,7 @@ def _start_parent(setup: dict, config: RunConfig, dims: dict, summary, cwd: Path
     fixed = {k: getattr(config, k) for k in training_keys() if k not in dims}
     model = {"dense_gmacs": round(summary.dense_gmacs, 6), "params": summary.params}
     parent.log_params(searched | sweep | fixed | model | store.versions())
+    log_shard_inputs(parent.client, parent.run_id, config.data, ("train", "val"))
     parent.set_tags(store.system_info() | {"storage": f"{setup['storage']}/{setup['name']}"})
     entries = {k: d.low if d.fixed else {"distribution": d.distribution, "low": d.low, "high": d.high}
                for k, d in dims.items()}
@@ -235,9 +247,6 @@ def sweep(plan: dict, address: str | None) -> dict | None:
 
     Raises :class:`SweepError` before any trial if the cluster cannot run one.
     """
-    import mlflow
-    import ray
-
     started = time.monotonic()
     setup = plan["setup"]
     store.quiet_mlflow(setup.get("verbose", False))
@@ -250,12 +259,17 @@ def sweep(plan: dict, address: str | None) -> dict | None:
                                        resume_errored=True)
         else:
             config, dims = plan["config"], plan["dims"]
+            if address is not None:  # as a fine-tuning run: decided on the cluster, never from what is up
+                gpus = worker_gpus(config.gpus_per_worker, config.num_workers, address)
+                config = replace(config, gpus_per_worker=gpus)
+                setup["options"]["gpus_per_worker"] = config.gpus_per_worker
+                check_shared_storage(setup["storage"], address)
             setup["max_concurrent"] = setup["max_concurrent"] or default_max_concurrent(
-                ray.cluster_resources(), config.to_dict()
+                ray.cluster_resources(), config
             )
             _start_parent(setup, config, dims, plan["summary"], Path.cwd())
             parent = MlflowRun(setup["tracking_uri"], setup["parent_run_id"])
-            write_record(setup["storage"], setup["name"], setup, SWEEP_RECORD)
+            write_record(RunLocation(setup["storage"], setup["name"]), setup, SWEEP_RECORD)
             tuner = _tuner(setup, dims)
             print(
                 f"sweep {setup['name']}: {setup['num_samples']} trials, {setup['max_concurrent']} at a time, "

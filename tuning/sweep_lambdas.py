@@ -19,9 +19,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script from a checkout: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipelines.tracking.uri import move_credentials_to_env
 from pipelines.utils.cli import bad_input, print_result
 from pipelines.utils.errors import TrackingError, check
 from tuning import options
+from tuning.sweep import SweepError, prepare, sweep
 
 SPACE_HELP = (
     "\n\nsearch space: a YAML file (--space) of fine-tuning options, each a number (fixed) or\n"
@@ -39,10 +44,9 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tuning.sweep import SweepError, prepare, sweep
-
     cli = build_parser()
     args = cli.parse_args(argv)
+    args.mlflow_uri = move_credentials_to_env(args.mlflow_uri)
     try:
         if args.resume:
             allowed = options.RESUME_OPTIONS

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import math
 
+import mlflow
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from pipelines.storage.run_record import FAULT_RECORD, STOPPED, delete_record, read_record
+from pipelines.storage.location import RunLocation
+from pipelines.storage.run_record import STOPPED
 from pipelines.tracking import store
+from pipelines.tracking.datasets import log_shard_inputs
 from pipelines.tracking.mlflow_run import MlflowRun
 from pipelines.tracking.pending_reports import PENDING_RECORD, NotSent, send_pending
-from pipelines.tracking.report_callback import MlflowReportCallback
 from pipelines.training.config import resolve_config
 from pipelines.training.job import run_params
-from pipelines.training.trainer import build_trainer
+from pipelines.training.trainer import fit_run
 from pipelines.training.weights import prepare_init
 from tuning import space
 
@@ -28,6 +30,11 @@ STATUS_TAG = "trial_status"
 def train_name(trial_id: str) -> str:
     """The Ray Train run name of a trial (= resume key: a retried trial continues its run)."""
     return f"train-{trial_id}"
+
+
+def train_location(setup: dict, trial_id: str) -> RunLocation:
+    """Where the Ray Train run of trial ``trial_id`` keeps its checkpoints and records."""
+    return RunLocation(setup["train_storage"], train_name(trial_id))
 
 
 def trial_dirname(trial) -> str:
@@ -76,35 +83,28 @@ def run_trial(params: dict, *, setup: dict) -> None:
     Nothing may follow ``fit()``: Tune kills the trial as soon as ASHA stops it or its last epoch is
     reported, so the sweep's driver does the bookkeeping.
     """
-    import mlflow
-
     trial_id = tune.get_context().get_trial_id()
-    name = train_name(trial_id)
-    options = {**setup["options"], **params, "run_name": name, "storage": setup["train_storage"]}
-    config = resolve_config(options)
+    location = train_location(setup, trial_id)
+    # Tune's sample is a dict: typed once here (resolve_config rejects an unknown option by name)
+    config = resolve_config({**setup["options"], **params, "run_name": location.name,
+                             "storage": location.storage})
     mlflow.set_tracking_uri(setup["tracking_uri"])  # --pretrained models:/...
     store.quiet_mlflow(config.verbose)
     init, summary = prepare_init(config)
     parent = parent_run(setup)
     child = parent.find_child(TRIAL_TAG, trial_id)
     if child is None:
-        child = MlflowRun.create(setup["tracking_uri"], setup["experiment"], name, parent=parent,
+        child = MlflowRun.create(setup["tracking_uri"], setup["experiment"], location.name, parent=parent,
                                  tags={TRIAL_TAG: trial_id, STATUS_TAG: "running"})
         child.log_params(run_params(config, summary))
+        log_shard_inputs(child.client, child.run_id, config.data, ("train", "val"))
     else:
         child = MlflowRun.reopen(child.uri, child.run_id)
-    storage = setup["train_storage"]
-    callbacks = [
-        MlflowReportCallback(setup["tracking_uri"], child.run_id, storage=storage, name=name),
-        TrialReport(setup["budget"], child.run_id),
-    ]
-    delete_record(storage, name, FAULT_RECORD)  # an earlier attempt's
-    build_trainer(config, name=name, storage=storage, init=init, callbacks=callbacks,
-                  progress=config.verbose).fit()
-    fault = read_record(storage, name, FAULT_RECORD)
+    _, fault = fit_run(config, location, init=init, tracking_uri=setup["tracking_uri"],
+                       mlflow_run_id=child.run_id, callbacks=[TrialReport(setup["budget"], child.run_id)],
+                       progress=config.verbose)
     if fault is not None:  # nothing went to Tune, so the trial is still alive to fail
-        raise TrialStopped(f"trial {trial_id}: {fault['error']}; the last good checkpoint is kept in "
-                            f"{storage}/{name}")
+        raise TrialStopped(f"trial {trial_id}: {fault}; the last good checkpoint is kept in {location.uri}")
 
 
 class TrialRuns(tune.Callback):
@@ -117,12 +117,12 @@ class TrialRuns(tune.Callback):
         child = parent_run(self.sweep).find_child(TRIAL_TAG, trial.trial_id)
         if child is None:  # failed before its run existed
             return
-        storage, name = self.sweep["train_storage"], train_name(trial.trial_id)
+        location = train_location(self.sweep, trial.trial_id)
         try:  # epochs the trial's controller could not send (MLflow was down)
-            send_pending(child.client, child.run_id, storage, name)
+            send_pending(child.client, child.run_id, location)
         except NotSent as err:
             print(f"trial {trial.trial_id}: MLflow failed ({err}); {len(err.entries)} epoch(s) of metrics "
-                  f"wait in {storage}/{name}/{PENDING_RECORD}", flush=True)
+                  f"wait in {location.file(PENDING_RECORD)}", flush=True)
         child.set_tags({STATUS_TAG: outcome} | ({} if feasible is None else {"feasible": feasible}))
         child.end(status)
 

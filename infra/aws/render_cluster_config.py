@@ -7,6 +7,11 @@ infra/aws/spot-cluster.cfn.yaml, and pin the AMI (resolved once, so head and wor
     ray up ~/.spot/ray_cluster.yaml        # from the repo root (file_mounts sync "." to the nodes)
 
 Every placeholder must be filled: a name the stack does not output is an error, not a silent leftover.
+
+Multi-node runs: `--multi-node N` enables only the node type in the stack's cluster placement group (one
+zone, one instance type) with up to N nodes and disables the other GPU types, so the autoscaler cannot
+give one run nodes of two zones or two instance types. That file is written without the comments of
+ray_cluster.yaml (they stay there).
 """
 
 from __future__ import annotations
@@ -36,16 +41,39 @@ def render(text: str, values: dict[str, str]) -> str:
     return PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
 
 
-def stack_values(stack: str, region: str) -> dict[str, str]:
-    """The stack's outputs, plus AmiId resolved from the public SSM parameter."""
+def multi_node(text: str, nodes: int) -> str:
+    """A rendered config in which only the placement-group node type (up to `nodes` nodes) launches
+    workers; ValueError unless exactly one type has a placement group."""
+    import yaml
+
+    config = yaml.safe_load(text)
+    types = config["available_node_types"]
+    grouped = [name for name, t in types.items() if t["node_config"].get("Placement", {}).get("GroupName")]
+    if len(grouped) != 1:
+        raise ValueError(f"--multi-node needs exactly one node type with a placement group, found {grouped}")
+    for name, node_type in types.items():
+        if name != config["head_node_type"]:
+            node_type["min_workers"] = 0
+            node_type["max_workers"] = nodes if name == grouped[0] else 0
+    config["max_workers"] = max(config["max_workers"], nodes)
+    header = (f"# From ray_cluster.yaml by render_cluster_config.py --multi-node {nodes}: workers of\n"
+              f"# node type {grouped[0]} only (one placement group, one zone, one instance type).\n"
+              "# The comments that explain each field are in ray_cluster.yaml.\n")
+    return header + yaml.safe_dump(config, sort_keys=False, width=110)
+
+
+def stack_values(stack: str, region: str, ami: str | None = None) -> dict[str, str]:
+    """The stack's outputs, plus AmiId: `ami` when given, else the current one of the public SSM parameter."""
     import boto3
 
     (described,) = boto3.client("cloudformation", region_name=region).describe_stacks(StackName=stack)[
         "Stacks"
     ]
     values = {o["OutputKey"]: o["OutputValue"] for o in described.get("Outputs", [])}
-    ssm = boto3.client("ssm", region_name=region)
-    values["AmiId"] = ssm.get_parameter(Name=AMI_PARAMETER)["Parameter"]["Value"]
+    if ami is None:
+        ssm = boto3.client("ssm", region_name=region)
+        ami = ssm.get_parameter(Name=AMI_PARAMETER)["Parameter"]["Value"]
+    values["AmiId"] = ami
     return values
 
 
@@ -58,13 +86,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--ami", help="an AMI id to use instead of the current one (e.g. the one of a running cluster)"
     )
+    p.add_argument("--multi-node", type=int, metavar="N",
+                   help="workers only of the placement-group node type, up to N nodes (see above)")
     args = p.parse_args(argv)
-    values = stack_values(args.stack, args.region)
-    if args.ami:
-        values["AmiId"] = args.ami
+    if args.multi_node is not None and args.multi_node < 2:
+        p.error(f"--multi-node {args.multi_node}: a multi-node run needs at least 2 nodes")
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        values = stack_values(args.stack, args.region, args.ami)
+    except (BotoCoreError, ClientError) as err:
+        print(f"render_cluster_config.py: stack {args.stack} in {args.region}: {err}", file=sys.stderr)
+        return 2
     try:
         text = render(args.config.read_text(), values)
-    except KeyError as err:
+        if args.multi_node:
+            text = multi_node(text, args.multi_node)
+    except (KeyError, ValueError) as err:
         print(f"render_cluster_config.py: {err.args[0]}", file=sys.stderr)
         return 2
     out = args.out.expanduser()

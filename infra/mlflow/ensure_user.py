@@ -14,6 +14,8 @@ import sys
 import urllib.error
 import urllib.request
 
+TIMEOUT_S = 60  # per request: a busy head answers the first password hashing slowly
+
 
 def call(url: str, method: str, payload: dict, admin: tuple[str, str]) -> tuple[int, str]:
     """One authenticated JSON request; (HTTP status, body)."""
@@ -25,7 +27,7 @@ def call(url: str, method: str, payload: dict, admin: tuple[str, str]) -> tuple[
         headers={"Authorization": f"Basic {token}", "Content-Type": "application/json"},
     )
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode(errors="replace")

@@ -63,23 +63,9 @@ start() {
   # URI, password or an unreachable host fails here, before anything runs in the background.
   echo "head_service.sh: mlflow db upgrade (backend store)"
   mlflow db upgrade "$MLFLOW_BACKEND_STORE_URI" >>"$log" 2>&1 || die "mlflow db upgrade failed"
-  # MLflow's user store lives in its own database, which RDS does not create: create it when missing.
-  case "${MLFLOW_AUTH_DATABASE_URI:-}" in
-    postgresql*)
-      python - "$MLFLOW_AUTH_DATABASE_URI" <<'PY' >>"$log" 2>&1 || die "could not create the auth database"
-import sys
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
-
-url = make_url(sys.argv[1])
-engine = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
-with engine.connect() as conn:
-    query = text("SELECT 1 FROM pg_database WHERE datname = :name")
-    if conn.execute(query, {"name": url.database}).first() is None:
-        conn.execute(text(f'CREATE DATABASE "{url.database}"'))
-PY
-      ;;
-  esac
+  # MLflow's user store lives in its own database, which RDS does not create: create it when missing
+  # (the same script is the init container of the KubeRay MLflow pod, infra/mlflow/mlflow.yaml).
+  python "$here/ensure_database.py" >>"$log" 2>&1 || die "could not create the auth database (see $log)"
 
   # The restart loop: a crashed server is restarted after 5 s; 5 crashes within 30 s of their start in a
   # row end the loop (and the service, which `status` then reports).

@@ -45,12 +45,21 @@ chmod 700 "$runtime_dir"
 # MLflow reads the auth store's location only from an ini file (MLFLOW_AUTH_CONFIG_PATH). The file holds the
 # auth database URI (with its password), hence mode 600 in a mode-700 directory. The admin password stays
 # in the environment (MLFLOW_AUTH_ADMIN_PASSWORD, read by MLflow itself).
+# MLflow's reader is a configparser with interpolation: every '%' of a value (a percent-encoded password
+# in the URI has some) is written as '%%', which it reads back as '%'. A value cannot span lines.
+ini_value() {
+  [[ "$2" != *$'\n'* && "$2" != *$'\r'* ]] || die "$1 must not contain a line break"
+  printf '%s' "${2//\%/%%}"
+}
+permission_ini="$(ini_value MLFLOW_DEFAULT_PERMISSION "${MLFLOW_DEFAULT_PERMISSION:-READ}")"
+database_uri_ini="$(ini_value MLFLOW_AUTH_DATABASE_URI "$MLFLOW_AUTH_DATABASE_URI")"
+admin_username_ini="$(ini_value MLFLOW_AUTH_ADMIN_USERNAME "$MLFLOW_AUTH_ADMIN_USERNAME")"
 auth_ini="$runtime_dir/basic_auth.ini"
 cat >"$auth_ini" <<INI
 [mlflow]
-default_permission = ${MLFLOW_DEFAULT_PERMISSION:-READ}
-database_uri = ${MLFLOW_AUTH_DATABASE_URI}
-admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME}
+default_permission = ${permission_ini}
+database_uri = ${database_uri_ini}
+admin_username = ${admin_username_ini}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 INI
 export MLFLOW_AUTH_CONFIG_PATH="$auth_ini"

@@ -44,9 +44,12 @@ class Canvas:
 
 
 def split_scans(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted scan indices of ``split`` (``train`` / ``val``), and scikit-learn's digits (images, targets)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    """Sorted scan indices of ``split`` (``train`` / ``val``: a fixed stratified split, ``VAL_FRACTION`` of
+    the scans for validation), and scikit-learn's digits (images, targets)."""
+    # lazy: scikit-learn takes a second to import and only making the built-in shards needs it; this module
+    # is imported everywhere (the digits preset's normalisation), Ray workers included
+    from sklearn.datasets import load_digits  # lazy (above)
+    from sklearn.model_selection import train_test_split  # lazy (above)
 
     if split not in CANVASES_PER_SCAN:
         raise ValueError(f"cluttered digits has splits {tuple(CANVASES_PER_SCAN)}, not {split!r}")

@@ -18,12 +18,14 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.auto_aug import rand_augment
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -48,23 +50,31 @@ READER = "Reader"
 RANDAUGMENT_N, RANDAUGMENT_M = 2, 9
 
 
+@dataclass(frozen=True)
+class ImageTransform:
+    """What the loader does to an image after decoding (see :func:`make_loader` for each option)."""
+
+    img_size: int
+    crop_pct: float
+    crop_scale: float
+    hflip: float
+    randaugment: bool
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
 @pipeline_def
 def _dali_graph(
     files: list[str],
     index_files: list[str],
     *,
     train: bool,
-    img_size: int,
-    crop_pct: float,
-    crop_scale: float,
-    hflip: float,
-    randaugment: bool,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
+    transform: ImageTransform,
     decoder: str,
     shard_id: int,
     num_shards: int,
 ):
+    t = transform
     jpegs, labels = fn.readers.webdataset(
         paths=files,
         index_paths=index_files,
@@ -81,22 +91,21 @@ def _dali_graph(
     )
     if train:  # RandomResizedCrop fused into decoding (only the crop is decoded), flip, RandAugment
         images = fn.decoders.image_random_crop(
-            jpegs, device=decoder, output_type=types.RGB, random_area=[crop_scale, 1.0],
+            jpegs, device=decoder, output_type=types.RGB, random_area=[t.crop_scale, 1.0],
             random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
         )
-        images = fn.resize(images, size=[img_size, img_size], antialias=True)
-        if randaugment:
-            from nvidia.dali.auto_aug import rand_augment
-
-            images = rand_augment.rand_augment(images, n=RANDAUGMENT_N, m=RANDAUGMENT_M, shape=[img_size] * 2)
-        mirror = fn.random.coin_flip(probability=hflip)
+        images = fn.resize(images, size=[t.img_size, t.img_size], antialias=True)
+        if t.randaugment:
+            images = rand_augment.rand_augment(images, n=RANDAUGMENT_N, m=RANDAUGMENT_M,
+                                               shape=[t.img_size] * 2)
+        mirror = fn.random.coin_flip(probability=t.hflip)
     else:  # resize shorter side to img_size / crop_pct, center crop
         images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
-        images = fn.resize(images, resize_shorter=math.floor(img_size / crop_pct), antialias=True)
+        images = fn.resize(images, resize_shorter=math.floor(t.img_size / t.crop_pct), antialias=True)
         mirror = False
     images = fn.crop_mirror_normalize(
-        images, dtype=types.FLOAT, output_layout="CHW", crop=(img_size, img_size), mirror=mirror,
-        mean=[255 * m for m in mean], std=[255 * s for s in std],
+        images, dtype=types.FLOAT, output_layout="CHW", crop=(t.img_size, t.img_size), mirror=mirror,
+        mean=[255 * m for m in t.mean], std=[255 * s for s in t.std],
     )
     return images, labels.gpu() if decoder == "mixed" else labels
 
@@ -116,7 +125,7 @@ def _components(index_line: str) -> dict[str, tuple[int, int, str]]:
 
 def _decode_error(data: bytes) -> str | None:
     """Why DALI's CPU decoder rejects ``data``, or None if it decodes."""
-    import nvidia.dali.experimental.dynamic as ndd  # eager DALI ops; only needed on this error path
+    import nvidia.dali.experimental.dynamic as ndd  # lazy: eager DALI ops, only on this error path
 
     try:
         np.asarray(ndd.decoders.image(ndd.tensor(np.frombuffer(data, np.uint8)), device="cpu"))
@@ -139,28 +148,19 @@ class DaliLoader:
         split: str,
         *,
         batch_size: int,
-        img_size: int,
+        transform: ImageTransform,
         train: bool,
         shard_id: int,
         num_shards: int,
         num_threads: int,
         seed: int,
         device: torch.device,
-        crop_pct: float,
-        crop_scale: float,
-        hflip: float,
-        randaugment: bool,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
     ) -> None:
         self.manifest, self.split, self.train, self.device = manifest, split, train, device
         self.batch_size, self.shard_id, self.num_shards = batch_size, shard_id, num_shards
         self._shards = manifest.shard_infos(split)
-        self._options = {
-            "img_size": img_size, "crop_pct": crop_pct, "crop_scale": crop_scale, "hflip": hflip,
-            "randaugment": randaugment, "mean": tuple(mean), "std": tuple(std),
-            "decoder": "mixed" if device.type == "cuda" else "cpu",
-        }
+        self.transform = transform
+        self._decoder = "mixed" if device.type == "cuda" else "cpu"
         self._num_threads, self._seed = num_threads, seed
         total = manifest.counts[split]
         self._begin, end = _shard_bounds(total, shard_id, num_shards)
@@ -202,13 +202,14 @@ class DaliLoader:
             train=self.train,
             shard_id=self.shard_id,
             num_shards=self.num_shards,
-            **self._options,
+            transform=self.transform,
+            decoder=self._decoder,
             batch_size=self.batch_size,
             num_threads=self._num_threads,
             device_id=self.device.index,  # None (CPU-only pipeline) on the CPU
             seed=seed,
             prefetch_queue_depth=PREFETCH,
-            enable_conditionals=self._options["randaugment"],
+            enable_conditionals=self.transform.randaugment,
         )
         try:
             pipe.build()
@@ -364,8 +365,8 @@ def make_loader(
             f"{manifest.root}: split {split!r} has {total} samples, fewer than "
             + (f"{num_shards} ranks x batch size {batch_size}" if train else f"{num_shards} ranks")
         )
-    return DaliLoader(
-        manifest, split, batch_size=batch_size, img_size=img_size, train=train, shard_id=shard_id,
-        num_shards=num_shards, num_threads=num_threads, seed=seed, device=device, crop_pct=crop_pct,
-        crop_scale=crop_scale, hflip=hflip, randaugment=randaugment, mean=tuple(mean), std=tuple(std),
-    )
+    transform = ImageTransform(img_size=img_size, crop_pct=crop_pct, crop_scale=crop_scale, hflip=hflip,
+                               randaugment=randaugment, mean=tuple(mean), std=tuple(std))
+    return DaliLoader(manifest, split, batch_size=batch_size, transform=transform, train=train,
+                      shard_id=shard_id, num_shards=num_shards, num_threads=num_threads, seed=seed,
+                      device=device)

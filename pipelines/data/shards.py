@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -55,7 +56,9 @@ BUILTIN_IMG_SIZE = {  # default sides
 }
 CANVAS_MODULES = {"cluttered-digits": cluttered_digits, "cluttered-digits-hard": hard_cluttered_digits}
 BUILTIN_SOURCES = tuple(BUILTIN_IMG_SIZE)  # made by this project, no path
-DIGITS_VAL_FRACTION = 0.2
+MIN_IMG_SIZE = 8  # as finetune's --img-size
+SPLIT_FOLDER_NAMES = ("train", "val", "validation", "test")  # an imagefolder root of splits, not classes
+OBJECT_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")  # "<_io.BytesIO object at 0x7f...>"
 JPEG_QUALITY = 90
 CHUNK = 512  # images decoded per round trip to the worker pool (bounds memory on large datasets)
 
@@ -108,17 +111,11 @@ def _merge_classes(found: list[str], existing: list[str] | None, where: str) -> 
 
 
 def digits_items(split: str) -> list[Item]:
-    """scikit-learn's bundled digits; fixed stratified 80/20 train/val split (seed-independent)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    train, val = train_test_split(
-        np.arange(len(digits.target)), test_size=DIGITS_VAL_FRACTION, stratify=digits.target, random_state=0
-    )
+    """scikit-learn's bundled digits; the fixed stratified train/val split of the cluttered digits
+    (:func:`pipelines.data.cluttered_digits.split_scans`, seed-independent)."""
+    chosen, digits = cluttered_digits.split_scans(split)
     pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)
-    chosen = {"train": train, "val": val}[split]
-    return [Item(f"digits:{i}", int(digits.target[i]), pixels=pixels[i]) for i in sorted(chosen)]
+    return [Item(f"digits:{i}", int(digits.target[i]), pixels=pixels[i]) for i in chosen]
 
 
 def cluttered_digits_items(split: str, seed: int, source: str = "cluttered-digits") -> list[Item]:
@@ -138,6 +135,17 @@ def cluttered_digits_items(split: str, seed: int, source: str = "cluttered-digit
 def imagefolder_items(root: Path, existing: list[str] | None) -> tuple[list[str], list[Item], list[Problem]]:
     """``root/<class>/**/<image>``; images directly under ``root`` have no class and are reported."""
     found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    split_dirs = [n for n in found if n.lower() in SPLIT_FOLDER_NAMES and any(
+        p.is_dir() for p in (root / n).iterdir())]
+    if found and len(split_dirs) == len(found):
+        raise SourceError(f"imagefolder {root}: holds split folders {', '.join(split_dirs)}, not class "
+                          f"folders; make each split apart: --source imagefolder:{root}/{split_dirs[0]} "
+                          f"--split {split_dirs[0]}")
+    empty = [n for n in found if not any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                                         for p in (root / n).rglob("*"))]
+    if empty:
+        raise SourceError(f"imagefolder {root}: class folder(s) {', '.join(empty)} hold no image; remove "
+                          "them or add images (a class without samples cannot be learned)")
     classes = _merge_classes(found, existing, f"imagefolder {root}")
     items: list[Item] = []
     problems = [
@@ -213,7 +221,8 @@ def encode(item: Item, img_size: int | None) -> EncodeResult:
             img.save(buffer, "JPEG", quality=JPEG_QUALITY)
             data = buffer.getvalue()
     except Exception as err:  # PIL raises many exception types for bad files; all mean "unreadable"
-        return f"{type(err).__name__}: {err}"
+        # the same reason for the same file on every run: no object addresses in the manifest
+        return f"{type(err).__name__}: {OBJECT_ADDRESS.sub('the file', str(err))}"
     return data, img.width, img.height
 
 
@@ -378,16 +387,24 @@ def write_shards(
     Returns the re-read manifest. Raises :class:`SourceError` / :class:`MissingLabelError` on bad input.
     """
     kind, path = parse_source(source)
-    if kind in BUILTIN_SOURCES:
-        img_size = img_size or BUILTIN_IMG_SIZE[kind]
+    if kind in BUILTIN_SOURCES and img_size is None:
+        img_size = BUILTIN_IMG_SIZE[kind]
     splits = list(DIGITS_SPLITS) if kind in BUILTIN_SOURCES and split is None else [split or "train"]
     for name in splits:
         if not re.fullmatch(r"[A-Za-z0-9_]+", name):
             raise SourceError(f"split {name!r}: use letters, digits and '_' only")
     if shard_size < 1:
         raise SourceError(f"shard_size {shard_size} must be >= 1")
+    if img_size is not None and img_size < MIN_IMG_SIZE:
+        raise SourceError(f"--img-size {img_size}: must be >= {MIN_IMG_SIZE}")
+    if workers is not None and workers < 1:
+        raise SourceError(f"--workers {workers}: must be >= 1")
     out = Path(out_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as err:
+        raise SourceError(f"--out {out}: cannot write there ({err.strerror})") from None
     for name in splits:
         raw = _load_raw_manifest(out)
         existing = raw["classes"] if set(raw["splits"]) - {name} else None

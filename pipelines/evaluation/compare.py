@@ -7,7 +7,8 @@ From the dense model, ``random`` and ``cls_attn_avg`` (training-free) are evalua
 weights; the SPOT model and the class-attention model fine-tuned from the same dense model under the same
 recipe (``finetune.py --selector cls_attn_avg``, as the paper's Table 7 did) are evaluated at each rho with
 their own weights. Every row reads the whole val split in prune mode; GMACs are ``spot.gmacs``; images/s are
-measured in this process.
+measured in this process after the accuracy pass, interleaved over the rows (median, and "noisy" where the
+repeats spread too wide).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 
 import spot
 from pipelines.data.loader import make_loader
-from pipelines.evaluation.metrics import evaluate_model, measure_throughput
+from pipelines.evaluation.metrics import measure_throughputs, model_row
 from pipelines.storage.checkpoints import MASKS_MIN_SIDE
 from pipelines.tracking.mlflow_run import log_results
 from pipelines.utils.table import markdown_table
@@ -53,7 +54,11 @@ def comparison_models(
     heuristic_weights: str | None = None,
 ) -> list[tuple[dict, nn.Module]]:
     """``(row labels, model)`` per row: the dense model, then per rho each training-free selector, the
-    fine-tuned class-attention model (``heuristic``, if given) and SPOT."""
+    fine-tuned class-attention model (``heuristic``, if given) and SPOT. Raises ``ValueError`` if ``sparse``
+    is a dense model (no trained predictors to compare)."""
+    if sparse is not None and sparse.spot_config.get("rho") is None:
+        raise ValueError(f"--spot {spot_weights}: a dense model, with no trained relevance predictors; pass "
+                         "a SPOT model fine-tuned from --dense")
     rows = [({"selector": "none (dense)", "weights": dense_weights, "rho": None}, with_selector(dense, None))]
     for rho in rhos:
         for selector in TRAINING_FREE:
@@ -77,14 +82,15 @@ def compare(
     device: torch.device,
     seed: int = 0,
 ) -> list[dict]:
-    """Top-1 over the val split, GMACs and images/s of each model; ``random`` draws from ``seed``."""
+    """Top-1 over the val split and GMACs of each model (``random`` draws from ``seed``), then images/s of
+    all of them in a separate timing phase (:func:`~pipelines.evaluation.metrics.measure_throughputs`)."""
     results = []
     for labels, model in rows:
         torch.manual_seed(seed)
-        row = {**labels, **evaluate_model(model, data, batch_size=batch_size, device=device)}
-        row["gmacs"] = spot.gmacs(model, model.spot_config.get("img_size", 224))
-        row["images_per_s"] = measure_throughput(model, batch_size=throughput_batch, device=device)
-        results.append(row)
+        results.append({**labels, **model_row(model, data, batch_size=batch_size, device=device)})
+    timings = measure_throughputs([model for _, model in rows], batch_size=throughput_batch, device=device)
+    for row, timing in zip(results, timings, strict=True):
+        row.update(timing)
     return results
 
 
@@ -96,11 +102,14 @@ def format_comparison(results: list[dict]) -> str:
             return f"{100 * value:.2f}"
         if column == "GMACs":
             return f"{value:.4f}"
-        if column == "images/s":
-            return f"{value:.0f}"
+        if column == "images/s":  # median of interleaved repeats and their spread; wide spread: no figure
+            median, spread, noisy = value
+            half_range = f"±{100 * spread / 2:.0f} %"
+            return f"noisy ({half_range})" if noisy else f"{median:.0f} {half_range}"
         return "" if value is None else str(value)
 
-    cells = [{**r, "top-1": r["top1"], "GMACs": r["gmacs"], "images/s": r["images_per_s"]} for r in results]
+    cells = [{**r, "top-1": r["top1"], "GMACs": r["gmacs"],
+              "images/s": (r["images_per_s"], r["images_per_s_spread"], r["noisy"])} for r in results]
     return markdown_table(cells, COLUMNS, fmt)
 
 
@@ -130,15 +139,16 @@ def mask_figures(
 
 
 def log_comparison(
-    results: list[dict], table: str, figures: list[Path], *, tracking_uri: str, experiment: str, data: str
+    results: list[dict], table: str, figures: list[Path], *, tracking_uri: str, experiment: str, data: str,
+    models: dict[str, str] | None = None, parent=None,
 ) -> str:
-    """One MLflow run holding the rows (metrics per selector and rho), the table and the figures."""
-    metrics = {}
-    for r in results:
-        key = row_key(r["selector"]) + ("" if r["rho"] is None else f"_rho{r['rho']:g}")
-        metrics |= {f"{key}_{k}": r[k] for k in ("top1", "gmacs", "images_per_s")}
+    """One MLflow run holding the rows (a table artifact, ``comparison_table.json``), the markdown table,
+    the figures, the val split as its dataset and the evaluated ``models`` (role -> URI) with their source
+    runs; a child of ``parent`` if given."""
+    columns = ("selector", "weights", "rho", "top1", "gmacs", "images_per_s", "images_per_s_spread", "noisy")
+    rows = [{k: r[k] for k in columns} for r in results]
     return log_results(
         tracking_uri, experiment, "compare-selectors",
-        params={"data": data} | {f"weights_{row_key(r['selector'])}": r["weights"] for r in results},
-        metrics=metrics, text=("comparison.md", table), artifacts={"token_masks": figures},
+        params={"data": data}, metrics={}, text=("comparison.md", table), artifacts={"token_masks": figures},
+        data=data, models=models, table=(rows, "comparison_table.json"), parent=parent,
     )

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import torch
 
-from pipelines.evaluation.metrics import evaluate_model, measure_throughput
+from pipelines.evaluation.metrics import measure_throughput, model_row
 from pipelines.tracking.mlflow_run import log_results
 from pipelines.tracking.registry import load_model
 from pipelines.utils.table import markdown_table
-from spot.flops import gmacs
 
 COLUMNS = ("model", "top-1", "top-5", "GMACs", "params (M)", "images/s")
 
@@ -22,10 +21,9 @@ def evaluate(
     """One table row for the model at ``uri``: accuracy, GMACs, parameters, throughput."""
     model = load_model(uri)
     row = {"model": label, "uri": str(uri), "rho": model.spot_config["rho"]}
-    row.update(evaluate_model(model, data, batch_size=batch_size, device=device))
-    row["gmacs"] = gmacs(model, model.spot_config.get("img_size", 224))
-    row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+    row.update(model_row(model, data, batch_size=batch_size, device=device))
     row["images_per_s"] = measure_throughput(model, batch_size=throughput_batch, device=device)
+    row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
     return row
 
 
@@ -50,11 +48,11 @@ def format_table(rows: list[dict]) -> str:
 
 
 def log_to_mlflow(rows: list[dict], table: str, *, tracking_uri: str, experiment: str, data: str) -> str:
-    """Log the rows as one MLflow run (metrics prefixed by the row's label, table as artifact); returns
-    its id."""
+    """Log the rows as one MLflow run (metrics prefixed by the row's label, table as artifact, the val split
+    as its dataset, the evaluated models with their versions and source runs); returns its id."""
     return log_results(
         tracking_uri, experiment, "evaluate",
-        params={"data": data} | {f"{r['model']}_uri": r["uri"] for r in rows},
+        params={"data": data},
         metrics={f"{r['model']}_{k}": r[k] for r in rows for k in ("top1", "top5", "gmacs", "images_per_s")},
-        text=("evaluation.md", table + "\n"),
+        text=("evaluation.md", table + "\n"), data=data, models={r["model"]: r["uri"] for r in rows},
     )

@@ -13,16 +13,27 @@ import onnx
 import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from torch.onnx._constants import ONNX_MAX_OPSET
 
 import spot
 from pipelines.tracking.registry import load_model
+from pipelines.utils.errors import ConfigError, check
 from spot.export import check_onnx, export_onnx
 
 ONNX_DIR = "onnx"  # artifact directory of the export in the run and in the model
+MIN_OPSET = 18  # torch's dynamo exporter writes opset 18 and later (an older request came back as 18)
 
 
 class ParityError(RuntimeError):
     """The exported model does not reproduce the eager model."""
+
+
+def check_export_options(check_batches: tuple[int, ...], opset: int | None) -> None:
+    """Bad export options as one ``ConfigError`` naming flag and value (before any model is loaded)."""
+    bad = [b for b in check_batches if b < 1]
+    check(not bad, f"--check-batches {' '.join(map(str, bad))}: batch sizes must be >= 1")
+    check(opset is None or MIN_OPSET <= opset <= ONNX_MAX_OPSET,
+          f"--opset {opset}: the exporter writes opsets {MIN_OPSET} to {ONNX_MAX_OPSET}")
 
 
 def is_mlflow_uri(uri: str) -> bool:
@@ -37,14 +48,21 @@ def export_model(
     with_indices: bool = True,
     log: bool = True,
     opset: int | None = None,
+    model: torch.nn.Module | None = None,
 ) -> dict:
     """Export the model at ``uri`` to ``out``, check it in ONNX Runtime, and log it to MLflow (if any).
 
-    Returns the export report (path, outputs, parity per batch size, MLflow places).
+    ``model``: the model at ``uri``, if loaded already. Returns the export report (path, outputs, parity
+    per batch size, MLflow places). Raises ``ConfigError`` for bad options (before the model is loaded)
+    and for an opset other than the one asked for (the file is removed).
     """
-    model = load_model(uri)
+    check_export_options(tuple(check_batches), opset)
+    model = load_model(uri) if model is None else model
     start = time.perf_counter()
     exported = export_onnx(model, out, with_indices=with_indices, opset=opset)
+    if opset is not None and exported.opset != opset:
+        exported.path.unlink(missing_ok=True)
+        raise ConfigError(f"--opset {opset}: the exporter wrote opset {exported.opset}; nothing kept")
     report = {
         "source": uri,
         "path": str(exported.path),

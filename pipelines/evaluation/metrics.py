@@ -1,7 +1,10 @@
-"""Accuracy of a model over the val split of a shard directory, and the throughput of its forward."""
+"""Accuracy of a model over the val split of a shard directory, the throughput of its forward (one model,
+or several timed in a separate phase: interleaved repeats, median and spread), and the numbers of one row
+of the evaluate and compare tables."""
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
@@ -59,3 +62,54 @@ def measure_throughput(
         sync()
         runs += 1
     return runs * batch_size / elapsed
+
+
+def model_row(model: nn.Module, data: str | Path, *, batch_size: int, device: torch.device) -> dict:
+    """``top1``, ``top5``, ``samples`` (:func:`evaluate_model`) and ``gmacs`` (``spot.gmacs`` at the
+    model's image size) of ``model``: the accuracy columns of an evaluate or compare row."""
+    row = evaluate_model(model, data, batch_size=batch_size, device=device)
+    row["gmacs"] = spot.gmacs(model, model.spot_config.get("img_size", 224))
+    return row
+
+
+MAX_SPREAD = 0.2  # a throughput whose repeats spread wider than this (relative to the median) is noise
+
+
+@torch.inference_mode()
+def measure_throughputs(
+    models: list[nn.Module], *, batch_size: int, device: torch.device, repeats: int = 5, warmup: int = 3,
+    burst_s: float = 0.5,
+) -> list[dict]:
+    """Images/s of each model's forward, measured apart from any accuracy pass: every model warmed up, then
+    ``repeats`` rounds that time each model in turn for one burst of at least ``burst_s`` (interleaved, so a
+    stall of the machine hits a round, not one model). Per model: ``images_per_s`` (median of the rounds),
+    ``images_per_s_spread`` ((max - min) / median) and ``noisy`` (spread above :data:`MAX_SPREAD`)."""
+    batches = []
+    for model in models:
+        size = model.spot_config.get("img_size", 224)
+        model.eval().to(device)
+        batches.append(torch.randn(batch_size, 3, size, size, device=device))
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for model, images in zip(models, batches, strict=True):
+        for _ in range(warmup):
+            model(images)
+    sync()
+    rounds: list[list[float]] = [[] for _ in models]
+    for _ in range(repeats):
+        for i, (model, images) in enumerate(zip(models, batches, strict=True)):
+            runs, start = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - start) < burst_s or runs < 1:
+                model(images)
+                sync()
+                runs += 1
+            rounds[i].append(runs * batch_size / elapsed)
+    results = []
+    for values in rounds:
+        median = statistics.median(values)
+        spread = (max(values) - min(values)) / median
+        results.append({"images_per_s": median, "images_per_s_spread": spread, "noisy": spread > MAX_SPREAD})
+    return results

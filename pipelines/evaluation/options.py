@@ -9,8 +9,9 @@ import mlflow
 import torch
 
 from pipelines.data.shards import ensure_builtin_shards
-from pipelines.tracking.store import resolve_tracking_uri
+from pipelines.tracking.uri import move_credentials_to_env, resolve_tracking_uri
 from pipelines.training.config import DIGITS_DIR, DIGITS_SOURCE
+from pipelines.utils.errors import check
 
 
 def add_evaluation_options(parser: argparse.ArgumentParser, *, experiment: str) -> None:
@@ -28,8 +29,11 @@ def evaluation_inputs(args: argparse.Namespace) -> tuple[str, str, object]:
     (the built-in digits, made if missing), the URI (also where ``models:/`` URIs are looked up from now
     on) and the GPU if there is one."""
 
+    for name in ("batch_size", "throughput_batch"):
+        value = getattr(args, name, None)
+        check(value is None or value >= 1, f"--{name.replace('_', '-')} {value}: must be >= 1")
     cwd = Path.cwd()
     data = Path(args.data).resolve() if args.data else ensure_builtin_shards(cwd / DIGITS_DIR, DIGITS_SOURCE)
-    uri = resolve_tracking_uri(args.mlflow_uri, cwd)
+    uri = resolve_tracking_uri(move_credentials_to_env(args.mlflow_uri), cwd)
     mlflow.set_tracking_uri(uri)
     return str(data), uri, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

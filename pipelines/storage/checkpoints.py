@@ -23,6 +23,7 @@ METRICS_FILE = "metrics.json"
 MASKS_FILE = "token_masks.png"
 MASKS_MIN_SIDE = 128  # token-mask figures enlarge smaller images to this side so patches stay visible
 SCORE = "val_acc1"  # what "best" means: validation top-1
+URI_SCHEMES = {"s3": "s3://", "gcs": "gs://"}  # pyarrow file system type -> URI scheme of its paths
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -68,9 +69,21 @@ def read_checkpoint(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor
 
 
 def build_model(config: dict, state: dict[str, torch.Tensor]) -> nn.Module:
-    """The model of ``spot_config`` (any saved format: ``spot.upgrade_saved_config``) with ``state`` loaded,
-    in eval (prune) mode."""
+    """The model of ``spot_config`` (any saved format: ``spot.upgrade_saved_config``) with ``state``
+    loaded, in eval (prune) mode. Raises ``ValueError``
+    naming the keys where weights and architecture disagree."""
     model = spot.create_model(**spot.upgrade_saved_config(config))
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{label} {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} ({len(keys)})"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                     ("shape (weights vs architecture)", shapes)) if keys]
+        raise ValueError(f"weights do not fit the architecture {config.get('name')} of {CONFIG_FILE}: "
+                         + "; ".join(parts))
     model.load_state_dict(state)
     return model.eval()
 
@@ -78,6 +91,13 @@ def build_model(config: dict, state: dict[str, torch.Tensor]) -> nn.Module:
 def model_from_checkpoint(directory: str | Path) -> nn.Module:
     """Rebuild a checkpoint's model in eval (prune) mode."""
     return build_model(*read_checkpoint(directory))
+
+
+def checkpoint_uri(checkpoint) -> str:
+    """Where a Ray Train ``Checkpoint`` is: its local path, or a URI with its file system's scheme
+    (``s3://bucket/...``; Ray's ``Checkpoint.path`` alone has none)."""
+    scheme = URI_SCHEMES.get(checkpoint.filesystem.type_name)
+    return checkpoint.path if scheme is None else scheme + checkpoint.path
 
 
 def best_checkpoint(result) -> tuple:

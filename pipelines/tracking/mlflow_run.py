@@ -5,18 +5,27 @@ before any worker starts: concurrent first use of a SQLite store races.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking.context.registry import resolve_tags
 
+from pipelines.tracking import store
+from pipelines.tracking.datasets import log_shard_inputs
+from pipelines.tracking.lineage import log_model_inputs
 from pipelines.utils.errors import TrackingError, first_line
 
 RUN_NAME_TAG = "ray_train_run"
 PARENT_TAG = "mlflow.parentRunId"
+SYSTEM_METRICS_STOP_S = 15.0  # MLflow's monitor samples every 10 s, then flushes
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
@@ -117,6 +126,21 @@ class MlflowRun:
                 rows.setdefault(metric.step, {"epoch": metric.step})[key] = metric.value
         return [rows[e] for e in sorted(rows)]
 
+    @contextlib.contextmanager
+    def system_metrics(self) -> Iterator[None]:
+        """MLflow's system metrics (``system/*``: CPU, memory, disk, network, GPU where present) of this
+        host, sampled into the run while the block runs; continued, not restarted, on a reopened run. Best
+        effort: stopping it waits at most ``SYSTEM_METRICS_STOP_S`` (an unreachable server must not hold the
+        run's end)."""
+        monitor = SystemMetricsMonitor(self.run_id, resume_logging=True, tracking_uri=self.uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            stopper = threading.Thread(target=monitor.finish, daemon=True, name="stop-system-metrics")
+            stopper.start()
+            stopper.join(SYSTEM_METRICS_STOP_S)
+
     def end(self, status: str) -> None:
         """Mark the run ``FINISHED``, ``FAILED`` or ``KILLED``."""
         self.client.set_terminated(self.run_id, status)
@@ -136,21 +160,32 @@ def log_results(
     metrics: dict[str, float],
     text: tuple[str, str],
     artifacts: dict[str, list] | None = None,
+    data: str | None = None,
+    models: dict[str, str] | None = None,
+    table: tuple[list[dict], str] | None = None,
+    parent: MlflowRun | None = None,
 ) -> str:
     """One finished run ``name`` holding an evaluation's results: ``params``, ``metrics``, ``text`` as
-    ``(artifact path, content)`` and local files by artifact directory. Checks the store first (raises
+    ``(artifact path, content)``, local files by artifact directory, the val split of the shard directory
+    ``data`` as its dataset input, the evaluated ``models`` (role -> URI) with their registered versions and
+    source runs (:func:`pipelines.tracking.lineage.log_model_inputs`), ``table`` as ``(rows, artifact file)``
+    through ``log_table`` and, if given, its ``parent`` run. Checks the store first (raises
     ``TrackingError``); returns the run id."""
-    from pathlib import Path
-
-    from pipelines.tracking import store
-
     store.check_reachable(uri)
     artifact_root = store.local_artifact_root(uri, Path.cwd())
-    run = MlflowRun.create(uri, experiment, name, artifact_location=artifact_root)
+    run = MlflowRun.create(uri, experiment, name, artifact_location=artifact_root, parent=parent)
     run.log_params(params)
+    if models:
+        log_model_inputs(run, models)
+    if data is not None:
+        log_shard_inputs(run.client, run.run_id, data, ("val",))
     run.log_metrics(metrics)
     path, content = text
     run.log_text(content, path)
+    if table is not None:
+        rows, artifact_file = table
+        columns = {key: [row.get(key) for row in rows] for key in rows[0]}
+        run.client.log_table(run.run_id, columns, artifact_file)
     for directory, files in (artifacts or {}).items():
         for file in files:
             run.log_artifact(str(file), directory)

@@ -3,7 +3,7 @@
 The Train controller sends each epoch's report to MLflow
 (:class:`pipelines.tracking.report_callback.MlflowReportCallback`). When that fails, the report and every
 later one
-wait, in order, in ``<storage>/<run>/mlflow_pending.json`` (written atomically) and are sent at the next
+wait, in order, in the run's ``mlflow_pending.json`` (written atomically) and are sent at the next
 epoch, by the driver at the end of the run, or by the ``--resume`` that finishes it. Each entry keeps the
 time it was reported, so sending it twice (a send that failed half-way) stores no second value: MLflow's
 stores skip an identical metric.
@@ -11,14 +11,17 @@ stores skip an identical metric.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import PurePosixPath
 
 import pyarrow.fs
 from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
+from PIL import Image
 
 from pipelines.storage.checkpoints import MASKS_FILE
-from pipelines.storage.run_record import STOPPED, delete_record, read_record, run_dir, write_record
+from pipelines.storage.location import RunLocation
+from pipelines.storage.run_record import STOPPED, delete_record, read_record, write_record
 from pipelines.utils.errors import first_line
 
 PENDING_RECORD = "mlflow_pending.json"
@@ -44,8 +47,8 @@ def report_entry(report: dict, checkpoint_path: str | None, time_ms: int) -> dic
     return entry
 
 
-def _log_masks(client: MlflowClient, run_id: str, storage: str, name: str, entry: dict, tmp_dir: str) -> None:
-    fs, directory = run_dir(storage, name)
+def _log_masks(client: MlflowClient, run_id: str, location: RunLocation, entry: dict, tmp_dir: str) -> None:
+    fs, directory = location.filesystem()
     source = f"{directory}/{entry['checkpoint']}/{MASKS_FILE}"
     if fs.get_file_info(source).type != pyarrow.fs.FileType.File:
         return  # a dense model (no masks), or a checkpoint deleted since (keep_checkpoints)
@@ -53,6 +56,9 @@ def _log_masks(client: MlflowClient, run_id: str, storage: str, name: str, entry
     with fs.open_input_stream(source) as src, open(local, "wb") as dst:
         dst.write(src.read())
     client.log_artifact(run_id, str(local), MASKS_ARTIFACT_DIR)
+    with Image.open(local) as image:  # also an image at step = epoch: the UI's chart view has a step slider
+        client.log_image(run_id, image.convert("RGB"), key=MASKS_ARTIFACT_DIR, step=entry["step"],
+                         timestamp=entry["time_ms"], synchronous=True)
 
 
 class NotSent(RuntimeError):
@@ -63,11 +69,9 @@ class NotSent(RuntimeError):
         self.entries = entries
 
 
-def send(client: MlflowClient, run_id: str, storage: str, name: str, entries: list[dict]) -> None:
+def send(client: MlflowClient, run_id: str, location: RunLocation, entries: list[dict]) -> None:
     """Send ``entries`` in order, then remove the run's pending record. On the first failure the unsent
     entries (that one included) are written to the record and :class:`NotSent` is raised with them."""
-    import tempfile
-
     for done, entry in enumerate(entries):
         try:
             at, step = entry["time_ms"], entry["step"]
@@ -76,23 +80,23 @@ def send(client: MlflowClient, run_id: str, storage: str, name: str, entries: li
             client.log_batch(run_id, metrics=metrics, tags=tags)
             if entry["checkpoint"] is not None:
                 with tempfile.TemporaryDirectory() as tmp:
-                    _log_masks(client, run_id, storage, name, entry, tmp)
+                    _log_masks(client, run_id, location, entry, tmp)
         except Exception as err:
             waiting = entries[done:]
-            write_record(storage, name, {"mlflow_run_id": run_id, "entries": waiting}, PENDING_RECORD)
+            write_record(location, {"mlflow_run_id": run_id, "entries": waiting}, PENDING_RECORD)
             raise NotSent(waiting, err) from err
-    delete_record(storage, name, PENDING_RECORD)
+    delete_record(location, PENDING_RECORD)
 
 
-def pending(storage: str, name: str) -> list[dict]:
+def pending(location: RunLocation) -> list[dict]:
     """The entries of the run's pending record (none if there is no record)."""
-    record = read_record(storage, name, PENDING_RECORD)
+    record = read_record(location, PENDING_RECORD)
     return [] if record is None else record["entries"]
 
 
-def send_pending(client: MlflowClient, run_id: str, storage: str, name: str) -> int:
+def send_pending(client: MlflowClient, run_id: str, location: RunLocation) -> int:
     """Send what the run's pending record holds (:func:`send`); the number of epochs sent."""
-    entries = pending(storage, name)
+    entries = pending(location)
     if entries:
-        send(client, run_id, storage, name, entries)
+        send(client, run_id, location, entries)
     return len(entries)

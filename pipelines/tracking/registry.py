@@ -6,8 +6,10 @@ A checkpoint directory (:mod:`pipelines.storage.checkpoints`) holds ``spot_confi
 ``mlflow models serve`` needs no checkout) and the project's mark in its MLmodel metadata. Loading checks
 that mark and rebuilds the model from its config and weights (``weights_only=True``): no code of a
 registered model is imported, no ``torch.export``, nothing unpickled. The version is registered with tags
-``rho``, ``gmacs``, ``val_acc1`` (and more); the alias ``champion`` goes to the version that wins when the
-versions, in registration order, each replace the one before if more accurate at equal or lower GMACs
+``rho``, ``gmacs``, ``val_acc1`` (and more) and a description; the logged model is named after the registered
+model, carries the same tags and description, and is logged at the checkpoint's epoch as its step, so MLflow
+links it to that epoch's metrics (not epoch 0's). The alias ``champion`` goes to the version that wins when
+the versions, in registration order, each replace the one before if more accurate at equal or lower GMACs
 (:func:`elect_champion`): a function of the versions, so concurrent registrations agree.
 """
 
@@ -29,14 +31,17 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS, MLFLOW_RUN_NOTE
 from torch import nn
 
 import spot
+from pipelines.data.manifest import MANIFEST_NAME, read_manifest, sha256_file
 from pipelines.storage.checkpoints import (
     CONFIG_FILE,
     MODEL_FILE,
     best_checkpoint,
     build_model,
+    checkpoint_uri,
     model_from_checkpoint,
     read_checkpoint,
 )
@@ -45,7 +50,6 @@ from pipelines.utils.errors import first_line
 CHAMPION = "champion"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 SPOT_PACKAGE = Path(spot.__file__).parent  # travels with the model (code_paths): serving needs no checkout
-MODEL_ARTIFACT = "model"
 ARTIFACTS = ("spot_config", "weights")
 PROJECT_KEY = "spot_vit"  # MLmodel metadata that marks a model this project registered
 FORMAT_VERSION = 2  # 2: the spot_config artifact records every SPOT option (spot.config.CONFIG_FORMAT)
@@ -119,6 +123,51 @@ def version_tags(config: dict, metrics: dict) -> dict[str, str]:
     }
 
 
+DATA_TAGS = ("data_digest", "data_classes", "img_size")  # what "the same task" means for a champion
+
+
+def data_tags(data: str | Path, img_size: int) -> dict[str, str]:
+    """The data set a model was trained on, as version tags: the digest of its ``manifest.json`` (shards,
+    classes, counts), its class count and the image side."""
+    manifest = read_manifest(data)
+    return {"data_digest": sha256_file(Path(manifest.root) / MANIFEST_NAME)[:16],
+            "data_classes": str(manifest.num_classes), "img_size": str(img_size)}
+
+
+def _task(tags: dict) -> tuple:
+    return tuple(tags.get(key) for key in DATA_TAGS)
+
+
+def check_same_task(client: MlflowClient, name: str, data: dict[str, str]) -> None:
+    """Refuse (``ValueError``) to add a model trained on ``data`` to registered model ``name`` when its
+    versions were trained on another data set: a champion compares like with like."""
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return
+    other = [v for v in versions if v.tags.get("data_digest") and _task(v.tags) != _task(data)]
+    if other:
+        seen = other[-1].tags
+        raise ValueError(
+            f"registered model {name!r} holds versions trained on other data (manifest "
+            f"{seen['data_digest']}, {seen.get('data_classes')} classes, {seen.get('img_size')} px); this "
+            f"run's is {data['data_digest']}, {data['data_classes']} classes, {data['img_size']} px: "
+            f"register it under its own name, e.g. --register-as {name}-{data['data_classes']}cls-"
+            f"{data['img_size']}px")
+
+
+def describe(config: dict, metrics: dict, data: str | None) -> str:
+    """A registered model version's description: what it is, its data, rho, GMACs and accuracy."""
+    rho = config["rho"]
+    kind = "dense ViT (no token selection)" if rho is None else f"SPOT ViT, keep rate rho {rho} per stage"
+    return (
+        f"{config['name']} {kind}, {config['num_classes']} classes, {config.get('img_size', 224)} px; "
+        f"data {data or 'unknown'}; best checkpoint of epoch {metrics['epoch']} (0-based): val top-1 "
+        f"{100 * metrics['val_acc1']:.2f} %, top-5 {100 * metrics['val_acc5']:.2f} %, "
+        f"{metrics['gmacs']:.4f} GMACs per image"
+    )
+
+
 def _gmacs(tags: dict) -> float:
     """A version's GMACs tag (``gflops`` on versions registered before the key said its unit)."""
     return float(tags.get("gmacs", tags.get("gflops", "nan")))
@@ -148,7 +197,11 @@ def elect_champion(versions: list) -> str | None:
 
     A function of the versions alone, so concurrent registrations agree on it whatever their order."""
     champion = None
-    for version in sorted(versions, key=lambda v: int(v.version)):
+    versions = sorted(versions, key=lambda v: int(v.version))
+    if versions:  # only versions of the newest one's task (data set, classes, image side) compete
+        task = _task(versions[-1].tags)
+        versions = [v for v in versions if _task(v.tags) == task]
+    for version in versions:
         acc, gmacs = float(version.tags.get("val_acc1", "nan")), _gmacs(version.tags)
         if not (math.isnan(acc) or math.isnan(gmacs)) and beats(acc, gmacs, champion):
             champion = (version.version, acc, gmacs)
@@ -170,23 +223,40 @@ def settle_champion(client: MlflowClient, name: str, rounds: int = 3, pause_s: f
     return elected
 
 
-def register_checkpoint(checkpoint_dir: str | Path, *, run_id: str, name: str, metrics: dict) -> dict:
+def _link_version(client: MlflowClient, model_id: str, name: str, version: str) -> None:
+    """Record the registered version on the logged model (its ``mlflow.modelVersions`` tag, which the UI's
+    "Model versions" reads; a tracking server adds it itself, a direct SQL store does not)."""
+    entry = {"name": name, "version": str(version)}
+    linked = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+    if entry not in [{"name": e["name"], "version": str(e["version"])} for e in linked]:
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*linked, entry])})
+
+
+def register_checkpoint(
+    checkpoint_dir: str | Path, *, run_id: str, name: str, metrics: dict, data: dict | None = None
+) -> dict:
     """Log ``checkpoint_dir`` as an MLflow model of ``run_id``, register it as ``name``, maybe promote it.
 
     ``metrics`` are the checkpoint's validation metrics (``val_acc1``, ``val_acc5``, ``gmacs``, ``epoch``).
+    ``data``: :func:`data_tags` of the training data (refused if ``name`` holds another task's versions).
     Uses the current MLflow tracking URI. Returns ``{"name", "version", "uri", "champion",
     "previous_champion"}``.
     """
     checkpoint_dir = Path(checkpoint_dir)
     config, _ = read_checkpoint(checkpoint_dir)
-    tags = version_tags(config, metrics)
     client = MlflowClient()
-    status = client.get_run(run_id).info.status
+    if data:
+        check_same_task(client, name, data)
+    run = client.get_run(run_id)
+    status = run.info.status
+    description = describe(config, metrics, run.data.params.get("data"))
+    tags = version_tags(config, metrics) | (data or {})
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         # the signature is given; an input example (a full image batch as JSON) would only bloat the model
         warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
         info = mlflow.pyfunc.log_model(
-            name=MODEL_ARTIFACT,
+            name=name,
+            step=int(metrics["epoch"]),  # links the model to this epoch's metrics
             python_model=str(PYFUNC_CODE),
             artifacts={
                 "spot_config": str(checkpoint_dir / CONFIG_FILE),
@@ -196,10 +266,18 @@ def register_checkpoint(checkpoint_dir: str | Path, *, run_id: str, name: str, m
             code_paths=[str(SPOT_PACKAGE)],
             metadata={PROJECT_KEY: {"format": FORMAT_VERSION, "version": metadata.version("spot-vit")}},
             pip_requirements=[f"{p}=={metadata.version(p)}" for p in REQUIREMENTS],
-            tags=tags,
+            tags=tags | {MLFLOW_RUN_NOTE: description},
         )
     client.update_run(run_id, status=status)  # logging the model ended the run; it is the caller's
-    version = mlflow.register_model(info.model_uri, name, tags=tags)
+    try:  # the client API, which prints no "Successfully registered model" line
+        client.create_registered_model(name, description=f"{config['name']} models of the SPOT project "
+                                       "(each version's description says what it is)")
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(name, info.model_uri, run_id=run_id, tags=tags,
+                                          description=description, model_id=info.model_id)
+    _link_version(client, info.model_id, name, version.version)
     champion = champion_metrics(client, name)
     elected = settle_champion(client, name)
     return {
@@ -223,12 +301,12 @@ def registered_version(client: MlflowClient, name: str, run_id: str) -> dict | N
             "champion": champion is not None and champion[0] == version, "previous_champion": None}
 
 
-def register_best(result, *, run_id: str, name: str) -> dict:
+def register_best(result, *, run_id: str, name: str, data: dict | None = None) -> dict:
     """Register the best checkpoint of a Ray Train ``result`` (:func:`register_checkpoint`) unless this run
     registered it already; adds its ``checkpoint`` path and ``metrics``."""
     checkpoint, metrics = best_checkpoint(result)
     registered = registered_version(MlflowClient(), name, run_id)
     if registered is None:
         with checkpoint.as_directory() as directory:
-            registered = register_checkpoint(directory, run_id=run_id, name=name, metrics=metrics)
-    return registered | {"checkpoint": checkpoint.path, "metrics": metrics}
+            registered = register_checkpoint(directory, run_id=run_id, name=name, metrics=metrics, data=data)
+    return registered | {"checkpoint": checkpoint_uri(checkpoint), "metrics": metrics}

@@ -15,6 +15,8 @@ from mlflow import MlflowClient
 from mlflow.entities import RunTag
 from ray.train import Checkpoint, UserCallback
 
+from pipelines.storage.checkpoints import checkpoint_uri
+from pipelines.storage.location import RunLocation
 from pipelines.tracking.pending_reports import PENDING_RECORD, NotSent, pending, report_entry, send
 from pipelines.tracking.store import REACHABILITY_TIMEOUT_S, credential_names
 from pipelines.utils.errors import first_line
@@ -32,11 +34,10 @@ class MlflowReportCallback(UserCallback):
     end.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, *, storage: str, name: str) -> None:
+    def __init__(self, tracking_uri: str, run_id: str, location: RunLocation) -> None:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
-        self.storage = storage
-        self.name = name
+        self.location = location
         self.credentials = credential_names()
         self._client: MlflowClient | None = None
         self._queue: list[dict] | None = None
@@ -58,19 +59,19 @@ class MlflowReportCallback(UserCallback):
         return self._client
 
     def after_report(self, run_context, metrics: list[dict], checkpoint: Checkpoint | None) -> None:
-        path = None if checkpoint is None else checkpoint.path
+        path = None if checkpoint is None else checkpoint_uri(checkpoint)
         entry = report_entry(metrics[0], path, int(time.time() * 1000))
         if self._queue is None:  # a restarted controller picks up what its predecessor could not send
-            self._queue = pending(self.storage, self.name)
+            self._queue = pending(self.location)
         self._queue.append(entry)
         try:
-            send(self._mlflow(), self.run_id, self.storage, self.name, self._queue)
+            send(self._mlflow(), self.run_id, self.location, self._queue)
             self._queue = []
         except Exception as err:  # never let tracking take the training run down
             self._queue = err.entries if isinstance(err, NotSent) else self._queue
-            log.warning("MLflow logging of epoch %d failed (%s); %d epoch(s) kept in %s/%s/%s and sent when "
-                        "the server answers", entry["step"], first_line(err), len(self._queue), self.storage,
-                        self.name, PENDING_RECORD)
+            log.warning("MLflow logging of epoch %d failed (%s); %d epoch(s) kept in %s and sent when the "
+                        "server answers", entry["step"], first_line(err), len(self._queue),
+                        self.location.file(PENDING_RECORD))
 
     def after_exception(self, run_context, worker_exceptions: dict) -> None:
         self._failures += 1

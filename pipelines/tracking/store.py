@@ -1,9 +1,8 @@
 """MLflow tracking of a training run: where the store is, whether it answers, what gets logged per epoch.
 
-The driver resolves the tracking URI (``--mlflow-uri``, else ``MLFLOW_TRACKING_URI``, else an absolute
-``sqlite:///<cwd>/mlflow.db`` with artifacts in ``<cwd>/mlartifacts``) and checks that it answers before
-any Ray worker starts; runs are made through :class:`pipelines.tracking.mlflow_run.MlflowRun`; during
-training,
+The driver resolves the tracking URI (:mod:`pipelines.tracking.uri`; artifacts of a local store in
+``<cwd>/mlartifacts``) and checks that it answers before any Ray worker starts; runs are made through
+:class:`pipelines.tracking.mlflow_run.MlflowRun`; during training,
 :class:`pipelines.tracking.report_callback.MlflowReportCallback` logs each epoch.
 """
 
@@ -16,23 +15,21 @@ import platform
 import socket
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from importlib import metadata
 from pathlib import Path
 
+import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from pipelines.tracking.uri import CREDENTIAL_VARS
 from pipelines.utils.errors import TrackingError, first_line
 
 log = logging.getLogger(__name__)
 
-DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 REACHABILITY_TIMEOUT_S = 5.0
-# what MLflow's client reads to authenticate to a tracking server
-CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 PACKAGES = ("torch", "timm", "ray", "mlflow", "nvidia-dali-cuda130", "webdataset", "spot-vit")
 
 
@@ -46,32 +43,6 @@ def credential_names() -> tuple[str, ...]:
     """The names of the tracking-server credentials set in this process's environment (never their values:
     Ray processes read their own environment, the one ``ray start`` or the local Ray session gave them)."""
     return tuple(name for name in CREDENTIAL_VARS if os.environ.get(name))
-
-
-def _move_credentials_to_env(uri: str) -> str:
-    """``uri`` without its ``user:password@``, which goes to ``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``
-    (where MLflow's client reads them), so no stored, logged or printed URI holds a password."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.username is None:
-        return uri
-    os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username)
-    if parts.password is not None:
-        os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password)
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-
-
-def resolve_tracking_uri(uri: str | None, base: str | Path) -> str:
-    """The tracking URI to use, with relative SQLite / file paths made absolute against ``base`` and a
-    server's ``user:password@`` moved into this process's environment (MLflow's own variables)."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(base).resolve() / DB_FILE}"
-    if uri.startswith(("http://", "https://")):
-        return _move_credentials_to_env(uri)
-    if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///"))
-        return f"sqlite:///{path if path.is_absolute() else Path(base).resolve() / path}"
-    if "://" not in uri and not uri.startswith(("databricks", "file:")):
-        return (Path(base) / uri).resolve().as_uri()  # a bare directory: MLflow's file store
-    return uri
 
 
 def local_artifact_root(uri: str, base: str | Path) -> str | None:
@@ -160,8 +131,6 @@ def versions() -> dict[str, str]:
 
 def system_info() -> dict[str, str]:
     """Where the driver runs (logged as tags; they may change on ``--resume``)."""
-    import torch
-
     info = {
         "host": socket.gethostname(),
         "platform": platform.platform(),

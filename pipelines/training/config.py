@@ -4,13 +4,17 @@ built-in digits preset, validation, and which options a ``--resume`` must keep, 
 The command line (:func:`add_options` generates the flags, for ``finetune`` and, a subset, for the sweep),
 a YAML file (``--config``: the same names, dashes or underscores) and the defaults feed :class:`RunConfig`,
 in that order of precedence. :func:`resolve_config` validates the values and derives the rest (lrs, loss
-weights, absolute paths, class count) before any Ray worker starts.
+weights, absolute paths, class count) before any Ray worker starts; it writes nothing. What a command does
+before it: :func:`make_builtin_data` (the built-in shards without ``--data``) and
+:func:`pipelines.tracking.store.move_credentials_to_env`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import tempfile
 import types
 import typing
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
@@ -18,10 +22,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import ray
+import torch
 import yaml
 
 import spot
 from pipelines.data import cluttered_digits, hard_cluttered_digits
+from pipelines.data.manifest import MANIFEST_NAME, DataError, read_manifest
+from pipelines.data.shards import ensure_builtin_shards
+from pipelines.storage.location import RunLocation
+from pipelines.storage.run_record import read_record
+from pipelines.tracking.uri import resolve_tracking_uri
 from pipelines.training import recipe
 from pipelines.utils.errors import ConfigError, check, first_line
 from spot.config import SELECTORS
@@ -42,6 +53,9 @@ BUILTIN_TASKS = {
 DIGITS_SPOT_FINETUNE = {"epochs": 2, "lr": 1e-4, "predictor_lr": 1e-3, "freeze_epochs": 0,
                         "warmup_epochs": 0.25}
 RUNS_DIR = "ray_results"
+# where a run runs: a --resume keeps the recorded values unless they are given again
+PLACEMENT_KEYS = ("num_workers", "gpus_per_worker", "cpus_per_worker", "placement_strategy", "address",
+                  "max_failures", "keep_checkpoints")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
 AMP_MODES = ("bf16", "fp16", "off")
 NO_DIGITS = object()
@@ -58,12 +72,18 @@ def option(
     metavar: str | None = None,
     cli: bool = True,
     flags: tuple[str, ...] = (),
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
 ) -> Any:
     """A :class:`RunConfig` field: ``digits`` is its value in the built-in digits preset (no ``--data``),
     ``training`` marks what a run computes (``--resume`` may not change it), ``cli`` False for derived
-    values that are no flag."""
+    values that are no flag; ``ge`` / ``gt`` / ``le`` / ``lt`` bound a number (each element of a list),
+    checked by :func:`check_ranges`."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
     meta = {"help": help, "digits": digits, "training": training, "choices": choices, "metavar": metavar,
-            "cli": cli, "flags": flags}
+            "cli": cli, "flags": flags, "bounds": bounds}
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -89,50 +109,54 @@ class RunConfig:
     rho: float | None = option(0.7, "token retention rate per stage in (0, 1]; 1 trains the dense backbone",
                                training=True)
     selector: str = option("learned", "token scoring", training=True, choices=SELECTORS)
-    epochs: int = option(recipe.PAPER_RECIPE["epochs"], "training epochs", digits=4, training=True)
+    epochs: int = option(recipe.PAPER_RECIPE["epochs"], "training epochs", digits=4, training=True, ge=1)
     batch_size: int = option(recipe.PAPER_RECIPE["batch_size"], "global batch size (split over the workers)",
-                             digits=64, training=True)
-    lr: float = option(recipe.PAPER_RECIPE["lr"], "AdamW learning rate of the backbone", training=True)
+                             digits=64, training=True, ge=1)
+    lr: float = option(recipe.PAPER_RECIPE["lr"], "AdamW learning rate of the backbone", training=True, gt=0)
     predictor_lr: float | None = option(
         None, "learning rate of the relevance modules (default: "
-        f"{recipe.PAPER_RECIPE['predictor_lr_scale']:g} x --lr)", training=True,
+        f"{recipe.PAPER_RECIPE['predictor_lr_scale']:g} x --lr)", training=True, gt=0,
     )
     min_lr: float = option(recipe.PAPER_RECIPE["min_lr"], "final learning rate of the cosine schedule",
-                           training=True)
+                           training=True, ge=0)
     weight_decay: float = option(recipe.PAPER_RECIPE["weight_decay"],
                                  "AdamW weight decay (none on biases, norms and embeddings)",
-                                 training=True)
+                                 training=True, ge=0)
     warmup_epochs: float = option(recipe.PAPER_RECIPE["warmup_epochs"], "epochs of linear learning-rate "
-                                  "warm-up", digits=1, training=True)
+                                  "warm-up", digits=1, training=True, ge=0)
     freeze_epochs: int = option(recipe.PAPER_RECIPE["freeze_epochs"], "epochs the pretrained backbone stays "
-                                "frozen while new modules warm up", digits=1, training=True)
-    mixup: float = option(recipe.PAPER_RECIPE["mixup"], "mixup alpha (0 = off)", digits=0.0, training=True)
-    cutmix: float = option(recipe.PAPER_RECIPE["cutmix"], "cutmix alpha (0 = off)", digits=0.0, training=True)
-    label_smoothing: float = option(recipe.PAPER_RECIPE["label_smoothing"], "label smoothing", training=True)
+                                "frozen while new modules warm up", digits=1, training=True, ge=0)
+    mixup: float = option(recipe.PAPER_RECIPE["mixup"], "mixup alpha (0 = off)", digits=0.0, training=True,
+                          ge=0)
+    cutmix: float = option(recipe.PAPER_RECIPE["cutmix"], "cutmix alpha (0 = off)", digits=0.0, training=True,
+                           ge=0)
+    label_smoothing: float = option(recipe.PAPER_RECIPE["label_smoothing"], "label smoothing", training=True,
+                                    ge=0, lt=1)
     randaugment: bool = option(recipe.PAPER_RECIPE["randaugment"], "RandAugment (m9, n2) on training images",
                                digits=False, training=True)
     crop_scale: float = option(
         recipe.PAPER_RECIPE["crop_scale"], "smallest area fraction of the random resized crop of training "
-        "images", digits=1.0, training=True,  # a crop would cut the digit out of its canvas
+        "images", digits=1.0, training=True, gt=0, le=1,  # a crop would cut the digit out of its canvas
     )
     hflip: float = option(recipe.PAPER_RECIPE["hflip"], "probability of a horizontal flip of a training "
                           "image",
-                          digits=0.0, training=True)  # a mirrored digit is another glyph
+                          digits=0.0, training=True, ge=0, le=1)  # a mirrored digit is another glyph
     lambda_rate: float | None = option(None, "weight of the keep-rate loss (default: per backbone, 2.0)",
-                                       training=True)
+                                       training=True, ge=0)
     lambda_kl: float | None = option(None, "weight of the KL to the teacher (default: 0.5 with --pretrained, "
-                                     "else 0)", training=True)
+                                     "else 0)", training=True, ge=0)
     lambda_token: float | None = option(None, "weight of the token cosine loss (default: 0 for DeiT, 10 for "
-                                        "LV-ViT with --pretrained)", training=True)
-    img_size: int = option(224, "training / validation image side", digits=48, training=True, metavar="PX")
+                                        "LV-ViT with --pretrained)", training=True, ge=0)
+    img_size: int = option(224, "training / validation image side", digits=48, training=True, metavar="PX",
+                           ge=8)
     mean: list[float] | None = option(
         None, "input normalisation: per-channel pixel mean on the [0, 1] scale (default: the --pretrained "
         "MLflow model's, else the backbone's, ImageNet's)", digits=[cluttered_digits.PIXEL_MEAN] * 3,
-        training=True, metavar="M",
+        training=True, metavar="M", ge=0, le=1,
     )
     std: list[float] | None = option(
         None, "input normalisation: per-channel pixel std (default: as --mean)",
-        digits=[cluttered_digits.PIXEL_STD] * 3, training=True, metavar="S",
+        digits=[cluttered_digits.PIXEL_STD] * 3, training=True, metavar="S", gt=0,
     )
     model_args: dict = option(
         {}, "backbone override KEY=VALUE, repeatable (e.g. depth=6, patch_size=4, drop_path_rate=0.1)",
@@ -141,21 +165,22 @@ class RunConfig:
     )
     amp: str = option("bf16", "autocast on GPU (fp16 uses a gradient scaler; CPU runs in fp32)",
                       training=True, choices=AMP_MODES)
-    seed: int = option(0, "random seed", training=True)
-    vis_images: int = option(8, "validation images in the per-epoch token-mask figure", training=True)
+    seed: int = option(0, "random seed", training=True, ge=0)
+    vis_images: int = option(8, "validation images in the per-epoch token-mask figure", training=True, ge=0)
     # where it runs (may change on --resume)
-    num_workers: int = option(2, "Ray Train workers (DDP ranks)")
-    gpus_per_worker: float | None = option(None, "GPUs per worker (default: 1 if the Ray cluster has GPUs, "
-                                           "else 0)")
-    cpus_per_worker: float = option(1, "CPUs per worker (also DALI and torch threads)")
+    num_workers: int = option(2, "Ray Train workers (DDP ranks)", ge=1)
+    gpus_per_worker: float | None = option(None, "GPUs per worker (default: without --address 1 if this "
+                                           "machine has a GPU, else 0; with --address 1 if the cluster has "
+                                           "or can start GPU nodes, else it must be given)", ge=0)
+    cpus_per_worker: float = option(1, "CPUs per worker (also DALI and torch threads)", gt=0)
     placement_strategy: str = option("PACK", "placement of the workers", choices=PLACEMENT_STRATEGIES)
     address: str | None = option(None, "Ray cluster address (e.g. auto, ray://head:10001); default: start a "
                                  "local Ray", metavar="ADDR")
     storage: str | None = option(None, "checkpoint storage: local dir, s3://, gs://, or a shared FS "
                                  f"(default: ./{RUNS_DIR})", metavar="URI")
-    max_failures: int = option(3, "worker-group restarts allowed (worker or node loss)")
+    max_failures: int = option(3, "worker-group restarts allowed (worker or node loss)", ge=-1)
     keep_checkpoints: int = option(2, "checkpoints kept (best by validation top-1; the latest is always "
-                                   "kept)")
+                                   "kept)", ge=1)
     # tracking
     experiment: str = option("spot-finetune", "MLflow experiment", metavar="NAME")
     run_name: str | None = option(None, "run name = Ray storage dir = MLflow run name (default: "
@@ -167,9 +192,9 @@ class RunConfig:
                                     "sqlite:///<cwd>/mlflow.db)", metavar="URI")
     mlflow_wait: float = option(120.0, "seconds the end of a run waits for an unreachable MLflow server "
                                 "before it stops and prints the command that finishes the run later",
-                                metavar="S")
+                                metavar="S", ge=0)
     step_bar: int = option(200, "a progress bar over each epoch's steps (rank 0's, drawn by the driver) "
-                           "when an epoch has at least this many steps; 0: never", metavar="N")
+                           "when an epoch has at least this many steps; 0: never", metavar="N", ge=0)
     verbose: bool = option(False, "show Ray's own log lines (per-report metrics, actor warnings) too")
     # derived by resolve_config
     num_classes: int | None = option(None, "class count of the data", cli=False)
@@ -186,6 +211,11 @@ class RunConfig:
     @property
     def dense(self) -> bool:
         return self.rho is None
+
+    @property
+    def location(self) -> RunLocation:
+        """Where the run's checkpoints and records are: ``run_name`` in ``storage``."""
+        return RunLocation(self.storage, self.run_name)
 
 
 FIELDS = {f.name: f for f in fields(RunConfig)}
@@ -217,6 +247,29 @@ def _base_type(owner: type, name: str) -> type:
     return hint
 
 
+BOUND_TESTS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+               "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+
+
+def describe_bounds(bounds: dict) -> str:
+    """``{"ge": 0, "lt": 1}`` -> ``">= 0, < 1"``."""
+    return ", ".join(f"{BOUND_TESTS[k][0]} {v:g}" for k, v in bounds.items())
+
+
+def check_ranges(owner: Any) -> None:
+    """Every number of the dataclass instance ``owner`` within the bounds declared with its :func:`option`
+    (each element of a list); None means "not set" and passes. Raises ConfigError naming flag and value."""
+    for f in fields(owner):
+        value, bounds = getattr(owner, f.name), f.metadata.get("bounds")
+        if not bounds or value is None:
+            continue
+        values = value if isinstance(value, list | tuple) else [value]
+        ok = all(BOUND_TESTS[k][1](v, b) for v in values for k, b in bounds.items())
+        shown = " ".join(f"{v:g}" for v in values)
+        check(ok, f"{flag(f.name)} {shown}: must be {describe_bounds(bounds)}"
+              + (" (each value)" if isinstance(value, list | tuple) else ""))
+
+
 def help_text(f: Field, *, default: Any = MISSING, digits: Any = MISSING) -> str:
     """A field's help with its defaults (with --data, and in the built-in digits preset)."""
     if default is MISSING:
@@ -224,6 +277,7 @@ def help_text(f: Field, *, default: Any = MISSING, digits: Any = MISSING) -> str
     digits = f.metadata["digits"] if digits is MISSING else digits
     parts = [] if default is None or default is False else [f"default: {json.dumps(default)}"]
     parts += [] if digits is NO_DIGITS else [f"digits: {json.dumps(digits)}"]
+    parts += [describe_bounds(f.metadata["bounds"])] if f.metadata.get("bounds") else []
     choices = f.metadata["choices"]
     text = f.metadata["help"] + (f" {{{','.join(choices)}}}" if choices else "")
     return text + (f" [{'; '.join(parts)}]" if parts else "")
@@ -295,7 +349,9 @@ def given_values(args: argparse.Namespace, config_file: str | None = None) -> di
     for key, value in vars(args).items():
         if (key not in FIELDS and key != "dense") or value is None:
             continue
-        values[key] = parse_model_args(value, "--model-arg") if key == "model_args" else value
+        if key == "model_args":  # key by key over the file's
+            value = {**(values.get("model_args") or {}), **parse_model_args(value, "--model-arg")}
+        values[key] = value
     return values
 
 
@@ -316,6 +372,89 @@ def _check_types(values: dict) -> None:
             check(ok, f"{flag(name)} {value!r}: expected 3 numbers (R, G, B)")
 
 
+# Backbone overrides this project checks before building a model: type and bounds (as in :func:`option`).
+MODEL_ARG_BOUNDS = {
+    "depth": (int, {"ge": 1}), "embed_dim": (int, {"ge": 1}), "num_heads": (int, {"ge": 1}),
+    "patch_size": (int, {"ge": 1}), "mlp_ratio": (float, {"gt": 0}),
+    "drop_path_rate": (float, {"ge": 0, "lt": 1}), "drop_rate": (float, {"ge": 0, "lt": 1}),
+    "attn_drop_rate": (float, {"ge": 0, "lt": 1}),
+}
+# run and registered model names: a directory under --storage and an MLflow name
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_name(option_name: str, value: str) -> None:
+    """A user-given name that becomes a directory and an MLflow name: no separators, no ``..``."""
+    ok = isinstance(value, str) and NAME_PATTERN.fullmatch(value) is not None and ".." not in value
+    check(ok, f"{option_name} {value!r}: use letters, digits and . _ - (first a letter or digit, no '..', at "
+          "most 128 characters): it names a directory in --storage and an MLflow object")
+
+
+def _check_model_args(config: RunConfig) -> None:
+    check(isinstance(config.model_args, dict), "model_args must be a mapping of backbone overrides")
+    args = config.model_args
+    for key in ("img_size", "num_classes", "pretrained"):
+        check(key not in args, f"--model-arg {key}: use {flag(key)} instead")
+    for key, (kind, bounds) in MODEL_ARG_BOUNDS.items():
+        if key not in args:
+            continue
+        value = args[key]
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        check(number and (kind is float or float(value).is_integer()),
+              f"--model-arg {key}={value}: expected {'an integer' if kind is int else 'a number'}")
+        check(all(BOUND_TESTS[k][1](value, b) for k, b in bounds.items()),
+              f"--model-arg {key}={value}: must be {describe_bounds(bounds)}")
+    if "patch_size" in args:
+        check(config.img_size % args["patch_size"] == 0,
+              f"--model-arg patch_size={args['patch_size']}: does not divide --img-size {config.img_size}")
+    if "embed_dim" in args and "num_heads" in args:
+        check(args["embed_dim"] % args["num_heads"] == 0,
+              f"--model-arg embed_dim={args['embed_dim']}: not a multiple of num_heads={args['num_heads']}")
+
+
+def check_storage_writable(storage: str) -> None:
+    """A local ``--storage``: its nearest existing directory takes a file (a real write, as root too)."""
+    if "://" in storage:
+        return
+    path = Path(storage)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    check(path.is_dir(), f"--storage {storage}: {path} is not a directory")
+    try:
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as err:
+        raise ConfigError(f"--storage {storage}: cannot write in {path} ({err.strerror})") from None
+
+
+def _resolve_local_gpus(config: RunConfig) -> None:
+    """Without ``--address`` the run uses this machine: GPUs per worker default to 1 if it has a GPU, and
+    GPUs it does not have are refused (no other node can bring them)."""
+    if config.address is not None or ray.is_initialized():
+        return  # decided on the cluster (ray_session.worker_gpus), or by the Ray this runs in (a sweep trial)
+    have = torch.cuda.device_count()
+    if config.gpus_per_worker is None:
+        config.gpus_per_worker = 1 if have else 0
+    need = config.num_workers * config.gpus_per_worker
+    check(need <= have, f"--gpus-per-worker {config.gpus_per_worker:g}: the run needs {need:g} GPUs "
+          f"({config.num_workers} workers) and this machine has {have}; without --address no other GPU can "
+          "come (--gpus-per-worker 0 trains on CPUs)")
+
+
+def _builtin_task(data: str | None, cwd: Path, source: str) -> str | None:
+    """The built-in task whose preset applies: ``source`` without ``data``, the task of a directory of
+    built-in shards, else None."""
+    if data is None:
+        return source
+    manifest = Path(data).expanduser()
+    manifest = (manifest if manifest.is_absolute() else cwd / manifest) / "manifest.json"
+    try:
+        splits = json.loads(manifest.read_text()).get("splits", {})
+    except (OSError, ValueError, AttributeError):
+        return None  # read (and refused if bad) by _resolve_data
+    sources = {s.get("params", {}).get("source") for s in splits.values() if isinstance(s, dict)}
+    return next(iter(sources)) if splits and len(sources) == 1 and sources <= set(BUILTIN_TASKS) else None
+
+
 def _resolve_rho(config: RunConfig, given: dict) -> None:
     rho = config.rho
     if given.get("dense"):
@@ -328,16 +467,12 @@ def _resolve_rho(config: RunConfig, given: dict) -> None:
 
 def _resolve_training(config: RunConfig) -> None:
     """Validate values and derive the defaults that depend on others (lrs, lambdas)."""
-    check(config.epochs >= 1, f"--epochs {config.epochs}: must be >= 1")
-    check(config.lr > 0 and config.min_lr >= 0, "--lr must be > 0 and --min-lr >= 0")
-    check(config.img_size >= 8, f"--img-size {config.img_size}: too small")
-    check(config.vis_images >= 0, "--vis-images must be >= 0")
-    check(0 < config.crop_scale <= 1, f"--crop-scale {config.crop_scale}: must be in (0, 1]")
-    check(0 <= config.hflip <= 1, f"--hflip {config.hflip}: must be in [0, 1]")
-    check(config.std is None or min(config.std) > 0, f"--std {config.std}: must be > 0")
-    check(isinstance(config.model_args, dict), "model_args must be a mapping of backbone overrides")
-    for key in ("img_size", "num_classes", "pretrained"):
-        check(key not in config.model_args, f"--model-arg {key}: use {flag(key)} instead")
+    check(config.min_lr <= config.lr, f"--min-lr {config.min_lr:g}: above --lr {config.lr:g}")
+    check(config.warmup_epochs <= config.epochs,
+          f"--warmup-epochs {config.warmup_epochs:g}: more than --epochs {config.epochs}")
+    check(config.freeze_epochs <= config.epochs,
+          f"--freeze-epochs {config.freeze_epochs}: more than --epochs {config.epochs}")
+    _check_model_args(config)
     if config.predictor_lr is None:
         config.predictor_lr = config.lr * recipe.PAPER_RECIPE["predictor_lr_scale"]
     teacher = config.rho is not None and config.pretrained is not None
@@ -350,12 +485,10 @@ def _resolve_training(config: RunConfig) -> None:
         elif value is None:
             value = paper[part] if (teacher or part == "rate") else 0.0
         else:
-            check(value >= 0, f"--lambda-{part} {value}: must be >= 0")
             check(teacher or part == "rate" or value == 0,
                   f"--lambda-{part} {value} needs a teacher, i.e. --pretrained weights")
         setattr(config, key, value)
     mixing = config.mixup > 0 or config.cutmix > 0
-    check(config.num_workers >= 1, "--num-workers must be >= 1")
     per_worker = config.batch_size // config.num_workers
     check(config.batch_size % config.num_workers == 0 and per_worker >= 1,
           f"--batch-size {config.batch_size} must be a multiple of --num-workers "
@@ -363,13 +496,25 @@ def _resolve_training(config: RunConfig) -> None:
     check(not mixing or per_worker % 2 == 0, f"mixup/cutmix need an even batch per worker; got {per_worker}")
 
 
-def _resolve_data(config: RunConfig, cwd: Path) -> None:
-    """Make the built-in shards if no --data; sets the class count (raises DataError for bad data)."""
-    from pipelines.data.manifest import read_manifest
-    from pipelines.data.shards import ensure_builtin_shards
+def make_builtin_data(given: dict, cwd: Path | None = None) -> Path | None:
+    """Make the built-in digits shards in ``<cwd>/data/cluttered-digits`` (unless valid ones are there) when
+    the ``given`` options name no ``data`` and continue no run: what a command does before
+    :func:`resolve_config`. Their directory, or None when none is needed."""
+    if given.get("data") is not None or given.get("resume"):
+        return None
+    source = given.get("source") or DIGITS_SOURCE
+    return ensure_builtin_shards((cwd or Path.cwd()) / "data" / source, source)
 
+
+def _resolve_data(config: RunConfig, cwd: Path) -> None:
+    """The absolute shard directory (the built-in one without --data) and the class count (raises DataError
+    for bad data)."""
     if config.data is None:
-        config.data = str(ensure_builtin_shards(cwd / "data" / config.source, config.source))
+        builtin = (cwd / "data" / config.source).resolve()
+        if not (builtin / MANIFEST_NAME).is_file():
+            raise DataError(f"no --data and no built-in shards in {builtin}: make them first "
+                            "(pipelines.training.config.make_builtin_data)")
+        config.data = str(builtin)
     config.data = str(Path(config.data).expanduser().resolve())
     manifest = read_manifest(config.data)
     for split in ("train", "val"):
@@ -386,26 +531,31 @@ def resolve_config(given: dict, *, cwd: Path | None = None) -> RunConfig:
     Defaults: the field defaults (the paper's recipe), with :func:`digits_preset` on top when no ``data`` is
     given. With ``resume``, the training options come from the run's record in ``storage`` and may not be
     changed. Paths (data, storage, SQLite URI) are made absolute against ``cwd`` here, on the driver: Ray
-    workers run in directories of their own. Raises ``ConfigError``, ``DataError`` or ``FileNotFoundError``.
+    workers run in directories of their own. Without ``data`` the built-in shards must have been made
+    (:func:`make_builtin_data`). Raises ``ConfigError``, ``DataError`` or ``FileNotFoundError``.
     """
-    from pipelines.storage.run_record import read_record
-    from pipelines.tracking.store import resolve_tracking_uri
-
     cwd = cwd or Path.cwd()
     given = dict(given)
     _check_types(given)
     unknown = sorted(set(given) - set(FIELDS) - {"dense"})
     check(not unknown, f"unknown option(s): {', '.join(unknown)}")
-    builtin = given.get("data") is None
-    preset = {**digits_preset(), **BUILTIN_TASKS[given.get("source") or DIGITS_SOURCE]} if builtin else {}
+    task = _builtin_task(given.get("data"), cwd, given.get("source") or DIGITS_SOURCE)
+    preset = {**digits_preset(), **BUILTIN_TASKS[task]} if task else {}
     values = {**preset, **{k: v for k, v in given.items() if v is not None and k != "dense"}}
+    if isinstance(given.get("model_args"), dict):  # key by key over the preset's
+        values["model_args"] = {**preset.get("model_args", {}), **given["model_args"]}
     config = RunConfig(**values)
+    check_ranges(config)
+    for key in ("run_name", "register_as"):
+        if getattr(config, key) is not None:
+            check_name(flag(key), getattr(config, key))
     config.storage = config.storage or str(cwd / RUNS_DIR)
     if "://" not in config.storage:
         config.storage = str(Path(config.storage).expanduser().resolve())
+    check_storage_writable(config.storage)
     if config.resume:
         check(given.get("run_name") is not None, "--resume needs the --run-name of the run to continue")
-        record = read_record(config.storage, config.run_name)
+        record = read_record(config.location)
         check(record is not None and "config" in record,
               f"--resume: no run {config.run_name!r} in {config.storage}")
         saved = record["config"]
@@ -413,11 +563,15 @@ def resolve_config(given: dict, *, cwd: Path | None = None) -> RunConfig:
         changed = [k for k in training_keys() if k in given and given[k] != saved[k]]
         check(not changed, f"--resume cannot change training options: {', '.join(changed)}")
         kept = (*training_keys(), "num_classes", "experiment", "register_as")
-        config = replace(config, **{k: saved[k] for k in kept})
+        # where it ran: as recorded unless given again (the resumed run is the run as started)
+        placement = [k for k in PLACEMENT_KEYS if k not in given and k in record["config"]]
+        config = replace(config, **{k: saved[k] for k in (*kept, *placement)})
+        _resolve_local_gpus(config)
         config.mlflow_uri = resolve_tracking_uri(given.get("mlflow_uri") or record["tracking_uri"], cwd)
         return config
     _resolve_rho(config, given)
     _resolve_training(config)
+    _resolve_local_gpus(config)
     if config.pretrained and not config.pretrained.startswith(("hub", "models:/", "runs:/")):
         path = Path(config.pretrained).expanduser().resolve()
         if not path.is_file():
@@ -428,6 +582,6 @@ def resolve_config(given: dict, *, cwd: Path | None = None) -> RunConfig:
     rho_text = "dense" if config.dense else f"rho{config.rho}"
     config.run_name = config.run_name or f"{config.backbone}-{rho_text}-{datetime.now():%Y%m%d-%H%M%S}"
     kind = "-dense" if config.dense else SELECTOR_SUFFIX.get(config.selector, "")
-    task = f"-{config.source}" if builtin and config.source != DIGITS_SOURCE else ""  # apart from the digits'
-    config.register_as = config.register_as or f"spot-{config.backbone}{kind}{task}"
+    suffix = f"-{task}" if task and task != DIGITS_SOURCE else ""  # apart from the digits' models
+    config.register_as = config.register_as or f"spot-{config.backbone}{kind}{suffix}"
     return config

@@ -2,7 +2,7 @@
 
 ``run(resolve_config({...}))`` is what ``python pipelines/finetune.py`` and the demo do; the sweep's trials
 use the same pieces (:func:`pipelines.training.weights.prepare_init`,
-:func:`pipelines.training.trainer.build_trainer`,
+:func:`pipelines.training.trainer.fit_run`,
 :func:`pipelines.tracking.registry.register_best`).
 """
 
@@ -11,15 +11,28 @@ from __future__ import annotations
 import logging
 import shlex
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from pipelines.storage.run_record import FAULT_RECORD, STOPPED, delete_record, read_record, write_record
+import mlflow
+import pyarrow.fs as pafs
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+from ray.train import Result
+
+from pipelines.storage.checkpoints import checkpoint_uri
+from pipelines.storage.location import RunLocation
+from pipelines.storage.run_record import STOPPED, read_record, write_record
 from pipelines.tracking import pending_reports, store
+from pipelines.tracking.datasets import log_shard_inputs
 from pipelines.tracking.mlflow_run import MlflowRun
-from pipelines.tracking.report_callback import MlflowReportCallback
-from pipelines.training.config import RunConfig
-from pipelines.training.ray_session import ray_session
+from pipelines.tracking.registry import check_same_task, data_tags, register_best
+from pipelines.training.config import PLACEMENT_KEYS, RunConfig, flag
+from pipelines.training.ray_session import check_shared_storage, ray_session, worker_gpus
+from pipelines.training.trainer import fit_run
 from pipelines.training.weights import ModelSummary, prepare_init
+from pipelines.utils import signals
 from pipelines.utils.errors import (
     Interrupted,
     TrackingError,
@@ -44,23 +57,36 @@ def run_params(config: RunConfig, summary: ModelSummary) -> dict:
     }
 
 
-def open_mlflow_run(config: RunConfig, summary: ModelSummary) -> MlflowRun:
-    """Create the run's MLflow run (params, resolved config, run record), or reopen it on ``--resume``."""
-    uri, name, storage = config.mlflow_uri, config.run_name, config.storage
-    record = read_record(storage, name)
+def run_description(config: RunConfig) -> str:
+    """The run's description in the MLflow UI: what is trained, from what, on which data."""
+    kind = "dense" if config.rho is None else f"SPOT (rho {config.rho})"
+    start = f"fine-tuned from {config.pretrained}" if config.pretrained else "trained from scratch"
+    return (f"{kind} {config.backbone} {config.model_args or ''}, {start}, {config.epochs} epochs on "
+            f"{config.data} with {config.num_workers} Ray Train workers; the best epoch is registered as "
+            f"{config.register_as}")
+
+
+def open_mlflow_run(config: RunConfig, summary: ModelSummary, parent: MlflowRun | None = None) -> MlflowRun:
+    """Create the run's MLflow run (params, resolved config, dataset inputs, run record; a child of
+    ``parent`` if given), or reopen it on ``--resume``."""
+    uri, location = config.mlflow_uri, config.location
+    record = read_record(location)
     if config.resume:
         run = MlflowRun.reopen(uri, record["mlflow_run_id"])
     else:
-        check(record is None, f"run {name!r} already exists in {storage}: pass --resume to continue it or "
-              "choose another --run-name")
+        check(record is None, f"run {location.name!r} already exists in {location.storage}: pass --resume to "
+              "continue it or choose another --run-name")
         artifacts = store.local_artifact_root(uri, Path.cwd())
-        run = MlflowRun.create(uri, config.experiment, name, artifact_location=artifacts)
+        run = MlflowRun.create(uri, config.experiment, location.name, artifact_location=artifacts,
+                               parent=parent)
         record = {"config": config.to_dict(), "mlflow_run_id": run.run_id, "tracking_uri": uri}
-        write_record(storage, name, record)
+        write_record(location, record)
         run.log_params(run_params(config, summary) | store.versions())
         run.log_dict(config.to_dict(), "config/resolved_config.json")
+        run.set_tags({MLFLOW_RUN_NOTE: run_description(config)})
+        log_shard_inputs(run.client, run.run_id, config.data, ("train", "val"))
     run.set_tags(store.system_info() | {
-        "storage": f"{storage}/{name}", "address": config.address or "local",
+        "storage": location.uri, "address": config.address or "local",
         "num_workers": config.num_workers, "placement_strategy": config.placement_strategy,
     })
     return run
@@ -78,8 +104,6 @@ def evaluation_table(rows: list[dict], best: dict, summary: ModelSummary) -> str
 def end_run(mlflow_run: MlflowRun, status: str, tags: dict | None = None) -> None:
     """Mark a run that did not finish ``status`` (with ``tags``); if MLflow cannot be reached, say so and
     go on: the error the user must see is the run's, not the tracking server's."""
-    from mlflow.exceptions import MlflowException
-
     try:
         if tags:
             mlflow_run.set_tags(tags)
@@ -89,15 +113,14 @@ def end_run(mlflow_run: MlflowRun, status: str, tags: dict | None = None) -> Non
                     mlflow_run.run_id, status, first_line(err))
 
 
-def stop_on_fault(result, mlflow_run: MlflowRun, storage: str, name: str) -> None:
-    """If the workers stopped for good (a NaN / inf loss, a bad sample): mark the MLflow run FAILED and raise
-    ``TrainingError`` naming what and where, and the last good checkpoint (kept; nothing is registered)."""
-    fault = read_record(storage, name, FAULT_RECORD)
+def stop_on_fault(result, mlflow_run: MlflowRun, fault: str | None) -> None:
+    """If the workers stopped for good (``fault``: a NaN / inf loss, a bad sample): mark the MLflow run FAILED
+    and raise ``TrainingError`` naming what and where, and the last good checkpoint (kept; nothing is
+    registered)."""
     if fault is None:
         return
-    fault = fault["error"]
     end_run(mlflow_run, "FAILED", {STOPPED: fault})
-    last = result.checkpoint.path if result.checkpoint is not None else "none (no epoch finished)"
+    last = checkpoint_uri(result.checkpoint) if result.checkpoint is not None else "none (no epoch finished)"
     hint = " (try a lower --lr)" if fault.startswith("non-finite") else ""
     raise TrainingError(f"{fault}; nothing registered; last good checkpoint: {last}{hint}")
 
@@ -112,16 +135,28 @@ def aborted(result, config: RunConfig) -> bool:
 def resume_command(config: RunConfig) -> str:
     """The command that continues ``config``'s run from its last checkpoint (same MLflow run)."""
     args = ["--resume", "--run-name", config.run_name, "--storage", config.storage]
+    for key in PLACEMENT_KEYS:  # where it ran, as started (the defaults of a --resume too)
+        value = getattr(config, key)
+        if value is not None:
+            args += [flag(key), f"{value:g}" if isinstance(value, float) else str(value)]
     return "python pipelines/finetune.py " + " ".join(shlex.quote(a) for a in args)
+
+
+def checkpoint_count(location: RunLocation) -> int | None:
+    """How many checkpoints the run at ``location`` has (local or a pyarrow URI), None if unknown."""
+    try:
+        fs, root = location.filesystem()
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except (OSError, ValueError):
+        return None
+    return sum(i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_") for i in infos)
 
 
 def trained_result(config: RunConfig):
     """The Ray Train ``Result`` of ``config``'s run if every epoch of it was trained (a ``--resume`` that only
     finishes it in MLflow), else None."""
-    from ray.train import Result
-
     try:
-        result = Result.from_path(f"{config.storage}/{config.run_name}")
+        result = Result.from_path(config.location.uri)
     except (RuntimeError, OSError, ValueError):
         return None
     return None if aborted(result, config) else result
@@ -136,32 +171,30 @@ def finish(
     Waits up to ``config.mlflow_wait`` seconds for an unreachable server, then raises ``TrackingOutage``
     with the command that does all this later (the checkpoints and the unsent epochs stay in storage).
     """
-    from mlflow.exceptions import MlflowException
-
-    from pipelines.tracking.registry import register_best
-
-    storage, name = config.storage, config.run_name
+    location = config.location
     try:
         store.wait_until_reachable(config.mlflow_uri, config.mlflow_wait)
-        pending_reports.send_pending(mlflow_run.client, mlflow_run.run_id, storage, name)
-        registered = register_best(result, run_id=mlflow_run.run_id, name=config.register_as)
+        pending_reports.send_pending(mlflow_run.client, mlflow_run.run_id, location)
+        registered = register_best(result, run_id=mlflow_run.run_id, name=config.register_as,
+                                   data=data_tags(config.data, config.img_size))
         rows = mlflow_run.metric_history(list(EPOCH_COLUMNS[1:]))
         mlflow_run.log_text(evaluation_table(rows, registered["metrics"], summary), "evaluation.md")
         mlflow_run.end("FINISHED")
     except (TrackingError, pending_reports.NotSent, MlflowException) as err:
-        waiting = len(pending_reports.pending(storage, name))
+        waiting = len(pending_reports.pending(location))
         raise TrackingOutage(
-            f"training finished (checkpoints in {storage}/{name}) but MLflow {config.mlflow_uri} failed: "
-            f"{first_line(err)}. {waiting} epoch(s) of metrics wait in {storage}/{name}/"
-            f"{pending_reports.PENDING_RECORD} and the run is not FINISHED. When the server answers, send "
-            f"them, register the best checkpoint (once) and end the run with:\n  {resume_command(config)}"
+            f"training finished (checkpoints in {location.uri}) but MLflow {config.mlflow_uri} failed: "
+            f"{first_line(err)}. {waiting} epoch(s) of metrics wait in "
+            f"{location.file(pending_reports.PENDING_RECORD)} and the run is not FINISHED. When the server "
+            f"answers, send them, register the best checkpoint (once) and end the "
+            f"run with:\n  {resume_command(config)}"
         ) from None
     return registered, rows
 
 
-def run(config: RunConfig) -> dict:
-    """Train ``config`` (from :func:`pipelines.training.config.resolve_config`) on Ray, track it in MLflow,
-    register the best model. Returns the ``RESULT_JSON`` dict.
+def run(config: RunConfig, parent: MlflowRun | None = None) -> dict:
+    """Train ``config`` (from :func:`pipelines.training.config.resolve_config`) on Ray, track it in MLflow
+    (as a child run of ``parent`` if given), register the best model. Returns the ``RESULT_JSON`` dict.
 
     Before any worker starts, raises ``TrackingError`` if MLflow is not usable and ``ConfigError`` for a bad
     ``--pretrained``, ``--address`` or run name; raises ``ray.train.TrainingFailedError`` if training fails
@@ -170,41 +203,53 @@ def run(config: RunConfig) -> dict:
     MLflow goes away during training, no epoch is lost (:func:`finish`). ``--resume`` of a run whose
     training is complete only finishes it in MLflow.
     """
-    import mlflow
-    from ray.train import TrainingFailedError
-
-    from pipelines.training.trainer import build_trainer
-
     started = time.monotonic()
-    uri, name, storage = config.mlflow_uri, config.run_name, config.storage
+    uri, location = config.mlflow_uri, config.location
     store.quiet_mlflow(config.verbose)
     store.check_reachable(uri)
     mlflow.set_tracking_uri(uri)
+    check_same_task(MlflowClient(uri), config.register_as, data_tags(config.data, config.img_size))
     init, summary = prepare_init(config)
     need = config.num_workers * config.cpus_per_worker
     with ray_session(config.address, need_cpus=need, verbose=config.verbose):
-        mlflow_run = open_mlflow_run(config, summary)
-        result = trained_result(config) if config.resume else None
-        if result is None:
-            callbacks = [MlflowReportCallback(uri, mlflow_run.run_id, storage=storage, name=name)]
-            trainer = build_trainer(config, name=name, storage=storage, init=init, callbacks=callbacks)
-            delete_record(storage, name, FAULT_RECORD)  # a fault of an earlier attempt (before --resume)
-            try:
-                result = trainer.fit()
-            except TrainingFailedError:
-                end_run(mlflow_run, "FAILED")
-                raise
-            except (KeyboardInterrupt, SystemExit):  # Ctrl-C; Ray Train's own SIGINT handler exits the driver
-                end_run(mlflow_run, "KILLED")
-                raise Interrupted(resume_command(config)) from None
-            stop_on_fault(result, mlflow_run, storage, name)
-            if aborted(result, config):  # Ray Train aborted the run on Ctrl-C and fit() returned
-                end_run(mlflow_run, "KILLED")
-                raise Interrupted(resume_command(config))
-        registered, rows = finish(result, mlflow_run, config, summary)
+        signals.reinstall()  # ray.init took SIGTERM
+        if config.address is not None:  # what a cluster can give is known once joined, before any run
+            config = replace(config, gpus_per_worker=worker_gpus(config.gpus_per_worker, config.num_workers,
+                                                                 config.address))
+            check_shared_storage(location.storage, config.address)
+        mlflow_run = None
+        try:
+            with signals.deferred():  # created and recorded as one step
+                mlflow_run = open_mlflow_run(config, summary, parent)  # started: every way out ends it
+            result = trained_result(config) if config.resume else None
+            if result is None:
+                try:
+                    with mlflow_run.system_metrics():
+                        result, fault = fit_run(config, location, init=init, tracking_uri=uri,
+                                                mlflow_run_id=mlflow_run.run_id)
+                except Exception:
+                    if signals.received():  # a stop signal to the process group also hit Ray's processes
+                        raise KeyboardInterrupt from None
+                    end_run(mlflow_run, "FAILED")
+                    raise
+                stop_on_fault(result, mlflow_run, fault)
+                if aborted(result, config):  # Ray Train aborted the run on Ctrl-C and fit() returned
+                    raise KeyboardInterrupt
+            registered, rows = finish(result, mlflow_run, config, summary)
+        except TrackingOutage:
+            raise  # trained; the run stays open for the command that finishes it
+        except Exception:
+            if mlflow_run is not None:
+                end_run(mlflow_run, "FAILED")  # no way out leaves it RUNNING
+            raise
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C / SIGTERM / SIGHUP; Ray Train's handler may exit
+            if mlflow_run is None:
+                raise  # not started: nothing recorded
+            end_run(mlflow_run, "KILLED")
+            raise Interrupted(resume_command(config), checkpoint_count(location)) from None
     best = registered["metrics"]
     return {
-        "run_name": name,
+        "run_name": location.name,
         "best_val_acc1": best["val_acc1"],
         "best_val_acc5": best["val_acc5"],
         "best_epoch": best["epoch"],
@@ -212,7 +257,7 @@ def run(config: RunConfig) -> dict:
         "gmacs": best["gmacs"],
         "dense_gmacs": summary.dense_gmacs,
         "checkpoint": registered["checkpoint"],
-        "storage": f"{storage}/{name}",
+        "storage": location.uri,
         "mlflow_tracking_uri": uri,
         "mlflow_experiment": config.experiment,
         "mlflow_run_id": mlflow_run.run_id,

@@ -5,6 +5,12 @@ placement-group cleaner asks the State API whether a stopped run's controller is
 local Ray instances on one host it cannot tell which one to ask, so the stopped run's workers would keep
 their CPUs and the next run would wait forever. Without ``verbose``, Ray's INFO lines stay off the
 console (the workers' per-report lines are silenced in :mod:`pipelines.training.worker`).
+
+A local Ray runs on one host, which no cluster drains: its Ray Train runs go without Ray Train's preemption
+watcher (``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0``, unless set), whose actor otherwise makes the core
+worker log an ERROR line about its restart arguments in every run. Ray's token-auth WARNING of a local
+Ray goes away when ``RAY_AUTH_MODE`` is set before Ray is imported (``make demo`` sets ``token``;
+docs/tracking.md).
 """
 
 from __future__ import annotations
@@ -14,10 +20,15 @@ import logging
 import os
 import socket
 from collections.abc import Iterator
+from pathlib import Path
+
+import ray
+from ray._private.state import state
 
 from pipelines.utils.errors import ConfigError, first_line
 
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 PROBE_TIMEOUT_S = 5.0
 
 
@@ -41,16 +52,73 @@ def _free_port() -> int:
 
 def start_local_ray(num_cpus: int | None = None, *, verbose: bool = False) -> None:
     """``ray.init`` of a local Ray with the State API workaround (see the module docstring)."""
-    import ray
-
     port = _free_port()
     os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")  # one host: nothing to drain (module docstring)
     ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_port=port, **quiet_kwargs(verbose))
 
 
 def quiet_kwargs(verbose: bool) -> dict:
     """``ray.init`` arguments that keep the driver's Ray INFO lines off the console unless ``verbose``."""
     return {} if verbose else {"logging_level": logging.WARNING}
+
+
+# file systems other machines can mount too (a local --storage on a cluster must be on one)
+SHARED_FILE_SYSTEMS = ("nfs", "nfs4", "efs", "cifs", "smb3", "smbfs", "lustre", "ceph", "glusterfs", "gpfs",
+                       "beegfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.mountpoint-s3", "fuse.juicefs", "9p")
+
+
+def _autoscaler_resources() -> dict | None:
+    """The most resources the cluster's autoscaler can bring up, if it reported its node types to Ray."""
+    try:
+        return state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - a private API; without it the cluster shows only what is up
+        return None
+
+
+def worker_gpus(gpus_per_worker: float | None, num_workers: int, address: str) -> float:
+    """GPUs per worker on the joined cluster ``address``: as given, else 1 when the cluster has GPUs or its
+    autoscaler can start GPU nodes; a cluster that shows neither is refused (it may be scaling from zero:
+    the GPUs up right now decide nothing). Raises ``ConfigError`` naming ``--gpus-per-worker``."""
+    if gpus_per_worker is not None:
+        return gpus_per_worker
+    gpus = max(ray.cluster_resources().get("GPU", 0), (_autoscaler_resources() or {}).get("GPU", 0))
+    if gpus:
+        return 1
+    raise ConfigError(f"--address {address}: the cluster shows no GPU now and reports none it can start; "
+                      "pass --gpus-per-worker (0: train on CPUs; 1: wait for GPU nodes)")
+
+
+def _mount_type(path: str) -> str:
+    """The file system type of the mount holding ``path`` (longest matching mount point)."""
+    best, kind = "", "unknown"
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return kind
+    for point, fstype in mounts:
+        point = point.replace("\\040", " ")
+        if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+            best, kind = point, fstype
+    return kind
+
+
+def check_shared_storage(storage: str, address: str) -> None:
+    """A local ``--storage`` on a joined cluster must be readable by every node: on a shared file system,
+    or the cluster is this machine alone (no node elsewhere, no autoscaler that can add one). Raises
+    ``ConfigError`` naming ``--storage``."""
+    if "://" in storage:
+        return
+    kind = _mount_type(os.path.realpath(storage))
+    if kind in SHARED_FILE_SYSTEMS:
+        return
+    here = ray.util.get_node_ip_address()
+    elsewhere = sorted({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]} - {here})
+    scaling = bool(_autoscaler_resources())
+    if elsewhere or scaling:
+        who = f"nodes {', '.join(elsewhere)}" if elsewhere else "nodes its autoscaler starts"
+        raise ConfigError(f"--storage {storage}: a local {kind} path that the other {who} of --address "
+                          f"{address} cannot read; use s3://, gs:// or a shared file system (NFS, EFS)")
 
 
 @contextlib.contextmanager
@@ -64,8 +132,6 @@ def ray_session(
     """Ray initialised for the block: ``address`` joined (probed first), else a local Ray started (with
     ``num_cpus``) and shut down at the end; an already initialised Ray is used as it is. ``need_cpus``
     is checked against a local Ray. Yields whether Ray was started here. Raises ``ConfigError``."""
-    import ray
-
     if ray.is_initialized():
         yield False
         return

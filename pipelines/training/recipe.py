@@ -10,6 +10,7 @@ cutmix 1.0, label smoothing 0.1, RandAugment, random resized crops (8-100 % of t
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import Protocol
 
 import torch
 from timm.data import Mixup
@@ -36,6 +37,21 @@ PAPER_RECIPE: dict = {
     "hflip": 0.5,
 }
 FROZEN_WHEN_PRETRAINED = ("cls_token", "pos_embed")
+
+
+class RecipeOptions(Protocol):
+    """The options the recipe reads, by attribute (a :class:`~pipelines.training.config.RunConfig`)."""
+
+    lr: float
+    predictor_lr: float
+    min_lr: float
+    weight_decay: float
+    epochs: int
+    warmup_epochs: float
+    freeze_epochs: int
+    mixup: float
+    cutmix: float
+    label_smoothing: float
 
 
 def freeze_embeddings(model: nn.Module) -> list[str]:
@@ -107,40 +123,38 @@ class WarmupCosine(CosineLRScheduler):
 
 
 def build_optimizer(
-    model: nn.Module, config: dict, fresh: Collection[str]
+    model: nn.Module, options: RecipeOptions, fresh: Collection[str], *, steps_per_epoch: int
 ) -> tuple[torch.optim.AdamW, WarmupCosine]:
     """AdamW over :func:`param_groups` and its per-step scheduler (``scheduler.step_update(n)`` after step n).
 
-    ``config`` keys: ``lr``, ``predictor_lr``, ``weight_decay``, ``min_lr``, ``epochs``, ``warmup_epochs``,
-    ``freeze_epochs``, ``steps_per_epoch``. The freeze applies to pretrained groups only, and only when the
-    model has something fresh to warm up.
+    The freeze applies to pretrained groups only, and only when the model has something fresh to warm up.
     """
     groups = param_groups(
         model,
-        lr=config["lr"],
-        predictor_lr=config["predictor_lr"],
-        weight_decay=config["weight_decay"],
+        lr=options.lr,
+        predictor_lr=options.predictor_lr,
+        weight_decay=options.weight_decay,
         fresh=fresh,
     )
     optimizer = torch.optim.AdamW(groups)
-    steps = config["steps_per_epoch"]
+    steps = steps_per_epoch
     scheduler = WarmupCosine(
         optimizer,
-        total_steps=config["epochs"] * steps,
-        warmup_steps=int(config["warmup_epochs"] * steps),
-        min_lr=config["min_lr"],
-        freeze_steps=(config["freeze_epochs"] if fresh else 0) * steps,
+        total_steps=options.epochs * steps,
+        warmup_steps=int(options.warmup_epochs * steps),
+        min_lr=options.min_lr,
+        freeze_steps=(options.freeze_epochs if fresh else 0) * steps,
     )
     return optimizer, scheduler
 
 
-def build_mixup(config: dict, num_classes: int) -> Mixup | None:
+def build_mixup(options: RecipeOptions, num_classes: int) -> Mixup | None:
     """timm ``Mixup`` (soft targets, label smoothing included) or None when mixup and cutmix are off."""
-    if config["mixup"] <= 0 and config["cutmix"] <= 0:
+    if options.mixup <= 0 and options.cutmix <= 0:
         return None
     return Mixup(
-        mixup_alpha=config["mixup"],
-        cutmix_alpha=config["cutmix"],
-        label_smoothing=config["label_smoothing"],
+        mixup_alpha=options.mixup,
+        cutmix_alpha=options.cutmix,
+        label_smoothing=options.label_smoothing,
         num_classes=num_classes,
     )

@@ -7,6 +7,8 @@ Used by the fine-tuning job (:mod:`pipelines.training.job`) and by every trial o
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
+from functools import partial
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig, UserCallback
@@ -14,9 +16,11 @@ from ray.train import RunConfig as TrainRunConfig
 from ray.train.torch import TorchTrainer
 
 from pipelines.storage.checkpoints import SCORE
-from pipelines.storage.run_record import STOPPED
+from pipelines.storage.location import RunLocation
+from pipelines.storage.run_record import FAULT_RECORD, STOPPED, delete_record, read_record
+from pipelines.tracking.report_callback import MlflowReportCallback
 from pipelines.training.config import RunConfig
-from pipelines.training.worker import train_loop_per_worker
+from pipelines.training.worker import WorkerJob, train_loop_per_worker
 from pipelines.utils.errors import first_line
 
 CONTROLLER_FAILURE_LIMIT = 3  # attempts of the Train controller to start a run (e.g. no resources)
@@ -68,16 +72,15 @@ class ProgressCallback(UserCallback):
 
 def build_trainer(
     config: RunConfig,
+    location: RunLocation,
     *,
-    name: str,
-    storage: str,
     init: dict,
     callbacks: Sequence[UserCallback] = (),
     progress: bool = True,
 ):
     """The ``TorchTrainer`` of a resolved ``config`` (Ray must be initialised).
 
-    ``name`` is the Ray run name (same name in the same ``storage`` = resume from its latest checkpoint);
+    ``location`` is the Ray run's storage and name (the same again = resume from its latest checkpoint);
     ``init`` is :func:`pipelines.training.weights.prepare_init`'s payload; ``callbacks`` are Ray Train user
     callbacks
     (e.g. :class:`pipelines.tracking.report_callback.MlflowReportCallback`, Tune's ``TuneReportCallback``);
@@ -87,10 +90,9 @@ def build_trainer(
     if gpus is None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     resources = {"CPU": config.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+    job = WorkerJob(config=replace(config), location=location, init_weights=ray.put(init))
     return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={**config.to_dict(), "init_weights": ray.put(init), "ray_storage": storage,
-                           "ray_name": name},
+        partial(train_loop_per_worker, job),  # Ray pickles the bound job to every worker
         scaling_config=ScalingConfig(
             num_workers=config.num_workers,
             use_gpu=bool(gpus),
@@ -98,8 +100,8 @@ def build_trainer(
             placement_strategy=config.placement_strategy,
         ),
         run_config=TrainRunConfig(
-            name=name,
-            storage_path=storage,
+            name=location.name,
+            storage_path=location.storage,
             failure_config=FailureConfig(
                 max_failures=config.max_failures, controller_failure_limit=CONTROLLER_FAILURE_LIMIT
             ),
@@ -112,3 +114,25 @@ def build_trainer(
             logging_config=LoggingConfig(log_level="INFO" if config.verbose else "WARNING"),
         ),
     )
+
+
+def fit_run(
+    config: RunConfig,
+    location: RunLocation,
+    *,
+    init: dict,
+    tracking_uri: str,
+    mlflow_run_id: str,
+    callbacks: Sequence[UserCallback] = (),
+    progress: bool = True,
+):
+    """Fit ``config``'s run at ``location``, each epoch logged to MLflow run ``mlflow_run_id`` (plus
+    ``callbacks``): ``(result, fault)``, ``fault`` the message of the run's fault record if the workers
+    stopped for good (a NaN / inf loss, a bad sample), else None. An earlier attempt's fault record is
+    cleared first (a ``--resume``, a retried trial)."""
+    logging = MlflowReportCallback(tracking_uri, mlflow_run_id, location)
+    trainer = build_trainer(config, location, init=init, callbacks=[logging, *callbacks], progress=progress)
+    delete_record(location, FAULT_RECORD)
+    result = trainer.fit()
+    fault = read_record(location, FAULT_RECORD)
+    return result, None if fault is None else fault["error"]

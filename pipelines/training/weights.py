@@ -7,9 +7,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 import spot
+from pipelines.tracking.registry import load_model
 from pipelines.training.config import RunConfig
-from pipelines.utils.errors import ConfigError
+from pipelines.utils.errors import ConfigError, first_line
 from spot.checkpoint import load_pretrained
 from spot.flops import gmacs
 
@@ -28,10 +31,6 @@ def _pretrained_file(source: str, tmp: Path) -> tuple[str, dict]:
     (known for MLflow models, which are saved to ``tmp`` first; else empty)."""
     if not source.startswith(("models:/", "runs:/")):
         return source, {}
-    import torch
-
-    from pipelines.tracking.registry import load_model
-
     path = tmp / "pretrained.pt"
     model = load_model(source)
     torch.save(model.state_dict(), path)
@@ -52,15 +51,17 @@ def prepare_init(config: RunConfig) -> tuple[dict, ModelSummary]:
     Returns the ``init_weights`` payload of :mod:`pipelines.training.worker` (``spot_config``, ``student`` and
     ``teacher`` state_dicts, ``fresh`` parameter names) and the model's :class:`ModelSummary`.
     """
-    import torch
-
     with tempfile.TemporaryDirectory() as tmp:
         source, inherited = _pretrained_file(config.pretrained, Path(tmp)) if config.pretrained else ("", {})
         arch = {"num_classes": config.num_classes, "img_size": config.img_size, **config.model_args,
                 **_overlay(config, inherited)}
         torch.manual_seed(config.seed)
-        student = spot.create_model(config.backbone, rho=config.rho, selector=config.selector, **arch)
-        dense = spot.create_model(config.backbone, rho=None, **arch)
+        try:
+            student = spot.create_model(config.backbone, rho=config.rho, selector=config.selector, **arch)
+            dense = spot.create_model(config.backbone, rho=None, **arch)
+        except (TypeError, ValueError, AssertionError, ZeroDivisionError) as err:
+            raise ConfigError(f"--model-arg {config.model_args}: the {config.backbone} backbone cannot be "
+                              f"built: {first_line(err)}") from None
         fresh = [name for name, _ in student.named_parameters()]
         teacher = None
         if config.pretrained:

@@ -1,15 +1,11 @@
 """The Ray Train worker function: SPOT (or dense) fine-tuning with DDP, one process per GPU / CPU slot.
 
-``train_loop_per_worker(config)`` is a plain Ray Train V2 function. ``config`` holds the resolved run
-configuration (``RunConfig.to_dict()``) plus ``init_weights``, an ``ObjectRef`` put by
-:func:`pipelines.training.trainer.build_trainer`::
+``train_loop_per_worker(job)`` is a plain Ray Train V2 function of one :class:`WorkerJob` (bound by
+:func:`pipelines.training.trainer.build_trainer`, pickled to every worker): the resolved
+:class:`~pipelines.training.config.RunConfig`, read by attribute, the run's location and ``init_weights``,
+an ``ObjectRef`` of the driver's :func:`pipelines.training.weights.prepare_init` payload::
 
     {"spot_config": {...}, "student": state_dict, "teacher": state_dict | None, "fresh": [param names]}
-
-Keys read here: ``data``, ``img_size``, ``batch_size`` (global), ``epochs``, ``lr``, ``predictor_lr``,
-``min_lr``, ``weight_decay``, ``warmup_epochs``, ``freeze_epochs``, ``mixup``, ``cutmix``,
-``label_smoothing``, ``randaugment``, ``crop_scale``, ``hflip``, ``rho`` (None = dense), ``lambda_rate``,
-``lambda_kl``, ``lambda_token``, ``pretrained``, ``amp``, ``seed``, ``cpus_per_worker``, ``vis_images``.
 
 Every epoch: train in mask mode (``model.train()``), validate in prune mode (``model.eval()``) on this rank's
 shard of the val split, all-reduce the sums, and ``ray.train.report`` the same metrics from every rank with
@@ -26,8 +22,10 @@ import logging
 import random
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import ray
@@ -35,17 +33,30 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from ray.experimental import tqdm_ray
 from torch import Tensor, nn
 
 import spot
 from pipelines.data.loader import PAD_LABEL, make_loader
 from pipelines.data.manifest import DataError
 from pipelines.storage.checkpoints import MASKS_FILE, MASKS_MIN_SIDE, load_checkpoint, save_checkpoint, unwrap
+from pipelines.storage.location import RunLocation
 from pipelines.storage.run_record import FAULT_RECORD, STOPPED, write_record
+from pipelines.training.config import RunConfig
 from pipelines.training.recipe import build_mixup, build_optimizer, freeze_embeddings
 from spot.flops import gmacs
 from spot.losses import spot_loss
 from spot.visualize import draw_token_masks
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """What every worker of a run gets: the resolved ``config``, where the run's records go
+    (``location``) and the ``ObjectRef`` of the initial weights (``init_weights``)."""
+
+    config: RunConfig
+    location: RunLocation
+    init_weights: Any  # ray.ObjectRef of prepare_init's payload
 
 
 def derived_seed(*parts: int) -> int:
@@ -137,8 +148,42 @@ def checked_batches(loader, device: torch.device):
         yield batch
 
 
-def _lambdas(config: dict) -> dict[str, float]:
-    return {"rate": config["lambda_rate"], "kl": config["lambda_kl"], "token": config["lambda_token"]}
+def _lambdas(config: RunConfig) -> dict[str, float]:
+    return {"rate": config.lambda_rate, "kl": config.lambda_kl, "token": config.lambda_token}
+
+
+def loss_parts(config: dict, has_teacher: bool) -> tuple[str, ...]:
+    """The loss parts that this run computes (the others are constant zeros, not logged): the rate loss
+    needs token selection (rho), the KL loss a teacher, the token loss a teacher and ``lambda_token`` > 0."""
+    parts = ["ce"]
+    if config["rho"] is not None:
+        parts.append("rate")
+    if has_teacher:
+        parts.append("kl")
+        if config["lambda_token"] > 0:
+            parts.append("token")
+    return (*parts, "total")
+
+
+def lr_metrics(param_groups: list[dict]) -> dict[str, float]:
+    """The learning rate per part of the model under one name in every run: ``lr_backbone`` and
+    ``lr_predictor`` (their pretrained groups if any, else their fresh ones), plus ``lr_<part>_fresh`` only
+    when a part has both (a re-initialised head next to pretrained weights). Decay and no-decay groups of a
+    part share one lr."""
+    found: dict[tuple[str, bool], float] = {}
+    for group in param_groups:
+        part = "predictor" if group["name"].startswith("predictor") else "backbone"
+        found.setdefault((part, bool(group.get("pretrained"))), group["lr"])
+    metrics = {}
+    for part in ("backbone", "predictor"):
+        pretrained, fresh = found.get((part, True)), found.get((part, False))
+        if pretrained is not None:
+            metrics[f"lr_{part}"] = pretrained
+            if fresh is not None:
+                metrics[f"lr_{part}_fresh"] = fresh
+        elif fresh is not None:
+            metrics[f"lr_{part}"] = fresh
+    return metrics
 
 
 def _teacher_outputs(teacher: nn.Module | None, images: Tensor, lambdas: dict) -> tuple[Tensor | None, ...]:
@@ -149,18 +194,17 @@ def _teacher_outputs(teacher: nn.Module | None, images: Tensor, lambdas: dict) -
     return logits, (info.tokens if lambdas["token"] > 0 else None)
 
 
-def step_bar(config: dict, rank: int, steps: int, epoch: int):
+def step_bar(config: RunConfig, rank: int, steps: int, epoch: int):
     """Rank 0's progress bar over the ``steps`` of an epoch (Ray's tqdm: the driver draws it), if the epoch
     is long enough (``step_bar``); else None."""
-    if rank != 0 or not config["step_bar"] or steps < config["step_bar"]:
+    if rank != 0 or not config.step_bar or steps < config.step_bar:
         return None
-    from ray.experimental import tqdm_ray
-
-    return tqdm_ray.tqdm(total=steps, desc=f"epoch {epoch + 1}/{config['epochs']}", unit="step")
+    return tqdm_ray.tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step")
 
 
 def train_one_epoch(
-    model, teacher, loader, optimizer, scheduler, scaler, mixup, config, device, epoch: int = 0, bar=None
+    model, teacher, loader, optimizer, scheduler, scaler, mixup, config: RunConfig, device, epoch: int = 0,
+    bar=None,
 ) -> dict:
     """One epoch in mask mode; returns mean loss parts, mean kept ratio per stage, lr and images/s. ``bar``
     (:func:`step_bar`) advances by one per step and is closed at the end."""
@@ -174,18 +218,18 @@ def train_one_epoch(
             targets = labels
             if mixup is not None:
                 images, targets = mixup(images, labels)
-            with autocast(device, config["amp"]):
+            with autocast(device, config.amp):
                 logits, info = model(images, return_info=True)
                 teacher_logits, teacher_tokens = _teacher_outputs(teacher, images, lambdas)
                 loss, parts = spot_loss(
                     logits,
                     targets,
                     info,
-                    rho=config["rho"] or 1.0,
+                    rho=config.rho or 1.0,
                     lambdas=lambdas,
                     teacher_logits=teacher_logits,
                     teacher_tokens=teacher_tokens,
-                    label_smoothing=0.0 if mixup is not None else config["label_smoothing"],
+                    label_smoothing=0.0 if mixup is not None else config.label_smoothing,
                 )
             if any_rank(not torch.isfinite(loss.detach()).item(), device):  # all ranks stop together
                 raise NonFiniteLoss(
@@ -210,20 +254,22 @@ def train_one_epoch(
         if bar is not None:
             bar.close()
     elapsed = time.perf_counter() - start
-    metrics = {f"train_{name}": value / max(steps, 1) for name, value in sums.items()}
+    kept_parts = loss_parts(config, teacher is not None)
+    metrics = {f"train_{name}": value / max(steps, 1) for name, value in sums.items() if name in kept_parts}
     if kept is not None:
         metrics.update({f"train_kept_s{k + 1}": v / steps for k, v in enumerate(kept.tolist())})
         # health: how far the train-mode (Gumbel) keep rate is from its target rho^k (Eq. 12)
-        metrics.update({f"train_keep_gap_s{k}": metrics[f"train_kept_s{k}"] - config["rho"] ** k
+        metrics.update({f"train_keep_gap_s{k}": metrics[f"train_kept_s{k}"] - config.rho ** k
                         for k in range(1, len(kept) + 1)})
-    for group in optimizer.param_groups:
-        metrics[f"lr_{group['name']}"] = group["lr"]
+    metrics.update(lr_metrics(optimizer.param_groups))
     metrics["train_images_per_s"] = images_seen / elapsed
     return metrics
 
 
 @torch.no_grad()
-def validate(model, teacher, loader, config, device) -> tuple[dict, tuple[Tensor, list[Tensor]] | None]:
+def validate(
+    model, teacher, loader, config: RunConfig, device
+) -> tuple[dict, tuple[Tensor, list[Tensor]] | None]:
     """Top-1/5, loss parts and kept ratio per stage in prune mode over the whole val split (all ranks).
 
     Also returns the first ``vis_images`` images of this rank's first batch with their kept indices (the
@@ -236,11 +282,11 @@ def validate(model, teacher, loader, config, device) -> tuple[dict, tuple[Tensor
     kept_sums = None
     shown = None
     for images, labels in checked_batches(loader, device):
-        with autocast(device, config["amp"]):
+        with autocast(device, config.amp):
             logits, info = net(images, return_info=True)
             teacher_logits, teacher_tokens = _teacher_outputs(teacher, images, lambdas)
-        if shown is None and info.kept_indices and config["vis_images"] > 0:
-            n = config["vis_images"]
+        if shown is None and info.kept_indices and config.vis_images > 0:
+            n = config.vis_images
             shown = (images[:n].float().cpu(), [k[:n].cpu() for k in info.kept_indices])
         valid = labels != PAD_LABEL
         count = int(valid.sum())
@@ -253,7 +299,7 @@ def validate(model, teacher, loader, config, device) -> tuple[dict, tuple[Tensor
             logits[valid].float(),
             labels[valid],
             subset,
-            rho=config["rho"] or 1.0,
+            rho=config.rho or 1.0,
             lambdas=lambdas,
             teacher_logits=None if teacher_logits is None else teacher_logits[valid],
             teacher_tokens=None if teacher_tokens is None else teacher_tokens[valid],
@@ -268,7 +314,9 @@ def validate(model, teacher, loader, config, device) -> tuple[dict, tuple[Tensor
     sums = all_reduce_sum(sums.to(device)).cpu()
     total = sums[0].item()
     metrics = {"val_acc1": sums[1].item() / total, "val_acc5": sums[2].item() / total}
-    metrics.update({f"val_{name}": sums[3 + i].item() / total for i, name in enumerate(names)})
+    kept_parts = loss_parts(config, teacher is not None)
+    metrics.update({f"val_{name}": sums[3 + i].item() / total for i, name in enumerate(names)
+                    if name in kept_parts})
     if kept_sums is not None:
         kept_sums = all_reduce_sum(kept_sums.double().to(device)).cpu()
         metrics.update({f"val_kept_s{k + 1}": v / total for k, v in enumerate(kept_sums.tolist())})
@@ -276,62 +324,61 @@ def validate(model, teacher, loader, config, device) -> tuple[dict, tuple[Tensor
     return metrics, shown
 
 
-def stop_for_good(config: dict, epoch: int, message: str, *, record: bool) -> None:
+def stop_for_good(location: RunLocation, epoch: int, message: str, *, record: bool) -> None:
     """Tell the driver (a fault record in the run's storage, written by the rank that ``record`` s) and the
     callbacks (a report without a checkpoint, so the last good checkpoint stays the latest) that the run
     stops: a NaN / inf loss or a bad sample, which a restart would meet again."""
     if record:
-        write_record(config["ray_storage"], config["ray_name"], {"epoch": epoch, "error": message},
-                     FAULT_RECORD)
+        write_record(location, {"epoch": epoch, "error": message}, FAULT_RECORD)
     ray.train.report({"epoch": epoch, STOPPED: message})
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point (see the module docstring for ``config``)."""
-    if not config["verbose"]:  # Ray Train's per-report INFO lines go to the root logger's console
+def train_loop_per_worker(job: WorkerJob) -> None:
+    """Ray Train entry point (see the module docstring)."""
+    config = job.config
+    if not config.verbose:  # Ray Train's per-report INFO lines go to the root logger's console
         logging.getLogger().setLevel(logging.WARNING)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    threads = max(1, int(config["cpus_per_worker"]))
+    threads = max(1, int(config.cpus_per_worker))
     if device.type == "cpu":
         torch.set_num_threads(threads)
-    init = ray.get(config["init_weights"])
+    init = ray.get(job.init_weights)
     student, teacher = build_models(init, device)
-    if config["pretrained"]:
+    if config.pretrained:
         freeze_embeddings(student)
     patch_size = student.patch_embed.patch_size[0]
-    model_gmacs = gmacs(student, config["img_size"])
+    model_gmacs = gmacs(student, config.img_size)
     model = ray.train.torch.prepare_model(student)
-    batch = config["batch_size"] // world
+    batch = config.batch_size // world
     normalization = spot.input_normalization(student)
-    loader_args = {"img_size": config["img_size"], "shard_id": rank, "num_shards": world,
+    loader_args = {"img_size": config.img_size, "shard_id": rank, "num_shards": world,
                    "num_threads": threads, "device": device, **normalization}
 
     def train_loader(epoch: int):
         return make_loader(
-            config["data"], "train", batch_size=batch, train=True, randaugment=config["randaugment"],
-            crop_scale=config["crop_scale"], hflip=config["hflip"], seed=derived_seed(config["seed"], epoch),
+            config.data, "train", batch_size=batch, train=True, randaugment=config.randaugment,
+            crop_scale=config.crop_scale, hflip=config.hflip, seed=derived_seed(config.seed, epoch),
             **loader_args,
         )
 
-    val_loader = make_loader(config["data"], "val", batch_size=batch, train=False, **loader_args)
+    val_loader = make_loader(config.data, "val", batch_size=batch, train=False, **loader_args)
     num_classes = init["spot_config"]["num_classes"]
     mixup = build_mixup(config, num_classes)
     start = 0
     loader = train_loader(start)
-    optimizer, scheduler = build_optimizer(
-        unwrap(model), {**config, "steps_per_epoch": len(loader)}, set(init["fresh"])
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and config["amp"] == "fp16")
+    optimizer, scheduler = build_optimizer(unwrap(model), config, set(init["fresh"]),
+                                           steps_per_epoch=len(loader))
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and config.amp == "fp16")
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             start = load_checkpoint(Path(directory), model, optimizer, scheduler, scaler) + 1
         loader = train_loader(start)
     node_ids = gather_node_ids()
-    for epoch in range(start, config["epochs"]):
-        seed_everything(derived_seed(config["seed"], rank, epoch))
+    for epoch in range(start, config.epochs):
+        seed_everything(derived_seed(config.seed, rank, epoch))
         began = time.perf_counter()
         try:
             metrics = {"epoch": epoch, **train_one_epoch(
@@ -340,13 +387,14 @@ def train_loop_per_worker(config: dict) -> None:
             )}
             val_metrics, shown = validate(model, teacher, val_loader, config, device)
         except NonFiniteLoss as err:  # deterministic: a retry would fail the same way, so no exception
-            stop_for_good(config, epoch, str(err), record=rank == 0)
+            stop_for_good(job.location, epoch, str(err), record=rank == 0)
             return
         except DataFault as err:
-            stop_for_good(config, epoch, str(err), record=err.message is not None)
+            stop_for_good(job.location, epoch, str(err), record=err.message is not None)
             return
         if not np.isfinite(val_metrics["val_total"]):
-            stop_for_good(config, epoch, f"non-finite validation loss at epoch {epoch + 1}", record=rank == 0)
+            stop_for_good(job.location, epoch, f"non-finite validation loss at epoch {epoch + 1}",
+                          record=rank == 0)
             return
         metrics.update(val_metrics)
         metrics.update({"gmacs": model_gmacs, "epoch_time_s": time.perf_counter() - began})
@@ -360,6 +408,6 @@ def train_loop_per_worker(config: dict) -> None:
                                      **normalization)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
-        if epoch + 1 < config["epochs"]:
+        if epoch + 1 < config.epochs:
             del loader
             loader = train_loader(epoch + 1)

@@ -1,8 +1,14 @@
-"""What the project's command lines share: bad input as one line on stderr (exit code 2), the last line of
-a successful run (``RESULT_JSON: {...}``)."""
+"""What the project's command lines share: bad input as one line on stderr (exit code 2), from argparse
+too (:class:`Parser`), and the last line of a successful run (``RESULT_JSON: {...}``).
+
+Every command (``pipelines/*.py``, ``tuning/sweep_lambdas.py``) is a thin ``main(argv) -> exit code`` over a
+library function, and runs as ``python pipelines/<command>.py`` from a checkout: its first lines put the
+repository on ``sys.path`` when it is run as a script (``__package__`` empty), before any project import.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -10,6 +16,14 @@ from pipelines.utils.errors import first_line
 
 RESULT_PREFIX = "RESULT_JSON: "
 BAD_INPUT = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, but a usage error is one line ``<prog>: error: <message>`` (no usage dump),
+    exit code 2."""
+
+    def error(self, message: str):
+        self.exit(BAD_INPUT, f"{self.prog}: error: {message}\n")
 
 
 def bad_input(prog: str, err: BaseException) -> int:

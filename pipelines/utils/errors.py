@@ -21,8 +21,13 @@ class TrackingOutage(RuntimeError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """A run stopped by Ctrl-C after its MLflow run was marked KILLED; the message is the command that
-    continues it (exit code 130)."""
+    """A run stopped by Ctrl-C (or SIGTERM / SIGHUP) after its MLflow run was marked KILLED; the message is
+    the command that continues it, ``checkpoints`` how many it has (None: unknown); exit code 128 + the
+    signal (:mod:`pipelines.utils.signals`)."""
+
+    def __init__(self, command: str, checkpoints: int | None = None) -> None:
+        super().__init__(command)
+        self.checkpoints = checkpoints
 
 
 def first_line(err: BaseException) -> str:

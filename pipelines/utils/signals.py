@@ -1,0 +1,93 @@
+"""SIGTERM and SIGHUP (``timeout``, schedulers, ``kill``, a closed terminal) stop a run the way Ctrl-C does.
+
+Inside :func:`stop_signals`, either signal runs the current SIGINT handler (Ray Train's graceful abort
+while a run trains, else Python's ``KeyboardInterrupt``) and is remembered: :func:`received` tells which
+one came, and :func:`exit_code` gives the shell's convention, 128 + the signal number (130 for Ctrl-C, 143
+for SIGTERM, 129 for SIGHUP).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+_received: list[int] = []
+_active: list[bool] = []  # inside stop_signals
+_holding: list[bool] = []  # inside deferred
+_held: list[int] = []  # signals that came while held
+
+
+def _interrupt(frame) -> None:
+    """What Ctrl-C does now: the current SIGINT handler (Ray Train's while a run trains)."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler) and handler is not _sigint:
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
+
+
+def _as_interrupt(signum: int, frame) -> None:
+    _received.append(signum)
+    if _holding:
+        _held.append(signum)
+        return
+    _interrupt(frame)
+
+
+def _sigint(signum: int, frame) -> None:
+    _as_interrupt(signum, frame)
+
+
+def received() -> int | None:
+    """The first stop signal received inside :func:`stop_signals` (SIGINT too), or None."""
+    return _received[0] if _received else None
+
+
+def exit_code() -> int:
+    """128 + the signal that stopped the run (130 if it was Ctrl-C or none is known)."""
+    return 128 + (received() or signal.SIGINT)
+
+
+def _install() -> None:
+    for s in STOP_SIGNALS:
+        signal.signal(s, _as_interrupt)
+
+
+def reinstall() -> None:
+    """Take SIGTERM / SIGHUP back after ``ray.init``, whose core worker installs a SIGTERM handler of its
+    own (it logs and aborts the process); a no-op outside :func:`stop_signals`."""
+    if _active:
+        _install()
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Stop signals held back for the block and acted on when it ends: a step that must not be cut in
+    two, such as creating a run and recording it. (Python-level: a process-directed signal may land on
+    any thread, so a thread's signal mask would not hold it.)"""
+    _holding.append(True)
+    try:
+        yield
+    finally:
+        _holding.clear()
+        if _held:
+            _held.clear()
+            _interrupt(None)
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[None]:
+    """SIGTERM / SIGHUP handled as Ctrl-C for the block (main thread only); the old handlers restored."""
+    _received.clear()
+    old = {s: signal.getsignal(s) for s in (*STOP_SIGNALS, signal.SIGINT)}
+    signal.signal(signal.SIGINT, _sigint)  # Ray Train replaces it while a run trains
+    _install()
+    _active.append(True)
+    try:
+        yield
+    finally:
+        _active.clear()
+        for s, handler in old.items():
+            signal.signal(s, handler)

@@ -1,0 +1,104 @@
+"""A run's life ends in a true state (issue 27): SIGTERM / SIGHUP stop it as Ctrl-C does (MLflow KILLED,
+one resume command that reproduces the run as started), with real signals to a real finetune process on
+the session's Ray and a real MLflow SQLite store."""
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from pipelines.storage.run_record import RUN_RECORD
+from tests.test_finetune import FINETUNE, _result, history_steps, runs_named
+
+pytestmark = pytest.mark.integration
+EPOCHS = 8  # a tiny epoch takes seconds: enough of them that the signal comes mid-run
+
+
+def _start(name: str, ray_cluster, pipeline_dir: Path, tiny_options: dict, epochs: int) -> subprocess.Popen:
+    """A dense finetune CLI process in its own process group (as a shell job or a scheduler's task)."""
+    options = pipeline_dir / f"{name}.yaml"
+    options.write_text(yaml.safe_dump({**tiny_options, "dense": True, "epochs": epochs, "run_name": name,
+                                       "gpus_per_worker": 0, "vis_images": 0}))
+    return subprocess.Popen(
+        [sys.executable, str(FINETUNE), "--config", str(options), "--address", ray_cluster],
+        cwd=pipeline_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+
+
+def _wait_for(driver: subprocess.Popen, condition, what: str, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and driver.poll() is None and not condition():
+        time.sleep(0.2)
+    assert driver.poll() is None, f"the driver ended before {what}: {driver.communicate()[1][-2000:]}"
+    assert condition(), f"no {what} in {timeout_s} s"
+
+
+def _run_id(record: Path) -> str | None:
+    return json.loads(record.read_text())["mlflow_run_id"] if record.exists() else None
+
+
+def test_sigterm_to_the_process_group_ends_the_run_killed_and_its_command_resumes_it_as_started(
+    ray_cluster, pipeline_dir, tiny_options, mlflow_uri
+):
+    name = "sigterm"
+    driver = _start(name, ray_cluster, pipeline_dir, tiny_options, epochs=EPOCHS)
+    record = Path(tiny_options["storage"]) / name / RUN_RECORD
+    _wait_for(driver, lambda: _run_id(record) and history_steps(mlflow_uri, _run_id(record), "val_acc1"),
+              "first epoch in MLflow")
+    os.killpg(driver.pid, signal.SIGTERM)  # what `timeout`, schedulers and `kill -- -PGID` send
+    stdout, stderr = driver.communicate(timeout=300)
+    assert driver.returncode == 143, stderr[-3000:]
+    assert "RESULT_JSON" not in stdout
+    [run] = runs_named(mlflow_uri, "tests", name)
+    assert run.info.run_id == _run_id(record) and run.info.status == "KILLED"
+    kept = len(list(record.parent.glob("checkpoint_*")))
+    assert kept >= 1
+    [line] = [ln for ln in stderr.splitlines() if ln.startswith("finetune: interrupted")]
+    assert line == ("finetune: interrupted (SIGTERM); MLflow run marked KILLED, its checkpoints kept. "
+                    "Continue with:")
+    [command] = [ln.strip() for ln in stderr.splitlines() if "--resume" in ln]
+    args = shlex.split(command)
+    assert args[:2] == ["python", "pipelines/finetune.py"]
+    flags = dict(zip(args[2::2], args[3::2], strict=False))
+    assert args[2] == "--resume" and " --run-name sigterm " in command
+    # the run as started: its workers, its cluster, its resources
+    assert re.search(rf"--num-workers 2 --gpus-per-worker 0 --cpus-per-worker 1 .*--address {ray_cluster}",
+                     command), command
+
+    resumed = subprocess.run([sys.executable, str(FINETUNE), *args[2:]], cwd=pipeline_dir,
+                             capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    result = _result(resumed.stdout)
+    assert result["mlflow_run_id"] == run.info.run_id and result["epochs_logged"] == list(range(EPOCHS))
+    [run] = runs_named(mlflow_uri, "tests", name)
+    assert run.info.status == "FINISHED" and run.data.params["world_size"] == "2"
+    assert len(result["worker_node_ids"]) == 2, "the resumed run trained with the workers it was started with"
+    assert flags  # parsed as flag / value pairs
+
+
+def test_sighup_before_the_first_checkpoint_ends_the_run_killed_saying_there_is_none(
+    ray_cluster, pipeline_dir, tiny_options, mlflow_uri
+):
+    name = "sighup"
+    driver = _start(name, ray_cluster, pipeline_dir, tiny_options, epochs=2)
+    record = Path(tiny_options["storage"]) / name / RUN_RECORD
+    _wait_for(driver, lambda: _run_id(record) is not None, "MLflow run")
+    os.kill(driver.pid, signal.SIGHUP)  # the terminal closed
+    stdout, stderr = driver.communicate(timeout=300)
+    assert driver.returncode == 129, stderr[-3000:]
+    run = MlflowClient(mlflow_uri).get_run(_run_id(record))
+    assert run.info.status == "KILLED"
+    kept = len(list(record.parent.glob("checkpoint_*")))
+    [line] = [ln for ln in stderr.splitlines() if ln.startswith("finetune: interrupted")]
+    expected = "no checkpoint yet (it starts again at epoch 1)" if kept == 0 else "its checkpoints kept"
+    assert line == f"finetune: interrupted (SIGHUP); MLflow run marked KILLED, {expected}. Continue with:"
+    assert len([ln for ln in stderr.splitlines() if "--resume" in ln]) == 1
