@@ -150,7 +150,7 @@ def run_demo(
     figures = compare.mask_figures(rows, data, Path(RUNS_DIR) / f"demo-{stamp}-token-masks")
     run_id = compare.log_comparison(
         results, table, figures, tracking_uri=dense_config.mlflow_uri, experiment=EXPERIMENT, data=data,
-        models={"dense": dense_uri, "spot": spot_uri}, parent=parent,
+        models={"dense": dense_uri, "spot": spot_uri, "heuristic": heuristic_uri}, parent=parent,
     )
     parent.end("FINISHED")
     return {
