@@ -177,9 +177,9 @@ def test_yaml_config_and_command_line_precedence(digits_shards, tmp_path):
         ({"selector": "best"}, "--selector 'best'"),
         ({"resume": True}, "--resume needs the --run-name"),
         ({"model_args": {"img_size": 64}}, "use --img-size"),
-        ({"crop_scale": 0}, r"--crop-scale 0: must be in \(0, 1\]"),
-        ({"hflip": 1.5}, r"--hflip 1.5: must be in \[0, 1\]"),
-        ({"std": [0.2, 0.0, 0.2]}, r"--std \[0.2, 0.0, 0.2\]: must be > 0"),
+        ({"crop_scale": 0}, r"--crop-scale 0: must be > 0, <= 1"),
+        ({"hflip": 1.5}, r"--hflip 1.5: must be >= 0, <= 1"),
+        ({"std": [0.2, 0.0, 0.2]}, r"--std 0.2 0 0.2: must be > 0 \(each value\)"),
         ({"mean": [0.5, 0.5]}, r"--mean \[0.5, 0.5\]: expected 3 numbers"),
     ],
 )
