@@ -152,15 +152,15 @@ def _lambdas(config: RunConfig) -> dict[str, float]:
     return {"rate": config.lambda_rate, "kl": config.lambda_kl, "token": config.lambda_token}
 
 
-def loss_parts(config: dict, has_teacher: bool) -> tuple[str, ...]:
+def loss_parts(config: RunConfig, has_teacher: bool) -> tuple[str, ...]:
     """The loss parts that this run computes (the others are constant zeros, not logged): the rate loss
     needs token selection (rho), the KL loss a teacher, the token loss a teacher and ``lambda_token`` > 0."""
     parts = ["ce"]
-    if config["rho"] is not None:
+    if config.rho is not None:
         parts.append("rate")
     if has_teacher:
         parts.append("kl")
-        if config["lambda_token"] > 0:
+        if config.lambda_token > 0:
             parts.append("token")
     return (*parts, "total")
 
