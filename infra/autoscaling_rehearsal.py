@@ -278,6 +278,7 @@ TINY = ["--model-arg", "depth=4", "--model-arg", "embed_dim=32", "--model-arg", 
 def job_cmd(kind: str, cluster: AutoscalingCluster, root: Path, name: str) -> list[str]:
     common = ["--address", cluster.gcs_address, "--num-workers", "1", "--cpus-per-worker", "1",
               "--gpus-per-worker", "0", "--img-size", "32", "--storage", str(root / "storage"),
+              "--shared-storage",  # every node of the rehearsal is this machine; its autoscaler adds nodes
               "--mlflow-uri", f"sqlite:///{root / name / 'mlflow.db'}"]
     if kind == "finetune":
         return [sys.executable, str(REPO / "pipelines" / "finetune.py"), *common, "--epochs", "1",

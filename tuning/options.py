@@ -93,6 +93,7 @@ def build_parser(description: str, epilog: str) -> argparse.ArgumentParser:
     add_field(group, RunConfig, "address")
     add_field(group, RunConfig, "storage",
               help=f"sweep and Train run storage: local dir, s3://, gs://, NFS [default: ./{RUNS_DIR}]")
+    add_field(group, RunConfig, "shared_storage")
     add_own(group, "name")
     add_field(group, RunConfig, "experiment", default=EXPERIMENT,
               help=f"MLflow experiment [default: {EXPERIMENT}]")

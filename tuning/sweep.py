@@ -263,7 +263,7 @@ def sweep(plan: dict, address: str | None) -> dict | None:
                 gpus = worker_gpus(config.gpus_per_worker, config.num_workers, address)
                 config = replace(config, gpus_per_worker=gpus)
                 setup["options"]["gpus_per_worker"] = config.gpus_per_worker
-                check_shared_storage(setup["storage"], address)
+                check_shared_storage(setup["storage"], address, config.shared_storage)
             setup["max_concurrent"] = setup["max_concurrent"] or default_max_concurrent(
                 ray.cluster_resources(), config
             )

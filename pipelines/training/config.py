@@ -178,6 +178,8 @@ class RunConfig:
                                  "local Ray", metavar="ADDR")
     storage: str | None = option(None, "checkpoint storage: local dir, s3://, gs://, or a shared FS "
                                  f"(default: ./{RUNS_DIR})", metavar="URI")
+    shared_storage: bool = option(False, "with --address: the local --storage path is on a mount every node "
+                                  "reads, of a kind the check does not recognise as shared")
     max_failures: int = option(3, "worker-group restarts allowed (worker or node loss)", ge=-1)
     keep_checkpoints: int = option(2, "checkpoints kept (best by validation top-1; the latest is always "
                                    "kept)", ge=1)

@@ -216,7 +216,7 @@ def run(config: RunConfig, parent: MlflowRun | None = None) -> dict:
         if config.address is not None:  # what a cluster can give is known once joined, before any run
             config = replace(config, gpus_per_worker=worker_gpus(config.gpus_per_worker, config.num_workers,
                                                                  config.address))
-            check_shared_storage(location.storage, config.address)
+            check_shared_storage(location.storage, config.address, config.shared_storage)
         mlflow_run = None
         try:
             with signals.deferred():  # created and recorded as one step

@@ -103,11 +103,11 @@ def _mount_type(path: str) -> str:
     return kind
 
 
-def check_shared_storage(storage: str, address: str) -> None:
-    """A local ``--storage`` on a joined cluster must be readable by every node: on a shared file system,
-    or the cluster is this machine alone (no node elsewhere, no autoscaler that can add one). Raises
-    ``ConfigError`` naming ``--storage``."""
-    if "://" in storage:
+def check_shared_storage(storage: str, address: str, declared_shared: bool = False) -> None:
+    """A local ``--storage`` on a joined cluster must be readable by every node: on a shared file system
+    (recognised, or ``declared_shared`` by ``--shared-storage``), or the cluster is this machine alone (no
+    node elsewhere, no autoscaler that can add one). Raises ``ConfigError`` naming ``--storage``."""
+    if "://" in storage or declared_shared:
         return
     kind = _mount_type(os.path.realpath(storage))
     if kind in SHARED_FILE_SYSTEMS:
@@ -118,7 +118,8 @@ def check_shared_storage(storage: str, address: str) -> None:
     if elsewhere or scaling:
         who = f"nodes {', '.join(elsewhere)}" if elsewhere else "nodes its autoscaler starts"
         raise ConfigError(f"--storage {storage}: a local {kind} path that the other {who} of --address "
-                          f"{address} cannot read; use s3://, gs:// or a shared file system (NFS, EFS)")
+                          f"{address} cannot read; use s3://, gs:// or a shared file system (NFS, EFS; "
+                          "--shared-storage if it is one)")
 
 
 @contextlib.contextmanager
