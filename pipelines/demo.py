@@ -186,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         champion = " (champion)" if r["champion"] else ""
         print(f"registered {label}: models:/{r['registered_model']}/{r['registered_version']}{champion}, "
               f"MLflow run {r['mlflow_run_id']}")
-    print(f"comparison and kept-token figures: MLflow run {demo['evaluation_run_id']}; all three are "
-          f"children of MLflow run {demo['parent_run_id']}")
+    print(f"comparison and kept-token figures: MLflow run {demo['evaluation_run_id']}; every run above is a "
+          f"child of MLflow run {demo['parent_run_id']}")
     print(f"demo wall time {time.monotonic() - started:.0f} s")
     print("\n" + ui_hint(demo["tracking_uri"], demo["experiment_id"]))
     return 0
