@@ -351,3 +351,15 @@ def test_a_model_trained_on_other_data_is_refused_under_the_same_name_and_the_ch
     assert err[0].startswith("finetune: error: registered model 'task' holds versions trained on other data")
     assert len(client.search_runs([experiment])) == runs_before
     assert str(client.get_model_version_by_alias("task", CHAMPION).version) == "1"
+
+
+def test_local_storage_on_a_one_machine_cluster_passes_and_a_declared_shared_mount_always_does(
+    ray_cluster, tmp_path
+):
+    """The real check on the session's Ray (one node, this machine, no autoscaler): a local path is fine;
+    the node's own address, loopback or the host's IP, is never "elsewhere"."""
+    from pipelines.training.ray_session import check_shared_storage
+
+    check_shared_storage(str(tmp_path), ray_cluster)
+    check_shared_storage(str(tmp_path), ray_cluster, declared_shared=True)
+    check_shared_storage("s3://bucket/runs", ray_cluster)

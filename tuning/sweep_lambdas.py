@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the repos
 
 from pipelines.tracking.uri import move_credentials_to_env
 from pipelines.utils.cli import bad_input, print_result
-from pipelines.utils.errors import TrackingError, check
+from pipelines.utils.errors import ConfigError, TrackingError, check
 from tuning import options
 from tuning.sweep import SweepError, prepare, sweep
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {note}", flush=True)
     try:
         result = sweep(plan, args.address)
-    except SweepError as err:  # the cluster cannot run a trial
+    except (SweepError, ConfigError) as err:  # the cluster cannot run a trial, or cannot read --storage
         return bad_input("sweep_lambdas", err)
     if result is None:
         return 130

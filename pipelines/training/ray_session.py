@@ -112,8 +112,8 @@ def check_shared_storage(storage: str, address: str, declared_shared: bool = Fal
     kind = _mount_type(os.path.realpath(storage))
     if kind in SHARED_FILE_SYSTEMS:
         return
-    here = ray.util.get_node_ip_address()
-    elsewhere = sorted({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]} - {here})
+    here = {ray.util.get_node_ip_address(), "127.0.0.1", socket.gethostbyname(socket.gethostname())}
+    elsewhere = sorted({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]} - here)
     scaling = bool(_autoscaler_resources())
     if elsewhere or scaling:
         who = f"nodes {', '.join(elsewhere)}" if elsewhere else "nodes its autoscaler starts"
