@@ -12,10 +12,10 @@ import mlflow
 import onnx
 import torch
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 from torch.onnx._constants import ONNX_MAX_OPSET
 
 import spot
+from pipelines.tracking.lineage import registered_version
 from pipelines.tracking.registry import load_model
 from pipelines.utils.errors import ConfigError, check
 from spot.export import check_onnx, export_onnx
@@ -117,9 +117,9 @@ def log_export(uri: str, path: Path, report: dict) -> dict:
     if info.model_id:  # the model itself (what a registered version points to) gets the file too
         client.log_model_artifact(info.model_id, str(path), ONNX_DIR)
         out["attached_to_model"] = info.model_id
-    version = _registered_version(client, uri)
+    version = registered_version(client, uri)
     if version is not None:
-        name, number = version
+        name, number = version.name, version.version
         client.set_model_version_tag(name, number, "onnx_model_uri", onnx_info.model_uri)
         client.set_model_version_tag(name, number, "onnx_file", f"{ONNX_DIR}/{path.name}")
         if "logits_max_abs" in report:
@@ -128,18 +128,3 @@ def log_export(uri: str, path: Path, report: dict) -> dict:
             )
         out["registered_version"] = f"models:/{name}/{number}"
     return out
-
-
-def _registered_version(client: MlflowClient, uri: str) -> tuple[str, str] | None:
-    """(name, version) of a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI, else None."""
-    if not uri.startswith("models:/"):
-        return None
-    ref = uri.removeprefix("models:/")
-    try:
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            return name, client.get_model_version_by_alias(name, alias).version
-        name, _, number = ref.partition("/")
-        return (name, number) if number.isdigit() else None
-    except MlflowException:
-        return None
