@@ -14,6 +14,7 @@ same canvases. Each sample's meta records the digit's box, from which its patche
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,20 +84,30 @@ def render(
     return np.clip(canvas, 0, 255).astype(np.uint8), (top, left, DIGIT_SIDE)
 
 
-def make_canvases(split: str, seed: int = 0) -> list[Canvas]:
-    """``CANVASES_PER_SCAN[split]`` canvases per scan of ``split``, deterministic in ``seed``."""
+def make_canvases(
+    split: str,
+    seed: int = 0,
+    *,
+    draw: Callable = render,
+    clutter_pieces: int = CLUTTER_PIECES,
+    fragment: int = FRAGMENT,
+    stream: tuple[int, ...] = (),
+) -> list[Canvas]:
+    """``CANVASES_PER_SCAN[split]`` canvases per scan of ``split``, deterministic in ``seed``. A variant of
+    the task (:mod:`pipelines.data.hard_cluttered_digits`) passes its own ``draw`` (``render``'s
+    signature), clutter count and fragment side, and a ``stream`` that keeps its random numbers apart."""
     scans, digits = split_scans(split)
     images = np.round(digits.images * (255 / 16)).astype(np.uint8)
-    rng = np.random.default_rng([seed, list(CANVASES_PER_SCAN).index(split)])
+    rng = np.random.default_rng([seed, list(CANVASES_PER_SCAN).index(split), *stream])
     out = []
     for _ in range(CANVASES_PER_SCAN[split]):
         for scan in scans:
-            others = rng.choice(scans[scans != scan], size=CLUTTER_PIECES)
+            others = rng.choice(scans[scans != scan], size=clutter_pieces)
             fragments = []
             for other in others:
-                y, x = (int(v) for v in rng.integers(0, 8 - FRAGMENT + 1, size=2))
-                fragments.append(images[other, y : y + FRAGMENT, x : x + FRAGMENT])
-            pixels, box = render(images[scan], fragments, rng)
+                y, x = (int(v) for v in rng.integers(0, 8 - fragment + 1, size=2))
+                fragments.append(images[other, y : y + fragment, x : x + fragment])
+            pixels, box = draw(images[scan], fragments, rng)
             clutter = tuple(int(o) for o in others)
             out.append(Canvas(pixels, int(digits.target[scan]), int(scan), box, clutter))
     return out

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipelines.data.cluttered_digits import SCALE, Canvas, split_scans
+from pipelines.data import cluttered_digits
+from pipelines.data.cluttered_digits import SCALE, Canvas
 
 CANVAS = 64
 DIGIT_SIDE = 8 * SCALE
@@ -23,7 +24,6 @@ FRAGMENT = 4  # side of a clutter fragment in scan pixels
 CLUTTER_PIECES = 14
 MAX_OVERLAP = 0.25  # largest fraction of a fragment's area inside the digit's box
 NOISE_STD = 0.08  # Gaussian sensor noise, fraction of full scale
-CANVASES_PER_SCAN = {"train": 8, "val": 5}
 # Pixel mean / std of the train split on the [0, 1] scale (``pixel_stats("train")``, checked by the tests)
 PIXEL_MEAN = 0.131
 PIXEL_STD = 0.260
@@ -65,22 +65,10 @@ def render(
 
 
 def make_canvases(split: str, seed: int = 0) -> list[Canvas]:
-    """``CANVASES_PER_SCAN[split]`` canvases per scan of ``split``, deterministic in ``seed``."""
-    scans, digits = split_scans(split)
-    images = np.round(digits.images * (255 / 16)).astype(np.uint8)
-    rng = np.random.default_rng([seed, list(CANVASES_PER_SCAN).index(split), 1])
-    out = []
-    for _ in range(CANVASES_PER_SCAN[split]):
-        for scan in scans:
-            others = rng.choice(scans[scans != scan], size=CLUTTER_PIECES)
-            fragments = []
-            for other in others:
-                y, x = (int(v) for v in rng.integers(0, 8 - FRAGMENT + 1, size=2))
-                fragments.append(images[other, y : y + FRAGMENT, x : x + FRAGMENT])
-            pixels, box = render(images[scan], fragments, rng)
-            clutter = tuple(int(o) for o in others)
-            out.append(Canvas(pixels, int(digits.target[scan]), int(scan), box, clutter))
-    return out
+    """The built-in task's canvases of ``split`` (its scans, split and canvases per scan), drawn by
+    :func:`render`, deterministic in ``seed``."""
+    return cluttered_digits.make_canvases(split, seed, draw=render, clutter_pieces=CLUTTER_PIECES,
+                                          fragment=FRAGMENT, stream=(1,))
 
 
 def pixel_stats(split: str, seed: int = 0) -> tuple[float, float]:
