@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.evaluation.metrics import measure_throughput, model_row
+from pipelines.evaluation.metrics import measure_throughputs, model_row
 from pipelines.tracking.mlflow_run import log_results
 from pipelines.tracking.registry import load_model
 from pipelines.utils.table import markdown_table
@@ -22,14 +22,18 @@ def evaluate(
     model = load_model(uri)
     row = {"model": label, "uri": str(uri), "rho": model.spot_config["rho"]}
     row.update(model_row(model, data, batch_size=batch_size, device=device))
-    row["images_per_s"] = measure_throughput(model, batch_size=throughput_batch, device=device)
+    row.update(measure_throughputs([model], batch_size=throughput_batch, device=device)[0])
     row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
     return row
 
 
+def _images_per_s(row: dict) -> str:
+    return "noisy" if row.get("noisy") else f"{row['images_per_s']:.0f}"
+
+
 def _cells(row: dict) -> dict:
     return dict(zip(COLUMNS, [row["model"], f"{100 * row['top1']:.2f}", f"{100 * row['top5']:.2f}",
-                              f"{row['gmacs']:.4g}", f"{row['params_m']:.3f}", f"{row['images_per_s']:.0f}"],
+                              f"{row['gmacs']:.4g}", f"{row['params_m']:.3f}", _images_per_s(row)],
                     strict=True))
 
 

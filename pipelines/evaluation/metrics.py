@@ -40,30 +40,6 @@ def evaluate_model(model: nn.Module, data: str | Path, *, batch_size: int, devic
     return {"top1": top1 / seen, "top5": top5 / seen, "samples": seen}
 
 
-@torch.inference_mode()
-def measure_throughput(
-    model: nn.Module, *, batch_size: int, device: torch.device, warmup: int = 3, min_time_s: float = 2.0
-) -> float:
-    """Images/s of ``model``'s forward on a random batch, timed over at least ``min_time_s``."""
-    img_size = model.spot_config.get("img_size", 224)
-    model = model.eval().to(device)
-    images = torch.randn(batch_size, 3, img_size, img_size, device=device)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        model(images)
-    sync()
-    runs, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < min_time_s or runs < 3:
-        model(images)
-        sync()
-        runs += 1
-    return runs * batch_size / elapsed
-
-
 def model_row(model: nn.Module, data: str | Path, *, batch_size: int, device: torch.device) -> dict:
     """``top1``, ``top5``, ``samples`` (:func:`evaluate_model`) and ``gmacs`` (``spot.gmacs`` at the
     model's image size) of ``model``: the accuracy columns of an evaluate or compare row."""
