@@ -18,7 +18,6 @@ command that finishes it.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 
@@ -47,10 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def signal_name() -> str:
-    return signal.Signals(signals.received() or signal.SIGINT).name
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -64,11 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as err:
         kept = ("no checkpoint yet (it starts again at epoch 1)" if err.checkpoints == 0
                 else "its checkpoints kept")  # an epoch ending as the run stops may still add one
-        print(f"finetune: interrupted ({signal_name()}); MLflow run marked KILLED, {kept}. Continue with:\n"
+        print(f"finetune: interrupted ({signals.name()}); MLflow run marked KILLED, {kept}. Continue with:\n"
               f"  {err}", file=sys.stderr)
         return signals.exit_code()
     except KeyboardInterrupt:  # before the run started: nothing recorded, nothing to continue
-        print(f"finetune: interrupted ({signal_name()}) before the run started; nothing recorded",
+        print(f"finetune: interrupted ({signals.name()}) before the run started; nothing recorded",
               file=sys.stderr)
         return signals.exit_code()
     except TrackingOutage as err:  # trained; MLflow down at the end: the message says how to finish later

@@ -4,6 +4,7 @@ SQLite store) of a tiny model on the digits shards: tracking, plot, registry, bu
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -195,35 +196,55 @@ def test_budget_sweep_never_registers_an_infeasible_trial(budget_sweep):
 
 
 @pytest.mark.integration
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(workdir, ray_cluster):
+def test_sigterm_to_the_sweep_kills_its_runs_and_its_one_command_resumes_it(workdir, ray_cluster):
+    """SIGTERM to the sweep's process group (what `timeout`, schedulers and `kill -- -PGID` send; Ctrl-C and
+    SIGHUP take the same path) while trial 2 trains, trial 1 finished: exit 143, the sweep's run and trial
+    2's run KILLED, one resume command (Tune's own hint silenced); that command completes the sweep
+    without running trial 1 again or a second run of trial 2."""
     args = [
         *TINY_ARGS, "--address", ray_cluster, "--num-samples", "2", "--epochs", "1", "--max-concurrent", "1",
         "--searcher", "random",
         "--experiment", "resume", "--register-as", "tiny-resume", "--name", "resumable",
     ]
     log = workdir / "interrupted.out"
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+
+    def trial_runs() -> int:
+        experiment = client.get_experiment_by_name("resume")
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        return sum("mlflow.parentRunId" in r.data.tags for r in runs)
+
     with open(log, "w") as out, open(workdir / "interrupted.err", "w") as err:
         proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=workdir, env=_env(), stdout=out,
-                                stderr=err)
+                                stderr=err, start_new_session=True)
         deadline = time.monotonic() + 420
         first = None
-        while first is None and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(1)
+        while (first is None or trial_runs() < 2) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
             done = [line.split()[1].rstrip(":") for line in log.read_text().splitlines()
                     if line.startswith("trial ") and ": completed after" in line]
             first = done[0] if done else None
-        assert first is not None, log.read_text()[-3000:]
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=300) == 130, log.read_text()[-3000:]
-    assert "--resume" in (workdir / "interrupted.err").read_text()
+        assert first is not None and trial_runs() == 2, log.read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=300) == 143, log.read_text()[-3000:]
+    stderr = (workdir / "interrupted.err").read_text()
+    assert "Tuner.restore" not in stderr and "Stop signal received" not in stderr
+    [line] = [ln for ln in stderr.splitlines() if ln.startswith("sweep_lambdas: interrupted")]
+    assert line == ("sweep_lambdas: interrupted (SIGTERM); MLflow runs of the sweep and of its 1 running "
+                    "trial(s) marked KILLED, finished trials and checkpoints kept. Continue with:")
+    [command] = [ln.strip() for ln in stderr.splitlines() if "--resume" in ln]
+    resume = shlex.split(command)
+    assert resume[:2] == ["python", "tuning/sweep_lambdas.py"], command
+    parent, children = runs_of(client, "resume")
+    assert parent.info.status == "KILLED"
+    state = {c.data.tags["sweep_trial_id"]: (c.info.status, c.data.tags["trial_status"]) for c in children}
+    [second] = set(state) - {first}
+    assert state == {first: ("FINISHED", "completed"), second: ("KILLED", "interrupted")}
     path = workdir / "ray_results" / "resumable"
     first_run = path / "train_runs" / train_name(first)
     before = {p.relative_to(first_run): p.stat().st_mtime_ns for p in first_run.rglob("*")}
-    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
-    parent, _ = runs_of(client, "resume")
-    assert parent.info.status == "KILLED"
 
-    code, out, result = run_sweep(workdir, "--resume", str(path), "--address", ray_cluster)
+    code, out, result = run_sweep(workdir, *resume[2:])
     assert code == 0, out[-3000:]
     assert result["trials"] == 2 and result["completed"] == 2
     assert f"trial {first}:" not in out  # finished before the interruption: not run (nor closed) again

@@ -98,6 +98,14 @@ class MlflowRun:
         )
         return MlflowRun(self.uri, runs[0].info.run_id) if runs else None
 
+    def running_children(self) -> list[MlflowRun]:
+        """The child runs of this one that are still RUNNING."""
+        runs = self.client.search_runs(
+            [self.info.experiment_id],
+            filter_string=f"attributes.status = 'RUNNING' and tags.`{PARENT_TAG}` = '{self.run_id}'",
+        )
+        return [MlflowRun(self.uri, r.info.run_id) for r in runs]
+
     def log_params(self, params: dict) -> None:
         """Log ``params`` (values as strings, None as "None")."""
         self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
