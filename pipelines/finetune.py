@@ -30,6 +30,7 @@ from pipelines.data.manifest import DataError
 from pipelines.tracking.uri import move_credentials_to_env
 from pipelines.training.config import add_options, given_values, make_builtin_data, resolve_config
 from pipelines.training.job import run
+from pipelines.training.trainer import failure_cause
 from pipelines.utils import signals
 from pipelines.utils.cli import Parser, bad_input, print_result
 from pipelines.utils.errors import Interrupted, TrackingError, TrackingOutage, TrainingError, first_line
@@ -72,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as err:  # stopped for good (non-finite loss): the message says where
         print(f"finetune: training failed: {first_line(err)}", file=sys.stderr)
         return 1
-    except TrainingFailedError as err:
-        print(f"finetune: training failed: {first_line(err)}", file=sys.stderr)
+    except TrainingFailedError as err:  # the workers failed --max-failures + 1 times: say why
+        print(f"finetune: training failed: {failure_cause(err)}", file=sys.stderr)
         return 1
     print_result(result)
     return 0

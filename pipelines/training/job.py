@@ -30,7 +30,7 @@ from pipelines.tracking.mlflow_run import MlflowRun
 from pipelines.tracking.registry import check_same_task, data_tags, register_best
 from pipelines.training.config import PLACEMENT_KEYS, RunConfig, flag
 from pipelines.training.ray_session import check_shared_storage, ray_session, worker_gpus
-from pipelines.training.trainer import fit_run
+from pipelines.training.trainer import failure_cause, fit_run
 from pipelines.training.weights import ModelSummary, prepare_init
 from pipelines.utils import signals
 from pipelines.utils.errors import (
@@ -227,10 +227,10 @@ def run(config: RunConfig, parent: MlflowRun | None = None) -> dict:
                     with mlflow_run.system_metrics():
                         result, fault = fit_run(config, location, init=init, tracking_uri=uri,
                                                 mlflow_run_id=mlflow_run.run_id)
-                except Exception:
+                except Exception as err:
                     if signals.received():  # a stop signal to the process group also hit Ray's processes
                         raise KeyboardInterrupt from None
-                    end_run(mlflow_run, "FAILED")
+                    end_run(mlflow_run, "FAILED", {STOPPED: failure_cause(err)[:5000]})
                     raise
                 stop_on_fault(result, mlflow_run, fault)
                 if aborted(result, config):  # Ray Train aborted the run on Ctrl-C and fit() returned
