@@ -299,3 +299,54 @@ def test_digits_sweep_without_a_registered_dense_model_says_it_trains_from_scrat
     assert plan["config"].pretrained is None
     assert any("trials train SPOT from scratch" in n for n in plan["notes"])
     assert any(n.startswith("lambda_kl fixed at 0") for n in plan["notes"])  # no teacher: l2 not searched
+
+
+def test_a_teacher_trained_on_other_data_is_refused_before_anything_starts(digits_shards, tmp_path, capsys,
+                                                                            monkeypatch):
+    """A real SQLite registry: a dense teacher of the trials' architecture whose version records another
+    data set (the same digits stored at 24 px, trained at 32 px, 10 classes: only the manifest differs) is
+    refused in one line
+    naming both data sets, exit 2, before the sweep's run or storage exist; the same model registered on
+    the trials' data passes."""
+    import mlflow
+
+    from pipelines.data.shards import write_shards
+    from pipelines.storage.checkpoints import CONFIG_FILE, MODEL_FILE
+    from pipelines.tracking.registry import data_tags, register_checkpoint
+    from tuning.sweep import prepare
+    from tuning.sweep_lambdas import build_parser, main
+
+    other = tmp_path / "other"
+    for split in ("train", "val"):
+        write_shards("digits", other, split=split, img_size=24, workers=1)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("teachers", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    checkpoint = tmp_path / "teacher"
+    checkpoint.mkdir()
+    model = spot.create_model("deit_t", rho=None, img_size=32, num_classes=10, **TINY)
+    (checkpoint / CONFIG_FILE).write_text(json.dumps(model.spot_config))
+    torch.save(model.state_dict(), checkpoint / MODEL_FILE)
+    metrics = {"val_acc1": 0.5, "val_acc5": 0.9, "gmacs": 0.01, "epoch": 1}
+    for name, data in (("teacher-other", other), ("teacher-same", digits_shards)):
+        run_id = client.create_run(experiment).info.run_id
+        client.log_param(run_id, "data", str(data))
+        register_checkpoint(checkpoint, run_id=run_id, name=name, metrics=metrics, data=data_tags(data, 32))
+    theirs, ours = data_tags(other, 32)["data_digest"], data_tags(digits_shards, 32)["data_digest"]
+    assert theirs != ours
+
+    base = [*TINY_ARGS, "--data", str(digits_shards), "--mlflow-uri", uri,
+            "--storage", str(tmp_path / "sweeps"), "--name", "taught"]
+    capsys.readouterr()
+    assert main([*base, "--pretrained", "models:/teacher-other@champion"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line == (
+        f"sweep_lambdas: error: --pretrained models:/teacher-other@champion: the teacher was trained on "
+        f"{other} (manifest {theirs}, 10 classes, 32 px), the trials train on {digits_shards} (manifest "
+        f"{ours}, 10 classes, 32 px); a teacher must know the trials' data set (--pretrained a model "
+        "trained on it)")
+    assert not (tmp_path / "sweeps").exists() and client.get_experiment_by_name("spot-sweep") is None
+    plan = prepare(build_parser().parse_args([*base, "--pretrained", "models:/teacher-same/1"]), tmp_path)
+    assert plan["config"].pretrained == "models:/teacher-same/1"

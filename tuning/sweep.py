@@ -29,8 +29,9 @@ from pipelines.storage.location import RunLocation
 from pipelines.storage.run_record import SWEEP_RECORD, read_record, write_record
 from pipelines.tracking import store
 from pipelines.tracking.datasets import log_shard_inputs
+from pipelines.tracking.lineage import registered_version
 from pipelines.tracking.mlflow_run import MlflowRun
-from pipelines.tracking.registry import CHAMPION, champion_metrics, load_model
+from pipelines.tracking.registry import CHAMPION, DATA_TAGS, champion_metrics, data_tags, load_model
 from pipelines.tracking.uri import resolve_tracking_uri
 from pipelines.training.config import (
     RUNS_DIR,
@@ -74,7 +75,7 @@ def digits_teacher(given: dict, uri: str, cwd: Path, notes: list[str]) -> str | 
     """The dense model a digits sweep fine-tunes (and distils) from: the champion that ``make demo`` or
     ``finetune.py --dense`` registered in ``uri``, if its architecture is the trials'; else None (trials
     train SPOT from scratch), with a note either way."""
-    arch_keys = ("backbone", "img_size", "model_args", "mean", "std")
+    arch_keys = ("source", "backbone", "img_size", "model_args", "mean", "std")
     dense = resolve_config({"dense": True, **{k: given[k] for k in arch_keys if k in given}}, cwd=cwd)
     teacher = f"models:/{dense.register_as}@{CHAMPION}"
     if champion_metrics(MlflowClient(uri), dense.register_as) is not None:
@@ -88,6 +89,34 @@ def digits_teacher(given: dict, uri: str, cwd: Path, notes: list[str]) -> str | 
                  f"{uri} ({teacher}): trials train SPOT from scratch; `make demo` or "
                  "`python pipelines/finetune.py --dense` first registers one to fine-tune from")
     return None
+
+
+def _data_set(tags: dict, path: str | None) -> str:
+    """A data set as the registry records it: its path (where known), manifest digest, classes, image side."""
+    if not any(tags.get(k) for k in DATA_TAGS):
+        return "a data set it does not record (registered before data set tags)"
+    where = f"{path} " if path else ""
+    return (f"{where}(manifest {tags.get('data_digest')}, {tags.get('data_classes')} classes, "
+            f"{tags.get('img_size')} px)")
+
+
+def check_teacher_data(uri: str, config: RunConfig) -> None:
+    """A registered teacher (``--pretrained models:/NAME@ALIAS`` or ``/VERSION``, the digits champion) must
+    have been trained on the trials' data set: its version's data set tags
+    (:func:`pipelines.tracking.registry.data_tags`) equal the trials'. Raises :class:`SweepError` naming
+    both data sets."""
+    client = MlflowClient(uri)
+    version = registered_version(client, config.pretrained) if config.pretrained else None
+    if version is None:
+        return
+    theirs = {k: version.tags.get(k) for k in DATA_TAGS}
+    ours = data_tags(config.data, config.img_size)
+    if theirs == ours:
+        return
+    trained_on = client.get_run(version.run_id).data.params.get("data") if version.run_id else None
+    raise SweepError(f"--pretrained {config.pretrained}: the teacher was trained on "
+                     f"{_data_set(theirs, trained_on)}, the trials train on {_data_set(ours, config.data)}; "
+                     "a teacher must know the trials' data set (--pretrained a model trained on it)")
 
 
 def trial_options(config: RunConfig, given: dict, fixed: dict) -> dict:
@@ -136,6 +165,7 @@ def _prepare_new(args: argparse.Namespace, cwd: Path) -> dict:
     if given.get("data") is None and given.get("pretrained") is None:
         given["pretrained"] = digits_teacher(given, uri, cwd, notes)
     config = resolve_config({**given, "storage": storage}, cwd=cwd)
+    check_teacher_data(uri, config)
     if config.pretrained is None:
         dims, fixed_notes = space.without_teacher(dims)
         notes += fixed_notes
