@@ -201,7 +201,7 @@ class RunConfig:
     # derived by resolve_config
     num_classes: int | None = option(None, "class count of the data", cli=False)
     resume: bool = option(False, "continue the run --run-name whose driver died (same checkpoints, same "
-                          "MLflow run)")
+                          "MLflow run); with --register-as, register it under that name")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -564,7 +564,8 @@ def resolve_config(given: dict, *, cwd: Path | None = None) -> RunConfig:
         saved = {k: saved.get(k, FIELDS[k].default) for k in FIELDS}  # a record from before an option existed
         changed = [k for k in training_keys() if k in given and given[k] != saved[k]]
         check(not changed, f"--resume cannot change training options: {', '.join(changed)}")
-        kept = (*training_keys(), "num_classes", "experiment", "register_as")
+        kept = (*training_keys(), "num_classes", "experiment",
+                *(() if given.get("register_as") else ("register_as",)))  # a new name may be given
         # where it ran: as recorded unless given again (the resumed run is the run as started)
         placement = [k for k in PLACEMENT_KEYS if k not in given and k in record["config"]]
         config = replace(config, **{k: saved[k] for k in (*kept, *placement)})
