@@ -235,6 +235,31 @@ def test_compare_refuses_a_dense_model_as_spot(digits_shards, tmp_path, capsys):
                            "predictors; pass a SPOT model fine-tuned from --dense")
 
 
+def test_evaluate_and_compare_check_their_models_before_making_the_builtin_data(tmp_path, capsys,
+                                                                                monkeypatch):
+    """No --data: the built-in shards would be made first (tens of seconds); a model that cannot be there is
+    refused before, in one line, and no ``data/`` appears."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    good = _checkpoint(tmp_path / "good", rho=None)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cases = [
+        (evaluate_cli, ["--model", "nowhere"], "--model nowhere: no SPOT checkpoint or MLflow model"),
+        (evaluate_cli, ["--model", str(good), "--baseline", "models:/nope@champion", "--mlflow-uri", uri],
+         "--baseline models:/nope@champion: the registry sqlite:"),
+        (compare_cli, ["--dense", str(tmp_path)], f"--dense {tmp_path}: no SPOT checkpoint or MLflow model"),
+        (compare_cli, ["--dense", str(good), "--spot", "models:/nope/1"],
+         "--spot models:/nope/1: the registry sqlite:"),
+    ]
+    for command, argv, message in cases:
+        prog = command.__name__.rsplit(".", 1)[1]
+        assert command.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        [line] = [ln for ln in err.splitlines() if not ln.startswith("20")]  # MLflow's dated INFO lines
+        assert line.startswith(f"{prog}: error: {message}"), err
+    assert not (tmp_path / "data").exists()
+
+
 # --- make_shards ------------------------------------------------------------------------------------------
 
 
