@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import tempfile
 import types
@@ -38,6 +39,7 @@ from pipelines.utils.errors import ConfigError, check, first_line
 from spot.config import SELECTORS
 from spot.losses import default_lambdas
 
+log = logging.getLogger(__name__)
 DIGITS_SOURCE = "cluttered-digits"  # the built-in task (pipelines/data/cluttered_digits.py)
 DIGITS_DIR = f"data/{DIGITS_SOURCE}"
 HARD = hard_cluttered_digits
@@ -270,6 +272,12 @@ def check_ranges(owner: Any) -> None:
         shown = " ".join(f"{v:g}" for v in values)
         check(ok, f"{flag(f.name)} {shown}: must be {describe_bounds(bounds)}"
               + (" (each value)" if isinstance(value, list | tuple) else ""))
+
+
+def field_default(name: str) -> Any:
+    """The default value of the ``RunConfig`` field ``name`` (a fresh one of a ``default_factory``)."""
+    f = FIELDS[name]
+    return f.default if f.default is not MISSING else f.default_factory()
 
 
 def help_text(f: Field, *, default: Any = MISSING, digits: Any = MISSING) -> str:
@@ -561,7 +569,12 @@ def resolve_config(given: dict, *, cwd: Path | None = None) -> RunConfig:
         check(record is not None and "config" in record,
               f"--resume: no run {config.run_name!r} in {config.storage}")
         saved = record["config"]
-        saved = {k: saved.get(k, FIELDS[k].default) for k in FIELDS}  # a record from before an option existed
+        unrecorded = [k for k in training_keys() if k not in saved]  # a record from before they existed
+        if unrecorded:
+            log.warning("--resume: run %r recorded no value of %s (older than these options); today's "
+                        "defaults are used: %s", config.run_name, ", ".join(flag(k) for k in unrecorded),
+                        ", ".join(f"{flag(k)} {field_default(k)!r}" for k in unrecorded))
+        saved = {k: saved[k] if k in saved else field_default(k) for k in FIELDS}
         changed = [k for k in training_keys() if k in given and given[k] != saved[k]]
         check(not changed, f"--resume cannot change training options: {', '.join(changed)}")
         kept = (*training_keys(), "num_classes", "experiment",
