@@ -53,9 +53,9 @@ from tuning.trial import METRIC, TIME_ATTR, TrialRuns, close_interrupted, run_tr
 
 TRIAL_RETRIES = 1  # a trial whose driver dies is restarted once (its Train run resumes)
 DRIVER_CPUS = 0.25  # a trial driver only waits on its Train run
-# Options derived from searched ones: each trial re-derives them unless they were given.
 TUNE_LOGGER = "ray.tune.tune"  # where Tune logs its interrupt lines
 TUNE_INTERRUPT_LINES = ("Stop signal received", "Experiment has been interrupted")
+# Options derived from searched ones: each trial re-derives them unless they were given.
 DERIVED = ("rho", "predictor_lr", "lambda_rate", "lambda_kl", "lambda_token")
 
 
