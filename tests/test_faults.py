@@ -197,6 +197,58 @@ def test_a_corrupt_shard_under_an_intact_manifest_fails_the_run_at_once_naming_i
     assert "RESULT_JSON" not in out_text
 
 
+@pytest.mark.integration
+def test_a_worker_killed_with_no_restart_left_is_named_on_the_console_and_in_mlflow(
+    ray_cluster, pipeline_dir, tiny_options, tmp_path, capsys
+):
+    """SIGKILL to a Train worker of a run with ``--max-failures 0``: the run fails for good; the console line
+    and ``stop_reason`` say which rank failed and how, not only Ray's "Training failed due to worker
+    errors:"; the run is FAILED, nothing registered."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from ray.util.state import list_actors
+
+    name = "killed-worker"
+    record = Path(tiny_options["storage"]) / name / RUN_RECORD
+    snapshot = record.parent / "checkpoint_manager_snapshot.json"  # training, not starting: a failure
+    killed, errors = [], []
+
+    def kill_a_worker():
+        deadline = time.monotonic() + 300
+        alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+        while not killed and time.monotonic() < deadline:
+            time.sleep(0.5)
+            try:
+                workers = list_actors(address=ray_cluster, filters=alive) if snapshot.exists() else []
+                if len(workers) == 2:
+                    os.kill(max(workers, key=lambda a: a.pid).pid, signal.SIGKILL)
+                    killed.append(True)
+            except Exception as err:  # reported by the assertion below
+                errors.append(repr(err))
+
+    killer = threading.Thread(target=kill_a_worker, daemon=True)
+    killer.start()
+    options = {**tiny_options, "dense": True, "epochs": 4, "run_name": name, "max_failures": 0,
+               "register_as": "killed-worker-test", "vis_images": 0}
+    code = _finetune_in_process(options, tmp_path, pipeline_dir)
+    killer.join(timeout=10)
+    out_text, err = capsys.readouterr()
+    assert killed, f"no Train worker was killed: {errors}"
+    assert code == 1, err[-3000:]
+    [line] = [ln for ln in err.splitlines() if ln.startswith("finetune: training failed: ")]
+    assert line.startswith("finetune: training failed: worker rank "), line
+    cause = line.removeprefix("finetune: training failed: ")
+    assert "Training failed due to worker errors" not in cause and len(cause) > len("worker rank 1: "), line
+    client = MlflowClient(tiny_options["mlflow_uri"])
+    run = client.get_run(json.loads(record.read_text())["mlflow_run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["stop_reason"] == cause
+    assert client.search_model_versions("name = 'killed-worker-test'") == []
+    assert "RESULT_JSON" not in out_text
+
+
 def test_a_failed_worker_is_named_with_its_error_not_only_ray_s_header():
     """What ``finetune`` prints and tags ``stop_reason`` with when the workers fail for good: each failed
     rank and its error (Ray's own message starts "Training failed due to worker errors:")."""
