@@ -89,11 +89,14 @@ def open_parent(uri: str, name: str) -> MlflowRun:
 
 
 def run_demo(
-    num_workers: int = 2, epochs: int | None = None, verbose: bool = False, source: str = DIGITS_SOURCE
+    num_workers: int = 2, epochs: int | None = None, verbose: bool = False, source: str = DIGITS_SOURCE,
+    seed: int | None = None,
 ) -> dict:
     """Dense baseline, SPOT and fine-tuned class attention from it, the selector comparison; returns the
     three RESULT dicts, rows and table."""
     options = {"experiment": EXPERIMENT, "num_workers": num_workers, "verbose": verbose, "source": source}
+    if seed is not None:
+        options["seed"] = seed  # the three training runs' (the data set is fixed by the task)
     move_credentials_to_env(None)  # a user:password@ in $MLFLOW_TRACKING_URI
     make_builtin_data(options)
     stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
@@ -174,10 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's own log lines too")
     parser.add_argument("--source", default=DIGITS_SOURCE, choices=tuple(BUILTIN_TASKS),
                         help=f"the built-in task [default: {DIGITS_SOURCE}]")
+    parser.add_argument("--seed", type=int, help="random seed of the training runs [default: finetune's]")
     args = parser.parse_args(argv)
     started = time.monotonic()
     try:
-        demo = run_demo(args.num_workers, args.epochs, args.verbose, args.source)
+        demo = run_demo(args.num_workers, args.epochs, args.verbose, args.source, args.seed)
     except (ValueError, FileNotFoundError, TrackingError) as err:
         return bad_input("demo", err)
     print(f"\n{demo['table']}\n")

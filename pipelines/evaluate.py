@@ -6,8 +6,9 @@
     python pipelines/evaluate.py --model ray_results/<run>/checkpoint_<time> --data /data/shards --mlflow
 
 Models: a checkpoint directory of pipelines/finetune.py, a local MLflow model directory, or an MLflow model
-URI.Accuracy is exact over the whole val split (prune mode, ``model.eval()``); throughput is images/s of the
-model's forward on one batch of random images in this process (after warm-up), on the GPU if there is one.
+URI. Accuracy is exact over the whole val split (prune mode, ``model.eval()``). Throughput is images/s of the
+models' forward on a batch of random images, timed after the accuracy passes with the models interleaved
+(median of repeats; "noisy" when they spread too wide), on the GPU if there is one.
 """
 
 from __future__ import annotations
@@ -48,11 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data, uri, device = evaluation_inputs(args)
         pairs = [("model", args.model)] + ([("baseline", args.baseline)] if args.baseline else [])
-        rows = [
-            evaluate(m, data, batch_size=args.batch_size, throughput_batch=args.throughput_batch,
-                     device=device, label=label)
-            for label, m in pairs
-        ]
+        rows = evaluate(pairs, data, batch_size=args.batch_size, throughput_batch=args.throughput_batch,
+                        device=device)
         table = format_table(rows)
         print(table)
         if args.mlflow:

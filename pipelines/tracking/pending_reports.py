@@ -11,7 +11,7 @@ stores skip an identical metric.
 
 from __future__ import annotations
 
-import tempfile
+import io
 from pathlib import PurePosixPath
 
 import pyarrow.fs
@@ -25,7 +25,7 @@ from pipelines.storage.run_record import STOPPED, delete_record, read_record, wr
 from pipelines.utils.errors import first_line
 
 PENDING_RECORD = "mlflow_pending.json"
-MASKS_ARTIFACT_DIR = "token_masks"
+MASKS_IMAGE_KEY = "token_masks"
 
 
 def numeric_metrics(metrics: dict) -> dict[str, float]:
@@ -47,17 +47,14 @@ def report_entry(report: dict, checkpoint_path: str | None, time_ms: int) -> dic
     return entry
 
 
-def _log_masks(client: MlflowClient, run_id: str, location: RunLocation, entry: dict, tmp_dir: str) -> None:
+def _log_masks(client: MlflowClient, run_id: str, location: RunLocation, entry: dict) -> None:
+    """The epoch's token-mask figure as an MLflow image at step = epoch (the chart view's step slider)."""
     fs, directory = location.filesystem()
     source = f"{directory}/{entry['checkpoint']}/{MASKS_FILE}"
     if fs.get_file_info(source).type != pyarrow.fs.FileType.File:
         return  # a dense model (no masks), or a checkpoint deleted since (keep_checkpoints)
-    local = PurePosixPath(tmp_dir) / f"epoch_{entry['step']:03d}.png"
-    with fs.open_input_stream(source) as src, open(local, "wb") as dst:
-        dst.write(src.read())
-    client.log_artifact(run_id, str(local), MASKS_ARTIFACT_DIR)
-    with Image.open(local) as image:  # also an image at step = epoch: the UI's chart view has a step slider
-        client.log_image(run_id, image.convert("RGB"), key=MASKS_ARTIFACT_DIR, step=entry["step"],
+    with fs.open_input_stream(source) as src, Image.open(io.BytesIO(src.read())) as image:
+        client.log_image(run_id, image.convert("RGB"), key=MASKS_IMAGE_KEY, step=entry["step"],
                          timestamp=entry["time_ms"], synchronous=True)
 
 
@@ -79,8 +76,7 @@ def send(client: MlflowClient, run_id: str, location: RunLocation, entries: list
             tags = [RunTag(k, v) for k, v in sorted(entry["tags"].items())]
             client.log_batch(run_id, metrics=metrics, tags=tags)
             if entry["checkpoint"] is not None:
-                with tempfile.TemporaryDirectory() as tmp:
-                    _log_masks(client, run_id, location, entry, tmp)
+                _log_masks(client, run_id, location, entry)
         except Exception as err:
             waiting = entries[done:]
             write_record(location, {"mlflow_run_id": run_id, "entries": waiting}, PENDING_RECORD)
