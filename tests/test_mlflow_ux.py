@@ -146,3 +146,23 @@ def test_a_spot_run_logs_its_token_mask_figure_as_an_image_per_epoch(trained, ml
     dense = client.list_artifacts(trained["dense"]["mlflow_run_id"], "images")
     assert dense == []  # a dense model selects no tokens: no figure
 
+
+
+def test_a_training_run_opens_as_a_child_of_the_demos_parent(tiny_options, tmp_path, mlflow_uri):
+    """The demo's path (job.open_mlflow_run with a parent): the training run is a child of the parent run,
+    with its description and its shard splits as datasets; no Ray involved."""
+    from pipelines.training.config import resolve_config
+    from pipelines.training.job import open_mlflow_run
+    from pipelines.training.weights import ModelSummary
+
+    parent = MlflowRun.create(mlflow_uri, "tests-ux-parent", "demo-parent")
+    config = resolve_config(tiny_options | {"experiment": "tests-ux-parent", "run_name": "demo-dense-child",
+                                            "storage": str(tmp_path / "runs"), "dense": True})
+    run = open_mlflow_run(config, ModelSummary(gmacs=0.01, dense_gmacs=0.01, params=1000), parent=parent)
+    client = MlflowClient(mlflow_uri)
+    child = client.get_run(run.run_id)
+    assert child.data.tags[PARENT_TAG] == parent.run_id and child.info.run_name == "demo-dense-child"
+    assert child.data.tags[MLFLOW_RUN_NOTE].startswith("dense deit_t")
+    assert {d.tags[0].value for d in child.inputs.dataset_inputs} == {"training", "validation"}
+    run.end("FINISHED")
+    parent.end("FINISHED")
