@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 import spot
+from pipelines.tracking.datasets import CONTEXTS
 from pipelines.training.config import RunConfig
 from spot.flops import macs
 from tuning.pareto import pareto_front
@@ -152,6 +153,12 @@ def test_sweep_tracks_parent_and_children_plots_and_registers(budget_sweep, work
         assert child.data.metrics["gmacs"] == pytest.approx(float(child.data.params["gmacs"]), abs=1e-6)
         assert f"trial {trial}: {status} after" in out
     assert result["completed"] + result["stopped_early"] == 3
+    # the sweep's run and every trial's log the shards they read: the same two datasets (train, val)
+    datasets = {frozenset((d.dataset.name, d.dataset.digest, d.tags[0].value)
+                          for d in client.get_run(r.info.run_id).inputs.dataset_inputs)
+                for r in (parent, *children)}
+    assert len(datasets) == 1
+    assert {context for *_, context in next(iter(datasets))} == set(CONTEXTS.values())
     # the artifacts of the sweep's run: the plot is a real PNG, the table has one row per trial
     local = Path(client.download_artifacts(parent.info.run_id, "pareto.png", str(workdir)))
     assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -24,7 +24,6 @@ from pipelines.tracking.datasets import log_shard_inputs
 from pipelines.tracking.lineage import log_model_inputs
 from pipelines.utils.errors import TrackingError, first_line
 
-RUN_NAME_TAG = "ray_train_run"
 PARENT_TAG = "mlflow.parentRunId"
 SYSTEM_METRICS_STOP_S = 15.0  # MLflow's monitor samples every 10 s, then flushes
 
@@ -64,7 +63,7 @@ class MlflowRun:
         """A new run ``name`` in ``experiment`` (created if needed) with MLflow's context tags (user,
         source, git commit), ``tags`` and, for a child, its ``parent``. Raises ``TrackingError``."""
         client = MlflowClient(uri)
-        tags = {**(tags or {}), RUN_NAME_TAG: name} | ({PARENT_TAG: parent.run_id} if parent else {})
+        tags = (tags or {}) | ({PARENT_TAG: parent.run_id} if parent else {})
         try:
             experiment_id = ensure_experiment(client, experiment, artifact_location)
             info = client.create_run(experiment_id, run_name=name, tags=resolve_tags(tags)).info
