@@ -98,5 +98,6 @@ def test_missing_model_exits_with_one_line(digits_shards, tmp_path):
     )
     assert proc.returncode == 2
     assert (
-        proc.stderr.strip() == f"evaluate: error: no SPOT checkpoint or MLflow model at {tmp_path / 'nope'}"
+        proc.stderr.strip()
+        == f"evaluate: error: --model {tmp_path / 'nope'}: no SPOT checkpoint or MLflow model directory there"
     )
