@@ -8,6 +8,7 @@ import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 import spot
 from pipelines.evaluation import compare
@@ -53,6 +54,8 @@ def test_one_row_per_selector_and_rho_on_the_same_samples(trained, digits_shards
     client = MlflowClient(mlflow_uri)
     run = client.get_run(run_id)
     assert run.data.metrics == {}  # the rows are a table artifact, not one-point metrics
+    note = run.data.tags[MLFLOW_RUN_NOTE]  # the run page's description says what the run holds
+    assert str(digits_shards) in note and "comparison_table.json" in note
     path = client.download_artifacts(run_id, "comparison_table.json", str(pipeline_dir))
     table = json.loads(Path(path).read_text())
     row = table["data"][5]

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 from mlflow import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from pipelines import evaluate
 
@@ -53,6 +54,8 @@ def test_table_of_model_and_baseline_matches_training_and_is_logged(
         else:
             assert metrics[f"{label}_images_per_s"] == pytest.approx(float(shown), abs=0.5)
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["evaluation.md"]
+    note = run.data.tags[MLFLOW_RUN_NOTE]  # the run page's description names what was evaluated on what
+    assert argv[1] in note and dense["checkpoint"] in note and str(digits_shards) in note
 
 
 def test_format_table_compares_two_rows():

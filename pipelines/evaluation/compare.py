@@ -151,4 +151,7 @@ def log_comparison(
         tracking_uri, experiment, "compare-selectors",
         params={"data": data}, metrics={}, text=("comparison.md", table), artifacts={"token_masks": figures},
         data=data, models=models, table=(rows, "comparison_table.json"), parent=parent,
+        description=(f"Token selectors compared on the val split of {data} ({', '.join(sorted(models or {}))}"
+                     " models): top-1 and GMACs per selector and rho; the rows are the artifact "
+                     "comparison_table.json (and comparison.md), the kept-token figures token_masks/"),
     )

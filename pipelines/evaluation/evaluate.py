@@ -69,4 +69,6 @@ def log_to_mlflow(rows: list[dict], table: str, *, tracking_uri: str, experiment
         metrics={f"{r['model']}_{k}": r[k] for r in rows for k in ("top1", "top5", "gmacs", "images_per_s")
                  if k != "images_per_s" or not r.get("noisy")},  # a noisy timing is no measurement
         text=("evaluation.md", table + "\n"), data=data, models={r["model"]: r["uri"] for r in rows},
+        description=(f"{' and '.join(r['uri'] for r in rows)} evaluated on the val split of {data}; the "
+                     "table is the artifact evaluation.md"),
     )

@@ -17,6 +17,7 @@ from mlflow.entities import Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking.context.registry import resolve_tags
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from pipelines.tracking import store
 from pipelines.tracking.datasets import log_shard_inputs
@@ -164,16 +165,18 @@ def log_results(
     models: dict[str, str] | None = None,
     table: tuple[list[dict], str] | None = None,
     parent: MlflowRun | None = None,
+    description: str | None = None,
 ) -> str:
     """One finished run ``name`` holding an evaluation's results: ``params``, ``metrics``, ``text`` as
     ``(artifact path, content)``, local files by artifact directory, the val split of the shard directory
     ``data`` as its dataset input, the evaluated ``models`` (role -> URI) with their registered versions and
     source runs (:func:`pipelines.tracking.lineage.log_model_inputs`), ``table`` as ``(rows, artifact file)``
-    through ``log_table`` and, if given, its ``parent`` run. Checks the store first (raises
-    ``TrackingError``); returns the run id."""
+    through ``log_table``, the run page's ``description`` and, if given, its ``parent`` run. Checks the store
+    first (raises ``TrackingError``); returns the run id."""
     store.check_reachable(uri)
     artifact_root = store.local_artifact_root(uri, Path.cwd())
-    run = MlflowRun.create(uri, experiment, name, artifact_location=artifact_root, parent=parent)
+    tags = {MLFLOW_RUN_NOTE: description} if description else None
+    run = MlflowRun.create(uri, experiment, name, artifact_location=artifact_root, tags=tags, parent=parent)
     run.log_params(params)
     if models:
         log_model_inputs(run, models)
