@@ -3,6 +3,9 @@ SQLite store the ``trained`` runs wrote: the logged models, the dataset inputs, 
 evaluation run's lineage."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -144,3 +147,24 @@ def test_a_spot_run_logs_its_token_mask_figure_as_an_image_per_epoch(trained, ml
     assert steps == trained["spot"]["epochs_logged"]
     dense = client.list_artifacts(trained["dense"]["mlflow_run_id"], "images")
     assert dense == []  # a dense model selects no tokens: no figure
+
+
+def test_a_local_ray_starts_with_token_auth_and_no_warning_line(tmp_path):
+    """A new local Ray with RAY_AUTH_MODE unset turns token auth on (Ray's default) and, without --verbose,
+    prints no WARNING about it."""
+    script = (
+        "import os, ray\n"
+        "from pipelines.training.ray_session import start_local_ray\n"
+        "start_local_ray(1)\n"
+        "print('auth mode', os.environ.get('RAY_AUTH_MODE'))\n"
+        "print('task', ray.get(ray.remote(lambda: 7).remote()))\n"
+        "ray.shutdown()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "auth mode token" in proc.stdout and "task 7" in proc.stdout  # Ray enabled token auth itself
+    output = proc.stdout + proc.stderr
+    assert "WARNING" not in output and "ERROR" not in output, output[-2000:]

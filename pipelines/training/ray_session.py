@@ -8,9 +8,10 @@ console (the workers' per-report lines are silenced in :mod:`pipelines.training.
 
 A local Ray runs on one host, which no cluster drains: its Ray Train runs go without Ray Train's preemption
 watcher (``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0``, unless set), whose actor otherwise makes the core
-worker log an ERROR line about its restart arguments in every run. Ray's token-auth WARNING of a local
-Ray goes away when ``RAY_AUTH_MODE`` is set before Ray is imported (``make demo`` sets ``token``;
-docs/tracking.md).
+worker log an ERROR line about its restart arguments in every run. A new local Ray with ``RAY_AUTH_MODE``
+unset turns token authentication on (Ray's default) and logs a WARNING that it did; without ``verbose``
+that logger is kept at ERROR during ``ray.init`` (on this path it can only say that). Setting
+``RAY_AUTH_MODE`` itself is not possible here: Ray reads it once at import (docs/tracking.md).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ray._private.state import state
 from pipelines.utils.errors import ConfigError, first_line
 
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 PROBE_TIMEOUT_S = 5.0
 
@@ -55,7 +57,16 @@ def start_local_ray(num_cpus: int | None = None, *, verbose: bool = False) -> No
     port = _free_port()
     os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
     os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")  # one host: nothing to drain (module docstring)
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_port=port, **quiet_kwargs(verbose))
+    # A new local Ray turns token authentication on when RAY_AUTH_MODE is unset and says so at WARNING
+    # level, the only thing its auth logger can say on this path (module docstring); --verbose shows it.
+    auth_log = logging.getLogger(RAY_AUTH_LOGGER)
+    level = auth_log.level
+    if not verbose:
+        auth_log.setLevel(logging.ERROR)
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_port=port, **quiet_kwargs(verbose))
+    finally:
+        auth_log.setLevel(level)
 
 
 def quiet_kwargs(verbose: bool) -> dict:
