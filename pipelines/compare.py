@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     add_evaluation_options(parser, experiment="spot-compare")
     args = parser.parse_args(argv)
     try:
-        data, uri, device = evaluation_inputs(args)
+        data, uri, device = evaluation_inputs(
+            args, {"--dense": args.dense, "--spot": args.spot, "--heuristic": args.heuristic})
         dense, sparse = load_model(args.dense), (load_model(args.spot) if args.spot else None)
         heuristic = load_model(args.heuristic) if args.heuristic else None
         if heuristic is not None and heuristic.spot_options.selector != "cls_attn_avg":

@@ -80,10 +80,10 @@ RHOS = (0.7, 0.5)
 
 
 def open_parent(uri: str, name: str) -> MlflowRun:
-    """The demo's parent run: the dense, SPOT and comparison runs are its children."""
+    """The demo's parent run: the dense, SPOT, class-attention and comparison runs are its children."""
     store.check_reachable(uri)
-    note = ("make demo: dense baseline, SPOT fine-tuned from it, and the token selectors compared on the "
-            "same weights (its child runs)")
+    note = ("make demo: dense baseline, SPOT and the class-attention selector fine-tuned from it, and the "
+            "token selectors compared (its child runs)")
     artifacts = store.local_artifact_root(uri, Path.cwd())
     return MlflowRun.create(uri, EXPERIMENT, name, artifact_location=artifacts, tags={MLFLOW_RUN_NOTE: note})
 
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's own log lines too")
     parser.add_argument("--source", default=DIGITS_SOURCE, choices=tuple(BUILTIN_TASKS),
                         help=f"the built-in task [default: {DIGITS_SOURCE}]")
-    parser.add_argument("--seed", type=int, help="random seed of the training runs [default: finetune's]")
+    parser.add_argument("--seed", type=int, help="random seed of the training runs [default: 0]")
     args = parser.parse_args(argv)
     started = time.monotonic()
     try:

@@ -18,7 +18,6 @@ command that finishes it.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from pipelines.data.manifest import DataError
 from pipelines.tracking.uri import move_credentials_to_env
 from pipelines.training.config import add_options, given_values, make_builtin_data, resolve_config
 from pipelines.training.job import run
+from pipelines.training.trainer import failure_cause
 from pipelines.utils import signals
 from pipelines.utils.cli import Parser, bad_input, print_result
 from pipelines.utils.errors import Interrupted, TrackingError, TrackingOutage, TrainingError, first_line
@@ -47,10 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def signal_name() -> str:
-    return signal.Signals(signals.received() or signal.SIGINT).name
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -64,11 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as err:
         kept = ("no checkpoint yet (it starts again at epoch 1)" if err.checkpoints == 0
                 else "its checkpoints kept")  # an epoch ending as the run stops may still add one
-        print(f"finetune: interrupted ({signal_name()}); MLflow run marked KILLED, {kept}. Continue with:\n"
+        print(f"finetune: interrupted ({signals.name()}); MLflow run marked KILLED, {kept}. Continue with:\n"
               f"  {err}", file=sys.stderr)
         return signals.exit_code()
     except KeyboardInterrupt:  # before the run started: nothing recorded, nothing to continue
-        print(f"finetune: interrupted ({signal_name()}) before the run started; nothing recorded",
+        print(f"finetune: interrupted ({signals.name()}) before the run started; nothing recorded",
               file=sys.stderr)
         return signals.exit_code()
     except TrackingOutage as err:  # trained; MLflow down at the end: the message says how to finish later
@@ -77,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as err:  # stopped for good (non-finite loss): the message says where
         print(f"finetune: training failed: {first_line(err)}", file=sys.stderr)
         return 1
-    except TrainingFailedError as err:
-        print(f"finetune: training failed: {first_line(err)}", file=sys.stderr)
+    except TrainingFailedError as err:  # the workers failed --max-failures + 1 times: say why
+        print(f"finetune: training failed: {failure_cause(err)}", file=sys.stderr)
         return 1
     print_result(result)
     return 0

@@ -48,11 +48,11 @@ def test_table_of_model_and_baseline_matches_training_and_is_logged(
     assert metrics["model_top1"] == pytest.approx(sparse["best_val_acc1"])
     assert metrics["model_gmacs"] < metrics["baseline_gmacs"]
     for label in ("model", "baseline"):  # images/s is a metric exactly when the table shows a figure for it
-        shown = rows[label][4].strip()
-        if shown == "noisy":
+        shown = rows[label][4].split()  # "median ±x %" or "noisy (±x %)"
+        if shown[0] == "noisy":
             assert f"{label}_images_per_s" not in metrics
         else:
-            assert metrics[f"{label}_images_per_s"] == pytest.approx(float(shown), abs=0.5)
+            assert metrics[f"{label}_images_per_s"] == pytest.approx(float(shown[0]), abs=0.5)
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["evaluation.md"]
     note = run.data.tags[MLFLOW_RUN_NOTE]  # the run page's description names what was evaluated on what
     assert argv[1] in note and dense["checkpoint"] in note and str(digits_shards) in note
@@ -67,6 +67,8 @@ def test_format_table_compares_two_rows():
             "gmacs": 2.8,
             "params_m": 22.5,
             "images_per_s": 300.0,
+            "images_per_s_spread": 0.1,
+            "noisy": False,
         },
         {
             "model": "dense",
@@ -75,15 +77,17 @@ def test_format_table_compares_two_rows():
             "gmacs": 4.6,
             "params_m": 22.0,
             "images_per_s": 200.0,
+            "images_per_s_spread": 0.04,
+            "noisy": False,
         },
     ]
     table = evaluate.format_table(rows)
-    assert "| spot | 79.50 | 95.00 | 2.8 | 22.500 | 300 |" in table
+    assert "| spot | 79.50 | 95.00 | 2.8 | 22.500 | 300 ±5 % |" in table
     assert table.endswith("spot vs dense: top-1 -0.30 points, 1.64x fewer GMACs, 1.50x throughput")
 
-    rows[1]["noisy"] = True  # a noisy timing is shown as such and gives no ratio
+    rows[1] |= {"images_per_s_spread": 0.5, "noisy": True}  # shown as such, and gives no ratio
     table = evaluate.format_table(rows)
-    assert "| dense | 79.80 | 95.10 | 4.6 | 22.000 | noisy |" in table
+    assert "| dense | 79.80 | 95.10 | 4.6 | 22.000 | noisy (±25 %) |" in table
     assert table.endswith("1.64x fewer GMACs, throughput not compared (noisy timing)")
 
 

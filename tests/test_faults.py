@@ -4,6 +4,7 @@ behind. Real Ray, DALI, MLflow and files; tiny models, one worker, short runs.""
 import contextlib
 import json
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import yaml
 from mlflow import MlflowClient
 
 from pipelines import finetune
-from pipelines.data.manifest import read_manifest
+from pipelines.data.manifest import read_manifest, sha256_file
 from pipelines.data.shards import write_shards
 from pipelines.storage.location import RunLocation
 from pipelines.storage.run_record import RUN_RECORD, read_record, write_record
@@ -97,8 +98,8 @@ def test_failed_manifest_write_leaves_the_old_split_intact(tmp_path):
 
 
 def _poison_label(shard, sample: int) -> str:
-    """Rewrite the raw int32 label of the shard's ``sample`` to 10 (10 classes) in place, same size so the
-    manifest's size check still passes; returns the sample's key."""
+    """Rewrite the raw int32 label of the shard's ``sample`` to 10 (10 classes) in place, same size, and
+    the manifest's checksum with it (a shard written with a bad label); returns the sample's key."""
     import numpy as np
 
     fields = shard.index_path.read_text().splitlines()[sample + 1].split()  # line 0 is the header
@@ -107,6 +108,12 @@ def _poison_label(shard, sample: int) -> str:
     with open(shard.path, "r+b") as f:
         f.seek(offset)
         f.write(np.int32(10).tobytes())
+    manifest = shard.path.parent / "manifest.json"  # written so: the checksum matches the bad label
+    raw = json.loads(manifest.read_text())
+    for entry in (e for split in raw["splits"].values() for e in split["shards"]):
+        if entry["tar"] == shard.path.name:
+            entry["sha256"] = sha256_file(shard.path)
+    manifest.write_text(json.dumps(raw))
     return member.split(".", 1)[0]
 
 
@@ -153,6 +160,108 @@ def test_out_of_range_label_met_in_training_stops_every_rank_at_once_naming_shar
     assert "worker_failures" not in run.data.tags  # stopped at once, not retried --max-failures times
     assert client.search_model_versions("name = 'bad-label-test'") == []
     assert "RESULT_JSON" not in out_text
+
+
+@pytest.mark.integration
+def test_a_corrupt_shard_under_an_intact_manifest_fails_the_run_at_once_naming_it(
+    ray_cluster, pipeline_dir, tiny_options, digits_shards, tmp_path, capsys
+):
+    """Bit rot in the middle of the last train shard (same size, manifest untouched), 2 workers: the rank
+    that reads it finds the checksum wrong before DALI opens it, every rank stops (no restart onto the
+    shard), the run is FAILED with the shard, expected and actual sha256 in one line and in
+    ``stop_reason``; nothing registered."""
+    out = tmp_path / "shards"
+    shutil.copytree(digits_shards, out)
+    shard = read_manifest(out).shard_infos("train")[-1]
+    data = bytearray(shard.path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    shard.path.write_bytes(bytes(data))
+    actual = sha256_file(shard.path)
+    name = "corrupt-shard"
+    options = {**tiny_options, "data": str(out), "dense": True, "epochs": 2, "run_name": name,
+               "register_as": "corrupt-shard-test", "vis_images": 0}
+    code = _finetune_in_process(options, tmp_path, pipeline_dir)
+    out_text, err = capsys.readouterr()
+    assert code == 1, err[-3000:]
+    [line] = [ln for ln in err.splitlines() if ln.startswith("finetune: training failed: ")]
+    expected = f"{shard.path}: sha256 {actual} does not match manifest {shard.sha256}"
+    assert line.startswith(f"finetune: training failed: {expected} (corrupt shard"), line
+    assert "nothing registered" in line
+    run_id = json.loads((Path(tiny_options["storage"]) / name / RUN_RECORD).read_text())["mlflow_run_id"]
+    client = MlflowClient(tiny_options["mlflow_uri"])
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and expected in run.data.tags["stop_reason"]
+    assert "worker_failures" not in run.data.tags  # stopped at once, not restarted onto the shard
+    assert client.search_model_versions("name = 'corrupt-shard-test'") == []
+    assert "RESULT_JSON" not in out_text
+
+
+@pytest.mark.integration
+def test_a_worker_killed_with_no_restart_left_is_named_on_the_console_and_in_mlflow(
+    ray_cluster, pipeline_dir, tiny_options, tmp_path, capsys
+):
+    """SIGKILL to a Train worker of a run with ``--max-failures 0``: the run fails for good; the console line
+    and ``stop_reason`` say which rank failed and how, not only Ray's "Training failed due to worker
+    errors:"; the run is FAILED, nothing registered."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from ray.util.state import list_actors
+
+    name = "killed-worker"
+    record = Path(tiny_options["storage"]) / name / RUN_RECORD
+    snapshot = record.parent / "checkpoint_manager_snapshot.json"  # training, not starting: a failure
+    killed, errors = [], []
+
+    def kill_a_worker():
+        deadline = time.monotonic() + 300
+        alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+        while not killed and time.monotonic() < deadline:
+            time.sleep(0.5)
+            try:
+                workers = list_actors(address=ray_cluster, filters=alive) if snapshot.exists() else []
+                if len(workers) == 2:
+                    os.kill(max(workers, key=lambda a: a.pid).pid, signal.SIGKILL)
+                    killed.append(True)
+            except Exception as err:  # reported by the assertion below
+                errors.append(repr(err))
+
+    killer = threading.Thread(target=kill_a_worker, daemon=True)
+    killer.start()
+    options = {**tiny_options, "dense": True, "epochs": 4, "run_name": name, "max_failures": 0,
+               "register_as": "killed-worker-test", "vis_images": 0}
+    code = _finetune_in_process(options, tmp_path, pipeline_dir)
+    killer.join(timeout=10)
+    out_text, err = capsys.readouterr()
+    assert killed, f"no Train worker was killed: {errors}"
+    assert code == 1, err[-3000:]
+    [line] = [ln for ln in err.splitlines() if ln.startswith("finetune: training failed: ")]
+    assert line.startswith("finetune: training failed: worker rank "), line
+    cause = line.removeprefix("finetune: training failed: ")
+    assert "Training failed due to worker errors" not in cause and len(cause) > len("worker rank 1: "), line
+    client = MlflowClient(tiny_options["mlflow_uri"])
+    run = client.get_run(json.loads(record.read_text())["mlflow_run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["stop_reason"] == cause
+    assert client.search_model_versions("name = 'killed-worker-test'") == []
+    assert "RESULT_JSON" not in out_text
+
+
+def test_a_failed_worker_is_named_with_its_error_not_only_ray_s_header():
+    """What ``finetune`` prints and tags ``stop_reason`` with when the workers fail for good: each failed
+    rank and its error (Ray's own message starts "Training failed due to worker errors:")."""
+    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
+
+    from pipelines.training.trainer import failure_cause
+
+    error = WorkerGroupError("traceback...", {1: RuntimeError("DALI reader: bad tar header\nmore"),
+                                              0: OSError("disk gone")})
+    assert str(error).splitlines()[0] == "Training failed due to worker errors:"
+    assert failure_cause(error) == ("worker rank 0: OSError: disk gone; worker rank 1: RuntimeError: DALI "
+                                    "reader: bad tar header")
+    assert failure_cause(ControllerError(ValueError("no resources"))) == "no resources"
 
 
 # --- secrets -----------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The harder built-in task: the digit at any pixel offset, clutter as bright as it and over it, noise."""
+"""The harder built-in task: the digit on the patch grid, clutter as bright as it and over it, noise."""
 
 import io
 import json
@@ -12,7 +12,7 @@ from pipelines.data import hard_cluttered_digits as hard
 from pipelines.data.cluttered_digits import digit_patches
 from pipelines.data.manifest import read_manifest
 from pipelines.data.shards import write_shards
-from pipelines.training.config import make_builtin_data, resolve_config
+from pipelines.training.config import BUILTIN_TASKS, make_builtin_data, resolve_config
 from tests.test_shards import split_samples
 
 
@@ -21,10 +21,12 @@ def canvases():
     return hard.make_canvases("val")
 
 
-def test_digit_straddles_patch_borders_among_clutter_as_bright_as_it(canvases):
+def test_digit_on_the_patch_grid_anywhere_among_clutter_as_bright_as_it(canvases):
     boxes = np.array([c.box for c in canvases])
-    assert (boxes[:, :2] % 8 != 0).any(axis=1).mean() > 0.9  # off the patch grid almost always
-    assert np.mean([len(digit_patches(c.box, 8, hard.CANVAS)) for c in canvases]) > 6  # of 64 tokens
+    assert (boxes[:, :2] % hard.OFFSET_GRID == 0).all() and hard.OFFSET_GRID == 8
+    assert all(len(digit_patches(c.box, 8, hard.CANVAS)) == 4 for c in canvases)  # of 64 tokens
+    places = {(int(t), int(left)) for t, left in boxes[:, :2]}
+    assert len(places) == ((hard.CANVAS - hard.DIGIT_SIDE) // 8 + 1) ** 2  # every place of the grid is used
     scans = load_digits().images * (255 / 16)
     overlapped, bright = 0, 0
     for c in canvases[:300]:
@@ -67,6 +69,9 @@ def test_source_option_makes_the_hard_shards_with_its_own_preset_and_model_names
     assert config.data == str(tmp_path / "data" / "cluttered-digits-hard")
     assert read_manifest(config.data).info["val"]["params"]["source"] == "cluttered-digits-hard"
     assert (config.img_size, config.mean, config.std) == (64, [hard.PIXEL_MEAN] * 3, [hard.PIXEL_STD] * 3)
+    preset = BUILTIN_TASKS["cluttered-digits-hard"]  # the dense recipe that learns the task
+    for key in ("epochs", "lr", "batch_size"):
+        assert getattr(config, key) == preset[key], key
     assert config.register_as == "spot-deit_t-dense-cluttered-digits-hard"  # apart from the digits' models
     spot_run = resolve_config({"source": "cluttered-digits-hard", "selector": "cls_attn_avg"}, cwd=tmp_path)
     assert spot_run.register_as == "spot-deit_t-cls-attn-cluttered-digits-hard"

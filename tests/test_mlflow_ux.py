@@ -3,9 +3,6 @@ SQLite store the ``trained`` runs wrote: the logged models, the dataset inputs, 
 evaluation run's lineage."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -44,6 +41,7 @@ def test_a_logged_model_carries_its_checkpoints_epoch_metrics_name_description_a
         assert linked[key].step == checkpoint["epoch"], key
         assert linked[key].value == pytest.approx(checkpoint[key]), key
     assert linked["val_acc1"].value == pytest.approx(result["best_val_acc1"])
+    assert {m.step for m in model.metrics} == {checkpoint["epoch"]}  # no other epoch's values
 
     for tags in (model.tags, version.tags):
         assert tags["epoch"] == str(checkpoint["epoch"])
@@ -149,22 +147,22 @@ def test_a_spot_run_logs_its_token_mask_figure_as_an_image_per_epoch(trained, ml
     assert dense == []  # a dense model selects no tokens: no figure
 
 
-def test_a_local_ray_starts_with_token_auth_and_no_warning_line(tmp_path):
-    """A new local Ray with RAY_AUTH_MODE unset turns token auth on (Ray's default) and, without --verbose,
-    prints no WARNING about it."""
-    script = (
-        "import os, ray\n"
-        "from pipelines.training.ray_session import start_local_ray\n"
-        "start_local_ray(1)\n"
-        "print('auth mode', os.environ.get('RAY_AUTH_MODE'))\n"
-        "print('task', ray.get(ray.remote(lambda: 7).remote()))\n"
-        "ray.shutdown()\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "auth mode token" in proc.stdout and "task 7" in proc.stdout  # Ray enabled token auth itself
-    output = proc.stdout + proc.stderr
-    assert "WARNING" not in output and "ERROR" not in output, output[-2000:]
+
+def test_a_training_run_opens_as_a_child_of_the_demos_parent(tiny_options, tmp_path, mlflow_uri):
+    """The demo's path (job.open_mlflow_run with a parent): the training run is a child of the parent run,
+    with its description and its shard splits as datasets; no Ray involved."""
+    from pipelines.training.config import resolve_config
+    from pipelines.training.job import open_mlflow_run
+    from pipelines.training.weights import ModelSummary
+
+    parent = MlflowRun.create(mlflow_uri, "tests-ux-parent", "demo-parent")
+    config = resolve_config(tiny_options | {"experiment": "tests-ux-parent", "run_name": "demo-dense-child",
+                                            "storage": str(tmp_path / "runs"), "dense": True})
+    run = open_mlflow_run(config, ModelSummary(gmacs=0.01, dense_gmacs=0.01, params=1000), parent=parent)
+    client = MlflowClient(mlflow_uri)
+    child = client.get_run(run.run_id)
+    assert child.data.tags[PARENT_TAG] == parent.run_id and child.info.run_name == "demo-dense-child"
+    assert child.data.tags[MLFLOW_RUN_NOTE].startswith("dense deit_t")
+    assert {d.tags[0].value for d in child.inputs.dataset_inputs} == {"training", "validation"}
+    run.end("FINISHED")
+    parent.end("FINISHED")

@@ -13,9 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 
+import spot
 from pipelines.storage.run_record import RUN_RECORD
 from tests.test_finetune import FINETUNE, _result, history_steps, runs_named
 
@@ -102,3 +104,68 @@ def test_sighup_before_the_first_checkpoint_ends_the_run_killed_saying_there_is_
     expected = "no checkpoint yet (it starts again at epoch 1)" if kept == 0 else "its checkpoints kept"
     assert line == f"finetune: interrupted (SIGHUP); MLflow run marked KILLED, {expected}. Continue with:"
     assert len([ln for ln in stderr.splitlines() if "--resume" in ln]) == 1
+
+
+def test_a_name_taken_by_other_data_while_training_is_refused_and_resume_register_as_registers_it(
+    ray_cluster, pipeline_dir, tiny_options, mlflow_uri, tmp_path
+):
+    """While the run trains, a model of another data set is registered under its --register-as: at the end
+    the registry refuses (exit 2, one line with the command), the run is FAILED, nothing of it registered;
+    ``--resume --register-as`` is validated before anything starts, then registers the trained run under
+    the new name (same MLflow run, no epoch trained again)."""
+    import mlflow
+
+    from pipelines.data.shards import write_shards
+    from pipelines.storage.checkpoints import CONFIG_FILE, MODEL_FILE
+    from pipelines.tracking.registry import data_tags, register_checkpoint
+    from tests.conftest import TINY_PIPELINE_MODEL
+
+    other = tmp_path / "other"  # the digits stored at 24 px: another data set (its own manifest)
+    for split in ("train", "val"):
+        write_shards("digits", other, split=split, img_size=24, workers=1)
+    checkpoint = tmp_path / "other_model"
+    checkpoint.mkdir()
+    model = spot.create_model("deit_t", rho=None, img_size=32, num_classes=10, **TINY_PIPELINE_MODEL)
+    (checkpoint / CONFIG_FILE).write_text(json.dumps(model.spot_config))
+    torch.save(model.state_dict(), checkpoint / MODEL_FILE)
+
+    name, taken = "name-taken", "rs-name-taken"
+    driver = _start(name, ray_cluster, pipeline_dir, {**tiny_options, "register_as": taken}, epochs=3)
+    record = Path(tiny_options["storage"]) / name / RUN_RECORD
+    _wait_for(driver, lambda: _run_id(record) is not None, "MLflow run")  # the start's name check passed
+    mlflow.set_tracking_uri(mlflow_uri)
+    client = MlflowClient(mlflow_uri)
+    experiment = client.create_experiment("rs-other", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    register_checkpoint(checkpoint, run_id=client.create_run(experiment).info.run_id, name=taken,
+                        metrics={"val_acc1": 0.1, "val_acc5": 0.5, "gmacs": 0.01, "epoch": 0},
+                        data=data_tags(other, 32))
+    stdout, stderr = driver.communicate(timeout=600)
+    assert driver.returncode == 2, stderr[-3000:]
+    [line] = [ln for ln in stderr.splitlines() if ln.startswith("finetune: error:")]
+    assert line.startswith("finetune: error: training finished (checkpoints in ") and (
+        f"nothing registered: registered model '{taken}' holds versions trained on other data") in line, line
+    command = shlex.split(line.split("register it so with: ", 1)[1])
+    assert command[:3] == ["python", "pipelines/finetune.py", "--resume"] and command[-2:] == [
+        "--register-as", "NAME"], command
+    run_id = _run_id(record)
+    assert client.get_run(run_id).info.status == "FAILED"
+    assert all(v.run_id != run_id for v in client.search_model_versions(f"name = '{taken}'"))
+
+    def resume(register_as: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(FINETUNE), *command[2:-1], register_as], cwd=pipeline_dir,
+                              capture_output=True, text=True, timeout=600)
+
+    bad = resume("bad/name:x")
+    [bad_line] = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and bad_line.startswith(
+        "finetune: error: --register-as 'bad/name:x': use letters, digits and . _ -"), bad.stderr[-2000:]
+    assert client.get_run(run_id).info.status == "FAILED"  # nothing started
+    good = resume("rs-name-own")
+    assert good.returncode == 0, good.stderr[-3000:]
+    result = _result(good.stdout)
+    assert result["mlflow_run_id"] == run_id and result["registered_model"] == "rs-name-own"
+    assert result["epochs_logged"] == [0, 1, 2] and "epoch 1:" not in good.stdout  # nothing trained again
+    assert client.get_run(run_id).info.status == "FINISHED"
+    [version] = client.search_model_versions("name = 'rs-name-own'")
+    assert version.run_id == run_id
+    assert json.loads(record.read_text())["config"]["register_as"] == "rs-name-own"

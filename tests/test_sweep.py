@@ -4,6 +4,7 @@ SQLite store) of a tiny model on the digits shards: tracking, plot, registry, bu
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 import spot
+from pipelines.tracking.datasets import CONTEXTS
 from pipelines.training.config import RunConfig
 from spot.flops import macs
 from tuning.pareto import pareto_front
@@ -151,6 +153,12 @@ def test_sweep_tracks_parent_and_children_plots_and_registers(budget_sweep, work
         assert child.data.metrics["gmacs"] == pytest.approx(float(child.data.params["gmacs"]), abs=1e-6)
         assert f"trial {trial}: {status} after" in out
     assert result["completed"] + result["stopped_early"] == 3
+    # the sweep's run and every trial's log the shards they read: the same two datasets (train, val)
+    datasets = {frozenset((d.dataset.name, d.dataset.digest, d.tags[0].value)
+                          for d in client.get_run(r.info.run_id).inputs.dataset_inputs)
+                for r in (parent, *children)}
+    assert len(datasets) == 1
+    assert {context for *_, context in next(iter(datasets))} == set(CONTEXTS.values())
     # the artifacts of the sweep's run: the plot is a real PNG, the table has one row per trial
     local = Path(client.download_artifacts(parent.info.run_id, "pareto.png", str(workdir)))
     assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -195,35 +203,55 @@ def test_budget_sweep_never_registers_an_infeasible_trial(budget_sweep):
 
 
 @pytest.mark.integration
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(workdir, ray_cluster):
+def test_sigterm_to_the_sweep_kills_its_runs_and_its_one_command_resumes_it(workdir, ray_cluster):
+    """SIGTERM to the sweep's process group (what `timeout`, schedulers and `kill -- -PGID` send; Ctrl-C and
+    SIGHUP take the same path) while trial 2 trains, trial 1 finished: exit 143, the sweep's run and trial
+    2's run KILLED, one resume command (Tune's own hint silenced); that command completes the sweep
+    without running trial 1 again or a second run of trial 2."""
     args = [
         *TINY_ARGS, "--address", ray_cluster, "--num-samples", "2", "--epochs", "1", "--max-concurrent", "1",
         "--searcher", "random",
         "--experiment", "resume", "--register-as", "tiny-resume", "--name", "resumable",
     ]
     log = workdir / "interrupted.out"
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+
+    def trial_runs() -> int:
+        experiment = client.get_experiment_by_name("resume")
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        return sum("mlflow.parentRunId" in r.data.tags for r in runs)
+
     with open(log, "w") as out, open(workdir / "interrupted.err", "w") as err:
         proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=workdir, env=_env(), stdout=out,
-                                stderr=err)
+                                stderr=err, start_new_session=True)
         deadline = time.monotonic() + 420
         first = None
-        while first is None and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(1)
+        while (first is None or trial_runs() < 2) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
             done = [line.split()[1].rstrip(":") for line in log.read_text().splitlines()
                     if line.startswith("trial ") and ": completed after" in line]
             first = done[0] if done else None
-        assert first is not None, log.read_text()[-3000:]
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=300) == 130, log.read_text()[-3000:]
-    assert "--resume" in (workdir / "interrupted.err").read_text()
+        assert first is not None and trial_runs() == 2, log.read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=300) == 143, log.read_text()[-3000:]
+    stderr = (workdir / "interrupted.err").read_text()
+    assert "Tuner.restore" not in stderr and "Stop signal received" not in stderr
+    [line] = [ln for ln in stderr.splitlines() if ln.startswith("sweep_lambdas: interrupted")]
+    assert line == ("sweep_lambdas: interrupted (SIGTERM); MLflow runs of the sweep and of its 1 running "
+                    "trial(s) marked KILLED, finished trials and checkpoints kept. Continue with:")
+    [command] = [ln.strip() for ln in stderr.splitlines() if "--resume" in ln]
+    resume = shlex.split(command)
+    assert resume[:2] == ["python", "tuning/sweep_lambdas.py"], command
+    parent, children = runs_of(client, "resume")
+    assert parent.info.status == "KILLED"
+    state = {c.data.tags["sweep_trial_id"]: (c.info.status, c.data.tags["trial_status"]) for c in children}
+    [second] = set(state) - {first}
+    assert state == {first: ("FINISHED", "completed"), second: ("KILLED", "interrupted")}
     path = workdir / "ray_results" / "resumable"
     first_run = path / "train_runs" / train_name(first)
     before = {p.relative_to(first_run): p.stat().st_mtime_ns for p in first_run.rglob("*")}
-    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
-    parent, _ = runs_of(client, "resume")
-    assert parent.info.status == "KILLED"
 
-    code, out, result = run_sweep(workdir, "--resume", str(path), "--address", ray_cluster)
+    code, out, result = run_sweep(workdir, *resume[2:])
     assert code == 0, out[-3000:]
     assert result["trials"] == 2 and result["completed"] == 2
     assert f"trial {first}:" not in out  # finished before the interruption: not run (nor closed) again
@@ -278,3 +306,54 @@ def test_digits_sweep_without_a_registered_dense_model_says_it_trains_from_scrat
     assert plan["config"].pretrained is None
     assert any("trials train SPOT from scratch" in n for n in plan["notes"])
     assert any(n.startswith("lambda_kl fixed at 0") for n in plan["notes"])  # no teacher: l2 not searched
+
+
+def test_a_teacher_trained_on_other_data_is_refused_before_anything_starts(digits_shards, tmp_path, capsys,
+                                                                            monkeypatch):
+    """A real SQLite registry: a dense teacher of the trials' architecture whose version records another
+    data set (the same digits stored at 24 px, trained at 32 px, 10 classes: only the manifest differs) is
+    refused in one line
+    naming both data sets, exit 2, before the sweep's run or storage exist; the same model registered on
+    the trials' data passes."""
+    import mlflow
+
+    from pipelines.data.shards import write_shards
+    from pipelines.storage.checkpoints import CONFIG_FILE, MODEL_FILE
+    from pipelines.tracking.registry import data_tags, register_checkpoint
+    from tuning.sweep import prepare
+    from tuning.sweep_lambdas import build_parser, main
+
+    other = tmp_path / "other"
+    for split in ("train", "val"):
+        write_shards("digits", other, split=split, img_size=24, workers=1)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("teachers", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    checkpoint = tmp_path / "teacher"
+    checkpoint.mkdir()
+    model = spot.create_model("deit_t", rho=None, img_size=32, num_classes=10, **TINY)
+    (checkpoint / CONFIG_FILE).write_text(json.dumps(model.spot_config))
+    torch.save(model.state_dict(), checkpoint / MODEL_FILE)
+    metrics = {"val_acc1": 0.5, "val_acc5": 0.9, "gmacs": 0.01, "epoch": 1}
+    for name, data in (("teacher-other", other), ("teacher-same", digits_shards)):
+        run_id = client.create_run(experiment).info.run_id
+        client.log_param(run_id, "data", str(data))
+        register_checkpoint(checkpoint, run_id=run_id, name=name, metrics=metrics, data=data_tags(data, 32))
+    theirs, ours = data_tags(other, 32)["data_digest"], data_tags(digits_shards, 32)["data_digest"]
+    assert theirs != ours
+
+    base = [*TINY_ARGS, "--data", str(digits_shards), "--mlflow-uri", uri,
+            "--storage", str(tmp_path / "sweeps"), "--name", "taught"]
+    capsys.readouterr()
+    assert main([*base, "--pretrained", "models:/teacher-other@champion"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line == (
+        f"sweep_lambdas: error: --pretrained models:/teacher-other@champion: the teacher was trained on "
+        f"{other} (manifest {theirs}, 10 classes, 32 px), the trials train on {digits_shards} (manifest "
+        f"{ours}, 10 classes, 32 px); a teacher must know the trials' data set (--pretrained a model "
+        "trained on it)")
+    assert not (tmp_path / "sweeps").exists() and client.get_experiment_by_name("spot-sweep") is None
+    plan = prepare(build_parser().parse_args([*base, "--pretrained", "models:/teacher-same/1"]), tmp_path)
+    assert plan["config"].pretrained == "models:/teacher-same/1"

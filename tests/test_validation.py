@@ -235,6 +235,31 @@ def test_compare_refuses_a_dense_model_as_spot(digits_shards, tmp_path, capsys):
                            "predictors; pass a SPOT model fine-tuned from --dense")
 
 
+def test_evaluate_and_compare_check_their_models_before_making_the_builtin_data(tmp_path, capsys,
+                                                                                monkeypatch):
+    """No --data: the built-in shards would be made first (tens of seconds); a model that cannot be there is
+    refused before, in one line, and no ``data/`` appears."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    good = _checkpoint(tmp_path / "good", rho=None)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cases = [
+        (evaluate_cli, ["--model", "nowhere"], "--model nowhere: no SPOT checkpoint or MLflow model"),
+        (evaluate_cli, ["--model", str(good), "--baseline", "models:/nope@champion", "--mlflow-uri", uri],
+         "--baseline models:/nope@champion: the registry sqlite:"),
+        (compare_cli, ["--dense", str(tmp_path)], f"--dense {tmp_path}: no SPOT checkpoint or MLflow model"),
+        (compare_cli, ["--dense", str(good), "--spot", "models:/nope/1"],
+         "--spot models:/nope/1: the registry sqlite:"),
+    ]
+    for command, argv, message in cases:
+        prog = command.__name__.rsplit(".", 1)[1]
+        assert command.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        [line] = [ln for ln in err.splitlines() if not ln.startswith("20")]  # MLflow's dated INFO lines
+        assert line.startswith(f"{prog}: error: {message}"), err
+    assert not (tmp_path / "data").exists()
+
+
 # --- make_shards ------------------------------------------------------------------------------------------
 
 
@@ -363,3 +388,29 @@ def test_local_storage_on_a_one_machine_cluster_passes_and_a_declared_shared_mou
     check_shared_storage(str(tmp_path), ray_cluster)
     check_shared_storage(str(tmp_path), ray_cluster, declared_shared=True)
     check_shared_storage("s3://bucket/runs", ray_cluster)
+
+
+def test_resume_of_a_run_recorded_before_an_option_existed_names_the_defaulted_options(
+    digits_shards, tmp_path, caplog
+):
+    """A run record written before ``--source`` and ``--hflip`` existed (as older versions wrote it): the
+    resumed configuration takes today's defaults for them and says so, by flag and value."""
+    from pipelines.storage.location import RunLocation
+    from pipelines.storage.run_record import write_record
+    from pipelines.training.config import field_default
+
+    storage = str(tmp_path / "runs")
+    started = resolve_config({"data": str(digits_shards), "run_name": "old", "storage": storage,
+                              "mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}, cwd=tmp_path)
+    recorded = {k: v for k, v in started.to_dict().items() if k not in ("source", "hflip")}
+    write_record(RunLocation(started.storage, "old"),
+                 {"config": recorded, "mlflow_run_id": "0" * 32, "tracking_uri": started.mlflow_uri})
+    with caplog.at_level("WARNING"):
+        resumed = resolve_config({"resume": True, "run_name": "old", "storage": storage}, cwd=tmp_path)
+    assert resumed.hflip == field_default("hflip") and resumed.source == field_default("source")
+    assert resumed.model_args == started.model_args
+    [message] = [r.getMessage() for r in caplog.records if "--resume" in r.getMessage()]
+    named = message.split(" (older than these options)")[0]
+    assert named.startswith("--resume: run 'old' recorded no value of ") and set(
+        named.rsplit(" of ", 1)[1].split(", ")) == {"--source", "--hflip"}, message
+    assert f"--hflip {field_default('hflip')!r}" in message

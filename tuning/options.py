@@ -19,7 +19,7 @@ SEARCHERS = ("tpe", "random")
 DIGITS_SWEEP = {**{k: v for k, v in DIGITS_SPOT_FINETUNE.items() if k not in space.SEARCHABLE},
                 "num_workers": 1}
 # Fine-tuning options on the sweep's command line (the rest via --finetune-config).
-TRAIN_FLAGS = ("data", "backbone", "pretrained", "epochs", "batch_size", "img_size", "model_args",
+TRAIN_FLAGS = ("data", "source", "backbone", "pretrained", "epochs", "batch_size", "img_size", "model_args",
                "num_workers", "gpus_per_worker", "cpus_per_worker", "seed", "register_as", "verbose")
 TRAIN_HELP = {  # where the sweep's help differs from the fine-tuning job's
     "epochs": "epochs per trial (ASHA's max) [default: the fine-tuning default; digits: 2]",

@@ -4,8 +4,13 @@ Tuner (:func:`sweep`): Optuna TPE (or random) proposes, ASHA stops weak trials, 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import shlex
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import fields, replace
 from datetime import datetime
 from pathlib import Path
@@ -24,8 +29,9 @@ from pipelines.storage.location import RunLocation
 from pipelines.storage.run_record import SWEEP_RECORD, read_record, write_record
 from pipelines.tracking import store
 from pipelines.tracking.datasets import log_shard_inputs
+from pipelines.tracking.lineage import registered_version
 from pipelines.tracking.mlflow_run import MlflowRun
-from pipelines.tracking.registry import CHAMPION, champion_metrics, load_model
+from pipelines.tracking.registry import CHAMPION, DATA_TAGS, champion_metrics, data_tags, load_model
 from pipelines.tracking.uri import resolve_tracking_uri
 from pipelines.training.config import (
     RUNS_DIR,
@@ -38,14 +44,17 @@ from pipelines.training.config import (
 )
 from pipelines.training.ray_session import check_shared_storage, ray_session, worker_gpus
 from pipelines.training.weights import prepare_init
-from pipelines.utils.errors import ConfigError, check, first_line
+from pipelines.utils import signals
+from pipelines.utils.errors import ConfigError, Interrupted, check, first_line
 from tuning import space
 from tuning.options import DIGITS_SWEEP, TRAIN_FLAGS
 from tuning.results import summarize
-from tuning.trial import METRIC, TIME_ATTR, TrialRuns, run_trial, trial_dirname
+from tuning.trial import METRIC, TIME_ATTR, TrialRuns, close_interrupted, run_trial, trial_dirname
 
 TRIAL_RETRIES = 1  # a trial whose driver dies is restarted once (its Train run resumes)
 DRIVER_CPUS = 0.25  # a trial driver only waits on its Train run
+TUNE_LOGGER = "ray.tune.tune"  # where Tune logs its interrupt lines
+TUNE_INTERRUPT_LINES = ("Stop signal received", "Experiment has been interrupted")
 # Options derived from searched ones: each trial re-derives them unless they were given.
 DERIVED = ("rho", "predictor_lr", "lambda_rate", "lambda_kl", "lambda_token")
 
@@ -66,7 +75,7 @@ def digits_teacher(given: dict, uri: str, cwd: Path, notes: list[str]) -> str | 
     """The dense model a digits sweep fine-tunes (and distils) from: the champion that ``make demo`` or
     ``finetune.py --dense`` registered in ``uri``, if its architecture is the trials'; else None (trials
     train SPOT from scratch), with a note either way."""
-    arch_keys = ("backbone", "img_size", "model_args", "mean", "std")
+    arch_keys = ("source", "backbone", "img_size", "model_args", "mean", "std")
     dense = resolve_config({"dense": True, **{k: given[k] for k in arch_keys if k in given}}, cwd=cwd)
     teacher = f"models:/{dense.register_as}@{CHAMPION}"
     if champion_metrics(MlflowClient(uri), dense.register_as) is not None:
@@ -80,6 +89,34 @@ def digits_teacher(given: dict, uri: str, cwd: Path, notes: list[str]) -> str | 
                  f"{uri} ({teacher}): trials train SPOT from scratch; `make demo` or "
                  "`python pipelines/finetune.py --dense` first registers one to fine-tune from")
     return None
+
+
+def _data_set(tags: dict, path: str | None) -> str:
+    """A data set as the registry records it: its path (where known), manifest digest, classes, image side."""
+    if not any(tags.get(k) for k in DATA_TAGS):
+        return "a data set it does not record (registered before data set tags)"
+    where = f"{path} " if path else ""
+    return (f"{where}(manifest {tags.get('data_digest')}, {tags.get('data_classes')} classes, "
+            f"{tags.get('img_size')} px)")
+
+
+def check_teacher_data(uri: str, config: RunConfig) -> None:
+    """A registered teacher (``--pretrained models:/NAME@ALIAS`` or ``/VERSION``, the digits champion) must
+    have been trained on the trials' data set: its version's data set tags
+    (:func:`pipelines.tracking.registry.data_tags`) equal the trials'. Raises :class:`SweepError` naming
+    both data sets."""
+    client = MlflowClient(uri)
+    version = registered_version(client, config.pretrained) if config.pretrained else None
+    if version is None:
+        return
+    theirs = {k: version.tags.get(k) for k in DATA_TAGS}
+    ours = data_tags(config.data, config.img_size)
+    if theirs == ours:
+        return
+    trained_on = client.get_run(version.run_id).data.params.get("data") if version.run_id else None
+    raise SweepError(f"--pretrained {config.pretrained}: the teacher was trained on "
+                     f"{_data_set(theirs, trained_on)}, the trials train on {_data_set(ours, config.data)}; "
+                     "a teacher must know the trials' data set (--pretrained a model trained on it)")
 
 
 def trial_options(config: RunConfig, given: dict, fixed: dict) -> dict:
@@ -128,6 +165,7 @@ def _prepare_new(args: argparse.Namespace, cwd: Path) -> dict:
     if given.get("data") is None and given.get("pretrained") is None:
         given["pretrained"] = digits_teacher(given, uri, cwd, notes)
     config = resolve_config({**given, "storage": storage}, cwd=cwd)
+    check_teacher_data(uri, config)
     if config.pretrained is None:
         dims, fixed_notes = space.without_teacher(dims)
         notes += fixed_notes
@@ -242,51 +280,101 @@ def _interrupted(grid, num_samples: int) -> bool:
     return sum(t.status in ("TERMINATED", "ERROR") for t in trials) < num_samples
 
 
-def sweep(plan: dict, address: str | None) -> dict | None:
-    """Run a :func:`prepare` d sweep (or resume one); the RESULT_JSON dict, or None if it was interrupted.
+class SweepInterrupted(Interrupted):
+    """A sweep stopped by Ctrl-C, SIGTERM or SIGHUP: its MLflow run and ``trials`` in-flight trial runs are
+    KILLED; the message is the command that continues it."""
 
-    Raises :class:`SweepError` before any trial if the cluster cannot run one.
+    def __init__(self, command: str, trials: int) -> None:
+        super().__init__(command)
+        self.trials = trials
+
+
+class _WithoutTuneHint(logging.Filter):
+    """Drops Ray Tune's own interrupt lines (its ``Tuner.restore(...)`` hint): the sweep prints the one
+    command that continues it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(TUNE_INTERRUPT_LINES)
+
+
+@contextlib.contextmanager
+def _tune_signals() -> Iterator[None]:
+    """Tune's SIGINT handler (installed by ``fit`` and left behind) replaced by the one before once ``fit``
+    returns; its interrupt lines filtered out of its logger meanwhile."""
+    handler, hint = signal.getsignal(signal.SIGINT), _WithoutTuneHint()
+    tune_logger = logging.getLogger(TUNE_LOGGER)
+    tune_logger.addFilter(hint)
+    try:
+        yield
+    finally:
+        tune_logger.removeFilter(hint)
+        signal.signal(signal.SIGINT, handler)
+
+
+def resume_command(setup: dict, address: str | None) -> str:
+    """The command that continues the sweep (on the same cluster)."""
+    args = ["--resume", f"{setup['storage']}/{setup['name']}", *(["--address", address] if address else [])]
+    return "python tuning/sweep_lambdas.py " + " ".join(shlex.quote(a) for a in args)
+
+
+def sweep(plan: dict, address: str | None) -> dict:
+    """Run a :func:`prepare` d sweep (or resume one); the RESULT_JSON dict.
+
+    Raises :class:`SweepError` before any trial if the cluster cannot run one; on Ctrl-C, SIGTERM or SIGHUP
+    (inside :func:`pipelines.utils.signals.stop_signals`) marks the sweep's run and its in-flight trials'
+    runs KILLED and raises :class:`SweepInterrupted` (a signal before the sweep's run exists:
+    ``KeyboardInterrupt``, nothing recorded).
     """
     started = time.monotonic()
     setup = plan["setup"]
     store.quiet_mlflow(setup.get("verbose", False))
     mlflow.set_tracking_uri(setup["tracking_uri"])
     with ray_session(address, verbose=setup.get("verbose", False)):
+        signals.reinstall()  # ray.init took SIGTERM
         parent = None
-        if "path" in plan:
-            parent = MlflowRun.reopen(setup["tracking_uri"], setup["parent_run_id"])
-            tuner = tune.Tuner.restore(plan["path"], _trainable(setup), resume_unfinished=True,
-                                       resume_errored=True)
-        else:
-            config, dims = plan["config"], plan["dims"]
-            if address is not None:  # as a fine-tuning run: decided on the cluster, never from what is up
-                gpus = worker_gpus(config.gpus_per_worker, config.num_workers, address)
-                config = replace(config, gpus_per_worker=gpus)
-                setup["options"]["gpus_per_worker"] = config.gpus_per_worker
-                check_shared_storage(setup["storage"], address, config.shared_storage)
-            setup["max_concurrent"] = setup["max_concurrent"] or default_max_concurrent(
-                ray.cluster_resources(), config
-            )
-            _start_parent(setup, config, dims, plan["summary"], Path.cwd())
-            parent = MlflowRun(setup["tracking_uri"], setup["parent_run_id"])
-            write_record(RunLocation(setup["storage"], setup["name"]), setup, SWEEP_RECORD)
-            tuner = _tuner(setup, dims)
-            print(
-                f"sweep {setup['name']}: {setup['num_samples']} trials, {setup['max_concurrent']} at a time, "
-                f"{setup['epochs']} epochs each; searching "
-                + ", ".join(f"{k} ~ {d.describe()}" for k, d in dims.items() if not d.fixed),
-                flush=True,
-            )
-        resume = f"python tuning/sweep_lambdas.py --resume {setup['storage']}/{setup['name']}"
         try:
-            grid = tuner.fit()
-            if _interrupted(grid, setup["num_samples"]):
-                parent.end("KILLED")
-                print(f"sweep interrupted; continue it with: {resume}", file=sys.stderr, flush=True)
-                return None
+            if "path" in plan:
+                with signals.deferred():
+                    parent = MlflowRun.reopen(setup["tracking_uri"], setup["parent_run_id"])
+                tuner = tune.Tuner.restore(plan["path"], _trainable(setup), resume_unfinished=True,
+                                           resume_errored=True)
+            else:
+                config, dims = plan["config"], plan["dims"]
+                if address is not None:  # as a fine-tuning run: decided on the cluster, never from what is up
+                    gpus = worker_gpus(config.gpus_per_worker, config.num_workers, address)
+                    config = replace(config, gpus_per_worker=gpus)
+                    setup["options"]["gpus_per_worker"] = config.gpus_per_worker
+                    check_shared_storage(setup["storage"], address, config.shared_storage)
+                setup["max_concurrent"] = setup["max_concurrent"] or default_max_concurrent(
+                    ray.cluster_resources(), config
+                )
+                with signals.deferred():  # created and recorded as one step
+                    _start_parent(setup, config, dims, plan["summary"], Path.cwd())
+                    parent = MlflowRun(setup["tracking_uri"], setup["parent_run_id"])
+                    write_record(RunLocation(setup["storage"], setup["name"]), setup, SWEEP_RECORD)
+                tuner = _tuner(setup, dims)
+                print(
+                    f"sweep {setup['name']}: {setup['num_samples']} trials, {setup['max_concurrent']} at a "
+                    f"time, {setup['epochs']} epochs each; searching "
+                    + ", ".join(f"{k} ~ {d.describe()}" for k, d in dims.items() if not d.fixed),
+                    flush=True,
+                )
+            with _tune_signals():
+                grid = tuner.fit()
+            if _interrupted(grid, setup["num_samples"]):  # Tune stopped on the signal and saved its state
+                raise KeyboardInterrupt
             return summarize(grid, setup, started)
+        except (KeyboardInterrupt, SystemExit):
+            if parent is None:
+                raise  # not started: nothing recorded
+            trials = close_interrupted(setup)
+            parent.end("KILLED")
+            raise SweepInterrupted(resume_command(setup, address), trials) from None
         except Exception:
+            if parent is None:
+                raise
             parent.end("FAILED")
-            print(f"sweep failed; finished trials are kept, continue it with: {resume}", file=sys.stderr,
+            command = resume_command(setup, address)
+            print(f"sweep failed; finished trials are kept, continue it with: {command}", file=sys.stderr,
                   flush=True)
             raise

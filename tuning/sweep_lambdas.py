@@ -10,8 +10,9 @@
     python tuning/sweep_lambdas.py --resume ray_results/sweep-deit_t-20260101-120000
 
 Options: :mod:`tuning.options`; the sweep: :mod:`tuning.sweep`. The last line printed is
-``RESULT_JSON: {...}``. Bad input exits with code 2 and one line on stderr, an interrupted sweep (Ctrl-C)
-with 130 after printing how to resume it, a sweep without any result with 1.
+``RESULT_JSON: {...}``. Bad input exits with code 2 and one line on stderr; an interrupted sweep (Ctrl-C,
+SIGTERM, SIGHUP) with 128 + the signal (130, 143, 129) after marking its MLflow runs KILLED and printing
+the one command that continues it; a sweep without any result with 1.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the repos
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.tracking.uri import move_credentials_to_env
+from pipelines.utils import signals
 from pipelines.utils.cli import bad_input, print_result
 from pipelines.utils.errors import ConfigError, TrackingError, check
 from tuning import options
-from tuning.sweep import SweepError, prepare, sweep
+from tuning.sweep import SweepError, SweepInterrupted, prepare, sweep
 
 SPACE_HELP = (
     "\n\nsearch space: a YAML file (--space) of fine-tuning options, each a number (fixed) or\n"
@@ -59,11 +61,19 @@ def main(argv: list[str] | None = None) -> int:
     for note in plan["notes"]:
         print(f"note: {note}", flush=True)
     try:
-        result = sweep(plan, args.address)
+        with signals.stop_signals():
+            result = sweep(plan, args.address)
     except (SweepError, ConfigError) as err:  # the cluster cannot run a trial, or cannot read --storage
         return bad_input("sweep_lambdas", err)
-    if result is None:
-        return 130
+    except SweepInterrupted as err:
+        print(f"sweep_lambdas: interrupted ({signals.name()}); MLflow runs of the sweep and of its "
+              f"{err.trials} running trial(s) marked KILLED, finished trials and checkpoints kept. Continue "
+              f"with:\n  {err}", file=sys.stderr, flush=True)
+        return signals.exit_code()
+    except KeyboardInterrupt:  # before the sweep's MLflow run existed: nothing recorded
+        print(f"sweep_lambdas: interrupted ({signals.name()}) before the sweep started; nothing recorded",
+              file=sys.stderr, flush=True)
+        return signals.exit_code()
     print_result(result)
     return 0 if result["best_trial"] is not None else 1
 

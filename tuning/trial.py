@@ -107,6 +107,16 @@ def run_trial(params: dict, *, setup: dict) -> None:
         raise TrialStopped(f"trial {trial_id}: {fault}; the last good checkpoint is kept in {location.uri}")
 
 
+def close_interrupted(setup: dict) -> int:
+    """End the MLflow runs of the trials an interrupted sweep left running KILLED (``trial_status``
+    ``interrupted``; a ``--resume`` reopens and continues each); how many there were."""
+    children = parent_run(setup).running_children()
+    for child in children:
+        child.set_tags({STATUS_TAG: "interrupted"})
+        child.end("KILLED")
+    return len(children)
+
+
 class TrialRuns(tune.Callback):
     """Closes each trial's MLflow run with its outcome and prints one line (runs in the sweep's driver)."""
 

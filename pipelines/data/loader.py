@@ -38,8 +38,10 @@ from pipelines.data.manifest import (
     Manifest,
     MissingLabelError,
     NotEnoughSamplesError,
+    ShardInfo,
     ShardMismatchError,
     read_manifest,
+    verify_shard,
 )
 
 CROP_PCT = 0.875  # evaluation: centre crop of an image resized to img_size / CROP_PCT
@@ -113,6 +115,28 @@ def _dali_graph(
 def _shard_bounds(num_samples: int, shard_id: int, num_shards: int) -> tuple[int, int]:
     """Sample range ``[begin, end)`` DALI assigns to ``shard_id`` (same formula as DALI's readers)."""
     return num_samples * shard_id // num_shards, num_samples * (shard_id + 1) // num_shards
+
+
+def rank_shards(manifest: Manifest, split: str, shard_id: int, num_shards: int) -> list[ShardInfo]:
+    """The shard files holding the samples rank ``shard_id`` of ``num_shards`` reads from ``split`` (DALI's
+    ``stick_to_shard``: the same contiguous range every epoch)."""
+    begin, end = _shard_bounds(manifest.counts[split], shard_id, num_shards)
+    shards, first = [], 0
+    for shard in manifest.shard_infos(split):
+        if first < end and first + shard.count > begin:
+            shards.append(shard)
+        first += shard.count
+    return shards
+
+
+def verify_rank_shards(data_dir: str | Path, splits: Sequence[str], shard_id: int, num_shards: int) -> None:
+    """Check the bytes of every shard rank ``shard_id`` will read from ``splits`` against the manifest's
+    sha256 before DALI reads them (a corrupt tar can crash DALI's reader outright); each shard once per
+    process. Raises a :class:`~pipelines.data.manifest.DataError` naming the shard."""
+    manifest = read_manifest(data_dir)
+    for split in splits:
+        for shard in rank_shards(manifest, split, shard_id, num_shards):
+            verify_shard(shard)
 
 
 def _components(index_line: str) -> dict[str, tuple[int, int, str]]:

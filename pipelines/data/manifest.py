@@ -112,6 +112,22 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+_verified: set[tuple[str, int, int, str]] = set()  # (path, size, mtime_ns, sha256) checked in this process
+
+
+def verify_shard(shard: ShardInfo) -> None:
+    """Check ``shard``'s bytes against the manifest's sha256, once per process (again if the file's size or
+    modification time changes). Raises :class:`ShardMismatchError` naming the file, expected and actual."""
+    stat = shard.path.stat()
+    key = (str(shard.path), stat.st_size, stat.st_mtime_ns, shard.sha256)
+    if key in _verified:
+        return
+    if (digest := sha256_file(shard.path)) != shard.sha256:
+        raise ShardMismatchError(f"{shard.path}: sha256 {digest} does not match manifest {shard.sha256} "
+                                 "(corrupt shard: copy it again or re-run pipelines/make_shards.py)")
+    _verified.add(key)
+
+
 def _require(mapping: dict, key: str, kind: type, where: str) -> Any:
     if not isinstance(mapping, dict) or key not in mapping:
         raise ManifestError(f"{where}: missing key {key!r}")
@@ -142,8 +158,8 @@ def _read_shard(root: Path, entry: dict, where: str, verify: bool) -> ShardInfo:
             f"{shard.index_path}: header {' '.join(header)!r} does not list the {shard.count} samples "
             "the manifest records"
         )
-    if verify and (digest := sha256_file(shard.path)) != shard.sha256:
-        raise ShardMismatchError(f"{shard.path}: sha256 {digest} does not match manifest {shard.sha256}")
+    if verify:
+        verify_shard(shard)
     return shard
 
 

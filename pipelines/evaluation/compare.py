@@ -20,7 +20,7 @@ from torch import nn
 
 import spot
 from pipelines.data.loader import make_loader
-from pipelines.evaluation.metrics import measure_throughputs, model_row
+from pipelines.evaluation.metrics import images_per_s_cell, measure_throughputs, model_row
 from pipelines.storage.checkpoints import MASKS_MIN_SIDE
 from pipelines.tracking.mlflow_run import log_results
 from pipelines.utils.table import markdown_table
@@ -102,14 +102,10 @@ def format_comparison(results: list[dict]) -> str:
             return f"{100 * value:.2f}"
         if column == "GMACs":
             return f"{value:.4f}"
-        if column == "images/s":  # median of interleaved repeats and their spread; wide spread: no figure
-            median, spread, noisy = value
-            half_range = f"±{100 * spread / 2:.0f} %"
-            return f"noisy ({half_range})" if noisy else f"{median:.0f} {half_range}"
         return "" if value is None else str(value)
 
-    cells = [{**r, "top-1": r["top1"], "GMACs": r["gmacs"],
-              "images/s": (r["images_per_s"], r["images_per_s_spread"], r["noisy"])} for r in results]
+    cells = [{**r, "top-1": r["top1"], "GMACs": r["gmacs"], "images/s": images_per_s_cell(r)}
+             for r in results]
     return markdown_table(cells, COLUMNS, fmt)
 
 

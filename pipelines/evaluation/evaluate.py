@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.evaluation.metrics import measure_throughputs, model_row
+from pipelines.evaluation.metrics import images_per_s_cell, measure_throughputs, model_row
 from pipelines.tracking.mlflow_run import log_results
 from pipelines.tracking.registry import load_model
 from pipelines.utils.table import markdown_table
@@ -34,13 +34,9 @@ def evaluate(
     return rows
 
 
-def _images_per_s(row: dict) -> str:
-    return "noisy" if row.get("noisy") else f"{row['images_per_s']:.0f}"
-
-
 def _cells(row: dict) -> dict:
     return dict(zip(COLUMNS, [row["model"], f"{100 * row['top1']:.2f}", f"{100 * row['top5']:.2f}",
-                              f"{row['gmacs']:.4g}", f"{row['params_m']:.3f}", _images_per_s(row)],
+                              f"{row['gmacs']:.4g}", f"{row['params_m']:.3f}", images_per_s_cell(row)],
                     strict=True))
 
 
@@ -50,7 +46,7 @@ def format_table(rows: list[dict]) -> str:
     table = markdown_table([_cells(r) for r in rows], COLUMNS).rstrip("\n")
     if len(rows) == 2:
         a, b = rows
-        speed = ("throughput not compared (noisy timing)" if a.get("noisy") or b.get("noisy")
+        speed = ("throughput not compared (noisy timing)" if a["noisy"] or b["noisy"]
                  else f"{a['images_per_s'] / b['images_per_s']:.2f}x throughput")
         table += (
             f"\n\n{a['model']} vs {b['model']}: top-1 {100 * (a['top1'] - b['top1']):+.2f} points, "
@@ -60,14 +56,14 @@ def format_table(rows: list[dict]) -> str:
 
 
 def log_to_mlflow(rows: list[dict], table: str, *, tracking_uri: str, experiment: str, data: str) -> str:
-    """Log the rows as one MLflow run (metrics prefixed by the row's label, images/s only where not noisy,
-    table as artifact, the val split
-    as its dataset, the evaluated models with their versions and source runs); returns its id."""
+    """Log the rows as one MLflow run: metrics prefixed by the row's label (images/s only where not noisy),
+    the table as an artifact, the val split as its dataset, the evaluated models with their versions and
+    source runs; returns its id."""
     return log_results(
         tracking_uri, experiment, "evaluate",
         params={"data": data},
         metrics={f"{r['model']}_{k}": r[k] for r in rows for k in ("top1", "top5", "gmacs", "images_per_s")
-                 if k != "images_per_s" or not r.get("noisy")},  # a noisy timing is no measurement
+                 if k != "images_per_s" or not r["noisy"]},  # a noisy timing is no measurement
         text=("evaluation.md", table + "\n"), data=data, models={r["model"]: r["uri"] for r in rows},
         description=(f"{' and '.join(r['uri'] for r in rows)} evaluated on the val split of {data}; the "
                      "table is the artifact evaluation.md"),

@@ -89,3 +89,10 @@ def measure_throughputs(
         spread = (max(values) - min(values)) / median
         results.append({"images_per_s": median, "images_per_s_spread": spread, "noisy": spread > MAX_SPREAD})
     return results
+
+
+def images_per_s_cell(row: dict) -> str:
+    """A :func:`measure_throughputs` result as a table cell: the median and ± half the range of the rounds,
+    or "noisy" and the half range where the rounds spread too wide to give a figure."""
+    half_range = f"±{100 * row['images_per_s_spread'] / 2:.0f} %"
+    return f"noisy ({half_range})" if row["noisy"] else f"{row['images_per_s']:.0f} {half_range}"

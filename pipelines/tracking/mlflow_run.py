@@ -24,7 +24,6 @@ from pipelines.tracking.datasets import log_shard_inputs
 from pipelines.tracking.lineage import log_model_inputs
 from pipelines.utils.errors import TrackingError, first_line
 
-RUN_NAME_TAG = "ray_train_run"
 PARENT_TAG = "mlflow.parentRunId"
 SYSTEM_METRICS_STOP_S = 15.0  # MLflow's monitor samples every 10 s, then flushes
 
@@ -64,7 +63,7 @@ class MlflowRun:
         """A new run ``name`` in ``experiment`` (created if needed) with MLflow's context tags (user,
         source, git commit), ``tags`` and, for a child, its ``parent``. Raises ``TrackingError``."""
         client = MlflowClient(uri)
-        tags = {**(tags or {}), RUN_NAME_TAG: name} | ({PARENT_TAG: parent.run_id} if parent else {})
+        tags = (tags or {}) | ({PARENT_TAG: parent.run_id} if parent else {})
         try:
             experiment_id = ensure_experiment(client, experiment, artifact_location)
             info = client.create_run(experiment_id, run_name=name, tags=resolve_tags(tags)).info
@@ -98,6 +97,14 @@ class MlflowRun:
             filter_string=f"tags.{tag} = '{value}' and tags.`{PARENT_TAG}` = '{self.run_id}'",
         )
         return MlflowRun(self.uri, runs[0].info.run_id) if runs else None
+
+    def running_children(self) -> list[MlflowRun]:
+        """The child runs of this one that are still RUNNING."""
+        runs = self.client.search_runs(
+            [self.info.experiment_id],
+            filter_string=f"attributes.status = 'RUNNING' and tags.`{PARENT_TAG}` = '{self.run_id}'",
+        )
+        return [MlflowRun(self.uri, r.info.run_id) for r in runs]
 
     def log_params(self, params: dict) -> None:
         """Log ``params`` (values as strings, None as "None")."""

@@ -138,8 +138,12 @@ def _task(tags: dict) -> tuple:
     return tuple(tags.get(key) for key in DATA_TAGS)
 
 
+class OtherTask(ValueError):
+    """A registered model holds versions trained on another data set than the model to be added."""
+
+
 def check_same_task(client: MlflowClient, name: str, data: dict[str, str]) -> None:
-    """Refuse (``ValueError``) to add a model trained on ``data`` to registered model ``name`` when its
+    """Refuse (:class:`OtherTask`) to add a model trained on ``data`` to registered model ``name`` when its
     versions were trained on another data set: a champion compares like with like."""
     try:
         versions = client.search_model_versions(f"name = '{name}'")
@@ -148,7 +152,7 @@ def check_same_task(client: MlflowClient, name: str, data: dict[str, str]) -> No
     other = [v for v in versions if v.tags.get("data_digest") and _task(v.tags) != _task(data)]
     if other:
         seen = other[-1].tags
-        raise ValueError(
+        raise OtherTask(
             f"registered model {name!r} holds versions trained on other data (manifest "
             f"{seen['data_digest']}, {seen.get('data_classes')} classes, {seen.get('img_size')} px); this "
             f"run's is {data['data_digest']}, {data['data_classes']} classes, {data['img_size']} px: "

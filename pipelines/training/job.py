@@ -27,13 +27,14 @@ from pipelines.storage.run_record import STOPPED, read_record, write_record
 from pipelines.tracking import pending_reports, store
 from pipelines.tracking.datasets import log_shard_inputs
 from pipelines.tracking.mlflow_run import MlflowRun
-from pipelines.tracking.registry import check_same_task, data_tags, register_best
+from pipelines.tracking.registry import OtherTask, check_same_task, data_tags, register_best
 from pipelines.training.config import PLACEMENT_KEYS, RunConfig, flag
 from pipelines.training.ray_session import check_shared_storage, ray_session, worker_gpus
-from pipelines.training.trainer import fit_run
+from pipelines.training.trainer import failure_cause, fit_run
 from pipelines.training.weights import ModelSummary, prepare_init
 from pipelines.utils import signals
 from pipelines.utils.errors import (
+    ConfigError,
     Interrupted,
     TrackingError,
     TrackingOutage,
@@ -73,6 +74,9 @@ def open_mlflow_run(config: RunConfig, summary: ModelSummary, parent: MlflowRun 
     record = read_record(location)
     if config.resume:
         run = MlflowRun.reopen(uri, record["mlflow_run_id"])
+        if config.register_as != record["config"].get("register_as"):  # --resume --register-as NEW
+            record["config"]["register_as"] = config.register_as  # a later --resume keeps it
+            write_record(location, record)
     else:
         check(record is None, f"run {location.name!r} already exists in {location.storage}: pass --resume to "
               "continue it or choose another --run-name")
@@ -180,6 +184,10 @@ def finish(
         rows = mlflow_run.metric_history(list(EPOCH_COLUMNS[1:]))
         mlflow_run.log_text(evaluation_table(rows, registered["metrics"], summary), "evaluation.md")
         mlflow_run.end("FINISHED")
+    except OtherTask as err:  # another data set's model took the name while this run trained
+        raise ConfigError(f"training finished (checkpoints in {location.uri}), nothing registered: "
+                          f"{first_line(err)}; register it so with: {resume_command(config)} "
+                          "--register-as NAME") from None
     except (TrackingError, pending_reports.NotSent, MlflowException) as err:
         waiting = len(pending_reports.pending(location))
         raise TrackingOutage(
@@ -227,10 +235,10 @@ def run(config: RunConfig, parent: MlflowRun | None = None) -> dict:
                     with mlflow_run.system_metrics():
                         result, fault = fit_run(config, location, init=init, tracking_uri=uri,
                                                 mlflow_run_id=mlflow_run.run_id)
-                except Exception:
+                except Exception as err:
                     if signals.received():  # a stop signal to the process group also hit Ray's processes
                         raise KeyboardInterrupt from None
-                    end_run(mlflow_run, "FAILED")
+                    end_run(mlflow_run, "FAILED", {STOPPED: failure_cause(err)[:5000]})
                     raise
                 stop_on_fault(result, mlflow_run, fault)
                 if aborted(result, config):  # Ray Train aborted the run on Ctrl-C and fit() returned

@@ -70,6 +70,17 @@ class ProgressCallback(UserCallback):
                   "checkpoint", flush=True)
 
 
+def failure_cause(err: BaseException) -> str:
+    """One line saying why a Ray Train run failed for good: each failed worker's rank and first error line
+    (Ray's own message says only "Training failed due to worker errors:"), or the controller's error."""
+    failures = getattr(err, "worker_failures", None)
+    if failures:
+        return "; ".join(f"worker rank {rank}: {type(error).__name__}: {first_line(error)}"
+                         for rank, error in sorted(failures.items()))
+    cause = getattr(err, "controller_failure", None)
+    return first_line(cause if cause is not None else err)
+
+
 def build_trainer(
     config: RunConfig,
     location: RunLocation,

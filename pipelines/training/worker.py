@@ -37,7 +37,7 @@ from ray.experimental import tqdm_ray
 from torch import Tensor, nn
 
 import spot
-from pipelines.data.loader import PAD_LABEL, make_loader
+from pipelines.data.loader import PAD_LABEL, make_loader, verify_rank_shards
 from pipelines.data.manifest import DataError
 from pipelines.storage.checkpoints import MASKS_FILE, MASKS_MIN_SIDE, load_checkpoint, save_checkpoint, unwrap
 from pipelines.storage.location import RunLocation
@@ -146,6 +146,17 @@ def checked_batches(loader, device: torch.device):
         if any_rank(error is not None, device):
             raise DataFault(error)
         yield batch
+
+
+def checked_shards(data_dir: str, rank: int, world: int, device: torch.device) -> DataFault | None:
+    """Every rank checks the shards it will read against the manifest's checksums before DALI opens them;
+    a :class:`DataFault` on every rank if any rank found a corrupt one (a restart would read it again)."""
+    error = None
+    try:
+        verify_rank_shards(data_dir, ("train", "val"), rank, world)
+    except DataError as err:
+        error = str(err)
+    return DataFault(error) if any_rank(error is not None, device) else None
 
 
 def _lambdas(config: RunConfig) -> dict[str, float]:
@@ -353,6 +364,9 @@ def train_loop_per_worker(job: WorkerJob) -> None:
     model = ray.train.torch.prepare_model(student)
     batch = config.batch_size // world
     normalization = spot.input_normalization(student)
+    if (fault := checked_shards(config.data, rank, world, device)) is not None:
+        stop_for_good(job.location, 0, str(fault), record=fault.message is not None)
+        return
     loader_args = {"img_size": config.img_size, "shard_id": rank, "num_shards": world,
                    "num_threads": threads, "device": device, **normalization}
 

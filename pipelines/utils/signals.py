@@ -45,6 +45,11 @@ def received() -> int | None:
     return _received[0] if _received else None
 
 
+def name() -> str:
+    """The name of the signal that stopped the run (SIGINT if none is known)."""
+    return signal.Signals(received() or signal.SIGINT).name
+
+
 def exit_code() -> int:
     """128 + the signal that stopped the run (130 if it was Ctrl-C or none is known)."""
     return 128 + (received() or signal.SIGINT)
