@@ -3,6 +3,9 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+# pytest-xdist workers of `make test` (tests/conftest.py groups the tests that share a run); each has its own
+# local Ray (memory: docs/benchmarks.md). `make test TEST_WORKERS=0` runs the suite in one process.
+TEST_WORKERS ?= 3
 
 .PHONY: demo test lint clean
 
@@ -22,7 +25,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

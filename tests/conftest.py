@@ -5,6 +5,40 @@ import torch
 
 from tests.tiny import TINY_NORMALIZATION
 
+# `make test` runs the suite on 3 pytest-xdist workers (-n 3 --dist loadgroup): each worker has its own
+# session (its own local Ray, digits shards and MLflow store). Tests that read one expensive result share a
+# worker, so that it is made once: the tests of the session's ``trained`` runs, and the tests of a module
+# that share a module-scoped fixture (a sweep, a rehearsal, a server, shards). Integration tests (marked,
+# or on the session's Ray) and their groups go first, each to whichever worker is free: longest work first,
+# the short tests fill the end.
+SHARED_SESSION_RUNS = ("trained",)
+
+
+def _shared_group(item) -> str | None:
+    for name in item.fixturenames:
+        if name in SHARED_SESSION_RUNS:
+            return name
+    for name in item.fixturenames:
+        definitions = item._fixtureinfo.name2fixturedefs.get(name)
+        if definitions and definitions[-1].scope == "module":
+            return item.module.__name__
+    return None
+
+
+def _heavy(item) -> bool:
+    return item.get_closest_marker("integration") is not None or "ray_cluster" in item.fixturenames
+
+
+def pytest_collection_modifyitems(config, items):
+    groups = {item: _shared_group(item) for item in items}
+    for item, group in groups.items():
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+    heavy_groups = {group for item, group in groups.items() if group is not None and _heavy(item)}
+    first = [item for item in items if _heavy(item) or groups[item] in heavy_groups]
+    chosen = set(first)  # a group moves whole: its module-scoped fixture is set up once
+    items[:] = first + [item for item in items if item not in chosen]
+
 
 @pytest.fixture(autouse=True)
 def _seed():

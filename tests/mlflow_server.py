@@ -47,7 +47,8 @@ class MlflowServer:
         env = {**os.environ, **self.env, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
                "MLFLOW_BACKEND_STORE_URI": self.backend_store_uri,
                "MLFLOW_ARTIFACTS_DESTINATION": self.artifacts_destination}
-        if self.admin_password is None:
+        if self.admin_password is None:  # without start_server.sh: its default of no job runner, set here
+            env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
             return [str(bindir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
                     "--workers", "1"], env
         env.update(MLFLOW_AUTH_DATABASE_URI=self.auth_database_uri,

@@ -362,7 +362,7 @@ def _dense_run_after_first_epoch(
 
 
 def test_resume_continues_a_run_whose_driver_died(
-    ray_cluster, pipeline_dir, tiny_options, trained, mlflow_uri
+    ray_cluster, pipeline_dir, tiny_options, mlflow_uri
 ):
     name = "driver-died"
     driver, run_id = _dense_run_after_first_epoch(name, ray_cluster, pipeline_dir, tiny_options, mlflow_uri)
@@ -380,7 +380,7 @@ def test_resume_continues_a_run_whose_driver_died(
 
 
 def test_ctrl_c_marks_the_run_killed_and_prints_the_resume_command(
-    ray_cluster, pipeline_dir, tiny_options, trained, mlflow_uri
+    ray_cluster, pipeline_dir, tiny_options, mlflow_uri
 ):
     name = "interrupted"
     driver, run_id = _dense_run_after_first_epoch(name, ray_cluster, pipeline_dir, tiny_options, mlflow_uri)

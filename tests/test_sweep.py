@@ -86,7 +86,7 @@ def test_default_max_concurrent_counts_train_workers():
 # ---------------------------------------------------------------------------------------- real sweeps
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # a directory: shared by the sweeps a worker runs
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("sweeps")
 

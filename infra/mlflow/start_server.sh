@@ -23,6 +23,9 @@
 #                                 unset, a random one is generated once and kept in the runtime dir
 #   SPOT_MLFLOW_RUNTIME_DIR       where the generated auth config goes (default ~/.spot-mlflow, mode 700)
 #   SPOT_MLFLOW_PIDFILE           write the server's PID here (for `kill $(cat ...)`)
+#   MLFLOW_SERVER_ENABLE_JOB_EXECUTION  false: MLflow's job runner (a huey consumer per job queue, 8 processes
+#                                 beside the server) runs GenAI jobs (judges, trace roll-ups) that SPOT never
+#                                 submits; true brings it back
 #
 # Clients authenticate with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in their environment.
 set -euo pipefail
@@ -37,6 +40,7 @@ die() { echo "start_server.sh: $*" >&2; exit 2; }
 command -v mlflow >/dev/null || die "mlflow is not on PATH"
 
 export MLFLOW_AUTH_ADMIN_USERNAME="${MLFLOW_AUTH_ADMIN_USERNAME:-admin}"
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 runtime_dir="${SPOT_MLFLOW_RUNTIME_DIR:-$HOME/.spot-mlflow}"
 umask 077
 mkdir -p "$runtime_dir"
