@@ -1,5 +1,7 @@
 """Shared test settings: deterministic, single-threaded-friendly torch on the 2-core CI box."""
 
+import time
+
 import pytest
 import torch
 
@@ -80,6 +82,26 @@ def ray_cluster():
     yield ray.get_runtime_context().gcs_address
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _session_ray_left_free(request):
+    """A test on the session's Ray gives back every CPU it reserved (Train worker groups, Tune trials) within
+    a minute: a leak fails the test that made it, not a later one that waits for the CPU until its timeout."""
+    yield
+    if "ray_cluster" not in request.fixturenames:
+        return
+    import ray
+
+    if not ray.is_initialized():
+        return
+    total = ray.cluster_resources().get("CPU", 0.0)
+    deadline = time.monotonic() + 60
+    while (free := ray.available_resources().get("CPU", 0.0)) < total:
+        if time.monotonic() > deadline:
+            pytest.fail(f"{total - free:g} of the session Ray's {total:g} CPUs still reserved a minute after "
+                        "the test; a later test on this Ray would wait for them")
+        time.sleep(1)
 
 
 @pytest.fixture(scope="session")

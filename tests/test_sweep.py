@@ -207,9 +207,9 @@ def test_sigterm_to_the_sweep_kills_its_runs_and_its_one_command_resumes_it(work
     """SIGTERM to the sweep (what `timeout`, schedulers and `kill` send; Ctrl-C and SIGHUP take the same
     path) while trial 2 trains, trial 1 finished: exit 143, the sweep's run and trial 2's run KILLED, one
     resume command (Tune's own hint silenced); that command completes the sweep without running trial 1
-    again or a second run of trial 2. The sweep starts its own local Ray and the signal goes to the sweep's
-    process only: sent to the process group it also stops that local Ray, and on the session's shared
-    cluster the interrupted trial's worker group kept its CPU reserved (both open, docs/pipeline.md)."""
+    again or a second run of trial 2. The sweep starts its own local Ray, and the signal goes to its whole
+    process group (``kill -- -PGID``, a closed terminal), Ray's processes included: they keep running until
+    the sweep has ended its runs."""
     args = [
         *TINY_ARGS, "--num-samples", "2", "--epochs", "1", "--max-concurrent", "1",
         "--searcher", "random",
@@ -234,7 +234,7 @@ def test_sigterm_to_the_sweep_kills_its_runs_and_its_one_command_resumes_it(work
                     if line.startswith("trial ") and ": completed after" in line]
             first = done[0] if done else None
         assert first is not None and trial_runs() == 2, log.read_text()[-3000:]
-        os.kill(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=300) == 143, log.read_text()[-3000:]
     stderr = (workdir / "interrupted.err").read_text()
     assert "Tuner.restore" not in stderr and "Stop signal received" not in stderr

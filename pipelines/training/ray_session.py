@@ -12,6 +12,12 @@ worker log an ERROR line about its restart arguments in every run. A new local R
 unset turns token authentication on (Ray's default) and logs a WARNING that it did; without ``verbose``
 that logger is kept at ERROR during ``ray.init`` (on this path it can only say that). Setting
 ``RAY_AUTH_MODE`` itself is not possible here: Ray reads it once at import (docs/tracking.md).
+
+A local Ray's processes are children of the driver, in its process group. Ray blocks SIGINT in them, so that
+a terminal's Ctrl-C reaches the driver only; SIGTERM and SIGHUP, which the commands handle as Ctrl-C
+(:mod:`pipelines.utils.signals`), reach a whole process group too (``kill -- -PGID``, a closed terminal), so
+they are blocked in the driver while Ray starts and Ray's processes inherit them blocked: the driver ends its
+runs on a Ray that is still up, and ``ray.shutdown`` stops Ray as always.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +39,7 @@ API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 PROBE_TIMEOUT_S = 5.0
+GROUP_SIGNALS = {signal.SIGTERM, signal.SIGHUP}  # kept from a local Ray's processes (module docstring)
 
 
 def probe_address(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
@@ -63,9 +71,11 @@ def start_local_ray(num_cpus: int | None = None, *, verbose: bool = False) -> No
     level = auth_log.level
     if not verbose:
         auth_log.setLevel(logging.ERROR)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)  # inherited by Ray's processes
     try:
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_port=port, **quiet_kwargs(verbose))
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one that came meanwhile is delivered now
         auth_log.setLevel(level)
 
 
