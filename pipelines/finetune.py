@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         given = given_values(args)
-        given["mlflow_uri"] = move_credentials_to_env(given.get("mlflow_uri"))
+        given = given.with_options(mlflow_uri=move_credentials_to_env(given.mlflow_uri))
         make_builtin_data(given)
         with signals.stop_signals():
             result = run(resolve_config(given))

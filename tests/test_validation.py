@@ -21,7 +21,15 @@ from pipelines import export as export_cli
 from pipelines import finetune, make_shards
 from pipelines.data.shards import ensure_builtin_shards
 from pipelines.storage.checkpoints import CONFIG_FILE, MODEL_FILE
-from pipelines.training.config import DIGITS_DIR, DIGITS_SOURCE, digits_preset, resolve_config
+from pipelines.training.config import (
+    DIGITS_DIR,
+    DIGITS_SOURCE,
+    GivenOptions,
+    digits_preset,
+    make_builtin_data,
+    resolve_config,
+)
+from pipelines.utils.errors import ConfigError
 from tests.conftest import TINY_PIPELINE_MODEL
 
 
@@ -161,8 +169,8 @@ def test_model_arg_overrides_one_key_of_the_preset_and_of_the_config_file(clutte
     from pipelines.training.config import given_values
 
     given = given_values(args)
-    assert given["model_args"] == {"embed_dim": 32, "num_heads": 2, "depth": 4}
-    config = resolve_config({**given, "data": str(cluttered_shards)}, cwd=tmp_path)
+    assert given.model_args == {"embed_dim": 32, "num_heads": 2, "depth": 4}
+    config = resolve_config(given.with_options(data=str(cluttered_shards)), cwd=tmp_path)
     assert config.model_args == {**preset["model_args"], "embed_dim": 32, "num_heads": 2, "depth": 4}
 
 
@@ -172,6 +180,26 @@ def test_the_builtin_data_given_by_path_keeps_the_builtin_preset(cluttered_shard
     for key, value in preset.items():
         assert getattr(by_path, key) == value, key
     assert by_path.img_size == 48 and by_path.batch_size == 64 and not by_path.randaugment
+
+
+def test_a_mistyped_option_key_is_refused_by_name_before_anything_starts(tmp_path):
+    """A caller's mapping (the demo's, a sweep trial's) with a key that is no option is refused naming the
+    key before the built-in shards are made or anything is resolved; reading an option by a name that is
+    no option fails as well."""
+    with pytest.raises(ConfigError, match=r"^unknown option\(s\): sourse$"):
+        make_builtin_data({"sourse": "cluttered-digits-hard"}, cwd=tmp_path)
+    with pytest.raises(ConfigError, match=r"^unknown option\(s\): epohcs, sourse$"):
+        resolve_config({"dense": True, "sourse": "cluttered-digits-hard", "epohcs": 2}, cwd=tmp_path)
+    assert not any(tmp_path.iterdir()), "something was written"
+    given = GivenOptions.from_mapping({"source": "cluttered-digits-hard", "rho": None, "dense": True})
+    assert (given.source, given.dense, given.is_given("source"), given.is_given("rho")) == (
+        "cluttered-digits-hard", True, True, False)  # None: not given
+    with pytest.raises(ConfigError, match=r"^unknown option\(s\): sourse$"):
+        given.with_options(sourse="cluttered-digits")
+    with pytest.raises(AttributeError, match="no option 'sourse'"):
+        _ = given.sourse
+    with pytest.raises(AttributeError, match="no option 'sourse'"):
+        given.is_given("sourse")
 
 
 # --- evaluate, compare, export: their own options; a checkpoint that does not fit ------------------------

@@ -35,6 +35,7 @@ from pipelines.tracking.registry import CHAMPION, DATA_TAGS, champion_metrics, d
 from pipelines.tracking.uri import resolve_tracking_uri
 from pipelines.training.config import (
     RUNS_DIR,
+    GivenOptions,
     RunConfig,
     check_name,
     given_values,
@@ -63,20 +64,21 @@ class SweepError(ConfigError):
     """An invalid sweep invocation; the message says which option and why."""
 
 
-def given_training_options(args: argparse.Namespace) -> dict:
+def given_training_options(args: argparse.Namespace) -> GivenOptions:
     """Fine-tuning options given explicitly: --finetune-config's, overridden by the flags (digits sweep
     preset without --data)."""
     flags = argparse.Namespace(**{k: getattr(args, k) for k in TRAIN_FLAGS})
     given = given_values(flags, args.finetune_config)
-    return given if given.get("data") is not None else {**DIGITS_SWEEP, **given}
+    return given if given.data is not None else GivenOptions.from_mapping(DIGITS_SWEEP | given.as_mapping())
 
 
-def digits_teacher(given: dict, uri: str, cwd: Path, notes: list[str]) -> str | None:
+def digits_teacher(given: GivenOptions, uri: str, cwd: Path, notes: list[str]) -> str | None:
     """The dense model a digits sweep fine-tunes (and distils) from: the champion that ``make demo`` or
     ``finetune.py --dense`` registered in ``uri``, if its architecture is the trials'; else None (trials
     train SPOT from scratch), with a note either way."""
     arch_keys = ("source", "backbone", "img_size", "model_args", "mean", "std")
-    dense = resolve_config({"dense": True, **{k: given[k] for k in arch_keys if k in given}}, cwd=cwd)
+    arch = {k: v for k, v in given.values.items() if k in arch_keys}
+    dense = resolve_config({"dense": True, **arch}, cwd=cwd)
     teacher = f"models:/{dense.register_as}@{CHAMPION}"
     if champion_metrics(MlflowClient(uri), dense.register_as) is not None:
         found = load_model(teacher).spot_config
@@ -119,12 +121,12 @@ def check_teacher_data(uri: str, config: RunConfig) -> None:
                      "a teacher must know the trials' data set (--pretrained a model trained on it)")
 
 
-def trial_options(config: RunConfig, given: dict, fixed: dict) -> dict:
+def trial_options(config: RunConfig, given: GivenOptions, fixed: dict) -> dict:
     """Options of every trial: the driver's resolved ``config`` (data, digits defaults...) but for the
     options derived from searched values, which each trial re-derives unless given; then the fixed values."""
     options = {f.name: getattr(config, f.name) for f in fields(RunConfig)
                if f.metadata["cli"] and f.name not in (*DERIVED, "resume")}
-    options.update({k: given[k] for k in DERIVED if k in given})
+    options.update({k: v for k, v in given.values.items() if k in DERIVED})
     return options | fixed
 
 
@@ -162,9 +164,9 @@ def _prepare_new(args: argparse.Namespace, cwd: Path) -> dict:
     mlflow.set_tracking_uri(uri)  # where --pretrained models:/... and the digits teacher are looked up
     notes: list[str] = []
     make_builtin_data(given, cwd)  # the built-in digits without --data: the trials' and the teacher's data
-    if given.get("data") is None and given.get("pretrained") is None:
-        given["pretrained"] = digits_teacher(given, uri, cwd, notes)
-    config = resolve_config({**given, "storage": storage}, cwd=cwd)
+    if given.data is None and given.pretrained is None:
+        given = given.with_options(pretrained=digits_teacher(given, uri, cwd, notes))
+    config = resolve_config(given.with_options(storage=storage), cwd=cwd)
     check_teacher_data(uri, config)
     if config.pretrained is None:
         dims, fixed_notes = space.without_teacher(dims)

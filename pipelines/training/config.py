@@ -3,9 +3,10 @@ built-in digits preset, validation, and which options a ``--resume`` must keep, 
 
 The command line (:func:`add_options` generates the flags, for ``finetune`` and, a subset, for the sweep),
 a YAML file (``--config``: the same names, dashes or underscores) and the defaults feed :class:`RunConfig`,
-in that order of precedence. :func:`resolve_config` validates the values and derives the rest (lrs, loss
-weights, absolute paths, class count) before any Ray worker starts; it writes nothing. What a command does
-before it: :func:`make_builtin_data` (the built-in shards without ``--data``) and
+in that order of precedence; what was given explicitly is one :class:`GivenOptions`, checked once.
+:func:`resolve_config` validates the values and derives the rest (lrs, loss weights, absolute paths, class
+count) before any Ray worker starts; it writes nothing. What a command does before it:
+:func:`make_builtin_data` (the built-in shards without ``--data``) and
 :func:`pipelines.tracking.store.move_credentials_to_env`.
 """
 
@@ -18,9 +19,11 @@ import re
 import tempfile
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import ray
@@ -353,7 +356,7 @@ def read_config_file(path: str, option_name: str = "--config") -> dict:
     return values
 
 
-def given_values(args: argparse.Namespace, config_file: str | None = None) -> dict:
+def given_values(args: argparse.Namespace, config_file: str | None = None) -> GivenOptions:
     """Explicitly given options: the YAML file's (``--config``), overridden by the command line's."""
     config_file = config_file or getattr(args, "config", None)
     values = read_config_file(config_file) if config_file else {}
@@ -363,10 +366,10 @@ def given_values(args: argparse.Namespace, config_file: str | None = None) -> di
         if key == "model_args":  # key by key over the file's
             value = {**(values.get("model_args") or {}), **parse_model_args(value, "--model-arg")}
         values[key] = value
-    return values
+    return GivenOptions.from_mapping(values)
 
 
-def _check_types(values: dict) -> None:
+def _check_types(values: Mapping[str, Any]) -> None:
     for name, value in values.items():
         if name not in FIELDS or value is None:
             continue
@@ -381,6 +384,50 @@ def _check_types(values: dict) -> None:
             ok = isinstance(value, list | tuple) and len(value) == 3
             ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
             check(ok, f"{flag(name)} {value!r}: expected 3 numbers (R, G, B)")
+
+
+@dataclass(frozen=True)
+class GivenOptions:
+    """The options given explicitly (command line, ``--config``, a caller's mapping), checked once: the
+    value of each given :class:`RunConfig` field (None: not given) and ``dense``. Read by attribute
+    (``given.rho``); a name that is no field raises AttributeError."""
+
+    values: Mapping[str, Any]  # field name -> its given value (read-only)
+    dense: bool = False
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> GivenOptions:
+        """Field names (plus ``dense``) to values; None means not given. Raises ConfigError for a value of
+        the wrong type or a key that is no option, before anything else happens."""
+        _check_types(mapping)
+        unknown = sorted(set(mapping) - set(FIELDS) - {"dense"})
+        check(not unknown, f"unknown option(s): {', '.join(unknown)}")
+        values = {k: v for k, v in mapping.items() if k != "dense" and v is not None}
+        return cls(MappingProxyType(values), bool(mapping.get("dense")))
+
+    def __getattr__(self, name: str) -> Any:  # called for names that are no attribute of the instance
+        return self.values.get(_option_name(name))
+
+    def is_given(self, name: str) -> bool:
+        return _option_name(name) in self.values
+
+    def as_mapping(self) -> dict:
+        """The mapping :meth:`from_mapping` takes back (``dense`` only when set)."""
+        return {**self.values, **({"dense": True} if self.dense else {})}
+
+    def with_options(self, **changes: Any) -> GivenOptions:
+        """These options with ``changes`` on top (None: no longer given), checked again."""
+        return GivenOptions.from_mapping({**self.as_mapping(), **changes})
+
+
+def _option_name(name: str) -> str:
+    if name not in FIELDS:
+        raise AttributeError(f"{GivenOptions.__name__} has no option {name!r}")
+    return name
+
+
+def _given(given: GivenOptions | Mapping[str, Any]) -> GivenOptions:
+    return given if isinstance(given, GivenOptions) else GivenOptions.from_mapping(given)
 
 
 # Backbone overrides this project checks before building a model: type and bounds (as in :func:`option`).
@@ -466,10 +513,10 @@ def _builtin_task(data: str | None, cwd: Path, source: str) -> str | None:
     return next(iter(sources)) if splits and len(sources) == 1 and sources <= set(BUILTIN_TASKS) else None
 
 
-def _resolve_rho(config: RunConfig, given: dict) -> None:
+def _resolve_rho(config: RunConfig, given: GivenOptions) -> None:
     rho = config.rho
-    if given.get("dense"):
-        check(given.get("rho") in (None, 1), f"--dense contradicts --rho {given.get('rho')}")
+    if given.dense:
+        check(given.rho in (None, 1), f"--dense contradicts --rho {given.rho}")
         rho = 1.0
     ok = isinstance(rho, int | float) and not isinstance(rho, bool) and 0 < rho <= 1
     check(ok, f"--rho {rho!r}: must be in (0, 1] (1 = dense backbone)")
@@ -507,13 +554,14 @@ def _resolve_training(config: RunConfig) -> None:
     check(not mixing or per_worker % 2 == 0, f"mixup/cutmix need an even batch per worker; got {per_worker}")
 
 
-def make_builtin_data(given: dict, cwd: Path | None = None) -> Path | None:
+def make_builtin_data(given: GivenOptions | Mapping[str, Any], cwd: Path | None = None) -> Path | None:
     """Make the built-in digits shards in ``<cwd>/data/cluttered-digits`` (unless valid ones are there) when
     the ``given`` options name no ``data`` and continue no run: what a command does before
     :func:`resolve_config`. Their directory, or None when none is needed."""
-    if given.get("data") is not None or given.get("resume"):
+    given = _given(given)
+    if given.data is not None or given.resume:
         return None
-    source = given.get("source") or DIGITS_SOURCE
+    source = given.source or DIGITS_SOURCE
     return ensure_builtin_shards((cwd or Path.cwd()) / "data" / source, source)
 
 
@@ -536,8 +584,9 @@ def _resolve_data(config: RunConfig, cwd: Path) -> None:
     config.num_classes = manifest.num_classes
 
 
-def resolve_config(given: dict, *, cwd: Path | None = None) -> RunConfig:
-    """The full run configuration from explicitly ``given`` options (field names, plus ``dense``).
+def resolve_config(given: GivenOptions | Mapping[str, Any], *, cwd: Path | None = None) -> RunConfig:
+    """The full run configuration from explicitly ``given`` options (a mapping of field names, plus
+    ``dense``, is checked into :class:`GivenOptions` first).
 
     Defaults: the field defaults (the paper's recipe), with :func:`digits_preset` on top when no ``data`` is
     given. With ``resume``, the training options come from the run's record in ``storage`` and may not be
@@ -546,16 +595,12 @@ def resolve_config(given: dict, *, cwd: Path | None = None) -> RunConfig:
     (:func:`make_builtin_data`). Raises ``ConfigError``, ``DataError`` or ``FileNotFoundError``.
     """
     cwd = cwd or Path.cwd()
-    given = dict(given)
-    _check_types(given)
-    unknown = sorted(set(given) - set(FIELDS) - {"dense"})
-    check(not unknown, f"unknown option(s): {', '.join(unknown)}")
-    task = _builtin_task(given.get("data"), cwd, given.get("source") or DIGITS_SOURCE)
-    preset = {**digits_preset(), **BUILTIN_TASKS[task]} if task else {}
-    values = {**preset, **{k: v for k, v in given.items() if v is not None and k != "dense"}}
-    if isinstance(given.get("model_args"), dict):  # key by key over the preset's
-        values["model_args"] = {**preset.get("model_args", {}), **given["model_args"]}
-    config = RunConfig(**values)
+    given = _given(given)
+    task = _builtin_task(given.data, cwd, given.source or DIGITS_SOURCE)
+    defaults = RunConfig(**({**digits_preset(), **BUILTIN_TASKS[task]} if task else {}))
+    config = replace(defaults, **given.values)
+    if isinstance(given.model_args, dict):  # key by key over the preset's
+        config.model_args = {**defaults.model_args, **given.model_args}
     check_ranges(config)
     for key in ("run_name", "register_as"):
         if getattr(config, key) is not None:
@@ -565,7 +610,7 @@ def resolve_config(given: dict, *, cwd: Path | None = None) -> RunConfig:
         config.storage = str(Path(config.storage).expanduser().resolve())
     check_storage_writable(config.storage)
     if config.resume:
-        check(given.get("run_name") is not None, "--resume needs the --run-name of the run to continue")
+        check(given.run_name is not None, "--resume needs the --run-name of the run to continue")
         record = read_record(config.location)
         check(record is not None and "config" in record,
               f"--resume: no run {config.run_name!r} in {config.storage}")
@@ -576,15 +621,15 @@ def resolve_config(given: dict, *, cwd: Path | None = None) -> RunConfig:
                         "defaults are used: %s", config.run_name, ", ".join(flag(k) for k in unrecorded),
                         ", ".join(f"{flag(k)} {field_default(k)!r}" for k in unrecorded))
         saved = {k: saved[k] if k in saved else field_default(k) for k in FIELDS}
-        changed = [k for k in training_keys() if k in given and given[k] != saved[k]]
+        changed = [k for k in training_keys() if given.is_given(k) and given.values[k] != saved[k]]
         check(not changed, f"--resume cannot change training options: {', '.join(changed)}")
         kept = (*training_keys(), "num_classes", "experiment",
-                *(() if given.get("register_as") else ("register_as",)))  # a new name may be given
+                *(() if given.register_as else ("register_as",)))  # a new name may be given
         # where it ran: as recorded unless given again (the resumed run is the run as started)
-        placement = [k for k in PLACEMENT_KEYS if k not in given and k in record["config"]]
+        placement = [k for k in PLACEMENT_KEYS if not given.is_given(k) and k in record["config"]]
         config = replace(config, **{k: saved[k] for k in (*kept, *placement)})
         _resolve_local_gpus(config)
-        config.mlflow_uri = resolve_tracking_uri(given.get("mlflow_uri") or record["tracking_uri"], cwd)
+        config.mlflow_uri = resolve_tracking_uri(given.mlflow_uri or record["tracking_uri"], cwd)
         return config
     _resolve_rho(config, given)
     _resolve_training(config)
