@@ -19,7 +19,7 @@ from PIL import Image
 
 import spot
 from pipelines.tracking.datasets import CONTEXTS
-from pipelines.training.config import RunConfig
+from pipelines.training.config import GivenOptions, RunConfig
 from spot.flops import macs
 from tuning.pareto import pareto_front
 from tuning.results import mark_rows
@@ -308,6 +308,12 @@ def test_digits_sweep_without_a_registered_dense_model_says_it_trains_from_scrat
     assert plan["config"].pretrained is None
     assert any("trials train SPOT from scratch" in n for n in plan["notes"])
     assert any(n.startswith("lambda_kl fixed at 0") for n in plan["notes"])  # no teacher: l2 not searched
+    # the options every trial is given (recorded; the trials and the results read them): the digits sweep's
+    # preset under the flags, the driver's resolved data, the weight fixed for want of a teacher
+    options = GivenOptions.from_mapping(plan["setup"]["options"])
+    assert (options.data, options.img_size, options.seed) == (plan["config"].data, 32, 3)
+    assert (options.num_workers, options.warmup_epochs, options.lambda_kl) == (1, 0.25, 0)
+    assert not options.is_given("rho") and not options.is_given("pretrained")  # derived per trial; none
 
 
 def test_a_teacher_trained_on_other_data_is_refused_before_anything_starts(digits_shards, tmp_path, capsys,

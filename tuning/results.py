@@ -13,6 +13,7 @@ from pathlib import Path
 from ray.train import Result
 
 from pipelines.tracking.registry import data_tags, register_best
+from pipelines.training.config import GivenOptions
 from pipelines.utils.errors import first_line
 from pipelines.utils.table import cell, markdown_table
 from tuning import pareto, space
@@ -28,10 +29,11 @@ def trial_rows(grid, setup: dict) -> list[dict]:
     """One row per trial: its best epoch by validation top-1, epochs run, status, searched values."""
     best = {r["trial_id"]: r for r in grid.get_dataframe("val_acc1", "max").to_dict("records")}
     last = {r["trial_id"]: r for r in grid.get_dataframe().to_dict("records")}
+    options = GivenOptions.from_mapping(setup["options"])  # what every trial was given
+    fixed = {k: getattr(options, k) for k in space.SEARCHABLE}
     rows = []
     for result in grid:
         trial_id = Path(result.path).name  # trial_dirname: the trial id
-        fixed = {k: setup["options"].get(k) for k in space.SEARCHABLE}
         row = {"trial_id": trial_id, **fixed, **result.config}
         top = best.get(trial_id, {})
         if math.isnan(top.get("val_acc1", math.nan)):
@@ -83,7 +85,8 @@ def register_winner(rows: list[dict], setup: dict) -> dict | None:
     if best is None:
         return None
     train_run = Result.from_path(train_location(setup, best["trial_id"]).uri)
-    data = data_tags(setup["options"]["data"], setup["options"]["img_size"])
+    options = GivenOptions.from_mapping(setup["options"])  # what every trial was given
+    data = data_tags(options.data, options.img_size)
     registered = register_best(train_run, run_id=best["mlflow_run_id"], name=setup["register_as"], data=data)
     return registered | {"trial_id": best["trial_id"]}
 
