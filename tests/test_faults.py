@@ -171,22 +171,31 @@ def test_a_corrupt_shard_under_an_intact_manifest_fails_the_run_at_once_naming_i
     assert expected in reason
 
 
-def test_a_corrupt_val_shard_under_an_intact_manifest_is_named_by_evaluate_before_it_is_read(tmp_path):
-    """The same bit rot in a val shard: evaluation names the shard and both checksums instead of handing
-    the tar to DALI."""
+def test_a_corrupt_val_shard_under_an_intact_manifest_is_named_by_evaluate_before_it_is_read(
+    tmp_path, capsys
+):
+    """The same bit rot in a val shard: `evaluate` names the shard and both checksums in one line, exit 2,
+    instead of handing the tar to DALI."""
     import torch
 
-    from pipelines.data.manifest import ShardMismatchError
-    from pipelines.evaluation.metrics import evaluate_model
+    from pipelines import evaluate
+    from pipelines.storage.checkpoints import CONFIG_FILE, MODEL_FILE
     from tests.tiny import tiny
 
     out = tmp_path / "shards"
-    write_shards("digits", out, split="val", img_size=32, workers=1)
+    for split in ("train", "val"):
+        write_shards("digits", out, split=split, img_size=32, workers=1)
     shard = read_manifest(out).shard_infos("val")[0]
     expected = _rot(shard)
-    with pytest.raises(ShardMismatchError) as err:
-        evaluate_model(tiny("deit_t", rho=None), out, batch_size=64, device=torch.device("cpu"))
-    assert str(err.value).startswith(expected)
+    model = tmp_path / "model"
+    model.mkdir()
+    net = tiny("deit_t", rho=None, img_size=32, num_classes=10)
+    (model / CONFIG_FILE).write_text(json.dumps(net.spot_config))
+    torch.save(net.state_dict(), model / MODEL_FILE)
+    capsys.readouterr()
+    assert evaluate.main(["--model", str(model), "--data", str(out)]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"evaluate: error: {expected}"), line
 
 
 def _rot(shard) -> str:

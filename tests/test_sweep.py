@@ -239,6 +239,11 @@ def _interrupt_and_resume(workdir: Path, address: str | None, tag: str) -> None:
         assert first is not None and trial_runs() == 2, log.read_text()[-3000:]
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=300) == 143, log.read_text()[-3000:]
+    if address is not None:  # the joined cluster (this process's Ray): the interrupted trial's CPUs come back
+        deadline = time.monotonic() + 60
+        while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+            assert time.monotonic() < deadline, f"a minute after the sweep, free: {ray.available_resources()}"
+            time.sleep(1)
     stderr = (workdir / f"interrupted-{tag}.err").read_text()
     assert "Tuner.restore" not in stderr and "Stop signal received" not in stderr
     [line] = [ln for ln in stderr.splitlines() if ln.startswith("sweep_lambdas: interrupted")]

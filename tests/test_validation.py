@@ -182,6 +182,22 @@ def test_the_builtin_data_given_by_path_keeps_the_builtin_preset(cluttered_shard
     assert by_path.img_size == 48 and by_path.batch_size == 64 and not by_path.randaugment
 
 
+def test_given_options_survive_copy_and_pickling_as_ray_sends_them():
+    """Copied, pickled or sent through Ray's serializer, the given options read the same (an attribute
+    lookup while the object is rebuilt is no option)."""
+    import copy
+    import pickle
+
+    from ray import cloudpickle
+
+    given = GivenOptions.from_mapping({"rho": 0.5, "model_args": {"depth": 4}, "dense": True})
+    for round_trip in (copy.copy, copy.deepcopy, lambda g: pickle.loads(pickle.dumps(g)),
+                       lambda g: cloudpickle.loads(cloudpickle.dumps(g))):
+        back = round_trip(given)
+        assert back == given
+        assert (back.rho, back.model_args, back.dense, back.data) == (0.5, {"depth": 4}, True, None)
+
+
 def test_a_mistyped_option_key_is_refused_by_name_before_anything_starts(tmp_path):
     """A caller's mapping (the demo's, a sweep trial's) with a key that is no option is refused naming the
     key before the built-in shards are made or anything is resolved; reading an option by a name that is

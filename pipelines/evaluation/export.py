@@ -17,6 +17,7 @@ from torch.onnx._constants import ONNX_MAX_OPSET
 import spot
 from pipelines.tracking.lineage import registered_version
 from pipelines.tracking.registry import load_model
+from pipelines.tracking.uri import MODEL_URI_PREFIXES
 from pipelines.utils.errors import ConfigError, check
 from spot.export import check_onnx, export_onnx
 
@@ -37,7 +38,7 @@ def check_export_options(check_batches: tuple[int, ...], opset: int | None) -> N
 
 
 def is_mlflow_uri(uri: str) -> bool:
-    return uri.startswith(("models:/", "runs:/")) or (Path(uri) / "MLmodel").is_file()
+    return uri.startswith(MODEL_URI_PREFIXES) or (Path(uri) / "MLmodel").is_file()
 
 
 def export_model(

@@ -45,6 +45,7 @@ from pipelines.storage.checkpoints import (
     model_from_checkpoint,
     read_checkpoint,
 )
+from pipelines.tracking.uri import MODEL_URI_PREFIXES
 from pipelines.utils.errors import first_line
 
 CHAMPION = "champion"
@@ -92,7 +93,7 @@ def load_model(uri: str | Path) -> nn.Module:
         return model_from_checkpoint(path)
     if path.is_dir() and (path / "MLmodel").is_file():
         return _spot_model(path, uri)
-    if "://" not in uri and not uri.startswith(("models:/", "runs:/")):
+    if "://" not in uri and not uri.startswith(MODEL_URI_PREFIXES):
         raise FileNotFoundError(f"no SPOT checkpoint or MLflow model at {path}")
     with tempfile.TemporaryDirectory() as tmp:
         try:

@@ -13,6 +13,8 @@ from pipelines.utils.errors import ConfigError, TrackingError
 DB_FILE = "mlflow.db"
 # what MLflow's client reads to authenticate to a tracking server
 CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+# an MLflow model's URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/NAME
+MODEL_URI_PREFIXES = ("models:/", "runs:/")
 # what a tracking URI may be: a server, or a database that also holds the model registry
 DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
 USABLE_STORES = "sqlite:///PATH.db, postgresql://..., mysql://... or http(s)://SERVER"

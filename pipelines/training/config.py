@@ -23,7 +23,6 @@ from collections.abc import Mapping
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import ray
@@ -36,7 +35,7 @@ from pipelines.data.manifest import MANIFEST_NAME, DataError, read_manifest
 from pipelines.data.shards import ensure_builtin_shards
 from pipelines.storage.location import RunLocation
 from pipelines.storage.run_record import read_record
-from pipelines.tracking.uri import resolve_tracking_uri
+from pipelines.tracking.uri import MODEL_URI_PREFIXES, resolve_tracking_uri
 from pipelines.training import recipe
 from pipelines.utils.errors import ConfigError, check, first_line
 from spot.config import SELECTORS
@@ -392,7 +391,7 @@ class GivenOptions:
     value of each given :class:`RunConfig` field (None: not given) and ``dense``. Read by attribute
     (``given.rho``); a name that is no field raises AttributeError."""
 
-    values: Mapping[str, Any]  # field name -> its given value (read-only)
+    values: dict[str, Any]  # field name -> its given value (not to be changed)
     dense: bool = False
 
     @classmethod
@@ -403,9 +402,11 @@ class GivenOptions:
         unknown = sorted(set(mapping) - set(FIELDS) - {"dense"})
         check(not unknown, f"unknown option(s): {', '.join(unknown)}")
         values = {k: v for k, v in mapping.items() if k != "dense" and v is not None}
-        return cls(MappingProxyType(values), bool(mapping.get("dense")))
+        return cls(values, bool(mapping.get("dense")))
 
     def __getattr__(self, name: str) -> Any:  # called for names that are no attribute of the instance
+        if name.startswith("_") or name == "values":  # not an option (e.g. asked while copied or unpickled)
+            raise AttributeError(name)
         return self.values.get(_option_name(name))
 
     def is_given(self, name: str) -> bool:
@@ -634,7 +635,7 @@ def resolve_config(given: GivenOptions | Mapping[str, Any], *, cwd: Path | None 
     _resolve_rho(config, given)
     _resolve_training(config)
     _resolve_local_gpus(config)
-    if config.pretrained and not config.pretrained.startswith(("hub", "models:/", "runs:/")):
+    if config.pretrained and not config.pretrained.startswith(("hub", *MODEL_URI_PREFIXES)):
         path = Path(config.pretrained).expanduser().resolve()
         if not path.is_file():
             raise FileNotFoundError(f"--pretrained {path}: file not found")

@@ -236,7 +236,7 @@ def run(config: RunConfig, parent: MlflowRun | None = None) -> dict:
                         result, fault = fit_run(config, location, init=init, tracking_uri=uri,
                                                 mlflow_run_id=mlflow_run.run_id)
                 except Exception as err:
-                    if signals.received():  # a stop signal to the process group also hit Ray's processes
+                    if signals.received():  # a stop signal came while it trained: what fit() raised follows
                         raise KeyboardInterrupt from None
                     end_run(mlflow_run, "FAILED", {STOPPED: failure_cause(err)[:5000]})
                     raise

@@ -16,8 +16,11 @@ that logger is kept at ERROR during ``ray.init`` (on this path it can only say t
 A local Ray's processes are children of the driver, in its process group. Ray blocks SIGINT in them, so that
 a terminal's Ctrl-C reaches the driver only; SIGTERM and SIGHUP, which the commands handle as Ctrl-C
 (:mod:`pipelines.utils.signals`), reach a whole process group too (``kill -- -PGID``, a closed terminal), so
-they are blocked in the driver while Ray starts and Ray's processes inherit them blocked: the driver ends its
-runs on a Ray that is still up, and ``ray.shutdown`` stops Ray as always.
+they are blocked in the driver while Ray starts and Ray's processes (and the workers they start) inherit them
+blocked: the driver ends its runs on a Ray that is still up. The price: ``ray.shutdown``'s SIGTERM to each
+of Ray's processes waits out its grace period before the SIGKILL (docs/benchmarks.md), and a stop signal to
+the group no longer stops a hung command's Ray; the driver's death does (Ray's processes die with their
+parent), so SIGKILL to the driver does.
 """
 
 from __future__ import annotations
@@ -33,13 +36,13 @@ from pathlib import Path
 import ray
 from ray._private.state import state
 
+from pipelines.utils import signals
 from pipelines.utils.errors import ConfigError, first_line
 
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 PROBE_TIMEOUT_S = 5.0
-GROUP_SIGNALS = {signal.SIGTERM, signal.SIGHUP}  # kept from a local Ray's processes (module docstring)
 
 
 def probe_address(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
@@ -71,12 +74,13 @@ def start_local_ray(num_cpus: int | None = None, *, verbose: bool = False) -> No
     level = auth_log.level
     if not verbose:
         auth_log.setLevel(logging.ERROR)
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)  # inherited by Ray's processes
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals.STOP_SIGNALS)  # inherited by Ray's processes
     try:
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_port=port, **quiet_kwargs(verbose))
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one that came meanwhile is delivered now
         auth_log.setLevel(level)
+        signals.reinstall()  # ray.init set a SIGTERM handler of its own
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one held meanwhile reaches the command's handler
 
 
 def quiet_kwargs(verbose: bool) -> dict:

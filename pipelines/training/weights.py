@@ -11,6 +11,7 @@ import torch
 
 import spot
 from pipelines.tracking.registry import load_model
+from pipelines.tracking.uri import MODEL_URI_PREFIXES
 from pipelines.training.config import RunConfig
 from pipelines.utils.errors import ConfigError, first_line
 from spot.checkpoint import load_pretrained
@@ -29,7 +30,7 @@ class ModelSummary:
 def _pretrained_file(source: str, tmp: Path) -> tuple[str, dict]:
     """A local checkpoint file (or "hub") for ``source``, and the input normalisation it was trained with
     (known for MLflow models, which are saved to ``tmp`` first; else empty)."""
-    if not source.startswith(("models:/", "runs:/")):
+    if not source.startswith(MODEL_URI_PREFIXES):
         return source, {}
     path = tmp / "pretrained.pt"
     model = load_model(source)
