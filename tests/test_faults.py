@@ -148,18 +148,8 @@ def test_out_of_range_label_met_in_training_stops_every_rank_at_once_naming_shar
     name = "bad-label"
     options = {**tiny_options, "data": str(out), "dense": True, "epochs": 2, "run_name": name,
                "register_as": "bad-label-test", "vis_images": 0}
-    code = _finetune_in_process(options, tmp_path, pipeline_dir)
-    out_text, err = capsys.readouterr()
-    assert code == 1, err[-3000:]
-    [line] = [ln for ln in err.splitlines() if ln.startswith("finetune: training failed: ")]
-    assert f"{shard.path}: sample '{key}' has label 10" in line and "nothing registered" in line, line
-    run_id = json.loads((Path(tiny_options["storage"]) / name / RUN_RECORD).read_text())["mlflow_run_id"]
-    client = MlflowClient(tiny_options["mlflow_uri"])
-    run = client.get_run(run_id)
-    assert run.info.status == "FAILED" and key in run.data.tags["stop_reason"]
-    assert "worker_failures" not in run.data.tags  # stopped at once, not retried --max-failures times
-    assert client.search_model_versions("name = 'bad-label-test'") == []
-    assert "RESULT_JSON" not in out_text
+    line, reason = _failed_at_once(options, tmp_path, pipeline_dir, capsys)
+    assert f"{shard.path}: sample '{key}' has label 10" in line and key in reason, line
 
 
 @pytest.mark.integration
@@ -173,28 +163,58 @@ def test_a_corrupt_shard_under_an_intact_manifest_fails_the_run_at_once_naming_i
     out = tmp_path / "shards"
     shutil.copytree(digits_shards, out)
     shard = read_manifest(out).shard_infos("train")[-1]
+    expected = _rot(shard)
+    options = {**tiny_options, "data": str(out), "dense": True, "epochs": 2, "run_name": "corrupt-shard",
+               "register_as": "corrupt-shard-test", "vis_images": 0}
+    line, reason = _failed_at_once(options, tmp_path, pipeline_dir, capsys)
+    assert line.startswith(f"finetune: training failed: {expected} (corrupt shard"), line
+    assert expected in reason
+
+
+def test_a_corrupt_val_shard_under_an_intact_manifest_is_named_by_evaluate_before_it_is_read(tmp_path):
+    """The same bit rot in a val shard: evaluation names the shard and both checksums instead of handing
+    the tar to DALI."""
+    import torch
+
+    from pipelines.data.manifest import ShardMismatchError
+    from pipelines.evaluation.metrics import evaluate_model
+    from tests.tiny import tiny
+
+    out = tmp_path / "shards"
+    write_shards("digits", out, split="val", img_size=32, workers=1)
+    shard = read_manifest(out).shard_infos("val")[0]
+    expected = _rot(shard)
+    with pytest.raises(ShardMismatchError) as err:
+        evaluate_model(tiny("deit_t", rho=None), out, batch_size=64, device=torch.device("cpu"))
+    assert str(err.value).startswith(expected)
+
+
+def _rot(shard) -> str:
+    """Flip 64 bytes in the middle of ``shard``'s tar (same size, manifest untouched): the mismatch line."""
     data = bytearray(shard.path.read_bytes())
     middle = len(data) // 2
     data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
     shard.path.write_bytes(bytes(data))
-    actual = sha256_file(shard.path)
-    name = "corrupt-shard"
-    options = {**tiny_options, "data": str(out), "dense": True, "epochs": 2, "run_name": name,
-               "register_as": "corrupt-shard-test", "vis_images": 0}
+    return f"{shard.path}: sha256 {sha256_file(shard.path)} does not match manifest {shard.sha256}"
+
+
+def _failed_at_once(options: dict, tmp_path: Path, pipeline_dir: Path, capsys) -> tuple[str, str]:
+    """Run ``options`` (with ``register_as``), expecting a run that fails at once: exit 1, one "training
+    failed" line saying nothing was registered, the MLflow run FAILED without a worker restart, no model
+    version, no result. That line and the run's ``stop_reason``."""
     code = _finetune_in_process(options, tmp_path, pipeline_dir)
     out_text, err = capsys.readouterr()
     assert code == 1, err[-3000:]
     [line] = [ln for ln in err.splitlines() if ln.startswith("finetune: training failed: ")]
-    expected = f"{shard.path}: sha256 {actual} does not match manifest {shard.sha256}"
-    assert line.startswith(f"finetune: training failed: {expected} (corrupt shard"), line
-    assert "nothing registered" in line
-    run_id = json.loads((Path(tiny_options["storage"]) / name / RUN_RECORD).read_text())["mlflow_run_id"]
-    client = MlflowClient(tiny_options["mlflow_uri"])
-    run = client.get_run(run_id)
-    assert run.info.status == "FAILED" and expected in run.data.tags["stop_reason"]
-    assert "worker_failures" not in run.data.tags  # stopped at once, not restarted onto the shard
-    assert client.search_model_versions("name = 'corrupt-shard-test'") == []
+    assert "nothing registered" in line, line
+    record = Path(options["storage"]) / options["run_name"] / RUN_RECORD
+    client = MlflowClient(options["mlflow_uri"])
+    run = client.get_run(json.loads(record.read_text())["mlflow_run_id"])
+    assert run.info.status == "FAILED"
+    assert "worker_failures" not in run.data.tags  # stopped at once, not restarted --max-failures times
+    assert client.search_model_versions(f"name = '{options['register_as']}'") == []
     assert "RESULT_JSON" not in out_text
+    return line, run.data.tags["stop_reason"]
 
 
 @pytest.mark.integration

@@ -34,6 +34,12 @@ def test_champion_loads_and_reproduces_the_logged_validation_accuracy(trained, d
     assert accuracy["samples"] == 360
     assert accuracy["top1"] == pytest.approx(sparse["best_val_acc1"], abs=1e-9)
     assert accuracy["top5"] == pytest.approx(sparse["best_val_acc5"], abs=1e-9)
+    # the same model by its run (export's documented runs:/ID/NAME form): the same weights
+    by_run = load_model(f"runs:/{sparse['mlflow_run_id']}/{sparse['registered_model']}")
+    assert by_run.spot_config == model.spot_config
+    expected, loaded = model.state_dict(), by_run.state_dict()
+    assert list(loaded) == list(expected)
+    assert all(torch.equal(loaded[key], value) for key, value in expected.items())
 
 
 def test_pyfunc_predicts_the_module_logits(trained, mlflow_uri):

@@ -25,13 +25,16 @@ pytestmark = pytest.mark.integration
 EPOCHS = 8  # a tiny epoch takes seconds: enough of them that the signal comes mid-run
 
 
-def _start(name: str, ray_cluster, pipeline_dir: Path, tiny_options: dict, epochs: int) -> subprocess.Popen:
-    """A dense finetune CLI process in its own process group (as a shell job or a scheduler's task)."""
+def _start(name: str, address: str | None, pipeline_dir: Path, tiny_options: dict,
+           epochs: int) -> subprocess.Popen:
+    """A dense finetune CLI process in its own process group (as a shell job or a scheduler's task), on the
+    cluster at ``address`` or (None) on a local Ray of its own, whose processes are in that group."""
     options = pipeline_dir / f"{name}.yaml"
     options.write_text(yaml.safe_dump({**tiny_options, "dense": True, "epochs": epochs, "run_name": name,
                                        "gpus_per_worker": 0, "vis_images": 0}))
+    cluster = ["--address", address] if address else []
     return subprocess.Popen(
-        [sys.executable, str(FINETUNE), "--config", str(options), "--address", ray_cluster],
+        [sys.executable, str(FINETUNE), "--config", str(options), *cluster],
         cwd=pipeline_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
 
@@ -87,14 +90,14 @@ def test_sigterm_to_the_process_group_ends_the_run_killed_and_its_command_resume
     assert flags  # parsed as flag / value pairs
 
 
-def test_sighup_before_the_first_checkpoint_ends_the_run_killed_saying_there_is_none(
-    ray_cluster, pipeline_dir, tiny_options, mlflow_uri
+def test_sighup_to_a_local_run_s_group_before_the_first_checkpoint_ends_it_killed_saying_there_is_none(
+    pipeline_dir, tiny_options, mlflow_uri
 ):
     name = "sighup"
-    driver = _start(name, ray_cluster, pipeline_dir, tiny_options, epochs=2)
+    driver = _start(name, None, pipeline_dir, tiny_options, epochs=2)
     record = Path(tiny_options["storage"]) / name / RUN_RECORD
     _wait_for(driver, lambda: _run_id(record) is not None, "MLflow run")
-    os.kill(driver.pid, signal.SIGHUP)  # the terminal closed
+    os.killpg(driver.pid, signal.SIGHUP)  # the terminal closed: the driver and its local Ray's processes
     stdout, stderr = driver.communicate(timeout=300)
     assert driver.returncode == 129, stderr[-3000:]
     run = MlflowClient(mlflow_uri).get_run(_run_id(record))

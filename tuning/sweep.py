@@ -10,6 +10,7 @@ import shlex
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import fields, replace
 from datetime import datetime
@@ -230,7 +231,9 @@ def prepare(args: argparse.Namespace, cwd: Path) -> dict:
 
 
 def _trainable(setup: dict):
-    trial = tune.with_parameters(run_trial, setup=setup)
+    """The trial function with its resources; ``launch`` tells this start (or resume) of the sweep from
+    another."""
+    trial = tune.with_parameters(run_trial, setup={**setup, "launch": uuid.uuid4().hex})
     return tune.with_resources(trial, {"CPU": DRIVER_CPUS})
 
 

@@ -10,7 +10,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from pipelines.storage.location import RunLocation
-from pipelines.storage.run_record import STOPPED
+from pipelines.storage.run_record import FAULT_RECORD, STOPPED, read_record, write_record
 from pipelines.tracking import store
 from pipelines.tracking.datasets import log_shard_inputs
 from pipelines.tracking.mlflow_run import MlflowRun
@@ -85,6 +85,12 @@ def run_trial(params: dict, *, setup: dict) -> None:
     """
     trial_id = tune.get_context().get_trial_id()
     location = train_location(setup, trial_id)
+    earlier = read_record(location, FAULT_RECORD)
+    if earlier is not None and earlier.get("launch") == setup["launch"]:
+        # Tune's retry (meant for a lost trial driver) of a trial that stopped for good in this launch of the
+        # sweep would stop the same way; a --resume (another launch) runs it again, its data perhaps mended
+        raise TrialStopped(f"trial {trial_id}: {earlier['error']} (in its first attempt; not run again); the "
+                           f"last good checkpoint is kept in {location.uri}")
     # Tune's sample is a dict: typed once here (resolve_config rejects an unknown option by name)
     config = resolve_config({**setup["options"], **params, "run_name": location.name,
                              "storage": location.storage})
@@ -104,6 +110,8 @@ def run_trial(params: dict, *, setup: dict) -> None:
                        mlflow_run_id=child.run_id, callbacks=[TrialReport(setup["budget"], child.run_id)],
                        progress=config.verbose)
     if fault is not None:  # nothing went to Tune, so the trial is still alive to fail
+        record = {**read_record(location, FAULT_RECORD), "launch": setup["launch"]}
+        write_record(location, record, FAULT_RECORD)
         raise TrialStopped(f"trial {trial_id}: {fault}; the last good checkpoint is kept in {location.uri}")
 
 

@@ -12,13 +12,14 @@ import torch
 from torch import nn
 
 import spot
-from pipelines.data.loader import PAD_LABEL, make_loader
+from pipelines.data.loader import PAD_LABEL, make_loader, verify_rank_shards
 from pipelines.data.manifest import DataError, read_manifest
 
 
 @torch.inference_mode()
 def evaluate_model(model: nn.Module, data: str | Path, *, batch_size: int, device: torch.device) -> dict:
-    """Exact top-1 / top-5 of ``model`` (eval mode) over the val split of ``data``."""
+    """Exact top-1 / top-5 of ``model`` (eval mode) over the val split of ``data``, its shards checked
+    against the manifest's checksums first (:class:`~pipelines.data.manifest.DataError` naming a bad one)."""
     config = model.spot_config
     img_size = config.get("img_size", 224)
     manifest = read_manifest(data)
@@ -26,6 +27,7 @@ def evaluate_model(model: nn.Module, data: str | Path, *, batch_size: int, devic
         raise DataError(
             f"{manifest.root}: {manifest.num_classes} classes, the model predicts {config['num_classes']}"
         )
+    verify_rank_shards(data, ("val",), 0, 1)  # a corrupt tar can crash DALI's reader outright
     loader = make_loader(data, "val", batch_size=batch_size, img_size=img_size, train=False, device=device,
                          **spot.input_normalization(model))
     model = model.eval().to(device)

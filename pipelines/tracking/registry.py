@@ -92,7 +92,7 @@ def load_model(uri: str | Path) -> nn.Module:
         return model_from_checkpoint(path)
     if path.is_dir() and (path / "MLmodel").is_file():
         return _spot_model(path, uri)
-    if "://" not in uri and not uri.startswith("models:/"):
+    if "://" not in uri and not uri.startswith(("models:/", "runs:/")):
         raise FileNotFoundError(f"no SPOT checkpoint or MLflow model at {path}")
     with tempfile.TemporaryDirectory() as tmp:
         try:
