@@ -13,6 +13,8 @@ selector still holds after its last stage. No Ray, no shards: the same library c
 so that three seeds fit on a small CPU machine. Unlike ``finetune.py`` the recipe has no mixup, freezing or
 frozen embeddings: label smoothing 0.1, AdamW (wd 0.05), linear warm-up (a quarter epoch when fine-tuning),
 cosine, batch 64 when fine-tuning. Prints one markdown table per seed and the mean / spread over seeds.
+``--clutter-pieces`` / ``--fragment`` draw a variant of the task (more or larger clutter fragments),
+normalised by its own train split's pixel mean / std (seed 0), as the built-in task is by its constants.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import math
 import statistics
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +41,21 @@ ARCH = {"img_size": task.CANVAS, "patch_size": 8, "depth": 6, "embed_dim": 64, "
 RHOS = (0.7, 0.5)
 
 
-def tensors(split: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
-    canvases = task.make_canvases(split, seed)
+@dataclass(frozen=True)
+class Clutter:
+    """The task's clutter (``task.make_canvases``' options) and the pixel mean / std its inputs are
+    normalised by."""
+
+    pieces: int = task.CLUTTER_PIECES
+    fragment: int = task.FRAGMENT
+    mean: float = task.PIXEL_MEAN
+    std: float = task.PIXEL_STD
+
+
+def tensors(split: str, seed: int, clutter: Clutter) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
+    canvases = task.make_canvases(split, seed, clutter_pieces=clutter.pieces, fragment=clutter.fragment)
     pixels = np.stack([c.pixels for c in canvases]).astype(np.float32) / 255
-    x = torch.from_numpy((pixels - task.PIXEL_MEAN) / task.PIXEL_STD)[:, None].expand(-1, 3, -1, -1)
+    x = torch.from_numpy((pixels - clutter.mean) / clutter.std)[:, None].expand(-1, 3, -1, -1)
     y = torch.tensor([c.label for c in canvases])
     boxes = [digit_patches(c.box, ARCH["patch_size"], task.CANVAS) for c in canvases]
     return x.contiguous(), y, boxes
@@ -114,13 +128,18 @@ def evaluate(model, x, y, boxes, seed=0):
 
 def run_seed(seed: int, args) -> dict[str, float]:
     started = time.monotonic()
-    xt, yt, _ = tensors("train", seed)
-    xv, yv, boxes = tensors("val", seed)
+    clutter = Clutter(args.clutter_pieces, args.fragment)
+    if clutter != Clutter():  # a variant: its own train split's statistics, as the constants are the task's
+        mean, std = task.pixel_stats("train", clutter_pieces=clutter.pieces, fragment=clutter.fragment)
+        clutter = replace(clutter, mean=mean, std=std)
+        print(f"  clutter {clutter}", file=sys.stderr, flush=True)
+    xt, yt, _ = tensors("train", seed, clutter)
+    xv, yv, boxes = tensors("val", seed, clutter)
     torch.manual_seed(seed)
     dense = spot.create_model("deit_t", rho=None, **ARCH)
     fresh = None
     if args.fresh:  # new training canvases each dense epoch (seeds apart from each other's)
-        fresh = lambda epoch: tensors("train", 1000 * (seed + 1) + epoch)[:2]  # noqa: E731
+        fresh = lambda epoch: tensors("train", 1000 * (seed + 1) + epoch, clutter)[:2]  # noqa: E731
     train(dense, None, xt, yt, epochs=args.dense_epochs, lr=args.dense_lr, predictor_lr=args.dense_lr,
           rho=None, seed=seed, batch=args.dense_batch, warmup=args.dense_warmup, fresh=fresh)
     teacher = at(dense, None, "learned")
@@ -163,7 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--predictor-lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clutter-pieces", type=int, default=task.CLUTTER_PIECES,
+                        help="clutter fragments per canvas (a variant of the task)")
+    parser.add_argument("--fragment", type=int, default=task.FRAGMENT,
+                        help="side of a clutter fragment in scan pixels, 1-8 (a variant of the task)")
     args = parser.parse_args(argv)
+    if not 1 <= args.fragment <= 8 or args.clutter_pieces < 0:
+        parser.error(f"--fragment must be 1-8 and --clutter-pieces >= 0, not {args.fragment}, "
+                     f"{args.clutter_pieces}")
     torch.set_num_threads(args.threads)
     per_seed = [run_seed(s, args) for s in args.seeds]
     print(f"\nmean and spread (max - min) over seeds {args.seeds}\n")

@@ -9,7 +9,9 @@ inside it); then Gaussian sensor noise (``NOISE_STD`` of full scale) on every pi
 offset the small DeiT trained from scratch stays at chance: docs/benchmarks.md.)
 
 Splits, seeds and meta are as in :mod:`pipelines.data.cluttered_digits` (split by scan, clutter from the
-split's own scans, everything from ``numpy.random.default_rng``).
+split's own scans, everything from ``numpy.random.default_rng``). A harder variant passes its own
+``clutter_pieces`` / ``fragment`` to :func:`make_canvases` (``benchmarks/hard_task.py --clutter-pieces
+--fragment``); the module's constants are the built-in task.
 """
 
 from __future__ import annotations
@@ -53,9 +55,9 @@ def render(
     digit = _blow_up(scan)
     canvas[top : top + DIGIT_SIDE, left : left + DIGIT_SIDE] = digit
     peak = float(digit.max())
-    side = FRAGMENT * SCALE
     for fragment in fragments:
         piece = _blow_up(fragment)
+        side = piece.shape[0]
         piece *= peak / max(float(piece.max()), 1.0)  # as bright as the digit
         for _ in range(20):
             y, x = (int(v) for v in rng.integers(0, CANVAS - side + 1, size=2))
@@ -67,14 +69,21 @@ def render(
     return np.clip(np.round(canvas), 0, 255).astype(np.uint8), (top, left, DIGIT_SIDE)
 
 
-def make_canvases(split: str, seed: int = 0) -> list[Canvas]:
-    """The built-in task's canvases of ``split`` (its scans, split and canvases per scan), drawn by
-    :func:`render`, deterministic in ``seed``."""
-    return cluttered_digits.make_canvases(split, seed, draw=render, clutter_pieces=CLUTTER_PIECES,
-                                          fragment=FRAGMENT, stream=(1,))
+def make_canvases(
+    split: str, seed: int = 0, *, clutter_pieces: int = CLUTTER_PIECES, fragment: int = FRAGMENT
+) -> list[Canvas]:
+    """The task's canvases of ``split`` (its scans, split and canvases per scan), drawn by :func:`render`
+    with ``clutter_pieces`` fragments of ``fragment`` x ``fragment`` scan pixels, deterministic in
+    ``seed``."""
+    return cluttered_digits.make_canvases(split, seed, draw=render, clutter_pieces=clutter_pieces,
+                                          fragment=fragment, stream=(1,))
 
 
-def pixel_stats(split: str, seed: int = 0) -> tuple[float, float]:
-    """Mean and std of all pixels of ``split``'s canvases, on the [0, 1] scale."""
-    pixels = np.stack([c.pixels for c in make_canvases(split, seed)]).astype(np.float64) / 255
+def pixel_stats(
+    split: str, seed: int = 0, *, clutter_pieces: int = CLUTTER_PIECES, fragment: int = FRAGMENT
+) -> tuple[float, float]:
+    """Mean and std of all pixels of ``split``'s canvases (as :func:`make_canvases` draws them), on the
+    [0, 1] scale."""
+    canvases = make_canvases(split, seed, clutter_pieces=clutter_pieces, fragment=fragment)
+    pixels = np.stack([c.pixels for c in canvases]).astype(np.float64) / 255
     return float(pixels.mean()), float(pixels.std())
