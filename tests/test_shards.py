@@ -238,6 +238,31 @@ def test_ensure_digits_shards_builds_once_and_guards_other_data(image_folder, tm
         ensure_digits_shards(tmp_path / "photos")
 
 
+def test_builtin_canvases_drawn_otherwise_are_made_again(tmp_path):
+    """Built-in canvas shards record how they were drawn; shards of another drawing (an older default, or
+    none recorded) are made again instead of being trained on as today's task, valid ones are kept."""
+    from pipelines.data import cluttered_digits
+    from pipelines.data.shards import ensure_builtin_shards
+
+    out = ensure_builtin_shards(tmp_path / "cluttered", "cluttered-digits", img_size=16)
+    manifest = out / "manifest.json"
+    raw = json.loads(manifest.read_text())
+    assert all(split["params"]["task"] == cluttered_digits.TASK_PARAMS for split in raw["splits"].values())
+    made = manifest.stat().st_mtime_ns
+    assert ensure_builtin_shards(out, "cluttered-digits", img_size=16) == out
+    assert manifest.stat().st_mtime_ns == made  # the same drawing: kept
+    for older in ({**cluttered_digits.TASK_PARAMS, "clutter_pieces": 4}, None):
+        raw = json.loads(manifest.read_text())
+        for split in raw["splits"].values():
+            split["params"].pop("task")
+            if older is not None:
+                split["params"]["task"] = older
+        manifest.write_text(json.dumps(raw))
+        ensure_builtin_shards(out, "cluttered-digits", img_size=16)
+        remade = json.loads(manifest.read_text())["splits"]
+        assert all(split["params"]["task"] == cluttered_digits.TASK_PARAMS for split in remade.values())
+
+
 def test_cli_one_line_errors_and_summary(image_folder, tmp_path):
     cli = [sys.executable, str(REPO / "pipelines" / "make_shards.py"), "--out", str(tmp_path / "out")]
     bad = subprocess.run(

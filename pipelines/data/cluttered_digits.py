@@ -31,6 +31,8 @@ CANVASES_PER_SCAN = {"train": 8, "val": 5}
 # the built-in preset's input normalisation. ImageNet's would put the empty background at about -2.
 PIXEL_MEAN = 0.081
 PIXEL_STD = 0.237
+# What draws the canvases, recorded with the shards: built-in shards of another drawing are made again
+TASK_PARAMS = {"canvas": CANVAS, "grid": GRID, "fragment": FRAGMENT, "clutter_pieces": CLUTTER_PIECES}
 
 
 @dataclass(frozen=True)

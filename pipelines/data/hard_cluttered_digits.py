@@ -31,6 +31,9 @@ NOISE_STD = 0.08  # Gaussian sensor noise, fraction of full scale
 # Pixel mean / std of the train split on the [0, 1] scale (``pixel_stats("train")``, checked by the tests)
 PIXEL_MEAN = 0.131
 PIXEL_STD = 0.260
+# What draws the canvases, recorded with the shards: built-in shards of another drawing are made again
+TASK_PARAMS = {"canvas": CANVAS, "offset_grid": OFFSET_GRID, "fragment": FRAGMENT,
+               "clutter_pieces": CLUTTER_PIECES, "max_overlap": MAX_OVERLAP, "noise_std": NOISE_STD}
 
 
 def _blow_up(scan: np.ndarray) -> np.ndarray:

@@ -441,6 +441,7 @@ def write_shards(
                 "seed": seed,
                 "shard_size": shard_size,
                 "img_size": img_size,
+                **({"task": CANVAS_MODULES[kind].TASK_PARAMS} if kind in CANVAS_MODULES else {}),
             }
             _commit(stage, out, name, entry, classes)
         finally:
@@ -469,7 +470,9 @@ def ensure_builtin_shards(out_dir: str | Path, source: str, img_size: int | None
             )
         try:
             read_manifest(out, verify=True)
-            if all(params.get(name, {}).get("img_size") == img_size for name in DIGITS_SPLITS):
+            task = getattr(CANVAS_MODULES.get(source), "TASK_PARAMS", None)  # as drawn today (None: scans)
+            if all(params.get(name, {}).get("img_size") == img_size and params[name].get("task") == task
+                   for name in DIGITS_SPLITS):
                 return out
         except DataError:
             pass
