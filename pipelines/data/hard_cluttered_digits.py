@@ -24,13 +24,13 @@ from pipelines.data.cluttered_digits import SCALE, Canvas
 CANVAS = 64
 DIGIT_SIDE = 8 * SCALE
 OFFSET_GRID = 8  # the digit's corner lies on this grid: the patch grid (docs/benchmarks.md: why not 1)
-FRAGMENT = 4  # side of a clutter fragment in scan pixels
-CLUTTER_PIECES = 14
+FRAGMENT = 6  # side of a clutter fragment in scan pixels (12 px: three quarters of a digit)
+CLUTTER_PIECES = 28
 MAX_OVERLAP = 0.25  # largest fraction of a fragment's area inside the digit's box
 NOISE_STD = 0.08  # Gaussian sensor noise, fraction of full scale
 # Pixel mean / std of the train split on the [0, 1] scale (``pixel_stats("train")``, checked by the tests)
-PIXEL_MEAN = 0.131
-PIXEL_STD = 0.260
+PIXEL_MEAN = 0.326
+PIXEL_STD = 0.381
 # What draws the canvases, recorded with the shards: built-in shards of another drawing are made again
 TASK_PARAMS = {"canvas": CANVAS, "offset_grid": OFFSET_GRID, "fragment": FRAGMENT,
                "clutter_pieces": CLUTTER_PIECES, "max_overlap": MAX_OVERLAP, "noise_std": NOISE_STD}
