@@ -10,9 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 import yaml
+from mlflow import MlflowClient
 
 import spot
 from pipelines import compare as compare_cli
@@ -20,6 +22,7 @@ from pipelines import evaluate as evaluate_cli
 from pipelines import export as export_cli
 from pipelines import finetune, make_shards
 from pipelines.data.shards import ensure_builtin_shards
+from pipelines.evaluation.options import check_model_source
 from pipelines.storage.checkpoints import CONFIG_FILE, MODEL_FILE
 from pipelines.training.config import (
     DIGITS_DIR,
@@ -294,6 +297,8 @@ def test_evaluate_and_compare_check_their_models_before_making_the_builtin_data(
         (compare_cli, ["--dense", str(tmp_path)], f"--dense {tmp_path}: no SPOT checkpoint or MLflow model"),
         (compare_cli, ["--dense", str(good), "--spot", "models:/nope/1"],
          "--spot models:/nope/1: the registry sqlite:"),
+        (evaluate_cli, ["--model", "runs:/0123abc/spot", "--mlflow-uri", uri],
+         "--model runs:/0123abc/spot: the tracking store sqlite:"),
     ]
     for command, argv, message in cases:
         prog = command.__name__.rsplit(".", 1)[1]
@@ -302,6 +307,9 @@ def test_evaluate_and_compare_check_their_models_before_making_the_builtin_data(
         [line] = [ln for ln in err.splitlines() if not ln.startswith("20")]  # MLflow's dated INFO lines
         assert line.startswith(f"{prog}: error: {message}"), err
     assert not (tmp_path / "data").exists()
+    run_id = MlflowClient(uri).create_run(MlflowClient(uri).create_experiment("models")).info.run_id
+    mlflow.set_tracking_uri(uri)
+    check_model_source("--model", f"runs:/{run_id}/spot")  # a run the store holds: loaded later
 
 
 # --- make_shards ------------------------------------------------------------------------------------------

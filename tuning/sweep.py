@@ -335,7 +335,6 @@ def sweep(plan: dict, address: str | None) -> dict:
     store.quiet_mlflow(setup.get("verbose", False))
     mlflow.set_tracking_uri(setup["tracking_uri"])
     with ray_session(address, verbose=setup.get("verbose", False)):
-        signals.reinstall()  # ray.init took SIGTERM
         parent = None
         try:
             if "path" in plan:

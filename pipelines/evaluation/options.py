@@ -8,6 +8,7 @@ from pathlib import Path
 import mlflow
 import torch
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from pipelines.data.shards import ensure_builtin_shards
 from pipelines.storage.checkpoints import CONFIG_FILE
@@ -29,12 +30,20 @@ def add_evaluation_options(parser: argparse.ArgumentParser, *, experiment: str) 
 
 def check_model_source(option: str, value: str) -> None:
     """The cheap checks of a model option before any data is made or model loaded: a ``models:/NAME@ALIAS``
-    or ``models:/NAME/VERSION`` the registry (the current tracking URI) holds, a checkpoint or MLflow model
-    directory that exists, or another ``scheme://`` URI (checked when loaded). Raises ``ValueError``."""
+    or ``models:/NAME/VERSION`` the registry (the current tracking URI) holds, a ``runs:/RUN_ID/NAME`` of a
+    run it holds, a checkpoint or MLflow model directory that exists, or another ``scheme://`` URI (checked
+    when loaded). Raises ``ValueError``."""
     if value.startswith("models:/"):
         check(registered_version(MlflowClient(), value) is not None,
               f"{option} {value}: the registry {mlflow.get_tracking_uri()} holds no such model version "
               "(models:/NAME@ALIAS or models:/NAME/VERSION)")
+    elif value.startswith("runs:/"):
+        run_id = value.removeprefix("runs:/").split("/", 1)[0]
+        try:
+            MlflowClient().get_run(run_id)
+        except MlflowException:
+            check(False, f"{option} {value}: the tracking store {mlflow.get_tracking_uri()} holds no run "
+                  f"{run_id!r} (runs:/RUN_ID/NAME)")
     elif "://" not in value:
         path = Path(value).expanduser()
         check(path.is_dir() and any((path / f).is_file() for f in (CONFIG_FILE, "MLmodel")),

@@ -220,7 +220,6 @@ def run(config: RunConfig, parent: MlflowRun | None = None) -> dict:
     init, summary = prepare_init(config)
     need = config.num_workers * config.cpus_per_worker
     with ray_session(config.address, need_cpus=need, verbose=config.verbose):
-        signals.reinstall()  # ray.init took SIGTERM
         if config.address is not None:  # what a cluster can give is known once joined, before any run
             config = replace(config, gpus_per_worker=worker_gpus(config.gpus_per_worker, config.num_workers,
                                                                  config.address))

@@ -156,8 +156,9 @@ def ray_session(
     verbose: bool = False,
 ) -> Iterator[bool]:
     """Ray initialised for the block: ``address`` joined (probed first), else a local Ray started (with
-    ``num_cpus``) and shut down at the end; an already initialised Ray is used as it is. ``need_cpus``
-    is checked against a local Ray. Yields whether Ray was started here. Raises ``ConfigError``."""
+    ``num_cpus``) and shut down at the end; an already initialised Ray is used as it is. SIGTERM / SIGHUP
+    stay the command's (:func:`pipelines.utils.signals.reinstall`). ``need_cpus`` is checked against a local
+    Ray. Yields whether Ray was started here. Raises ``ConfigError``."""
     if ray.is_initialized():
         yield False
         return
@@ -167,6 +168,8 @@ def ray_session(
             ray.init(address=address, **quiet_kwargs(verbose))
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise ConfigError(f"--address {address}: {first_line(err)}") from None
+        finally:
+            signals.reinstall()  # ray.init set a SIGTERM handler of its own
         try:
             yield False
         finally:
