@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -45,18 +44,11 @@ sys.path.insert(0, str(INFRA))
 import local_multinode as lm  # noqa: E402  (the process and port helpers of the other rehearsal)
 
 WORKER_TYPE = "gpu_8x_stand_in"
-START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 FAKE_HEAD_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"
 RESULT_PREFIX = "RESULT_JSON:"
 
 
-def cluster_start_timeout(config_path: Path = REPO / "ray_cluster.yaml") -> float:
-    """The worker-group start timeout that a `ray up` cluster config sets in its containers."""
-    options = " ".join(yaml.safe_load(config_path.read_text())["docker"]["run_options"])
-    found = re.search(rf"--env {START_TIMEOUT_VAR}=(\d+(?:\.\d+)?)", options)
-    if not found:
-        raise lm.RehearsalError(f"{config_path.name} sets no {START_TIMEOUT_VAR} in docker.run_options")
-    return float(found.group(1))
+
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -205,7 +197,7 @@ class AutoscalingCluster:
 
     @property
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in lm._SCRUBBED_ENV and k != START_TIMEOUT_VAR}
+        env = {k: v for k, v in os.environ.items() if k not in lm._SCRUBBED_ENV and k != lm.START_TIMEOUT_VAR}
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, RAY_USAGE_STATS_ENABLED="0")
         if self.gcs_address:
             # Every process of this cluster (also Ray Train's helper actors, which look for "auto") must find
@@ -294,8 +286,8 @@ def start_job(
 ) -> lm.Proc:
     workdir = root / name
     workdir.mkdir(parents=True, exist_ok=True)
-    env = {**cluster.env, START_TIMEOUT_VAR: f"{start_timeout_s:g}"}
-    lm.log(f"{name}: {kind} with {START_TIMEOUT_VAR}={start_timeout_s:g}")
+    env = {**cluster.env, lm.START_TIMEOUT_VAR: f"{start_timeout_s:g}"}
+    lm.log(f"{name}: {kind} with {lm.START_TIMEOUT_VAR}={start_timeout_s:g}")
     # cwd = its own directory: the built-in digits shards are made there, not in the checkout.
     proc = lm.start_proc(name, job_cmd(kind, cluster, root, name), env, root, cwd=workdir)
     proc.started = time.monotonic()
@@ -330,7 +322,7 @@ def rehearse(args) -> dict:
     jobs: list[lm.Proc] = []
     started = time.monotonic()
     try:
-        good_timeout = args.start_timeout if args.start_timeout is not None else cluster_start_timeout()
+        good_timeout = args.start_timeout if args.start_timeout is not None else lm.cluster_start_timeout()
         report["start_timeout_s"] = good_timeout
         cluster.start()
         if cluster.alive_worker_nodes() != 0:
@@ -408,12 +400,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--boot-delay", type=float, default=60.0, help="seconds before a worker node joins")
     p.add_argument("--short-timeout", type=float, default=2.0,
-                   help=f"{START_TIMEOUT_VAR} of the run that must fail (0: skip that run)")
+                   help=f"{lm.START_TIMEOUT_VAR} of the run that must fail (0: skip that run)")
     p.add_argument(
         "--start-timeout",
         type=float,
         default=None,
-        help=f"{START_TIMEOUT_VAR} of the runs that must finish [default: ray_cluster.yaml's]",
+        help=f"{lm.START_TIMEOUT_VAR} of the runs that must finish [default: ray_cluster.yaml's]",
     )
     p.add_argument(
         "--only-short",

@@ -27,6 +27,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -40,6 +41,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 FINETUNE = REPO / "pipelines" / "finetune.py"
 MLFLOW_START = REPO / "infra" / "mlflow" / "start_server.sh"
@@ -50,8 +53,21 @@ RESULT_PREFIX = "RESULT_JSON:"
 _SCRUBBED_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN_PATH", "RAY_NAMESPACE")
 
 
+# How long Ray Train waits for its workers' resources; the cluster configs set it in every container.
+START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
 class RehearsalError(RuntimeError):
     """A step of the rehearsal failed; the message says which and why."""
+
+
+def cluster_start_timeout(config_path: Path = REPO / "ray_cluster.yaml") -> float:
+    """The worker-group start timeout that a `ray up` cluster config sets in its containers."""
+    options = " ".join(yaml.safe_load(config_path.read_text())["docker"]["run_options"])
+    found = re.search(rf"--env {START_TIMEOUT_VAR}=(\d+(?:\.\d+)?)", options)
+    if not found:
+        raise RehearsalError(f"{config_path.name} sets no {START_TIMEOUT_VAR} in docker.run_options")
+    return float(found.group(1))
 
 
 _T0 = time.monotonic()
@@ -420,7 +436,9 @@ def run_finetune(
     ]
     log("running: " + " ".join(cmd))
     # cwd = the rehearsal's temp dir: the built-in digits shards are made there, not in the checkout.
-    proc = start_proc("finetune", cmd, {**cluster.env, **mlflow.client_env}, cluster.root, cwd=cluster.root)
+    # as on the cluster it rehearses: Ray's 60 s default fails on a busy machine while workers start
+    env = {**cluster.env, **mlflow.client_env, START_TIMEOUT_VAR: f"{cluster_start_timeout():g}"}
+    proc = start_proc("finetune", cmd, env, cluster.root, cwd=cluster.root)
     started.append(proc)
     try:
         rc = proc.popen.wait(timeout=args.job_timeout)

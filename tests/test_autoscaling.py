@@ -35,7 +35,7 @@ ar = _load()
 
 
 def test_the_rehearsal_uses_the_cluster_configs_start_timeout():
-    assert ar.cluster_start_timeout() >= 15 * 60
+    assert ar.lm.cluster_start_timeout() >= 15 * 60
 
 
 def test_the_autoscaler_config_offers_the_jobs_resources_only_on_late_nodes(tmp_path):
