@@ -13,13 +13,16 @@ selector still holds after its last stage. No Ray, no shards: the same library c
 so that three seeds fit on a small CPU machine. Unlike ``finetune.py`` the recipe has no mixup, freezing or
 frozen embeddings: label smoothing 0.1, AdamW (wd 0.05), linear warm-up (a quarter epoch when fine-tuning),
 cosine, batch 64 when fine-tuning. Prints one markdown table per seed and the mean / spread over seeds.
-``--clutter-pieces`` / ``--fragment`` draw a variant of the task (more or larger clutter fragments),
+``--jpeg 90`` / ``--pipeline-recipe``: the canvases as shards at that JPEG quality hold them / finetune.py's
+recipe with the hard preset (docs/benchmarks.md: what made the pipeline differ). ``--clutter-pieces`` /
+``--fragment`` draw a variant of the task (more or larger clutter fragments),
 normalised by its own train split's pixel mean / std (seed 0), as the built-in task is by its constants.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import statistics
 import sys
@@ -29,12 +32,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import spot  # noqa: E402
 from pipelines.data import hard_cluttered_digits as task  # noqa: E402
 from pipelines.data.cluttered_digits import digit_patches  # noqa: E402
+from pipelines.data.shards import Item, encode  # noqa: E402
+from pipelines.training import recipe  # noqa: E402
+from pipelines.training.config import (  # noqa: E402
+    BUILTIN_TASKS,
+    DIGITS_SPOT_FINETUNE,
+    RunConfig,
+    digits_preset,
+)
 
 ARCH = {"img_size": task.CANVAS, "patch_size": 8, "depth": 6, "embed_dim": 64, "num_heads": 4,
         "num_classes": 10}
@@ -52,24 +64,46 @@ class Clutter:
     std: float = task.PIXEL_STD
 
 
-def tensors(split: str, seed: int, clutter: Clutter) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
+def as_in_shards(pixels: np.ndarray, quality: int) -> np.ndarray:
+    """A grey canvas through the shard writer's JPEG at ``quality``, decoded to RGB (H, W, 3)."""
+    data, _, _ = encode(Item("canvas", 0, pixels=pixels), None, quality)
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def tensors(split: str, seed: int, clutter: Clutter, jpeg: int | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
     canvases = task.make_canvases(split, seed, clutter_pieces=clutter.pieces, fragment=clutter.fragment)
-    pixels = np.stack([c.pixels for c in canvases]).astype(np.float32) / 255
-    x = torch.from_numpy((pixels - clutter.mean) / clutter.std)[:, None].expand(-1, 3, -1, -1)
+    if jpeg:  # (N, 3, H, W), as the pipeline's loader decodes shards written at JPEG quality ``jpeg``
+        pixels = np.stack([as_in_shards(c.pixels, jpeg) for c in canvases]).astype(np.float32) / 255
+        x = torch.from_numpy((pixels - clutter.mean) / clutter.std).permute(0, 3, 1, 2)
+    else:
+        pixels = np.stack([c.pixels for c in canvases]).astype(np.float32) / 255
+        x = torch.from_numpy((pixels - clutter.mean) / clutter.std)[:, None].expand(-1, 3, -1, -1)
     y = torch.tensor([c.label for c in canvases])
     boxes = [digit_patches(c.box, ARCH["patch_size"], task.CANVAS) for c in canvases]
     return x.contiguous(), y, boxes
 
 
-def train(model, teacher, x, y, *, epochs, lr, predictor_lr, rho, seed, batch=64, warmup=0.25, fresh=None):
+def train(model, teacher, x, y, *, epochs, lr, predictor_lr, rho, seed, batch=64, warmup=0.25, fresh=None,
+          pipeline=None):
     """AdamW, linear warm-up (``warmup`` epochs) + cosine per step; SPOT loss with teacher when sparse.
-    ``fresh(epoch)``: the (x, y) of each epoch after the first (new canvases), else ``x, y`` every epoch."""
+    ``fresh(epoch)``: the (x, y) of each epoch after the first (new canvases), else ``x, y`` every epoch.
+    ``pipeline``: a RunConfig whose recipe replaces this one (finetune.py's optimizer groups, weight decay,
+    schedule, freezes and batch size; the other arguments but ``epochs`` / ``rho`` / ``seed`` unused)."""
     torch.manual_seed(seed)
-    groups = [{"params": [p for n, p in model.named_parameters() if not n.startswith("spot_predictors")],
-               "lr": lr},
-              {"params": [p for n, p in model.named_parameters() if n.startswith("spot_predictors")],
-               "lr": predictor_lr}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.05)
+    scheduler = None
+    if pipeline is not None:
+        batch = pipeline.batch_size
+        if teacher is not None:  # finetune.py with --pretrained
+            recipe.freeze_embeddings(model)
+        new = {n for n, _ in model.named_parameters() if teacher is None or n.startswith("spot_predictors")}
+        opt, scheduler = recipe.build_optimizer(model, pipeline, new, steps_per_epoch=len(x) // batch)
+    else:
+        groups = [{"params": [p for n, p in model.named_parameters() if not n.startswith("spot_predictors")],
+                   "lr": lr},
+                  {"params": [p for n, p in model.named_parameters() if n.startswith("spot_predictors")],
+                   "lr": predictor_lr}]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.05)
     steps = epochs * (len(x) // batch)
     warm = max(1, int(warmup * (len(x) // batch)))
     base = [g["lr"] for g in opt.param_groups]
@@ -85,7 +119,7 @@ def train(model, teacher, x, y, *, epochs, lr, predictor_lr, rho, seed, batch=64
             idx = order[i : i + batch]
             cosine = 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
             scale = step / warm if step < warm else cosine
-            for g, b in zip(opt.param_groups, base, strict=True):
+            for g, b in zip(opt.param_groups, base, strict=True) if scheduler is None else ():
                 g["lr"] = b * max(scale, 1e-3)
             logits, info = model(x[idx], return_info=True)
             t_logits = None
@@ -98,6 +132,8 @@ def train(model, teacher, x, y, *, epochs, lr, predictor_lr, rho, seed, batch=64
             loss.backward()
             opt.step()
             step += 1
+            if scheduler is not None:
+                scheduler.step_update(step)
             if step % 100 == 0:
                 print(f"    step {step}: loss {loss.item():.3f}", file=sys.stderr, flush=True)
         print(f"  epoch {epoch}: loss {loss.item():.3f} ({time.monotonic() - began:.0f} s)", file=sys.stderr,
@@ -133,15 +169,19 @@ def run_seed(seed: int, args) -> dict[str, float]:
         mean, std = task.pixel_stats("train", clutter_pieces=clutter.pieces, fragment=clutter.fragment)
         clutter = replace(clutter, mean=mean, std=std)
         print(f"  clutter {clutter}", file=sys.stderr, flush=True)
-    xt, yt, _ = tensors("train", seed, clutter)
-    xv, yv, boxes = tensors("val", seed, clutter)
+    xt, yt, _ = tensors("train", seed, clutter, args.jpeg)
+    xv, yv, boxes = tensors("val", seed, clutter, args.jpeg)
     torch.manual_seed(seed)
     dense = spot.create_model("deit_t", rho=None, **ARCH)
     fresh = None
     if args.fresh:  # new training canvases each dense epoch (seeds apart from each other's)
-        fresh = lambda epoch: tensors("train", 1000 * (seed + 1) + epoch, clutter)[:2]  # noqa: E731
+        fresh = lambda epoch: tensors("train", 1000 * (seed + 1) + epoch, clutter, args.jpeg)[:2]  # noqa: E731
+    preset = None
+    if args.pipeline_recipe:  # the hard source's preset, as finetune.py / demo.py resolve it
+        preset = RunConfig(**{**digits_preset(), **BUILTIN_TASKS["cluttered-digits-hard"], "rho": None,
+                              "epochs": args.dense_epochs})
     train(dense, None, xt, yt, epochs=args.dense_epochs, lr=args.dense_lr, predictor_lr=args.dense_lr,
-          rho=None, seed=seed, batch=args.dense_batch, warmup=args.dense_warmup, fresh=fresh)
+          rho=None, seed=seed, batch=args.dense_batch, warmup=args.dense_warmup, fresh=fresh, pipeline=preset)
     teacher = at(dense, None, "learned")
     rows = {}
     rows["dense"] = evaluate(dense, xv, yv, boxes)
@@ -156,8 +196,10 @@ def run_seed(seed: int, args) -> dict[str, float]:
         model = spot.create_model("deit_t", rho=args.rho, selector=selector, **ARCH)
         missing = model.load_state_dict(dense.state_dict(), strict=False).missing_keys
         assert all(k.startswith("spot_predictors.") for k in missing), missing
+        tuned = None if preset is None else replace(preset, **DIGITS_SPOT_FINETUNE, rho=args.rho,
+                                                     epochs=args.spot_epochs)
         finetuned[selector] = train(model, teacher, xt, yt, epochs=args.spot_epochs, lr=args.lr,
-                                    predictor_lr=args.predictor_lr, rho=args.rho, seed=seed)
+                                    predictor_lr=args.predictor_lr, rho=args.rho, seed=seed, pipeline=tuned)
     for rho in RHOS:
         rows[f"cls_attn_avg (fine-tuned) rho {rho}"] = evaluate(at(finetuned["cls_attn_avg"], rho,
                                                                    "cls_attn_avg"), xv, yv, boxes)
@@ -177,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dense-batch", type=int, default=32)
     parser.add_argument("--dense-warmup", type=float, default=1.0, help="warm-up epochs of the dense run")
     parser.add_argument("--fresh", action="store_true", help="new training canvases each dense epoch")
+    parser.add_argument("--jpeg", type=int, metavar="QUALITY",
+                        help="train and validate on the canvases through the shard writer's JPEG at QUALITY "
+                             "(90: as the hard shards held them before 100)")
+    parser.add_argument("--pipeline-recipe", action="store_true",
+                        help="train with finetune.py's recipe and the hard source's preset (optimizer "
+                             "groups, weight decay, schedule, frozen embeddings, batch 32), not this loop's")
     parser.add_argument("--spot-epochs", type=int, default=2)
     parser.add_argument("--rho", type=float, default=0.7, help="rho SPOT is fine-tuned at")
     parser.add_argument("--lr", type=float, default=1e-4)

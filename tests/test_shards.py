@@ -263,6 +263,27 @@ def test_builtin_canvases_drawn_otherwise_are_made_again(tmp_path):
         assert all(split["params"]["task"] == cluttered_digits.TASK_PARAMS for split in remade.values())
 
 
+def test_hard_shards_written_at_the_default_jpeg_quality_are_made_again(tmp_path):
+    """The hard canvases' shards record their JPEG quality with the drawing: shards of the hard task written
+    before it was raised from the writer's default (none recorded) are made again, as today's are kept."""
+    from pipelines.data import hard_cluttered_digits as hard
+    from pipelines.data.shards import ensure_builtin_shards
+
+    out = ensure_builtin_shards(tmp_path / "hard", "cluttered-digits-hard", img_size=16)
+    manifest = out / "manifest.json"
+    raw = json.loads(manifest.read_text())
+    assert all(split["params"]["task"] == hard.TASK_PARAMS for split in raw["splits"].values())
+    assert hard.TASK_PARAMS["jpeg_quality"] == hard.JPEG_QUALITY
+    for split in raw["splits"].values():
+        split["params"]["task"].pop("jpeg_quality")  # as written before the quality was recorded
+    manifest.write_text(json.dumps(raw))
+    older = manifest.stat().st_mtime_ns
+    ensure_builtin_shards(out, "cluttered-digits-hard", img_size=16)
+    assert manifest.stat().st_mtime_ns != older
+    remade = json.loads(manifest.read_text())["splits"]
+    assert all(split["params"]["task"] == hard.TASK_PARAMS for split in remade.values())
+
+
 def test_cli_one_line_errors_and_summary(image_folder, tmp_path):
     cli = [sys.executable, str(REPO / "pipelines" / "make_shards.py"), "--out", str(tmp_path / "out")]
     bad = subprocess.run(

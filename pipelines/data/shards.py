@@ -193,11 +193,12 @@ def csv_items(path: Path, existing: list[str] | None) -> tuple[list[str], list[I
 EncodeResult = tuple[bytes, int, int] | str
 
 
-def encode(item: Item, img_size: int | None) -> EncodeResult:
+def encode(item: Item, img_size: int | None, quality: int = JPEG_QUALITY) -> EncodeResult:
     """Decode and check one image; return (JPEG bytes, width, height) or the reason it is rejected.
 
     JPEGs in RGB/grey that need no resize or rotation are stored byte for byte; everything else is
-    converted to RGB (EXIF orientation applied, shorter side capped at ``img_size``) and re-encoded.
+    converted to RGB (EXIF orientation applied, shorter side capped at ``img_size``) and re-encoded at JPEG
+    ``quality``.
     """
     try:
         if item.pixels is not None:
@@ -218,7 +219,7 @@ def encode(item: Item, img_size: int | None) -> EncodeResult:
                 size = (round(img.width * scale), round(img.height * scale))
                 img = img.resize(size, Image.Resampling.BICUBIC)
             buffer = io.BytesIO()
-            img.save(buffer, "JPEG", quality=JPEG_QUALITY)
+            img.save(buffer, "JPEG", quality=quality)
             data = buffer.getvalue()
     except Exception as err:  # PIL raises many exception types for bad files; all mean "unreadable"
         # the same reason for the same file on every run: no object addresses in the manifest
@@ -226,9 +227,11 @@ def encode(item: Item, img_size: int | None) -> EncodeResult:
     return data, img.width, img.height
 
 
-def _encoded(items: list[Item], img_size: int | None, workers: int) -> Iterator[tuple[Item, EncodeResult]]:
+def _encoded(
+    items: list[Item], img_size: int | None, workers: int, quality: int
+) -> Iterator[tuple[Item, EncodeResult]]:
     """``(item, encode(item))`` in order, decoded by ``workers`` processes ``CHUNK`` images at a time."""
-    work = partial(encode, img_size=img_size)
+    work = partial(encode, img_size=img_size, quality=quality)
     if workers <= 1:
         yield from zip(items, map(work, items), strict=True)
         return
@@ -274,6 +277,7 @@ def _write_split(
     img_size: int | None,
     workers: int,
     strict: bool,
+    quality: int = JPEG_QUALITY,
 ) -> dict:
     """Shuffle, validate and write one split into ``stage``; return its manifest entry."""
     for problem in problems:
@@ -286,7 +290,7 @@ def _write_split(
     pattern = str(stage / f"{split}-%06d.tar")
     writer = None
     try:
-        encoded = _encoded(items, img_size, workers)
+        encoded = _encoded(items, img_size, workers, quality)
         for item, result in tqdm(encoded, total=len(items), desc=f"{split} shards", unit="img"):
             if isinstance(result, str):
                 problems.append(Problem(str(item.path or item.source), result))
@@ -435,6 +439,7 @@ def write_shards(
                 img_size=img_size,
                 workers=workers or os.cpu_count() or 1,
                 strict=strict,
+                quality=getattr(CANVAS_MODULES.get(kind), "JPEG_QUALITY", JPEG_QUALITY),
             )
             entry["params"] = {
                 "source": source,
