@@ -196,8 +196,8 @@ def run_seed(seed: int, args) -> dict[str, float]:
         model = spot.create_model("deit_t", rho=args.rho, selector=selector, **ARCH)
         missing = model.load_state_dict(dense.state_dict(), strict=False).missing_keys
         assert all(k.startswith("spot_predictors.") for k in missing), missing
-        tuned = None if preset is None else replace(preset, **DIGITS_SPOT_FINETUNE, rho=args.rho,
-                                                     epochs=args.spot_epochs)
+        tuned = None if preset is None else replace(preset, **{**DIGITS_SPOT_FINETUNE, "rho": args.rho,
+                                                               "epochs": args.spot_epochs})
         finetuned[selector] = train(model, teacher, xt, yt, epochs=args.spot_epochs, lr=args.lr,
                                     predictor_lr=args.predictor_lr, rho=args.rho, seed=seed, pipeline=tuned)
     for rho in RHOS:
