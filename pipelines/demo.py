@@ -47,8 +47,8 @@ from pipelines.training.config import (
 from pipelines.training.job import end_run
 from pipelines.training.job import run as run_job
 from pipelines.training.ray_session import start_local_ray
-from pipelines.utils.cli import Parser, bad_input
-from pipelines.utils.errors import TrackingError
+from pipelines.utils.cli import Parser, bad_input, failed
+from pipelines.utils.errors import RayStartError, TrackingError
 
 EXPERIMENT = "spot-demo"
 WORKFLOW = "machine_learning"  # the MLflow UI's model-training view (its URL parameter workflowType)
@@ -105,8 +105,8 @@ def run_demo(
     store.quiet_mlflow(verbose)
     parent = open_parent(dense_config.mlflow_uri, f"demo-{stamp}")
     log_shard_inputs(parent.client, parent.run_id, dense_config.data, ("train", "val"))  # for the runs table
-    start_local_ray(max(os.cpu_count() or 1, num_workers), verbose=verbose)
     try:
+        start_local_ray(max(os.cpu_count() or 1, num_workers), verbose=verbose)
         print(
             f"== 1/4 dense baseline: {dense_config.backbone} {dense_config.model_args}, "
             f"{dense_config.epochs} epochs, {num_workers} Ray Train workers",
@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         demo = run_demo(args.num_workers, args.epochs, args.verbose, args.source, args.seed)
     except (ValueError, FileNotFoundError, TrackingError) as err:
         return bad_input("demo", err)
+    except RayStartError as err:
+        return failed("demo", err)
     print(f"\n{demo['table']}\n")
     for label in ("dense", "spot", "heuristic"):
         r = demo[label]
