@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -95,9 +96,19 @@ def test_fine_tuned_class_attention_row_beside_the_training_free_one(
     args = ["--dense", uri["dense"], "--spot", uri["spot"], "--heuristic", uri["heuristic"], "--rho", "0.5",
             "--data", str(digits_shards), "--mlflow-uri", mlflow_uri]
     with contextlib.chdir(pipeline_dir):
-        assert compare_cli.main(args) == 0
+        assert compare_cli.main([*args, "--mlflow"]) == 0
         table = capsys.readouterr().out
         assert "| cls_attn_avg (fine-tuned) | " + uri["heuristic"] in table
         wrong = args[:4] + ["--heuristic", uri["spot"]] + args[6:]
         assert compare_cli.main(wrong) == 2
     assert "not one fine-tuned with --selector cls_attn_avg" in capsys.readouterr().err
+    # the command's MLflow run names the three models it compared and links them and their training runs
+    [run_id] = re.findall(r"logged to MLflow run (\w+)", table)
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(run_id)
+    for role, result in runs.items():
+        assert run.data.params[f"{role}_uri"] == uri[role]
+        assert run.data.params[f"{role}_version"] == uri[role].removeprefix("models:/")
+        assert run.data.tags[f"{role}_source_run"] == result["mlflow_run_id"]
+    assert len({m.model_id for m in run.inputs.model_inputs}) == 3
+    assert "(dense, heuristic, spot models)" in run.data.tags[MLFLOW_RUN_NOTE]
