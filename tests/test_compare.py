@@ -62,6 +62,9 @@ def test_one_row_per_selector_and_rho_on_the_same_samples(trained, digits_shards
     row = table["data"][5]
     assert row[table["columns"].index("top1")] == results[5]["top1"]
     assert row[table["columns"].index("selector")] == "cls_attn_avg"
+    for result, logged in zip(results, table["data"], strict=True):  # a noisy timing is no figure
+        images_per_s = logged[table["columns"].index("images_per_s")]
+        assert images_per_s is None if result["noisy"] else images_per_s == result["images_per_s"]
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == [f"{Path(digits_shards).name}-val"]
     names = {a.path for a in client.list_artifacts(run_id, "token_masks")}
     assert names == {f"token_masks/{f.name}" for f in figures}
