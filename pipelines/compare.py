@@ -47,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         print(table)
         if args.mlflow:
             figures = compare.mask_figures(rows, data, Path("compare-token-masks"))
+            given = {"dense": args.dense, "spot": args.spot, "heuristic": args.heuristic}
             run_id = compare.log_comparison(results, table, figures, tracking_uri=uri,
-                                            experiment=args.experiment, data=data)
+                                            experiment=args.experiment, data=data,
+                                            models={role: model for role, model in given.items() if model})
             print(f"logged to MLflow run {run_id} (experiment {args.experiment!r}, {uri})")
     except (ValueError, FileNotFoundError, TrackingError) as err:
         return bad_input("compare", err)

@@ -41,14 +41,15 @@ from pipelines.training.config import (
     DIGITS_SOURCE,
     DIGITS_SPOT_FINETUNE,
     RUNS_DIR,
+    RunConfig,
     make_builtin_data,
     resolve_config,
 )
 from pipelines.training.job import end_run
 from pipelines.training.job import run as run_job
 from pipelines.training.ray_session import start_local_ray
-from pipelines.utils.cli import Parser, bad_input
-from pipelines.utils.errors import TrackingError
+from pipelines.utils.cli import Parser, bad_input, failed
+from pipelines.utils.errors import RayStartError, TrackingError
 
 EXPERIMENT = "spot-demo"
 WORKFLOW = "machine_learning"  # the MLflow UI's model-training view (its URL parameter workflowType)
@@ -88,12 +89,66 @@ def open_parent(uri: str, name: str) -> MlflowRun:
     return MlflowRun.create(uri, EXPERIMENT, name, artifact_location=artifacts, tags={MLFLOW_RUN_NOTE: note})
 
 
+def train_models(options: dict, dense_config: RunConfig, stamp: str, parent: MlflowRun) -> dict:
+    """The dense baseline, then SPOT and class attention fine-tuned from it with the same epochs and learning
+    rates, on one local Ray: role -> (RunConfig, RESULT dict)."""
+    num_workers = dense_config.num_workers
+    try:
+        start_local_ray(max(os.cpu_count() or 1, num_workers), verbose=dense_config.verbose)
+        print(f"== 1/4 dense baseline: {dense_config.backbone} {dense_config.model_args}, "
+              f"{dense_config.epochs} epochs, {num_workers} Ray Train workers", flush=True)
+        dense = run_job(dense_config, parent=parent)
+        teacher = f"models:/{dense['registered_model']}/{dense['registered_version']}"
+        spot_options = {**options, **DIGITS_SPOT_FINETUNE, "pretrained": teacher, "rho": RHOS[0]}
+        spot_config = resolve_config(spot_options | {"run_name": f"demo-spot-{stamp}"})
+        print(f"== 2/4 SPOT rho {spot_config.rho}: {spot_config.epochs} epochs from {teacher} (its teacher)",
+              flush=True)
+        sparse = run_job(spot_config, parent=parent)
+        heuristic_config = resolve_config(
+            spot_options | {"selector": "cls_attn_avg", "run_name": f"demo-cls-attn-{stamp}"}
+        )
+        print(f"== 3/4 class attention rho {heuristic_config.rho}: the same {heuristic_config.epochs} "
+              f"epochs and learning rates from {teacher}", flush=True)
+        heuristic = run_job(heuristic_config, parent=parent)
+    finally:
+        ray.shutdown()
+    return {"dense": (dense_config, dense), "spot": (spot_config, sparse),
+            "heuristic": (heuristic_config, heuristic)}
+
+
+def compare_models(runs: dict, stamp: str, parent: MlflowRun) -> dict:
+    """The selectors on the three registered models (:func:`train_models`), on the val split, logged as a
+    child run of ``parent``: ``rows``, ``table``, ``figures``, ``evaluation_run_id``."""
+    print("== 4/4 selectors on the validation split", flush=True)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    uris = {role: f"models:/{result['registered_model']}/{result['registered_version']}"
+            for role, (_, result) in runs.items()}
+    dense_config, spot_config, heuristic_config = (runs[role][0] for role in ("dense", "spot", "heuristic"))
+    epochs = f"({dense_config.epochs} + {spot_config.epochs} epochs)"
+    rows = compare.comparison_models(
+        load_model(uris["dense"]),
+        load_model(uris["spot"]),
+        list(RHOS),
+        dense_weights=f"dense ({dense_config.epochs} epochs)",
+        spot_weights=f"SPOT rho {spot_config.rho} {epochs}",
+        heuristic=load_model(uris["heuristic"]),
+        heuristic_weights=f"class attention rho {heuristic_config.rho} {epochs}",
+    )
+    data = dense_config.data
+    results = compare.compare(rows, data, batch_size=64, throughput_batch=64, device=device)
+    table = compare.format_comparison(results)
+    figures = compare.mask_figures(rows, data, Path(RUNS_DIR) / f"demo-{stamp}-token-masks")
+    run_id = compare.log_comparison(results, table, figures, tracking_uri=dense_config.mlflow_uri,
+                                    experiment=EXPERIMENT, data=data, models=uris, parent=parent)
+    return {"rows": results, "table": table, "figures": figures, "evaluation_run_id": run_id}
+
+
 def run_demo(
     num_workers: int = 2, epochs: int | None = None, verbose: bool = False, source: str = DIGITS_SOURCE,
     seed: int | None = None,
 ) -> dict:
-    """Dense baseline, SPOT and fine-tuned class attention from it, the selector comparison; returns the
-    three RESULT dicts, rows and table."""
+    """Dense baseline, SPOT and fine-tuned class attention from it, the selector comparison, all children of
+    one parent run; returns the three RESULT dicts, rows and table."""
     options = {"experiment": EXPERIMENT, "num_workers": num_workers, "verbose": verbose, "source": source}
     if seed is not None:
         options["seed"] = seed  # the three training runs' (the data set is fixed by the task)
@@ -104,66 +159,20 @@ def run_demo(
     dense_config = resolve_config(dense_options | ({"epochs": epochs} if epochs else {}))
     store.quiet_mlflow(verbose)
     parent = open_parent(dense_config.mlflow_uri, f"demo-{stamp}")
-    log_shard_inputs(parent.client, parent.run_id, dense_config.data, ("train", "val"))  # for the runs table
-    start_local_ray(max(os.cpu_count() or 1, num_workers), verbose=verbose)
-    try:
-        print(
-            f"== 1/4 dense baseline: {dense_config.backbone} {dense_config.model_args}, "
-            f"{dense_config.epochs} epochs, {num_workers} Ray Train workers",
-            flush=True,
-        )
-        dense = run_job(dense_config, parent=parent)
-        teacher = f"models:/{dense['registered_model']}/{dense['registered_version']}"
-        spot_options = {**options, **DIGITS_SPOT_FINETUNE, "pretrained": teacher, "rho": RHOS[0]}
-        spot_config = resolve_config(spot_options | {"run_name": f"demo-spot-{stamp}"})
-        print(
-            f"== 2/4 SPOT rho {spot_config.rho}: {spot_config.epochs} epochs from {teacher} (its teacher)",
-            flush=True,
-        )
-        sparse = run_job(spot_config, parent=parent)
-        heuristic_config = resolve_config(
-            spot_options | {"selector": "cls_attn_avg", "run_name": f"demo-cls-attn-{stamp}"}
-        )
-        print(f"== 3/4 class attention rho {heuristic_config.rho}: the same {heuristic_config.epochs} epochs "
-              f"and learning rates from {teacher}", flush=True)
-        heuristic = run_job(heuristic_config, parent=parent)
+    try:  # every way out ends the parent run
+        log_shard_inputs(parent.client, parent.run_id, dense_config.data, ("train", "val"))  # the runs table
+        runs = train_models(options, dense_config, stamp, parent)
+        comparison = compare_models(runs, stamp, parent)
+    except KeyboardInterrupt:
+        end_run(parent, "KILLED")
+        raise
     except BaseException:
         end_run(parent, "FAILED")
         raise
-    finally:
-        ray.shutdown()
-    print("== 4/4 selectors on the validation split", flush=True)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    dense_uri, spot_uri, heuristic_uri = (
-        f"models:/{r['registered_model']}/{r['registered_version']}" for r in (dense, sparse, heuristic)
-    )
-    epochs = f"({dense_config.epochs} + {spot_config.epochs} epochs)"
-    rows = compare.comparison_models(
-        load_model(dense_uri),
-        load_model(spot_uri),
-        list(RHOS),
-        dense_weights=f"dense ({dense_config.epochs} epochs)",
-        spot_weights=f"SPOT rho {spot_config.rho} {epochs}",
-        heuristic=load_model(heuristic_uri),
-        heuristic_weights=f"class attention rho {heuristic_config.rho} {epochs}",
-    )
-    data = dense_config.data
-    results = compare.compare(rows, data, batch_size=64, throughput_batch=64, device=device)
-    table = compare.format_comparison(results)
-    figures = compare.mask_figures(rows, data, Path(RUNS_DIR) / f"demo-{stamp}-token-masks")
-    run_id = compare.log_comparison(
-        results, table, figures, tracking_uri=dense_config.mlflow_uri, experiment=EXPERIMENT, data=data,
-        models={"dense": dense_uri, "spot": spot_uri, "heuristic": heuristic_uri}, parent=parent,
-    )
     parent.end("FINISHED")
     return {
-        "dense": dense,
-        "spot": sparse,
-        "heuristic": heuristic,
-        "rows": results,
-        "table": table,
-        "figures": figures,
-        "evaluation_run_id": run_id,
+        **{role: result for role, (_, result) in runs.items()},
+        **comparison,
         "parent_run_id": parent.run_id,
         "experiment_id": parent.info.experiment_id,
         "tracking_uri": dense_config.mlflow_uri,
@@ -184,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         demo = run_demo(args.num_workers, args.epochs, args.verbose, args.source, args.seed)
     except (ValueError, FileNotFoundError, TrackingError) as err:
         return bad_input("demo", err)
+    except RayStartError as err:
+        return failed("demo", err)
     print(f"\n{demo['table']}\n")
     for label in ("dense", "spot", "heuristic"):
         r = demo[label]

@@ -32,8 +32,15 @@ from pipelines.training.config import add_options, given_values, make_builtin_da
 from pipelines.training.job import run
 from pipelines.training.trainer import failure_cause
 from pipelines.utils import signals
-from pipelines.utils.cli import Parser, bad_input, print_result
-from pipelines.utils.errors import Interrupted, TrackingError, TrackingOutage, TrainingError, first_line
+from pipelines.utils.cli import Parser, bad_input, failed, print_result
+from pipelines.utils.errors import (
+    Interrupted,
+    RayStartError,
+    TrackingError,
+    TrackingOutage,
+    TrainingError,
+    first_line,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"finetune: interrupted ({signals.name()}) before the run started; nothing recorded",
               file=sys.stderr)
         return signals.exit_code()
+    except RayStartError as err:  # before the run started: nothing recorded
+        return failed("finetune", err)
     except TrackingOutage as err:  # trained; MLflow down at the end: the message says how to finish later
         print(f"finetune: {err}", file=sys.stderr)
         return 75

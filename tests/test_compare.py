@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -61,6 +62,9 @@ def test_one_row_per_selector_and_rho_on_the_same_samples(trained, digits_shards
     row = table["data"][5]
     assert row[table["columns"].index("top1")] == results[5]["top1"]
     assert row[table["columns"].index("selector")] == "cls_attn_avg"
+    for result, logged in zip(results, table["data"], strict=True):  # a noisy timing is no figure
+        images_per_s = logged[table["columns"].index("images_per_s")]
+        assert images_per_s is None if result["noisy"] else images_per_s == result["images_per_s"]
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == [f"{Path(digits_shards).name}-val"]
     names = {a.path for a in client.list_artifacts(run_id, "token_masks")}
     assert names == {f"token_masks/{f.name}" for f in figures}
@@ -95,9 +99,19 @@ def test_fine_tuned_class_attention_row_beside_the_training_free_one(
     args = ["--dense", uri["dense"], "--spot", uri["spot"], "--heuristic", uri["heuristic"], "--rho", "0.5",
             "--data", str(digits_shards), "--mlflow-uri", mlflow_uri]
     with contextlib.chdir(pipeline_dir):
-        assert compare_cli.main(args) == 0
+        assert compare_cli.main([*args, "--mlflow"]) == 0
         table = capsys.readouterr().out
         assert "| cls_attn_avg (fine-tuned) | " + uri["heuristic"] in table
         wrong = args[:4] + ["--heuristic", uri["spot"]] + args[6:]
         assert compare_cli.main(wrong) == 2
     assert "not one fine-tuned with --selector cls_attn_avg" in capsys.readouterr().err
+    # the command's MLflow run names the three models it compared and links them and their training runs
+    [run_id] = re.findall(r"logged to MLflow run (\w+)", table)
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(run_id)
+    for role, result in runs.items():
+        assert run.data.params[f"{role}_uri"] == uri[role]
+        assert run.data.params[f"{role}_version"] == uri[role].removeprefix("models:/")
+        assert run.data.tags[f"{role}_source_run"] == result["mlflow_run_id"]
+    assert len({m.model_id for m in run.inputs.model_inputs}) == 3
+    assert "(dense, heuristic, spot models)" in run.data.tags[MLFLOW_RUN_NOTE]

@@ -78,10 +78,19 @@ def test_training_runs_on_the_same_shards_share_one_dataset_per_split(trained, m
     assert logged["dense"]["training"].digest != logged["dense"]["validation"].digest
 
 
-def test_runs_log_only_meaningful_metrics_under_one_name_per_quantity(trained, mlflow_uri):
+def test_runs_log_only_meaningful_metrics_under_one_name_per_quantity(trained, trained_heuristic, mlflow_uri):
     client = MlflowClient(mlflow_uri)
     dense = client.get_run(trained["dense"]["mlflow_run_id"]).data.metrics
     sparse = client.get_run(trained["spot"]["mlflow_run_id"]).data.metrics
+    heuristic = client.get_run(trained_heuristic["mlflow_run_id"]).data.metrics
+    # the epoch is the step and the val sample count the dataset's: neither is a per-epoch metric
+    for metrics in (dense, sparse, heuristic):
+        assert "epoch" not in metrics and "val_samples" not in metrics
+    # class attention keeps a fixed count per stage: its rate loss and kept shares would be flat lines
+    assert "train_kl" in heuristic and "val_acc1" in heuristic
+    assert not [k for k in heuristic if "rate" in k or "kept" in k or "keep_gap" in k], sorted(heuristic)
+    # SPOT's Gumbel keep rates move: logged per stage
+    assert {f"{split}_kept_s{k}" for split in ("train", "val") for k in (1, 2, 3)} <= sparse.keys()
     # dense from scratch: no token selection, no teacher -> no rate / KL / token loss parts at all
     for part in ("rate", "kl", "token"):
         assert f"train_{part}" not in dense and f"val_{part}" not in dense
@@ -118,7 +127,6 @@ def test_an_evaluation_run_logs_what_it_evaluated_its_dataset_and_a_table(
     assert {m.model_id for m in run.inputs.model_inputs} == model_ids
     [dataset] = run.inputs.dataset_inputs
     assert dataset.dataset.digest == shard_split(digits_shards, "val").digest
-    assert run.data.metrics == {}  # the figures are in the table, not one-point metrics
     path = client.download_artifacts(run_id, "comparison_table.json", str(tmp_path))
     table = json.loads(Path(path).read_text())
     assert table["columns"] == ["selector", "rho", "top1"]

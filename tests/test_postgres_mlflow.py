@@ -84,7 +84,7 @@ def test_start_server_keeps_a_percent_in_the_auth_database_password(deployed):
 
 @pytest.mark.integration
 def test_two_worker_finetune_logs_and_registers_through_mlflow_on_postgres(
-    deployed, ray_cluster, pipeline_dir, tiny_options, tmp_path, capsys
+    deployed, ray_cluster, pipeline_dir, tiny_options, tmp_path, capsys, monkeypatch
 ):
     """2 workers, 2 epochs, as the jobs user: the run is FINISHED with one ``val_acc1`` per epoch, its best
     checkpoint is registered with the champion alias, all read back through MlflowClient (and the run is a
@@ -96,6 +96,7 @@ def test_two_worker_finetune_logs_and_registers_through_mlflow_on_postgres(
                "mlflow_uri": f"http://{JOBS_USER}:{deployed['jobs_password']}@127.0.0.1:{server.port}"}
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(options))
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)  # the command's to set
     previous = mlflow.get_tracking_uri()
     try:
         with contextlib.chdir(pipeline_dir):
@@ -104,6 +105,7 @@ def test_two_worker_finetune_logs_and_registers_through_mlflow_on_postgres(
         mlflow.set_tracking_uri(previous)  # the server is killed at the end of the module
     out, err = capsys.readouterr()
     assert code == 0, err[-3000:]
+    assert "View run" not in out + err  # MLflow's links to the GenAI view, printed by a server's client
     result = json.loads(out.split("RESULT_JSON: ")[-1])
     run_id = result["mlflow_run_id"]
 

@@ -25,11 +25,16 @@ RESULT_KEYS = ("trial_id", "status", "epochs", "val_acc1", "val_acc5", "best_epo
 CONSOLE_KEYS = ("trial_id", "status", "epochs", "val_acc1", "gmacs", "feasible", "pareto", *space.SEARCHABLE)
 
 
+def given_to_trials(setup: dict) -> GivenOptions:
+    """The options every trial of the sweep ``setup`` was given (its searched values aside)."""
+    return GivenOptions.from_mapping(setup["options"])
+
+
 def trial_rows(grid, setup: dict) -> list[dict]:
     """One row per trial: its best epoch by validation top-1, epochs run, status, searched values."""
     best = {r["trial_id"]: r for r in grid.get_dataframe("val_acc1", "max").to_dict("records")}
     last = {r["trial_id"]: r for r in grid.get_dataframe().to_dict("records")}
-    options = GivenOptions.from_mapping(setup["options"])  # what every trial was given
+    options = given_to_trials(setup)
     fixed = {k: getattr(options, k) for k in space.SEARCHABLE}
     rows = []
     for result in grid:
@@ -85,7 +90,7 @@ def register_winner(rows: list[dict], setup: dict) -> dict | None:
     if best is None:
         return None
     train_run = Result.from_path(train_location(setup, best["trial_id"]).uri)
-    options = GivenOptions.from_mapping(setup["options"])  # what every trial was given
+    options = given_to_trials(setup)
     data = data_tags(options.data, options.img_size)
     registered = register_best(train_run, run_id=best["mlflow_run_id"], name=setup["register_as"], data=data)
     return registered | {"trial_id": best["trial_id"]}

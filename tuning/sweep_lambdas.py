@@ -25,8 +25,8 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the repos
 
 from pipelines.tracking.uri import move_credentials_to_env
 from pipelines.utils import signals
-from pipelines.utils.cli import bad_input, print_result
-from pipelines.utils.errors import ConfigError, TrackingError, check
+from pipelines.utils.cli import bad_input, failed, print_result
+from pipelines.utils.errors import ConfigError, RayStartError, TrackingError, check
 from tuning import options
 from tuning.sweep import SweepError, SweepInterrupted, prepare, sweep
 
@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             result = sweep(plan, args.address)
     except (SweepError, ConfigError) as err:  # the cluster cannot run a trial, or cannot read --storage
         return bad_input("sweep_lambdas", err)
+    except RayStartError as err:
+        return failed("sweep_lambdas", err)
     except SweepInterrupted as err:
         print(f"sweep_lambdas: interrupted ({signals.name()}); MLflow runs of the sweep and of its "
               f"{err.trials} running trial(s) marked KILLED, finished trials and checkpoints kept. Continue "

@@ -138,11 +138,11 @@ def log_comparison(
     results: list[dict], table: str, figures: list[Path], *, tracking_uri: str, experiment: str, data: str,
     models: dict[str, str] | None = None, parent=None,
 ) -> str:
-    """One MLflow run holding the rows (a table artifact, ``comparison_table.json``), the markdown table,
-    the figures, the val split as its dataset and the evaluated ``models`` (role -> URI) with their source
-    runs; a child of ``parent`` if given."""
+    """One MLflow run holding the rows (a table artifact, ``comparison_table.json``, whose images/s is null
+    where the timing was noise), the markdown table, the figures, the val split as its dataset and the
+    evaluated ``models`` (role -> URI) with their source runs; a child of ``parent`` if given."""
     columns = ("selector", "weights", "rho", "top1", "gmacs", "images_per_s", "images_per_s_spread", "noisy")
-    rows = [{k: r[k] for k in columns} for r in results]
+    rows = [{k: r[k] for k in columns} | ({"images_per_s": None} if r["noisy"] else {}) for r in results]
     return log_results(
         tracking_uri, experiment, "compare-selectors",
         params={"data": data}, metrics={}, text=("comparison.md", table), artifacts={"token_masks": figures},

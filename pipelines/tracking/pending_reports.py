@@ -26,11 +26,14 @@ from pipelines.utils.errors import first_line
 
 PENDING_RECORD = "mlflow_pending.json"
 MASKS_IMAGE_KEY = "token_masks"
+# report entries that are no per-epoch metric: the epoch is the step, the val sample count the dataset's
+NOT_LOGGED = ("epoch", "val_samples")
 
 
 def numeric_metrics(metrics: dict) -> dict[str, float]:
-    """The loggable (numeric, non-bool) entries of a report."""
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    """The loggable entries of a report: numeric (not bool), not in ``NOT_LOGGED``."""
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and k not in NOT_LOGGED}
 
 
 def report_entry(report: dict, checkpoint_path: str | None, time_ms: int) -> dict:

@@ -34,8 +34,11 @@ PACKAGES = ("torch", "timm", "ray", "mlflow", "nvidia-dali-cuda130", "webdataset
 
 
 def quiet_mlflow(verbose: bool = False) -> None:
-    """No artifact-upload progress bars, and MLflow's INFO lines only when ``verbose``."""
+    """No artifact-upload progress bars; MLflow's INFO lines and, with a tracking server, its "View run"
+    links at each run's end (they open the UI's GenAI view: docs/tracking.md) only when ``verbose``."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if not verbose:
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)
 
 

@@ -30,19 +30,23 @@ import logging
 import os
 import signal
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import ray
 from ray._private.state import state
 
 from pipelines.utils import signals
-from pipelines.utils.errors import ConfigError, first_line
+from pipelines.utils.errors import ConfigError, RayStartError, first_line
 
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 PROBE_TIMEOUT_S = 5.0
+# Ray gives a new local node a fixed 30 s to register its raylet, which a busy machine can exceed: start twice
+START_ATTEMPTS = 2
 
 
 def probe_address(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
@@ -64,7 +68,8 @@ def _free_port() -> int:
 
 
 def start_local_ray(num_cpus: int | None = None, *, verbose: bool = False) -> None:
-    """``ray.init`` of a local Ray with the State API workaround (see the module docstring)."""
+    """``ray.init`` of a local Ray with the State API workaround (see the module docstring), tried
+    ``START_ATTEMPTS`` times (the processes of a failed try are stopped). Raises ``RayStartError``."""
     port = _free_port()
     os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
     os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")  # one host: nothing to drain (module docstring)
@@ -75,12 +80,37 @@ def start_local_ray(num_cpus: int | None = None, *, verbose: bool = False) -> No
     if not verbose:
         auth_log.setLevel(logging.ERROR)
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals.STOP_SIGNALS)  # inherited by Ray's processes
+    options = dict(num_cpus=num_cpus, include_dashboard=True, dashboard_port=port, **quiet_kwargs(verbose))
     try:
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_port=port, **quiet_kwargs(verbose))
+        for attempt in range(1, START_ATTEMPTS + 1):
+            before = {child.pid for child in psutil.Process().children()}
+            try:
+                ray.init(**options)
+                break
+            except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception when its raylet is late
+                _stop_started_processes(before)
+                if attempt == START_ATTEMPTS:
+                    raise RayStartError(f"the local Ray did not start ({first_line(err)}); on a busy machine "
+                                        "try again, or start Ray once with `ray start --head` and pass "
+                                        "--address") from None
+                print(f"the local Ray did not start ({first_line(err)}); starting it once more",
+                      file=sys.stderr)
     finally:
         auth_log.setLevel(level)
         signals.reinstall()  # ray.init set a SIGTERM handler of its own
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one held meanwhile reaches the command's handler
+
+
+def _stop_started_processes(before: set[int]) -> None:
+    """Kill the processes a failed ``ray.init`` left running (the driver's children not in ``before``): Ray
+    forgets the node it could not finish starting, so ``ray.shutdown`` would not stop them."""
+    ray.shutdown()
+    started = [child for child in psutil.Process().children() if child.pid not in before]
+    for child in started:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for process in (*child.children(recursive=True), child):
+                process.kill()
+    psutil.wait_procs(started, timeout=10)
 
 
 def quiet_kwargs(verbose: bool) -> dict:

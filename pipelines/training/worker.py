@@ -163,11 +163,18 @@ def _lambdas(config: RunConfig) -> dict[str, float]:
     return {"rate": config.lambda_rate, "kl": config.lambda_kl, "token": config.lambda_token}
 
 
+def learns_keep_rates(config: RunConfig) -> bool:
+    """Whether the run's keep rates move: the learned selector's Gumbel masks do; a heuristic selector keeps
+    a fixed count per stage, so its rate loss and kept shares are constants (not logged)."""
+    return config.rho is not None and config.selector == "learned"
+
+
 def loss_parts(config: RunConfig, has_teacher: bool) -> tuple[str, ...]:
-    """The loss parts that this run computes (the others are constant zeros, not logged): the rate loss
-    needs token selection (rho), the KL loss a teacher, the token loss a teacher and ``lambda_token`` > 0."""
+    """The loss parts that this run computes and that vary (the others are constants, not logged): the
+    rate loss needs a learned selector (:func:`learns_keep_rates`), the KL loss a teacher, the token loss a
+    teacher and ``lambda_token`` > 0."""
     parts = ["ce"]
-    if config.rho is not None:
+    if learns_keep_rates(config):
         parts.append("rate")
     if has_teacher:
         parts.append("kl")
@@ -267,7 +274,7 @@ def train_one_epoch(
     elapsed = time.perf_counter() - start
     kept_parts = loss_parts(config, teacher is not None)
     metrics = {f"train_{name}": value / max(steps, 1) for name, value in sums.items() if name in kept_parts}
-    if kept is not None:
+    if kept is not None and learns_keep_rates(config):
         metrics.update({f"train_kept_s{k + 1}": v / steps for k, v in enumerate(kept.tolist())})
         # health: how far the train-mode (Gumbel) keep rate is from its target rho^k (Eq. 12)
         metrics.update({f"train_keep_gap_s{k}": metrics[f"train_kept_s{k}"] - config.rho ** k
@@ -328,7 +335,7 @@ def validate(
     kept_parts = loss_parts(config, teacher is not None)
     metrics.update({f"val_{name}": sums[3 + i].item() / total for i, name in enumerate(names)
                     if name in kept_parts})
-    if kept_sums is not None:
+    if kept_sums is not None and learns_keep_rates(config):
         kept_sums = all_reduce_sum(kept_sums.double().to(device)).cpu()
         metrics.update({f"val_kept_s{k + 1}": v / total for k, v in enumerate(kept_sums.tolist())})
     metrics["val_samples"] = int(total)

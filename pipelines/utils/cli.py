@@ -1,5 +1,6 @@
 """What the project's command lines share: bad input as one line on stderr (exit code 2), from argparse
-too (:class:`Parser`), and the last line of a successful run (``RESULT_JSON: {...}``).
+too (:class:`Parser`), a run that could not go on as one line (exit code 1), and the last line of a
+successful run (``RESULT_JSON: {...}``).
 
 Every command (``pipelines/*.py``, ``tuning/sweep_lambdas.py``) is a thin ``main(argv) -> exit code`` over a
 library function, and runs as ``python pipelines/<command>.py`` from a checkout: its first lines put the
@@ -30,6 +31,12 @@ def bad_input(prog: str, err: BaseException) -> int:
     """Print ``<prog>: error: <first line>`` to stderr; returns the exit code 2."""
     print(f"{prog}: error: {first_line(err)}", file=sys.stderr)
     return BAD_INPUT
+
+
+def failed(prog: str, err: BaseException) -> int:
+    """Print ``<prog>: <first line>`` to stderr for a run that could not go on (not bad input); returns 1."""
+    print(f"{prog}: {first_line(err)}", file=sys.stderr)
+    return 1
 
 
 def print_result(result: dict) -> None:

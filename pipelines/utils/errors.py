@@ -11,6 +11,10 @@ class TrackingError(RuntimeError):
     """The tracking server or store cannot be used; the message says why in one line."""
 
 
+class RayStartError(RuntimeError):
+    """A local Ray that did not come up (twice); the message says why in one line (exit code 1)."""
+
+
 class TrainingError(RuntimeError):
     """A training run that stopped for good (e.g. a non-finite loss); the message says where (exit code 1)."""
 
