@@ -13,9 +13,9 @@ selector still holds after its last stage. No Ray, no shards: the same library c
 so that three seeds fit on a small CPU machine. Unlike ``finetune.py`` the recipe has no mixup, freezing or
 frozen embeddings: label smoothing 0.1, AdamW (wd 0.05), linear warm-up (a quarter epoch when fine-tuning),
 cosine, batch 64 when fine-tuning. Prints one markdown table per seed and the mean / spread over seeds.
-``--jpeg 90`` / ``--pipeline-recipe``: the canvases as shards at that JPEG quality hold them / finetune.py's
-recipe with the hard preset (docs/benchmarks.md: what made the pipeline differ). ``--clutter-pieces`` /
-``--fragment`` draw a variant of the task (more or larger clutter fragments),
+``--jpeg 90``: the canvases as shards at that JPEG quality hold them; ``--pipeline-recipe [dense|finetune]``:
+finetune.py's recipe with the hard preset, in both runs or one (docs/benchmarks.md: what made the pipeline
+differ). ``--clutter-pieces`` / ``--fragment`` draw a variant of the task (more or larger clutter fragments),
 normalised by its own train split's pixel mean / std (seed 0), as the built-in task is by its constants.
 """
 
@@ -181,7 +181,8 @@ def run_seed(seed: int, args) -> dict[str, float]:
         preset = RunConfig(**{**digits_preset(), **BUILTIN_TASKS["cluttered-digits-hard"], "rho": None,
                               "epochs": args.dense_epochs})
     train(dense, None, xt, yt, epochs=args.dense_epochs, lr=args.dense_lr, predictor_lr=args.dense_lr,
-          rho=None, seed=seed, batch=args.dense_batch, warmup=args.dense_warmup, fresh=fresh, pipeline=preset)
+          rho=None, seed=seed, batch=args.dense_batch, warmup=args.dense_warmup, fresh=fresh,
+          pipeline=preset if args.pipeline_recipe in ("both", "dense") else None)
     teacher = at(dense, None, "learned")
     rows = {}
     rows["dense"] = evaluate(dense, xv, yv, boxes)
@@ -196,8 +197,9 @@ def run_seed(seed: int, args) -> dict[str, float]:
         model = spot.create_model("deit_t", rho=args.rho, selector=selector, **ARCH)
         missing = model.load_state_dict(dense.state_dict(), strict=False).missing_keys
         assert all(k.startswith("spot_predictors.") for k in missing), missing
-        tuned = None if preset is None else replace(preset, **{**DIGITS_SPOT_FINETUNE, "rho": args.rho,
-                                                               "epochs": args.spot_epochs})
+        tuned = None
+        if args.pipeline_recipe in ("both", "finetune"):
+            tuned = replace(preset, **{**DIGITS_SPOT_FINETUNE, "rho": args.rho, "epochs": args.spot_epochs})
         finetuned[selector] = train(model, teacher, xt, yt, epochs=args.spot_epochs, lr=args.lr,
                                     predictor_lr=args.predictor_lr, rho=args.rho, seed=seed, pipeline=tuned)
     for rho in RHOS:
@@ -222,9 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jpeg", type=int, metavar="QUALITY",
                         help="train and validate on the canvases through the shard writer's JPEG at QUALITY "
                              "(90: as the hard shards held them before 100)")
-    parser.add_argument("--pipeline-recipe", action="store_true",
+    parser.add_argument("--pipeline-recipe", nargs="?", const="both", choices=("both", "dense", "finetune"),
                         help="train with finetune.py's recipe and the hard source's preset (optimizer "
-                             "groups, weight decay, schedule, frozen embeddings, batch 32), not this loop's")
+                             "groups, weight decay, schedule, frozen embeddings, batch 32), not this loop's, "
+                             "in both the dense and the fine-tuning runs or one of them")
     parser.add_argument("--spot-epochs", type=int, default=2)
     parser.add_argument("--rho", type=float, default=0.7, help="rho SPOT is fine-tuned at")
     parser.add_argument("--lr", type=float, default=1e-4)
