@@ -37,11 +37,12 @@ def test_a_logged_model_carries_its_checkpoints_epoch_metrics_name_description_a
         {"name": e["name"], "version": str(e["version"])} for e in versions_tag]
     assert model.source_run_id == result["mlflow_run_id"]
     linked = {m.key: m for m in model.metrics}
-    for key in ("val_acc1", "val_acc5", "val_total", "train_total", "gmacs"):
+    for key in ("val_acc1", "val_acc5", "val_total", "train_total"):
         assert linked[key].step == checkpoint["epoch"], key
         assert linked[key].value == pytest.approx(checkpoint[key]), key
     assert linked["val_acc1"].value == pytest.approx(result["best_val_acc1"])
     assert {m.step for m in model.metrics} == {checkpoint["epoch"]}  # no other epoch's values
+    assert "gmacs" not in linked  # a run param, and the tags and description's figure below
 
     for tags in (model.tags, version.tags):
         assert tags["epoch"] == str(checkpoint["epoch"])
@@ -83,9 +84,9 @@ def test_runs_log_only_meaningful_metrics_under_one_name_per_quantity(trained, t
     dense = client.get_run(trained["dense"]["mlflow_run_id"]).data.metrics
     sparse = client.get_run(trained["spot"]["mlflow_run_id"]).data.metrics
     heuristic = client.get_run(trained_heuristic["mlflow_run_id"]).data.metrics
-    # the epoch is the step and the val sample count the dataset's: neither is a per-epoch metric
+    # the epoch is the step, the val sample count the dataset's, GMACs a run param: no per-epoch metric
     for metrics in (dense, sparse, heuristic):
-        assert "epoch" not in metrics and "val_samples" not in metrics
+        assert not {"epoch", "val_samples", "gmacs"} & metrics.keys()
     # class attention keeps a fixed count per stage: its rate loss and kept shares would be flat lines
     assert "train_kl" in heuristic and "val_acc1" in heuristic
     assert not [k for k in heuristic if "rate" in k or "kept" in k or "keep_gap" in k], sorted(heuristic)

@@ -156,7 +156,7 @@ def test_sweep_tracks_parent_and_children_plots_and_registers(budget_sweep, work
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_acc1")]
         assert steps == ([0, 1] if status == "completed" else [0]), trial
         assert {"rho", "lambda_rate", "lr", "predictor_lr", "gmacs"} <= set(child.data.params)
-        assert child.data.metrics["gmacs"] == pytest.approx(float(child.data.params["gmacs"]), abs=1e-6)
+        assert float(child.data.params["gmacs"]) > 0 and "gmacs" not in child.data.metrics  # a constant
         assert f"trial {trial}: {status} after" in out
     assert result["completed"] + result["stopped_early"] == 3
     # the sweep's run and every trial's log the shards they read: the same two datasets (train, val)
