@@ -85,11 +85,14 @@ def tensors(split: str, seed: int, clutter: Clutter, jpeg: int | None = None
 
 
 def train(model, teacher, x, y, *, epochs, lr, predictor_lr, rho, seed, batch=64, warmup=0.25, fresh=None,
-          pipeline=None):
+          pipeline=None, part=None, min_lr=None):
     """AdamW, linear warm-up (``warmup`` epochs) + cosine per step; SPOT loss with teacher when sparse.
     ``fresh(epoch)``: the (x, y) of each epoch after the first (new canvases), else ``x, y`` every epoch.
     ``pipeline``: a RunConfig whose recipe replaces this one (finetune.py's optimizer groups, weight decay,
-    schedule, freezes and batch size; the other arguments but ``epochs`` / ``rho`` / ``seed`` unused)."""
+    schedule, freezes and batch size; the other arguments but ``epochs`` / ``rho`` / ``seed`` unused).
+    ``part``: one piece of that recipe in this loop: ``"decay-groups"`` (``recipe.param_groups``: no weight
+    decay on biases, norms, ``pos_embed``, ``cls_token``) or ``"schedule"`` (``recipe.WarmupCosine``: timm's
+    warm-up + cosine to ``min_lr``)."""
     torch.manual_seed(seed)
     scheduler = None
     if pipeline is not None:
@@ -103,7 +106,14 @@ def train(model, teacher, x, y, *, epochs, lr, predictor_lr, rho, seed, batch=64
                    "lr": lr},
                   {"params": [p for n, p in model.named_parameters() if n.startswith("spot_predictors")],
                    "lr": predictor_lr}]
+        if part == "decay-groups":  # the recipe's groups, every parameter fresh (nothing held frozen)
+            groups = recipe.param_groups(model, lr=lr, predictor_lr=predictor_lr, weight_decay=0.05,
+                                         fresh={n for n, _ in model.named_parameters()})
         opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.05)
+        if part == "schedule":
+            scheduler = recipe.WarmupCosine(opt, total_steps=epochs * (len(x) // batch),
+                                            warmup_steps=int(warmup * (len(x) // batch)), min_lr=min_lr,
+                                            freeze_steps=0)
     steps = epochs * (len(x) // batch)
     warm = max(1, int(warmup * (len(x) // batch)))
     base = [g["lr"] for g in opt.param_groups]
@@ -177,12 +187,13 @@ def run_seed(seed: int, args) -> dict[str, float]:
     if args.fresh:  # new training canvases each dense epoch (seeds apart from each other's)
         fresh = lambda epoch: tensors("train", 1000 * (seed + 1) + epoch, clutter, args.jpeg)[:2]  # noqa: E731
     preset = None
-    if args.pipeline_recipe:  # the hard source's preset, as finetune.py / demo.py resolve it
+    if args.pipeline_recipe or args.dense_part:  # the hard preset, as finetune.py / demo.py resolve it
         preset = RunConfig(**{**digits_preset(), **BUILTIN_TASKS["cluttered-digits-hard"], "rho": None,
                               "epochs": args.dense_epochs})
     train(dense, None, xt, yt, epochs=args.dense_epochs, lr=args.dense_lr, predictor_lr=args.dense_lr,
           rho=None, seed=seed, batch=args.dense_batch, warmup=args.dense_warmup, fresh=fresh,
-          pipeline=preset if args.pipeline_recipe in ("both", "dense") else None)
+          pipeline=preset if args.pipeline_recipe in ("both", "dense") else None, part=args.dense_part,
+          min_lr=preset.min_lr if preset else None)
     teacher = at(dense, None, "learned")
     rows = {}
     rows["dense"] = evaluate(dense, xv, yv, boxes)
@@ -228,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="train with finetune.py's recipe and the hard source's preset (optimizer "
                              "groups, weight decay, schedule, frozen embeddings, batch 32), not this loop's, "
                              "in both the dense and the fine-tuning runs or one of them")
+    parser.add_argument("--dense-part", choices=("decay-groups", "schedule"),
+                        help="one piece of finetune.py's recipe in this loop's dense run: its weight decay "
+                             "groups or its warm-up + cosine schedule (with --pipeline-recipe finetune: the "
+                             "fine-tuning runs take the whole recipe)")
     parser.add_argument("--spot-epochs", type=int, default=2)
     parser.add_argument("--rho", type=float, default=0.7, help="rho SPOT is fine-tuned at")
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -238,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fragment", type=int, default=task.FRAGMENT,
                         help="side of a clutter fragment in scan pixels, 1-8 (a variant of the task)")
     args = parser.parse_args(argv)
+    if args.dense_part and args.pipeline_recipe in ("both", "dense"):
+        parser.error(f"--dense-part {args.dense_part} is a piece of the dense recipe: not with "
+                     f"--pipeline-recipe {args.pipeline_recipe}, which applies all of it")
     if not 1 <= args.fragment <= 8 or args.clutter_pieces < 0:
         parser.error(f"--fragment must be 1-8 and --clutter-pieces >= 0, not {args.fragment}, "
                      f"{args.clutter_pieces}")
