@@ -223,8 +223,8 @@ def main() -> int:
             args.out.mkdir(parents=True, exist_ok=True)
             capture(browser, base, ids, args.out)
         finally:
-            chromium.terminate()
-            chromium.wait(30)
+            chromium.kill()
+            chromium.wait()
             os.killpg(server.pid, signal.SIGTERM)  # the server and its workers (their own session)
             try:
                 server.wait(30)

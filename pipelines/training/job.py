@@ -45,7 +45,7 @@ from pipelines.utils.errors import (
 from pipelines.utils.table import markdown_table
 
 log = logging.getLogger(__name__)
-EPOCH_COLUMNS = ("epoch", "val_acc1", "val_acc5", "val_total", "train_total", "gmacs")
+EPOCH_COLUMNS = ("epoch", "val_acc1", "val_acc5", "val_total", "train_total")  # GMACs: the header
 
 
 def run_params(config: RunConfig, summary: ModelSummary) -> dict:

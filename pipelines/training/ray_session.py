@@ -88,6 +88,8 @@ def start_local_ray(num_cpus: int | None = None, *, verbose: bool = False) -> No
                 ray.init(**options)
                 break
             except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception when its raylet is late
+                if type(err) is not Exception:  # any other error is no slow start: as it is
+                    raise
                 _stop_started_processes(before)
                 if attempt == START_ATTEMPTS:
                     raise RayStartError(f"the local Ray did not start ({first_line(err)}); on a busy machine "
@@ -107,8 +109,11 @@ def _stop_started_processes(before: set[int]) -> None:
     ray.shutdown()
     started = [child for child in psutil.Process().children() if child.pid not in before]
     for child in started:
+        tree = [child]
         with contextlib.suppress(psutil.NoSuchProcess):
-            for process in (*child.children(recursive=True), child):
+            tree = [*child.children(recursive=True), child]
+        for process in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
     psutil.wait_procs(started, timeout=10)
 

@@ -297,7 +297,6 @@ def validate(
     lambdas = _lambdas(config)
     names = ("ce", "rate", "kl", "token", "total")
     sums = torch.zeros(3 + len(names), dtype=torch.float64)  # samples, top-1, top-5, loss parts
-    kept_sums = None
     shown = None
     for images, labels in checked_batches(loader, device):
         with autocast(device, config.amp):
@@ -326,18 +325,14 @@ def validate(
         hits = top == labels[valid, None]
         batch = [count, hits[:, 0].sum().item(), hits.any(dim=1).sum().item()]
         sums += torch.tensor(batch + [parts[name] * count for name in names], dtype=torch.float64)
-        if info.masks:
-            stage_kept = torch.tensor([m[valid].float().sum().item() / m.shape[1] for m in info.masks])
-            kept_sums = stage_kept if kept_sums is None else kept_sums + stage_kept
     sums = all_reduce_sum(sums.to(device)).cpu()
     total = sums[0].item()
     metrics = {"val_acc1": sums[1].item() / total, "val_acc5": sums[2].item() / total}
-    kept_parts = loss_parts(config, teacher is not None)
+    # validation prunes (the eval mode): every selector keeps its fixed count per stage, so the val rate loss
+    # and kept shares are constants, not logged; the train-mode (Gumbel) ones are
+    kept_parts = set(loss_parts(config, teacher is not None)) - {"rate"}
     metrics.update({f"val_{name}": sums[3 + i].item() / total for i, name in enumerate(names)
                     if name in kept_parts})
-    if kept_sums is not None and learns_keep_rates(config):
-        kept_sums = all_reduce_sum(kept_sums.double().to(device)).cpu()
-        metrics.update({f"val_kept_s{k + 1}": v / total for k, v in enumerate(kept_sums.tolist())})
     metrics["val_samples"] = int(total)
     return metrics, shown
 
