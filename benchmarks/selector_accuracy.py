@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     mlflow.set_tracking_uri(resolve_tracking_uri(move_credentials_to_env(args.mlflow_uri), Path.cwd()))
     dense = load_model(args.dense)
     sparse = load_model(args.spot) if args.spot else None
-    weights = {"dense_weights": args.dense, "spot_weights": args.spot}
-    rows = compare.comparison_models(dense, sparse, args.rho, **weights)
+    rows = compare.comparison_models(dense, args.rho, dense_weights=args.dense,
+                                     spot_models=[(sparse, args.spot)] if sparse else [])
     results = compare.compare(rows, args.data, batch_size=64, throughput_batch=64, device=torch.device("cpu"))
     print(compare.format_comparison(results))
     plot(results, args.out)

@@ -5,12 +5,14 @@
    fragments of other scans, so most tokens are background (``--source cluttered-digits-hard``: the harder
    canvases of pipelines/data/hard_cluttered_digits.py, in ./data/cluttered-digits-hard);
 2. dense baseline: a small DeiT trained from scratch with 2 Ray Train workers (DDP over gloo);
-3. SPOT at rho 0.7: fine-tuned from the registered dense model, which is also its frozen teacher;
+3. SPOT at rho 0.7 (``--finetune-rho``: at each rate given): fine-tuned from the registered dense model,
+   which is also its frozen teacher;
 4. the class-attention model fine-tuned from the same dense model with the same recipe (``--selector
-   cls_attn_avg``, as the paper's Table 7 did);
+   cls_attn_avg``, as the paper's Table 7 did), at the same rates;
 5. selectors compared (paper Table 7): random and class attention on the dense weights, the fine-tuned
-   class-attention model and SPOT on their own, at rho 0.7 and 0.5, with top-1, GMACs and images/s, plus
-   the kept-token figures (Fig. 3); table and figures logged to MLflow;
+   class-attention models and SPOT on their own, at rho 0.7 and 0.5 (each rate with the models fine-tuned at
+   it, if there are), with top-1, GMACs and images/s, plus the kept-token figures (Fig. 3); table and
+   figures logged to MLflow;
 6. the models registered in MLflow (./mlflow.db); how to open the MLflow UI is printed at the end.
 """
 
@@ -49,7 +51,7 @@ from pipelines.training.job import end_run
 from pipelines.training.job import run as run_job
 from pipelines.training.ray_session import start_local_ray
 from pipelines.utils.cli import Parser, bad_input, failed
-from pipelines.utils.errors import RayStartError, TrackingError
+from pipelines.utils.errors import RayStartError, TrackingError, check
 
 EXPERIMENT = "spot-demo"
 WORKFLOW = "machine_learning"  # the MLflow UI's model-training view (its URL parameter workflowType)
@@ -77,7 +79,8 @@ def ui_hint(uri: str, experiment_id: str) -> str:
     )
 
 
-RHOS = (0.7, 0.5)
+RHOS = (0.7, 0.5)  # the table's keep rates
+FINETUNE_RHOS = (0.7,)  # the keep rates SPOT and class attention are fine-tuned at, unless given
 
 
 def open_parent(uri: str, name: str) -> MlflowRun:
@@ -89,55 +92,72 @@ def open_parent(uri: str, name: str) -> MlflowRun:
     return MlflowRun.create(uri, EXPERIMENT, name, artifact_location=artifacts, tags={MLFLOW_RUN_NOTE: note})
 
 
-def train_models(options: dict, dense_config: RunConfig, stamp: str, parent: MlflowRun) -> dict:
-    """The dense baseline, then SPOT and class attention fine-tuned from it with the same epochs and learning
-    rates, on one local Ray: role -> (RunConfig, RESULT dict)."""
+def train_models(
+    options: dict, dense_config: RunConfig, stamp: str, parent: MlflowRun, rhos: tuple[float, ...]
+) -> dict[str, list[tuple[RunConfig, dict]]]:
+    """The dense baseline, then at each of ``rhos`` SPOT and class attention fine-tuned from it with the same
+    epochs and learning rates, on one local Ray: role -> [(RunConfig, RESULT dict)], one per rho."""
     num_workers = dense_config.num_workers
+    steps = 2 + 2 * len(rhos)
+    runs = {"dense": [], "spot": [], "heuristic": []}
     try:
         start_local_ray(max(os.cpu_count() or 1, num_workers), verbose=dense_config.verbose)
-        print(f"== 1/4 dense baseline: {dense_config.backbone} {dense_config.model_args}, "
+        print(f"== 1/{steps} dense baseline: {dense_config.backbone} {dense_config.model_args}, "
               f"{dense_config.epochs} epochs, {num_workers} Ray Train workers", flush=True)
         dense = run_job(dense_config, parent=parent)
-        teacher = f"models:/{dense['registered_model']}/{dense['registered_version']}"
-        spot_options = {**options, **DIGITS_SPOT_FINETUNE, "pretrained": teacher, "rho": RHOS[0]}
-        spot_config = resolve_config(spot_options | {"run_name": f"demo-spot-{stamp}"})
-        print(f"== 2/4 SPOT rho {spot_config.rho}: {spot_config.epochs} epochs from {teacher} (its teacher)",
-              flush=True)
-        sparse = run_job(spot_config, parent=parent)
-        heuristic_config = resolve_config(
-            spot_options | {"selector": "cls_attn_avg", "run_name": f"demo-cls-attn-{stamp}"}
-        )
-        print(f"== 3/4 class attention rho {heuristic_config.rho}: the same {heuristic_config.epochs} "
-              f"epochs and learning rates from {teacher}", flush=True)
-        heuristic = run_job(heuristic_config, parent=parent)
+        runs["dense"].append((dense_config, dense))
+        teacher = registered_uri(dense)
+        for i, rho in enumerate(rhos):
+            tag = "" if len(rhos) == 1 else f"-rho{rho:g}"
+            spot_options = {**options, **DIGITS_SPOT_FINETUNE, "pretrained": teacher, "rho": rho}
+            spot_config = resolve_config(spot_options | {"run_name": f"demo-spot{tag}-{stamp}"})
+            print(f"== {2 + 2 * i}/{steps} SPOT rho {rho}: {spot_config.epochs} epochs from {teacher} "
+                  "(its teacher)", flush=True)
+            runs["spot"].append((spot_config, run_job(spot_config, parent=parent)))
+            heuristic_config = resolve_config(
+                spot_options | {"selector": "cls_attn_avg", "run_name": f"demo-cls-attn{tag}-{stamp}"}
+            )
+            print(f"== {3 + 2 * i}/{steps} class attention rho {rho}: the same {heuristic_config.epochs} "
+                  f"epochs and learning rates from {teacher}", flush=True)
+            runs["heuristic"].append((heuristic_config, run_job(heuristic_config, parent=parent)))
     finally:
         ray.shutdown()
-    return {"dense": (dense_config, dense), "spot": (spot_config, sparse),
-            "heuristic": (heuristic_config, heuristic)}
+    return runs
 
 
-def compare_models(runs: dict, stamp: str, parent: MlflowRun) -> dict:
-    """The selectors on the three registered models (:func:`train_models`), on the val split, logged as a
-    child run of ``parent``: ``rows``, ``table``, ``figures``, ``evaluation_run_id``."""
-    print("== 4/4 selectors on the validation split", flush=True)
+def registered_uri(result: dict) -> str:
+    """The ``models:/name/version`` URI of a training run's RESULT dict."""
+    return f"models:/{result['registered_model']}/{result['registered_version']}"
+
+
+def compare_models(runs: dict[str, list[tuple[RunConfig, dict]]], stamp: str, parent: MlflowRun) -> dict:
+    """The selectors on the registered models (:func:`train_models`), on the val split, at :data:`RHOS` and
+    every rho the models were fine-tuned at (each with its own), logged as a child run of ``parent``:
+    ``rows``, ``table``, ``figures``, ``evaluation_run_id``."""
+    print("== selectors on the validation split", flush=True)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    uris = {role: f"models:/{result['registered_model']}/{result['registered_version']}"
-            for role, (_, result) in runs.items()}
-    dense_config, spot_config, heuristic_config = (runs[role][0] for role in ("dense", "spot", "heuristic"))
-    epochs = f"({dense_config.epochs} + {spot_config.epochs} epochs)"
-    rows = compare.comparison_models(
-        load_model(uris["dense"]),
-        load_model(uris["spot"]),
-        list(RHOS),
-        dense_weights=f"dense ({dense_config.epochs} epochs)",
-        spot_weights=f"SPOT rho {spot_config.rho} {epochs}",
-        heuristic=load_model(uris["heuristic"]),
-        heuristic_weights=f"class attention rho {heuristic_config.rho} {epochs}",
-    )
+    [(dense_config, _)] = runs["dense"]
+
+    def weights(role: str, config: RunConfig) -> str:
+        if role == "dense":
+            return f"dense ({dense_config.epochs} epochs)"
+        name = {"spot": "SPOT", "heuristic": "class attention"}[role]
+        return f"{name} rho {config.rho} ({dense_config.epochs} + {config.epochs} epochs)"
+
+    loaded = {role: [(load_model(registered_uri(result)), config) for config, result in trained]
+              for role, trained in runs.items()}
+    models = {role: [(model, weights(role, config)) for model, config in pairs]
+              for role, pairs in loaded.items()}
+    rhos = sorted({*RHOS, *(config.rho for config, _ in runs["spot"])}, reverse=True)
+    [(dense, dense_weights)] = models["dense"]
+    rows = compare.comparison_models(dense, rhos, dense_weights=dense_weights, spot_models=models["spot"],
+                                     heuristic_models=models["heuristic"])
     data = dense_config.data
     results = compare.compare(rows, data, batch_size=64, throughput_batch=64, device=device)
     table = compare.format_comparison(results)
     figures = compare.mask_figures(rows, data, Path(RUNS_DIR) / f"demo-{stamp}-token-masks")
+    uris = compare.model_roles({role: [(model, registered_uri(result)) for (model, _), (_, result)
+                                       in zip(loaded[role], runs[role], strict=True)] for role in runs})
     run_id = compare.log_comparison(results, table, figures, tracking_uri=dense_config.mlflow_uri,
                                     experiment=EXPERIMENT, data=data, models=uris, parent=parent)
     return {"rows": results, "table": table, "figures": figures, "evaluation_run_id": run_id}
@@ -145,13 +165,14 @@ def compare_models(runs: dict, stamp: str, parent: MlflowRun) -> dict:
 
 def run_demo(
     num_workers: int = 2, epochs: int | None = None, verbose: bool = False, source: str = DIGITS_SOURCE,
-    seed: int | None = None,
+    seed: int | None = None, finetune_rhos: tuple[float, ...] = FINETUNE_RHOS,
 ) -> dict:
-    """Dense baseline, SPOT and fine-tuned class attention from it, the selector comparison, all children of
-    one parent run; returns the three RESULT dicts, rows and table."""
+    """Dense baseline, SPOT and fine-tuned class attention from it at each of ``finetune_rhos``, the selector
+    comparison, all children of one parent run; returns the training RESULT dicts by role (a list per role,
+    one per rho), rows and table."""
     options = {"experiment": EXPERIMENT, "num_workers": num_workers, "verbose": verbose, "source": source}
     if seed is not None:
-        options["seed"] = seed  # the three training runs' (the data set is fixed by the task)
+        options["seed"] = seed  # the training runs' (the data set is fixed by the task)
     move_credentials_to_env(None)  # a user:password@ in $MLFLOW_TRACKING_URI
     make_builtin_data(options)
     stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
@@ -161,7 +182,7 @@ def run_demo(
     parent = open_parent(dense_config.mlflow_uri, f"demo-{stamp}")
     try:  # every way out ends the parent run
         log_shard_inputs(parent.client, parent.run_id, dense_config.data, ("train", "val"))  # the runs table
-        runs = train_models(options, dense_config, stamp, parent)
+        runs = train_models(options, dense_config, stamp, parent, finetune_rhos)
         comparison = compare_models(runs, stamp, parent)
     except KeyboardInterrupt:
         end_run(parent, "KILLED")
@@ -171,7 +192,7 @@ def run_demo(
         raise
     parent.end("FINISHED")
     return {
-        **{role: result for role, (_, result) in runs.items()},
+        **{role: [result for _, result in trained] for role, trained in runs.items()},
         **comparison,
         "parent_run_id": parent.run_id,
         "experiment_id": parent.info.experiment_id,
@@ -187,20 +208,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", default=DIGITS_SOURCE, choices=tuple(BUILTIN_TASKS),
                         help=f"the built-in task [default: {DIGITS_SOURCE}]")
     parser.add_argument("--seed", type=int, help="random seed of the training runs [default: 0]")
+    parser.add_argument("--finetune-rho", type=float, nargs="+", default=list(FINETUNE_RHOS), metavar="RHO",
+                        help="keep rates SPOT and class attention are each fine-tuned at; the table compares "
+                        f"each rho with the models fine-tuned at it (paper Table 7) [default: "
+                        f"{' '.join(map(str, FINETUNE_RHOS))}]")
     args = parser.parse_args(argv)
     started = time.monotonic()
     try:
-        demo = run_demo(args.num_workers, args.epochs, args.verbose, args.source, args.seed)
+        for rho in args.finetune_rho:
+            check(0 < rho < 1, f"--finetune-rho {rho}: must be in (0, 1) (a sparse model's keep rate)")
+        check(len(set(args.finetune_rho)) == len(args.finetune_rho),
+              f"--finetune-rho {' '.join(map(str, args.finetune_rho))}: each rate once")
+        demo = run_demo(args.num_workers, args.epochs, args.verbose, args.source, args.seed,
+                        tuple(args.finetune_rho))
     except (ValueError, FileNotFoundError, TrackingError) as err:
         return bad_input("demo", err)
     except RayStartError as err:
         return failed("demo", err)
     print(f"\n{demo['table']}\n")
     for label in ("dense", "spot", "heuristic"):
-        r = demo[label]
-        champion = " (champion)" if r["champion"] else ""
-        print(f"registered {label}: models:/{r['registered_model']}/{r['registered_version']}{champion}, "
-              f"MLflow run {r['mlflow_run_id']}")
+        for r in demo[label]:
+            champion = " (champion)" if r["champion"] else ""
+            print(f"registered {label}: {registered_uri(r)}{champion}, MLflow run {r['mlflow_run_id']}")
     print(f"comparison and kept-token figures: MLflow run {demo['evaluation_run_id']}; every run above is a "
           f"child of MLflow run {demo['parent_run_id']}")
     print(f"demo wall time {time.monotonic() - started:.0f} s")

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        data, uri, device = evaluation_inputs(args, {"--model": args.model, "--baseline": args.baseline})
+        data, uri, device = evaluation_inputs(args, [("--model", args.model), ("--baseline", args.baseline)])
         pairs = [("model", args.model)] + ([("baseline", args.baseline)] if args.baseline else [])
         rows = evaluate(pairs, data, batch_size=args.batch_size, throughput_batch=args.throughput_batch,
                         device=device)

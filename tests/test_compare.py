@@ -10,6 +10,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+from tiny import tiny
 
 import spot
 from pipelines.evaluation import compare
@@ -24,7 +25,7 @@ def test_one_row_per_selector_and_rho_on_the_same_samples(trained, digits_shards
     mlflow.set_tracking_uri(mlflow_uri)  # where models:/ URIs are looked up
     with contextlib.chdir(pipeline_dir):
         dense, sparse = load_model(dense_uri), load_model(spot_uri)
-    rows = compare.comparison_models(dense, sparse, [0.7, 0.5], dense_weights="d", spot_weights="s")
+    rows = compare.comparison_models(dense, [0.7, 0.5], dense_weights="d", spot_models=[(sparse, "s")])
     selectors = [(labels["selector"], labels["rho"]) for labels, _ in rows]
     assert selectors == [("none (dense)", None)] + [
         (s, rho) for rho in (0.7, 0.5) for s in ("random", "cls_attn_avg", "learned (SPOT)")
@@ -91,8 +92,8 @@ def test_fine_tuned_class_attention_row_beside_the_training_free_one(
     assert heuristic.spot_options.selector == "cls_attn_avg" and heuristic.spot_predictors is None
     trained_away = [k for k, v in heuristic.state_dict().items() if not torch.equal(v, dense.state_dict()[k])]
     assert trained_away  # fine-tuned: its weights are not the dense model's
-    rows = compare.comparison_models(dense, sparse, [0.5], dense_weights="d", spot_weights="s",
-                                     heuristic=heuristic, heuristic_weights="h")
+    rows = compare.comparison_models(dense, [0.5], dense_weights="d", spot_models=[(sparse, "s")],
+                                     heuristic_models=[(heuristic, "h")])
     assert [labels["selector"] for labels, _ in rows] == [
         "none (dense)", "random", "cls_attn_avg", "cls_attn_avg (fine-tuned)", "learned (SPOT)"]
     labels, model = rows[3]
@@ -119,3 +120,38 @@ def test_fine_tuned_class_attention_row_beside_the_training_free_one(
         assert run.data.tags[f"{role}_source_run"] == result["mlflow_run_id"]
     assert len({m.model_id for m in run.inputs.model_inputs}) == 3
     assert "(dense, heuristic, spot models)" in run.data.tags[MLFLOW_RUN_NOTE]
+
+
+def test_each_rho_is_compared_with_the_models_fine_tuned_at_it():
+    """Given one SPOT and one class-attention model per rho (paper Table 7: each budget its own fine-tuned
+    model), each rho's rows carry the weights of the model fine-tuned at that rho; a rho none was
+    fine-tuned at takes the first given; two models fine-tuned at one rho are refused by name."""
+    torch.manual_seed(0)
+    dense = tiny(rho=None)
+    spot_at = {rho: tiny(rho=rho) for rho in (0.7, 0.5)}
+    heuristic_at = {rho: tiny(rho=rho, selector="cls_attn_avg") for rho in (0.7, 0.5)}
+    rows = compare.comparison_models(
+        dense, [0.7, 0.5, 0.6], dense_weights="d",
+        spot_models=[(spot_at[0.7], "s0.7"), (spot_at[0.5], "s0.5")],
+        heuristic_models=[(heuristic_at[0.5], "h0.5"), (heuristic_at[0.7], "h0.7")],
+    )
+    sources = {f"{kind}{rho}": models[rho] for kind, models in (("s", spot_at), ("h", heuristic_at))
+               for rho in (0.7, 0.5)}
+    finetuned = [(labels["selector"], labels["rho"], labels["weights"]) for labels, _ in rows
+                 if labels["weights"] != "d"]
+    assert finetuned == [
+        ("cls_attn_avg (fine-tuned)", 0.7, "h0.7"), ("learned (SPOT)", 0.7, "s0.7"),
+        ("cls_attn_avg (fine-tuned)", 0.5, "h0.5"), ("learned (SPOT)", 0.5, "s0.5"),
+        ("cls_attn_avg (fine-tuned)", 0.6, "h0.5"), ("learned (SPOT)", 0.6, "s0.7"),  # the first given
+    ]
+    for labels, model in rows:
+        if labels["weights"] in sources:
+            assert model.spot_config["rho"] == labels["rho"]
+            for name, value in sources[labels["weights"]].state_dict().items():
+                torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0)
+    roles = compare.model_roles({"dense": [(dense, "d")], "spot": [(spot_at[0.7], "s0.7"),
+                                                                   (spot_at[0.5], "s0.5")]})
+    assert roles == {"dense": "d", "spot_rho0.7": "s0.7", "spot_rho0.5": "s0.5"}
+    with pytest.raises(ValueError, match="s0.5, again: fine-tuned at the same rho 0.5"):
+        compare.comparison_models(dense, [0.5], dense_weights="d",
+                                  spot_models=[(spot_at[0.5], "s0.5"), (spot_at[0.5], "again")])

@@ -35,3 +35,17 @@ sys.stderr.write(stderr)
     assert parent.info.run_name.startswith("demo-") and parent.info.status == "FAILED"
     assert {d.dataset.name for d in parent.inputs.dataset_inputs} == {"cluttered-digits-train",
                                                                         "cluttered-digits-val"}
+
+
+@pytest.mark.parametrize("rates, message", [
+    (["1.0"], "--finetune-rho 1.0: must be in (0, 1) (a sparse model's keep rate)"),
+    (["0.5", "0.5"], "--finetune-rho 0.5 0.5: each rate once"),
+])
+def test_a_bad_fine_tuning_rate_is_refused_before_anything_runs(rates, message, tmp_path, monkeypatch,
+                                                                 capsys):
+    from pipelines import demo
+
+    monkeypatch.chdir(tmp_path)
+    assert demo.main(["--finetune-rho", *rates]) == 2
+    assert capsys.readouterr().err.strip() == f"demo: error: {message}"
+    assert list(tmp_path.iterdir()) == []  # no data, no store, no run

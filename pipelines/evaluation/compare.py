@@ -6,13 +6,14 @@
 From the dense model, ``random`` and ``cls_attn_avg`` (training-free) are evaluated at each rho on the dense
 weights; the SPOT model and the class-attention model fine-tuned from the same dense model under the same
 recipe (``finetune.py --selector cls_attn_avg``, as the paper's Table 7 did) are evaluated at each rho with
-their own weights. Every row reads the whole val split in prune mode; GMACs are ``spot.gmacs``; images/s are
-measured in this process after the accuracy pass, interleaved over the rows (median, and "noisy" where the
-repeats spread too wide).
+their own weights (given several, one per rho they were fine-tuned at, each rho with its own). Every row
+reads the whole val split in prune mode; GMACs are ``spot.gmacs``; images/s are measured in this process
+after the accuracy pass, interleaved over the rows (median, and "noisy" where the repeats spread too wide).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -45,32 +46,55 @@ def with_selector(model: nn.Module, rho: float | None, selector: str = "learned"
 
 def comparison_models(
     dense: nn.Module,
-    sparse: nn.Module | None,
     rhos: list[float],
     *,
     dense_weights: str,
-    spot_weights: str | None,
-    heuristic: nn.Module | None = None,
-    heuristic_weights: str | None = None,
+    spot_models: Sequence[tuple[nn.Module, str]] = (),
+    heuristic_models: Sequence[tuple[nn.Module, str]] = (),
 ) -> list[tuple[dict, nn.Module]]:
     """``(row labels, model)`` per row: the dense model, then per rho each training-free selector, the
-    fine-tuned class-attention model (``heuristic``, if given) and SPOT. Raises ``ValueError`` if ``sparse``
-    is a dense model (no trained predictors to compare)."""
-    if sparse is not None and sparse.spot_config.get("rho") is None:
-        raise ValueError(f"--spot {spot_weights}: a dense model, with no trained relevance predictors; pass "
-                         "a SPOT model fine-tuned from --dense")
+    fine-tuned class-attention model and SPOT. ``spot_models`` / ``heuristic_models`` are ``(model, weights
+    label)`` pairs, one per rho each was fine-tuned at: a rho is compared with the model fine-tuned at it
+    (paper Table 7 compares models trained for one budget), else with the first given. Raises ``ValueError``
+    for a dense model among ``spot_models`` or two models fine-tuned at one rho."""
+    for model, weights in spot_models:
+        if model.spot_config.get("rho") is None:
+            raise ValueError(f"--spot {weights}: a dense model, with no trained relevance predictors; pass "
+                             "a SPOT model fine-tuned from --dense")
     rows = [({"selector": "none (dense)", "weights": dense_weights, "rho": None}, with_selector(dense, None))]
     for rho in rhos:
         for selector in TRAINING_FREE:
             labels = {"selector": selector, "weights": dense_weights, "rho": rho}
             rows.append((labels, with_selector(dense, rho, selector)))
-        if heuristic is not None:
-            labels = {"selector": FINETUNED_HEURISTIC, "weights": heuristic_weights, "rho": rho}
-            rows.append((labels, with_selector(heuristic, rho, "cls_attn_avg")))
-        if sparse is not None:
-            labels = {"selector": "learned (SPOT)", "weights": spot_weights, "rho": rho}
-            rows.append((labels, with_selector(sparse, rho)))
+        for label, selector, given in ((FINETUNED_HEURISTIC, "cls_attn_avg", heuristic_models),
+                                       ("learned (SPOT)", "learned", spot_models)):
+            if given:
+                model, weights = fine_tuned_at(given, rho)
+                rows.append(({"selector": label, "weights": weights, "rho": rho},
+                             with_selector(model, rho, selector)))
     return rows
+
+
+def fine_tuned_at(models: Sequence[tuple[nn.Module, str]], rho: float) -> tuple[nn.Module, str]:
+    """Of ``(model, weights label)`` pairs, the one fine-tuned at ``rho``, else the first. Raises
+    ``ValueError`` if two were fine-tuned at the same rho."""
+    trained_at = [model.spot_config.get("rho") for model, _ in models]
+    for at in set(trained_at):
+        if trained_at.count(at) > 1:
+            names = ", ".join(w for (_, w), r in zip(models, trained_at, strict=True) if r == at)
+            raise ValueError(f"{names}: fine-tuned at the same rho {at}; give one model per rho")
+    return models[trained_at.index(rho)] if rho in trained_at else models[0]
+
+
+def model_roles(models: dict[str, Sequence[tuple[nn.Module, str]]]) -> dict[str, str]:
+    """The compared models by role (``dense``, ``spot``, ``heuristic``) as :func:`log_comparison` records
+    them: role -> weights label (its URI), or ``<role>_rho<rho>`` per model where a role has several."""
+    roles = {}
+    for role, given in models.items():
+        for model, weights in given:
+            key = role if len(given) == 1 else f"{role}_rho{model.spot_config.get('rho')}"
+            roles[key] = weights
+    return roles
 
 
 def compare(

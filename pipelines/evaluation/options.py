@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from pathlib import Path
 
 import mlflow
@@ -50,10 +51,12 @@ def check_model_source(option: str, value: str) -> None:
               f"{option} {value}: no SPOT checkpoint or MLflow model directory there")
 
 
-def evaluation_inputs(args: argparse.Namespace, models: dict[str, str | None]) -> tuple[str, str, object]:
+def evaluation_inputs(
+    args: argparse.Namespace, models: Iterable[tuple[str, str | None]]
+) -> tuple[str, str, object]:
     """``(data, tracking URI, device)`` of :func:`add_evaluation_options`' arguments: the shard directory
     (the built-in digits, made if missing), the URI (also where ``models:/`` URIs are looked up from now
-    on) and the GPU if there is one. ``models`` (option -> value) are checked first
+    on) and the GPU if there is one. ``models`` ((option, value) pairs) are checked first
     (:func:`check_model_source`), before any data is made."""
 
     for name in ("batch_size", "throughput_batch"):
@@ -62,7 +65,7 @@ def evaluation_inputs(args: argparse.Namespace, models: dict[str, str | None]) -
     cwd = Path.cwd()
     uri = resolve_tracking_uri(move_credentials_to_env(args.mlflow_uri), cwd)
     mlflow.set_tracking_uri(uri)
-    for option, value in models.items():
+    for option, value in models:
         if value is not None:
             check_model_source(option, value)
     data = Path(args.data).resolve() if args.data else ensure_builtin_shards(cwd / DIGITS_DIR, DIGITS_SOURCE)
