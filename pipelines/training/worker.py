@@ -229,7 +229,8 @@ def train_one_epoch(
     model.train()
     lambdas = _lambdas(config)
     sums: dict[str, float] = {}
-    kept = None
+    kept = None  # summed kept share per stage, only where they move (:func:`learns_keep_rates`)
+    count_kept = learns_keep_rates(config)
     start, steps, images_seen = time.perf_counter(), 0, 0
     try:
         for images, labels in checked_batches(loader, device):
@@ -261,7 +262,7 @@ def train_one_epoch(
             scheduler.step_update(epoch * len(loader) + steps + 1)
             for name, value in parts.items():
                 sums[name] = sums.get(name, 0.0) + value
-            if info.masks:
+            if count_kept and info.masks:
                 stage_kept = torch.stack([m.detach().float().mean() for m in info.masks])
                 kept = stage_kept if kept is None else kept + stage_kept
             steps += 1
@@ -274,7 +275,7 @@ def train_one_epoch(
     elapsed = time.perf_counter() - start
     kept_parts = loss_parts(config, teacher is not None)
     metrics = {f"train_{name}": value / max(steps, 1) for name, value in sums.items() if name in kept_parts}
-    if kept is not None and learns_keep_rates(config):
+    if kept is not None:
         metrics.update({f"train_kept_s{k + 1}": v / steps for k, v in enumerate(kept.tolist())})
         # health: how far the train-mode (Gumbel) keep rate is from its target rho^k (Eq. 12)
         metrics.update({f"train_keep_gap_s{k}": metrics[f"train_kept_s{k}"] - config.rho ** k
