@@ -26,9 +26,9 @@ from pipelines.utils.errors import first_line
 
 PENDING_RECORD = "mlflow_pending.json"
 MASKS_IMAGE_KEY = "token_masks"
-# report entries that are no per-epoch metric: the epoch is the step, the val sample count the dataset's,
-# the model's GMACs a run parameter (a constant series would chart as a flat line the UI draws at 0)
-NOT_LOGGED = ("epoch", "val_samples", "gmacs")
+# report entries that are no per-epoch metric: the epoch is the step, the model's GMACs a run parameter (a
+# constant series would chart as a flat line the UI draws at 0)
+NOT_LOGGED = ("epoch", "gmacs")
 
 
 def numeric_metrics(metrics: dict) -> dict[str, float]:

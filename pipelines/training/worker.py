@@ -334,7 +334,6 @@ def validate(
     kept_parts = set(loss_parts(config, teacher is not None)) - {"rate"}
     metrics.update({f"val_{name}": sums[3 + i].item() / total for i, name in enumerate(names)
                     if name in kept_parts})
-    metrics["val_samples"] = int(total)
     return metrics, shown
 
 
