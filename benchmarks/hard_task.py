@@ -66,7 +66,7 @@ class Clutter:
 
 def as_in_shards(pixels: np.ndarray, quality: int) -> np.ndarray:
     """A grey canvas through the shard writer's JPEG at ``quality``, decoded to RGB (H, W, 3)."""
-    data, _, _ = encode(Item("canvas", 0, pixels=pixels), None, quality)
+    data, _, _ = encode(Item("canvas", 0, pixels=pixels, jpeg_quality=quality), None)
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 

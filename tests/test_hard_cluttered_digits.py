@@ -63,7 +63,7 @@ def test_same_seed_same_canvases_and_shards_hold_the_boxes_and_pixels(tmp_path, 
     stored = np.stack([decoded(s["jpg"]) for s in samples[:300]])
     originals = np.stack([drawn[json.loads(s["json"])["source"]] for s in samples[:300]])[..., None]
     assert np.abs(stored - originals).max() <= 1  # every channel of every pixel: at most one grey level off
-    default = np.stack([decoded(encode(Item("c", 0, pixels=c.astype(np.uint8)), None, JPEG_QUALITY)[0])
+    default = np.stack([decoded(encode(Item("c", 0, pixels=c.astype(np.uint8)), None)[0])  # at JPEG_QUALITY
                         for c in originals[..., 0]])
     assert JPEG_QUALITY == 90 and np.sqrt(((default - originals) ** 2).mean()) > 2  # what the old shards held
 

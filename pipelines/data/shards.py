@@ -23,6 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import webdataset as wds
@@ -49,29 +50,50 @@ from pipelines.data.manifest import (
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
 DIGITS_IMG_SIZE = 64
 DIGITS_SPLITS = ("train", "val")
-BUILTIN_IMG_SIZE = {  # default sides
-    "digits": DIGITS_IMG_SIZE,
-    "cluttered-digits": cluttered_digits.CANVAS,
-    "cluttered-digits-hard": hard_cluttered_digits.CANVAS,
-}
-CANVAS_MODULES = {"cluttered-digits": cluttered_digits, "cluttered-digits-hard": hard_cluttered_digits}
-BUILTIN_SOURCES = tuple(BUILTIN_IMG_SIZE)  # made by this project, no path
 MIN_IMG_SIZE = 8  # as finetune's --img-size
 SPLIT_FOLDER_NAMES = ("train", "val", "validation", "test")  # an imagefolder root of splits, not classes
 OBJECT_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")  # "<_io.BytesIO object at 0x7f...>"
-JPEG_QUALITY = 90
+JPEG_QUALITY = 90  # of every image the writer (re-)encodes, unless its built-in source says otherwise
 CHUNK = 512  # images decoded per round trip to the worker pool (bounds memory on large datasets)
 
 
 @dataclass(frozen=True)
+class BuiltinSource:
+    """A source this project makes (no path): its default side, the JPEG quality its images are stored at,
+    and the module that draws its canvases (None: the plain scans), whose ``TASK_PARAMS`` the manifest
+    records."""
+
+    img_size: int
+    jpeg_quality: int = JPEG_QUALITY
+    canvases: ModuleType | None = None
+
+    @property
+    def task_params(self) -> dict | None:
+        """What draws and stores the images, as recorded with the shards (None: the scans)."""
+        return None if self.canvases is None else self.canvases.TASK_PARAMS
+
+
+BUILTIN = {
+    "digits": BuiltinSource(DIGITS_IMG_SIZE),
+    "cluttered-digits": BuiltinSource(cluttered_digits.CANVAS, canvases=cluttered_digits),
+    "cluttered-digits-hard": BuiltinSource(
+        hard_cluttered_digits.CANVAS, hard_cluttered_digits.JPEG_QUALITY, hard_cluttered_digits
+    ),
+}
+BUILTIN_SOURCES = tuple(BUILTIN)
+
+
+@dataclass(frozen=True)
 class Item:
-    """One source sample: where it comes from (for reports and meta) and its class index."""
+    """One source sample: where it comes from (for reports and meta), its class index and the JPEG quality
+    it is stored at if the writer encodes it."""
 
     source: str
     label: int
     path: Path | None = None  # image file, or
     pixels: np.ndarray | None = None  # built-in sources: uint8 grey
     meta: dict | None = None  # extra fields of the sample's JSON meta
+    jpeg_quality: int = JPEG_QUALITY
 
 
 @dataclass(frozen=True)
@@ -115,20 +137,24 @@ def digits_items(split: str) -> list[Item]:
     (:func:`pipelines.data.cluttered_digits.split_scans`, seed-independent)."""
     chosen, digits = cluttered_digits.split_scans(split)
     pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)
-    return [Item(f"digits:{i}", int(digits.target[i]), pixels=pixels[i]) for i in chosen]
+    quality = BUILTIN["digits"].jpeg_quality
+    return [Item(f"digits:{i}", int(digits.target[i]), pixels=pixels[i], jpeg_quality=quality)
+            for i in chosen]
 
 
 def cluttered_digits_items(split: str, seed: int, source: str = "cluttered-digits") -> list[Item]:
     """The canvases of ``split`` (:mod:`pipelines.data.cluttered_digits`, or for ``cluttered-digits-hard``
     :mod:`pipelines.data.hard_cluttered_digits`), with the digit's box in the meta."""
+    builtin = BUILTIN[source]
     return [
         Item(
             f"{source}:{c.scan}:{i}",
             c.label,
             pixels=c.pixels,
             meta={"scan": c.scan, "digit_box": list(c.box), "clutter_scans": list(c.clutter)},
+            jpeg_quality=builtin.jpeg_quality,
         )
-        for i, c in enumerate(CANVAS_MODULES[source].make_canvases(split, seed))
+        for i, c in enumerate(builtin.canvases.make_canvases(split, seed))
     ]
 
 
@@ -193,12 +219,12 @@ def csv_items(path: Path, existing: list[str] | None) -> tuple[list[str], list[I
 EncodeResult = tuple[bytes, int, int] | str
 
 
-def encode(item: Item, img_size: int | None, quality: int = JPEG_QUALITY) -> EncodeResult:
+def encode(item: Item, img_size: int | None) -> EncodeResult:
     """Decode and check one image; return (JPEG bytes, width, height) or the reason it is rejected.
 
     JPEGs in RGB/grey that need no resize or rotation are stored byte for byte; everything else is
-    converted to RGB (EXIF orientation applied, shorter side capped at ``img_size``) and re-encoded at JPEG
-    ``quality``.
+    converted to RGB (EXIF orientation applied, shorter side capped at ``img_size``) and re-encoded at the
+    item's ``jpeg_quality``.
     """
     try:
         if item.pixels is not None:
@@ -219,7 +245,7 @@ def encode(item: Item, img_size: int | None, quality: int = JPEG_QUALITY) -> Enc
                 size = (round(img.width * scale), round(img.height * scale))
                 img = img.resize(size, Image.Resampling.BICUBIC)
             buffer = io.BytesIO()
-            img.save(buffer, "JPEG", quality=quality)
+            img.save(buffer, "JPEG", quality=item.jpeg_quality)
             data = buffer.getvalue()
     except Exception as err:  # PIL raises many exception types for bad files; all mean "unreadable"
         # the same reason for the same file on every run: no object addresses in the manifest
@@ -227,11 +253,9 @@ def encode(item: Item, img_size: int | None, quality: int = JPEG_QUALITY) -> Enc
     return data, img.width, img.height
 
 
-def _encoded(
-    items: list[Item], img_size: int | None, workers: int, quality: int
-) -> Iterator[tuple[Item, EncodeResult]]:
+def _encoded(items: list[Item], img_size: int | None, workers: int) -> Iterator[tuple[Item, EncodeResult]]:
     """``(item, encode(item))`` in order, decoded by ``workers`` processes ``CHUNK`` images at a time."""
-    work = partial(encode, img_size=img_size, quality=quality)
+    work = partial(encode, img_size=img_size)
     if workers <= 1:
         yield from zip(items, map(work, items), strict=True)
         return
@@ -277,7 +301,6 @@ def _write_split(
     img_size: int | None,
     workers: int,
     strict: bool,
-    quality: int = JPEG_QUALITY,
 ) -> dict:
     """Shuffle, validate and write one split into ``stage``; return its manifest entry."""
     for problem in problems:
@@ -290,7 +313,7 @@ def _write_split(
     pattern = str(stage / f"{split}-%06d.tar")
     writer = None
     try:
-        encoded = _encoded(items, img_size, workers, quality)
+        encoded = _encoded(items, img_size, workers)
         for item, result in tqdm(encoded, total=len(items), desc=f"{split} shards", unit="img"):
             if isinstance(result, str):
                 problems.append(Problem(str(item.path or item.source), result))
@@ -385,14 +408,14 @@ def write_shards(
 
     ``split=None`` means both ``train`` and ``val`` for the built-in sources and ``train`` otherwise. Other
     splits already in ``out_dir`` are kept, and their class list is reused so indices agree (e.g. ImageNet
-    train, then val). ``img_size``: side of the built-in images (default: ``BUILTIN_IMG_SIZE``); for files,
+    train, then val). ``img_size``: side of the built-in images (default: ``BUILTIN``'s); for files,
     if set, the shorter side is capped at it. ``seed`` shuffles the samples (and draws the cluttered-digits
     canvases).
     Returns the re-read manifest. Raises :class:`SourceError` / :class:`MissingLabelError` on bad input.
     """
     kind, path = parse_source(source)
-    if kind in BUILTIN_SOURCES and img_size is None:
-        img_size = BUILTIN_IMG_SIZE[kind]
+    if kind in BUILTIN and img_size is None:
+        img_size = BUILTIN[kind].img_size
     splits = list(DIGITS_SPLITS) if kind in BUILTIN_SOURCES and split is None else [split or "train"]
     for name in splits:
         if not re.fullmatch(r"[A-Za-z0-9_]+", name):
@@ -439,14 +462,14 @@ def write_shards(
                 img_size=img_size,
                 workers=workers or os.cpu_count() or 1,
                 strict=strict,
-                quality=getattr(CANVAS_MODULES.get(kind), "JPEG_QUALITY", JPEG_QUALITY),
             )
+            task = BUILTIN[kind].task_params if kind in BUILTIN else None
             entry["params"] = {
                 "source": source,
                 "seed": seed,
                 "shard_size": shard_size,
                 "img_size": img_size,
-                **({"task": CANVAS_MODULES[kind].TASK_PARAMS} if kind in CANVAS_MODULES else {}),
+                **({"task": task} if task is not None else {}),
             }
             _commit(stage, out, name, entry, classes)
         finally:
@@ -461,7 +484,7 @@ def ensure_builtin_shards(out_dir: str | Path, source: str, img_size: int | None
     """
     if source not in BUILTIN_SOURCES:
         raise SourceError(f"source {source!r} is not built in; choose one of {BUILTIN_SOURCES}")
-    img_size = img_size or BUILTIN_IMG_SIZE[source]
+    img_size = img_size or BUILTIN[source].img_size
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "w") as lock:
@@ -475,7 +498,7 @@ def ensure_builtin_shards(out_dir: str | Path, source: str, img_size: int | None
             )
         try:
             read_manifest(out, verify=True)
-            task = getattr(CANVAS_MODULES.get(source), "TASK_PARAMS", None)  # as drawn today (None: scans)
+            task = BUILTIN[source].task_params  # as drawn today
             if all(params.get(name, {}).get("img_size") == img_size and params[name].get("task") == task
                    for name in DIGITS_SPLITS):
                 return out

@@ -12,6 +12,7 @@ stores skip an identical metric.
 from __future__ import annotations
 
 import io
+from collections.abc import Collection
 from pathlib import PurePosixPath
 
 import pyarrow.fs
@@ -26,25 +27,27 @@ from pipelines.utils.errors import first_line
 
 PENDING_RECORD = "mlflow_pending.json"
 MASKS_IMAGE_KEY = "token_masks"
-# report entries that are no per-epoch metric: the epoch is the step, the val sample count the dataset's,
-# the model's GMACs a run parameter (a constant series would chart as a flat line the UI draws at 0)
-NOT_LOGGED = ("epoch", "val_samples", "gmacs")
+STEP = "epoch"  # the report entry that is MLflow's step
 
 
-def numeric_metrics(metrics: dict) -> dict[str, float]:
-    """The loggable entries of a report: numeric (not bool), not in ``NOT_LOGGED``."""
-    return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, int | float) and not isinstance(v, bool) and k not in NOT_LOGGED}
+def numeric_metrics(report: dict, run_values: Collection[str] = ()) -> dict[str, float]:
+    """A report's per-epoch series: its numeric (not bool) entries but the step and ``run_values``."""
+    skip = {STEP, *run_values}
+    return {k: float(v) for k, v in report.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and k not in skip}
 
 
-def report_entry(report: dict, checkpoint_path: str | None, time_ms: int) -> dict:
-    """What MLflow gets of one ``ray.train.report``: its metrics at step = epoch, tags, and the checkpoint
+def report_entry(
+    report: dict, checkpoint_path: str | None, time_ms: int, run_values: Collection[str] = ()
+) -> dict:
+    """What MLflow gets of one ``ray.train.report``: its per-epoch series at step = epoch (not the
+    ``run_values``, the report's entries of the whole run: the worker says which), tags, and the checkpoint
     (by directory name in the run's storage) whose token-mask figure goes along."""
-    entry = {"step": int(report["epoch"]), "time_ms": time_ms, "metrics": {}, "tags": {}, "checkpoint": None}
+    entry = {"step": int(report[STEP]), "time_ms": time_ms, "metrics": {}, "tags": {}, "checkpoint": None}
     if STOPPED in report:  # the workers stopped: no metrics of this epoch, only why
         entry["tags"] = {STOPPED: str(report[STOPPED])[:5000]}
         return entry
-    entry["metrics"] = numeric_metrics(report)
+    entry["metrics"] = numeric_metrics(report, run_values)
     if checkpoint_path is not None:
         entry["tags"] = {"latest_checkpoint": checkpoint_path}
         entry["checkpoint"] = PurePosixPath(checkpoint_path).name

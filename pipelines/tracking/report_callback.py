@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Collection
 
 from mlflow import MlflowClient
 from mlflow.entities import RunTag
@@ -31,13 +32,17 @@ class MlflowReportCallback(UserCallback):
     environment (named by :func:`credential_names` on the driver; their values never travel through Ray).
     Requests fail fast there (no MLflow retries): a report that cannot be sent waits in the run's pending
     record (:mod:`pipelines.tracking.pending_reports`) and goes with the next one, or with the driver at the
-    end.
+    end. ``run_values`` are the report's entries of the whole run, not logged as series (the worker's
+    ``RUN_VALUES``).
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, location: RunLocation) -> None:
+    def __init__(
+        self, tracking_uri: str, run_id: str, location: RunLocation, *, run_values: Collection[str]
+    ) -> None:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.location = location
+        self.run_values = tuple(run_values)
         self.credentials = credential_names()
         self._client: MlflowClient | None = None
         self._queue: list[dict] | None = None
@@ -60,7 +65,7 @@ class MlflowReportCallback(UserCallback):
 
     def after_report(self, run_context, metrics: list[dict], checkpoint: Checkpoint | None) -> None:
         path = None if checkpoint is None else checkpoint_uri(checkpoint)
-        entry = report_entry(metrics[0], path, int(time.time() * 1000))
+        entry = report_entry(metrics[0], path, int(time.time() * 1000), self.run_values)
         if self._queue is None:  # a restarted controller picks up what its predecessor could not send
             self._queue = pending(self.location)
         self._queue.append(entry)

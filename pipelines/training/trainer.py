@@ -20,7 +20,7 @@ from pipelines.storage.location import RunLocation
 from pipelines.storage.run_record import FAULT_RECORD, STOPPED, delete_record, read_record
 from pipelines.tracking.report_callback import MlflowReportCallback
 from pipelines.training.config import RunConfig
-from pipelines.training.worker import WorkerJob, train_loop_per_worker
+from pipelines.training.worker import RUN_VALUES, WorkerJob, train_loop_per_worker
 from pipelines.utils.errors import first_line
 
 CONTROLLER_FAILURE_LIMIT = 3  # attempts of the Train controller to start a run (e.g. no resources)
@@ -141,7 +141,7 @@ def fit_run(
     ``callbacks``): ``(result, fault)``, ``fault`` the message of the run's fault record if the workers
     stopped for good (a NaN / inf loss, a bad sample), else None. An earlier attempt's fault record is
     cleared first (a ``--resume``, a retried trial)."""
-    logging = MlflowReportCallback(tracking_uri, mlflow_run_id, location)
+    logging = MlflowReportCallback(tracking_uri, mlflow_run_id, location, run_values=RUN_VALUES)
     trainer = build_trainer(config, location, init=init, callbacks=[logging, *callbacks], progress=progress)
     delete_record(location, FAULT_RECORD)
     result = trainer.fit()

@@ -163,18 +163,26 @@ def _lambdas(config: RunConfig) -> dict[str, float]:
     return {"rate": config.lambda_rate, "kl": config.lambda_kl, "token": config.lambda_token}
 
 
+# What an epoch's report holds: "epoch" (MLflow's step), per-epoch series (the loss parts of
+# :func:`loss_parts`, the kept shares where :func:`learns_keep_rates`, lr, images/s, val top-1/5, epoch time)
+# and these values of the whole run, no series: the model's GMACs (a run parameter the driver logs; the
+# sweep's budget check, the console line and the registry's tags read it here) and the workers' nodes
+RUN_VALUES = ("gmacs", "worker_node_ids")
+
+
 def learns_keep_rates(config: RunConfig) -> bool:
-    """Whether the run's keep rates move: the learned selector's Gumbel masks do; a heuristic selector keeps
-    a fixed count per stage, so its rate loss and kept shares are constants (not logged)."""
+    """Whether the run's keep rates move in training: the learned selector's Gumbel masks do; a heuristic
+    selector keeps a fixed count per stage, so its rate loss and kept shares are constants (not reported)."""
     return config.rho is not None and config.selector == "learned"
 
 
-def loss_parts(config: RunConfig, has_teacher: bool) -> tuple[str, ...]:
-    """The loss parts that this run computes and that vary (the others are constants, not logged): the
-    rate loss needs a learned selector (:func:`learns_keep_rates`), the KL loss a teacher, the token loss a
-    teacher and ``lambda_token`` > 0."""
+def loss_parts(config: RunConfig, has_teacher: bool, *, pruned: bool = False) -> tuple[str, ...]:
+    """The loss parts that this run computes and that vary, in training (mask mode) or, ``pruned``, in
+    validation (the others are constants, not reported): the rate loss needs a learned selector
+    (:func:`learns_keep_rates`) and the mask mode (pruning keeps fixed counts with every selector), the KL
+    loss a teacher, the token loss a teacher and ``lambda_token`` > 0."""
     parts = ["ce"]
-    if learns_keep_rates(config):
+    if learns_keep_rates(config) and not pruned:
         parts.append("rate")
     if has_teacher:
         parts.append("kl")
@@ -229,7 +237,8 @@ def train_one_epoch(
     model.train()
     lambdas = _lambdas(config)
     sums: dict[str, float] = {}
-    kept = None
+    kept = None  # summed kept share per stage, only where they move (:func:`learns_keep_rates`)
+    count_kept = learns_keep_rates(config)
     start, steps, images_seen = time.perf_counter(), 0, 0
     try:
         for images, labels in checked_batches(loader, device):
@@ -261,7 +270,7 @@ def train_one_epoch(
             scheduler.step_update(epoch * len(loader) + steps + 1)
             for name, value in parts.items():
                 sums[name] = sums.get(name, 0.0) + value
-            if info.masks:
+            if count_kept and info.masks:
                 stage_kept = torch.stack([m.detach().float().mean() for m in info.masks])
                 kept = stage_kept if kept is None else kept + stage_kept
             steps += 1
@@ -274,7 +283,7 @@ def train_one_epoch(
     elapsed = time.perf_counter() - start
     kept_parts = loss_parts(config, teacher is not None)
     metrics = {f"train_{name}": value / max(steps, 1) for name, value in sums.items() if name in kept_parts}
-    if kept is not None and learns_keep_rates(config):
+    if kept is not None:
         metrics.update({f"train_kept_s{k + 1}": v / steps for k, v in enumerate(kept.tolist())})
         # health: how far the train-mode (Gumbel) keep rate is from its target rho^k (Eq. 12)
         metrics.update({f"train_keep_gap_s{k}": metrics[f"train_kept_s{k}"] - config.rho ** k
@@ -328,12 +337,9 @@ def validate(
     sums = all_reduce_sum(sums.to(device)).cpu()
     total = sums[0].item()
     metrics = {"val_acc1": sums[1].item() / total, "val_acc5": sums[2].item() / total}
-    # validation prunes (the eval mode): every selector keeps its fixed count per stage, so the val rate loss
-    # and kept shares are constants, not logged; the train-mode (Gumbel) ones are
-    kept_parts = set(loss_parts(config, teacher is not None)) - {"rate"}
+    kept_parts = loss_parts(config, teacher is not None, pruned=True)
     metrics.update({f"val_{name}": sums[3 + i].item() / total for i, name in enumerate(names)
                     if name in kept_parts})
-    metrics["val_samples"] = int(total)
     return metrics, shown
 
 
