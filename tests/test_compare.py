@@ -109,7 +109,11 @@ def test_fine_tuned_class_attention_row_beside_the_training_free_one(
         assert "| cls_attn_avg (fine-tuned) | " + uri["heuristic"] in table
         wrong = args[:4] + ["--heuristic", uri["spot"]] + args[6:]
         assert compare_cli.main(wrong) == 2
-    assert "not one fine-tuned with --selector cls_attn_avg" in capsys.readouterr().err
+        assert "not one fine-tuned with --selector cls_attn_avg" in capsys.readouterr().err
+        twice = args[:4] + [uri["spot"]] + args[4:]  # --spot A A: two models for one rho
+        assert compare_cli.main(twice) == 2
+    assert capsys.readouterr().err.strip() == (f"compare: error: {uri['spot']}, {uri['spot']}: fine-tuned at "
+                                               "the same rho 0.7; give one model per rho")
     # the command's MLflow run names the three models it compared and links them and their training runs
     [run_id] = re.findall(r"logged to MLflow run (\w+)", table)
     client = MlflowClient(mlflow_uri)
