@@ -60,6 +60,42 @@ def test_a_logged_model_carries_its_checkpoints_epoch_metrics_name_description_a
     assert run_note.startswith("dense deit_t" if which == "dense" else "SPOT (rho 0.7) deit_t")
 
 
+@pytest.mark.parametrize("which", ["dense", "spot"])
+def test_a_logged_models_metrics_name_the_dataset_they_were_measured_on(
+    trained, mlflow_uri, digits_shards, which
+):
+    """The logged model's "Datasets used" and its metrics' Dataset column: each ``val_*`` metric carries the
+    val split's dataset (name and digest) as the run logged it as an input, each ``train_*`` the train
+    split's; the links are the run's own values of the best epoch and no ``system/*`` sample."""
+    result = trained[which]
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(result["mlflow_run_id"])
+    inputs = {{t.key: t.value for t in i.tags}[MLFLOW_DATASET_CONTEXT]: i.dataset
+              for i in run.inputs.dataset_inputs}
+    val, train = inputs["validation"], inputs["training"]
+    expected_val = shard_split(digits_shards, "val")
+    assert (val.name, val.digest) == (expected_val.name, expected_val.digest)
+    model_id = logged_model_id(_registered(client, result))
+    model = client.get_logged_model(model_id)
+    epoch = json.loads((Path(result["checkpoint"]) / METRICS_FILE).read_text())["epoch"]
+
+    linked = {m.key: m for m in model.metrics}
+    assert linked.keys() == {k for k in run.data.metrics if not k.startswith("system/")}
+    for key, metric in linked.items():
+        expected = val if key.startswith("val_") else train if key.startswith("train_") else None
+        named = (None, None) if expected is None else (expected.name, expected.digest)
+        assert (metric.dataset_name, metric.dataset_digest) == named, key
+        history = {(m.step, m.timestamp, m.value) for m in client.get_metric_history(run.info.run_id, key)}
+        assert metric.step == epoch and (metric.step, metric.timestamp, metric.value) in history, key
+    assert {"val_acc1", "val_acc5", "val_ce", "train_ce", "train_total"} <= linked.keys()
+    assert "lr_backbone" in linked and linked["lr_backbone"].dataset_name is None  # no data measured
+    assert {(m.dataset_name, m.dataset_digest) for m in model.metrics if m.dataset_name} == {
+        (val.name, val.digest), (train.name, train.digest)}  # the UI's "Datasets used"
+    # linking added no second value to the run's history, and the model is the run's output at that epoch
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc1")] == [0, 1]
+    assert [o.step for o in run.outputs.model_outputs if o.model_id == model_id] == [epoch]
+
+
 def test_training_runs_on_the_same_shards_share_one_dataset_per_split(trained, mlflow_uri, digits_shards):
     client = MlflowClient(mlflow_uri)
     logged = {}

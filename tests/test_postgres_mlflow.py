@@ -16,8 +16,10 @@ import mlflow
 import pytest
 import yaml
 from mlflow import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from pipelines import finetune
+from pipelines.tracking.lineage import logged_model_id
 from tests.mlflow_server import MlflowServer
 from tests.postgres_server import PostgresServer
 from tests.s3_server import S3Server
@@ -117,6 +119,14 @@ def test_two_worker_finetune_logs_and_registers_through_mlflow_on_postgres(
     version = client.get_model_version_by_alias(name, "champion")
     assert version.run_id == run_id and int(version.version) == result["registered_version"] == 1
     assert float(version.tags["val_acc1"]) == pytest.approx(max(m.value for m in history), abs=1e-6)
+    # the logged model's metrics went through the server with the dataset of their split
+    inputs = {{t.key: t.value for t in i.tags}[MLFLOW_DATASET_CONTEXT]: i.dataset
+              for i in run.inputs.dataset_inputs}
+    linked = {m.key: m for m in client.get_logged_model(logged_model_id(version)).metrics}
+    for key, context in (("val_acc1", "validation"), ("val_total", "validation"), ("train_ce", "training")):
+        dataset = inputs[context]
+        assert (linked[key].dataset_name, linked[key].dataset_digest) == (dataset.name, dataset.digest), key
+    assert not [k for k in linked if k.startswith("system/")], sorted(linked)
     rows = postgres.execute("SELECT status FROM runs WHERE run_uuid = %s", database="mlflow",
                             params=(run_id,))
     assert rows == [("FINISHED",)]

@@ -97,11 +97,14 @@ def log_export(uri: str, path: Path, report: dict) -> dict:
     """Log the export to the model's run and attach the file to the model (and its registered version)."""
 
     info = mlflow.models.get_model_info(uri)
-    if not info.run_id:  # a model saved outside any run: nothing to log to
-        return {}
     client = MlflowClient()
-    out: dict = {"run_id": info.run_id}
-    with mlflow.start_run(run_id=info.run_id) as run, tempfile.TemporaryDirectory() as tmp:
+    # a registered model's MLmodel names no run (it is logged outside the run: registry.register_checkpoint);
+    # its logged model names the run that made it
+    run_id = info.run_id or (info.model_id and client.get_logged_model(info.model_id).source_run_id)
+    if not run_id:  # a model saved outside any run: nothing to log to
+        return {}
+    out: dict = {"run_id": run_id}
+    with mlflow.start_run(run_id=run_id) as run, tempfile.TemporaryDirectory() as tmp:
         onnx_info = mlflow.onnx.log_model(
             onnx.load(str(path)),
             name=ONNX_DIR,

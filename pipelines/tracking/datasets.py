@@ -3,7 +3,8 @@
 One dataset per split of a shard directory, described by its manifest (:mod:`pipelines.data.manifest`): name
 ``<directory>-<split>``, source the directory, digest from the split's shard checksums and sample counts, a
 profile (samples, classes, shards, bytes) and a schema of the WebDataset components. Nothing of the data is
-uploaded. Two runs on the same shards log the same digest, so MLflow keeps one dataset for both.
+uploaded. Two runs on the same shards log the same digest, so MLflow keeps one dataset for both. A metric
+``<split>_*`` (``val_acc1``, ``train_ce``) was measured on that split (:func:`metric_split`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.data.dataset_source_registry import get_dataset_source_from_json
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import DatasetInput, InputTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Run
 from mlflow.types import ColSpec, DataType, Schema
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
@@ -68,3 +69,19 @@ def log_shard_inputs(client: MlflowClient, run_id: str, data: str | Path, splits
         for split in splits
     ]
     client.log_inputs(run_id, datasets=inputs)
+
+
+def run_split_datasets(run: Run) -> dict[str, Dataset]:
+    """The datasets :func:`log_shard_inputs` logged as ``run``'s inputs, by split (``train``, ``val``)."""
+    splits = {context: split for split, context in CONTEXTS.items()}
+    found = {}
+    for dataset_input in run.inputs.dataset_inputs:
+        context = {t.key: t.value for t in dataset_input.tags}.get(MLFLOW_DATASET_CONTEXT)
+        if context is not None:
+            found[splits.get(context, context)] = dataset_input.dataset
+    return found
+
+
+def metric_split(key: str) -> str:
+    """The split a per-epoch metric was measured on: its name's first part (``val_acc1``: ``val``)."""
+    return key.split("_", 1)[0]

@@ -7,10 +7,11 @@ A checkpoint directory (:mod:`pipelines.storage.checkpoints`) holds ``spot_confi
 that mark and rebuilds the model from its config and weights (``weights_only=True``): no code of a
 registered model is imported, no ``torch.export``, nothing unpickled. The version is registered with tags
 ``rho``, ``gmacs``, ``val_acc1`` (and more) and a description; the logged model is named after the registered
-model, carries the same tags and description, and is logged at the checkpoint's epoch as its step, so MLflow
-links it to that epoch's metrics (not epoch 0's). The alias ``champion`` goes to the version that wins when
-the versions, in registration order, each replace the one before if more accurate at equal or lower GMACs
-(:func:`elect_champion`): a function of the versions, so concurrent registrations agree.
+model, carries the same tags and description, and is the run's output at the checkpoint's epoch (its step),
+linked to that epoch's metrics, each with the dataset it was measured on (:func:`link_epoch_metrics`). The
+alias ``champion`` goes to the version that wins when the versions, in registration order, each replace the
+one before if more accurate at equal or lower GMACs (:func:`elect_champion`): a function of the versions, so
+concurrent registrations agree.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import mlflow
 import numpy as np
 import torch
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModelOutput, Metric, Run
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.models.signature import ModelSignature
@@ -45,6 +47,7 @@ from pipelines.storage.checkpoints import (
     model_from_checkpoint,
     read_checkpoint,
 )
+from pipelines.tracking.datasets import metric_split, run_split_datasets
 from pipelines.tracking.uri import MODEL_URI_PREFIXES
 from pipelines.utils.errors import first_line
 
@@ -57,6 +60,7 @@ FORMAT_VERSION = 2  # 2: the spot_config artifact records every SPOT option (spo
 READABLE_FORMATS = (1, FORMAT_VERSION)  # format 1 configs load with the defaults of their time
 CODE_LOADER = "mlflow.pyfunc.loaders.code_model"  # the pyfunc loader of a "models from code" model
 REQUIREMENTS = ("torch", "timm", "numpy", "mlflow")
+SYSTEM_METRICS = "system/"  # MLflow's system metrics: sampled every few seconds, their step is no epoch
 
 
 def _spot_model(model_dir: Path, uri: str) -> nn.Module:
@@ -237,6 +241,22 @@ def _link_version(client: MlflowClient, model_id: str, name: str, version: str) 
         client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*linked, entry])})
 
 
+def link_epoch_metrics(client: MlflowClient, run: Run, model_id: str, epoch: int) -> None:
+    """Make logged model ``model_id`` the output of ``run`` at step ``epoch`` and link it to the run's
+    metrics of that epoch (their values and times, as logged), each ``<split>_*`` one with the run's
+    dataset input of that split (the logged model's "Datasets used"); not the ``system/*`` metrics."""
+    run_id = run.info.run_id
+    client.log_outputs(run_id, [LoggedModelOutput(model_id, step=epoch)])
+    datasets = run_split_datasets(run)
+    linked = []
+    for key in sorted(k for k in run.data.metrics if not k.startswith(SYSTEM_METRICS)):
+        dataset = datasets.get(metric_split(key))
+        named = {} if dataset is None else {"dataset_name": dataset.name, "dataset_digest": dataset.digest}
+        linked += [Metric(key, m.value, m.timestamp, m.step, model_id=model_id, **named)
+                   for m in client.get_metric_history(run_id, key) if m.step == epoch]
+    client.log_batch(run_id, metrics=linked)  # the run's own values of these: MLflow skips identical ones
+
+
 def register_checkpoint(
     checkpoint_dir: str | Path, *, run_id: str, name: str, metrics: dict, data: dict | None = None
 ) -> dict:
@@ -253,15 +273,20 @@ def register_checkpoint(
     if data:
         check_same_task(client, name, data)
     run = client.get_run(run_id)
-    status = run.info.status
     description = describe(config, metrics, run.data.params.get("data"))
     tags = version_tags(config, metrics) | (data or {})
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+    # created here, not by log_model in the run: log_model would link the step's metrics itself, without
+    # their datasets, and a link cannot be changed (link_epoch_metrics links them)
+    model = mlflow.initialize_logged_model(
+        name=name, source_run_id=run_id, experiment_id=run.info.experiment_id,
+        tags=tags | {MLFLOW_RUN_NOTE: description}, params=run.data.params,
+    )
+    with warnings.catch_warnings():
         # the signature is given; an input example (a full image batch as JSON) would only bloat the model
         warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
         info = mlflow.pyfunc.log_model(
             name=name,
-            step=int(metrics["epoch"]),  # links the model to this epoch's metrics
+            model_id=model.model_id,
             python_model=str(PYFUNC_CODE),
             artifacts={
                 "spot_config": str(checkpoint_dir / CONFIG_FILE),
@@ -271,9 +296,8 @@ def register_checkpoint(
             code_paths=[str(SPOT_PACKAGE)],
             metadata={PROJECT_KEY: {"format": FORMAT_VERSION, "version": metadata.version("spot-vit")}},
             pip_requirements=[f"{p}=={metadata.version(p)}" for p in REQUIREMENTS],
-            tags=tags | {MLFLOW_RUN_NOTE: description},
         )
-    client.update_run(run_id, status=status)  # logging the model ended the run; it is the caller's
+    link_epoch_metrics(client, run, info.model_id, int(metrics["epoch"]))
     try:  # the client API, which prints no "Successfully registered model" line
         client.create_registered_model(name, description=f"{config['name']} models of the SPOT project "
                                        "(each version's description says what it is)")
