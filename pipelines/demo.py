@@ -144,10 +144,10 @@ def compare_models(runs: dict[str, list[tuple[RunConfig, dict]]], stamp: str, pa
         name = {"spot": "SPOT", "heuristic": "class attention"}[role]
         return f"{name} rho {config.rho} ({dense_config.epochs} + {config.epochs} epochs)"
 
-    loaded = {role: [(load_model(registered_uri(result)), config) for config, result in trained]
-              for role, trained in runs.items()}
-    models = {role: [(model, weights(role, config)) for model, config in pairs]
-              for role, pairs in loaded.items()}
+    loaded = {role: [(load_model(registered_uri(result)), config, registered_uri(result))
+                     for config, result in trained] for role, trained in runs.items()}
+    models = {role: [(model, weights(role, config)) for model, config, _ in entries]
+              for role, entries in loaded.items()}
     rhos = sorted({*RHOS, *(config.rho for config, _ in runs["spot"])}, reverse=True)
     [(dense, dense_weights)] = models["dense"]
     rows = compare.comparison_models(dense, rhos, dense_weights=dense_weights, spot_models=models["spot"],
@@ -156,8 +156,8 @@ def compare_models(runs: dict[str, list[tuple[RunConfig, dict]]], stamp: str, pa
     results = compare.compare(rows, data, batch_size=64, throughput_batch=64, device=device)
     table = compare.format_comparison(results)
     figures = compare.mask_figures(rows, data, Path(RUNS_DIR) / f"demo-{stamp}-token-masks")
-    uris = compare.model_roles({role: [(model, registered_uri(result)) for (model, _), (_, result)
-                                       in zip(loaded[role], runs[role], strict=True)] for role in runs})
+    uris = compare.model_roles({role: [(model, uri) for model, _, uri in entries]
+                                for role, entries in loaded.items()})
     run_id = compare.log_comparison(results, table, figures, tracking_uri=dense_config.mlflow_uri,
                                     experiment=EXPERIMENT, data=data, models=uris, parent=parent)
     return {"rows": results, "table": table, "figures": figures, "evaluation_run_id": run_id}

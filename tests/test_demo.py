@@ -49,3 +49,35 @@ def test_a_bad_fine_tuning_rate_is_refused_before_anything_runs(rates, message, 
     assert demo.main(["--finetune-rho", *rates]) == 2
     assert capsys.readouterr().err.strip() == f"demo: error: {message}"
     assert list(tmp_path.iterdir()) == []  # no data, no store, no run
+
+
+def test_the_demos_comparison_of_its_registered_models_is_a_child_run_naming_them(
+    trained, trained_heuristic, tiny_options, mlflow_uri, tmp_path, monkeypatch
+):
+    """The demo's last step on the session's registered dense, SPOT (rho 0.7) and class-attention models:
+    every selector at rho 0.7 and 0.5, the fine-tuned rows labelled with their weights, one comparison run
+    under the demo's parent that names each compared model."""
+    from pipelines import demo
+    from pipelines.tracking.mlflow_run import MlflowRun
+    from pipelines.training.config import resolve_config
+
+    monkeypatch.chdir(tmp_path)  # the figures go to ./ray_results
+    finetune = tiny_options | {"pretrained": "models:/dense/1", "epochs": 2}
+    runs = {"dense": [(resolve_config(tiny_options | {"dense": True, "epochs": 2}), trained["dense"])],
+            "spot": [(resolve_config(finetune), trained["spot"])],
+            "heuristic": [(resolve_config(finetune | {"selector": "cls_attn_avg"}), trained_heuristic)]}
+    parent = MlflowRun.create(mlflow_uri, "tests-demo", "demo-parent")
+    comparison = demo.compare_models(runs, "now", parent)
+    rows = [(r["selector"], r["rho"], r["weights"]) for r in comparison["rows"]]
+    assert rows[0] == ("none (dense)", None, "dense (2 epochs)")
+    for rho, block in zip((0.7, 0.5), (rows[1:5], rows[5:9]), strict=True):
+        assert block == [("random", rho, "dense (2 epochs)"), ("cls_attn_avg", rho, "dense (2 epochs)"),
+                         ("cls_attn_avg (fine-tuned)", rho, "class attention rho 0.7 (2 + 2 epochs)"),
+                         ("learned (SPOT)", rho, "SPOT rho 0.7 (2 + 2 epochs)")]
+    assert len(rows) == 9
+    run = MlflowClient(mlflow_uri).get_run(comparison["evaluation_run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == parent.run_id
+    for role in ("dense", "spot", "heuristic"):
+        result = runs[role][0][1]
+        assert run.data.params[f"{role}_uri"] == demo.registered_uri(result)
+        assert run.data.tags[f"{role}_source_run"] == result["mlflow_run_id"]
