@@ -134,7 +134,8 @@ def compare_models(runs: dict[str, list[tuple[RunConfig, dict]]], stamp: str, pa
     """The selectors on the registered models (:func:`train_models`), on the val split, at :data:`RHOS` and
     every rho the models were fine-tuned at (each with its own), logged as a child run of ``parent``:
     ``rows``, ``table``, ``figures``, ``evaluation_run_id``."""
-    print("== selectors on the validation split", flush=True)
+    steps = 1 + sum(len(trained) for trained in runs.values())  # the training runs, then this
+    print(f"== {steps}/{steps} selectors on the validation split", flush=True)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     [(dense_config, _)] = runs["dense"]
 
