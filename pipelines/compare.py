@@ -4,7 +4,7 @@
     python pipelines/compare.py --dense models:/spot-deit_t-dense/1 --spot models:/spot-deit_t/1 \
         --heuristic models:/spot-deit_t-cls-attn/1 --rho 0.7 0.5
 
-Several --spot / --heuristic models, one per rho each was fine-tuned at: each rho is compared with its own.
+Several --spot / --heuristic models, one per rho each was fine-tuned at: each --rho is compared with its own.
 
 What each row is: :mod:`pipelines.evaluation.compare`.
 """
@@ -27,11 +27,12 @@ from pipelines.utils.errors import TrackingError
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dense", required=True, help="the dense model: checkpoint dir or models:/ URI")
-    parser.add_argument("--spot", nargs="+", default=[], help="SPOT models fine-tuned from it "
-                        "(checkpoint dirs or models:/ URIs; several: one per rho they were fine-tuned at)")
-    parser.add_argument("--heuristic", nargs="+", default=[], help="class-attention models fine-tuned from "
-                        "the same dense model under the same recipe (finetune.py --selector cls_attn_avg; "
-                        "paper Table 7), as --spot")
+    several = {"nargs": "+", "action": "extend", "default": []}  # --spot A B and --spot A --spot B alike
+    parser.add_argument("--spot", **several, help="SPOT models fine-tuned from it (checkpoint dirs or "
+                        "models:/ URIs; several: one per rho they were fine-tuned at)")
+    parser.add_argument("--heuristic", **several, help="class-attention models fine-tuned from the same "
+                        "dense model under the same recipe (finetune.py --selector cls_attn_avg; paper "
+                        "Table 7), as --spot")
     parser.add_argument("--rho", type=float, nargs="+", default=[0.7, 0.5], help="retention rates [0.7 0.5]")
     add_evaluation_options(parser, experiment="spot-compare")
     args = parser.parse_args(argv)

@@ -10,9 +10,9 @@
 4. the class-attention model fine-tuned from the same dense model with the same recipe (``--selector
    cls_attn_avg``, as the paper's Table 7 did), at the same rates;
 5. selectors compared (paper Table 7): random and class attention on the dense weights, the fine-tuned
-   class-attention models and SPOT on their own, at rho 0.7 and 0.5 (each rate with the models fine-tuned at
-   it, if there are), with top-1, GMACs and images/s, plus the kept-token figures (Fig. 3); table and
-   figures logged to MLflow;
+   class-attention models and SPOT on their own, at rho 0.7 and 0.5 (fine-tuned at several rates: at each of
+   them, with the models fine-tuned at it), with top-1, GMACs and images/s, plus the kept-token figures
+   (Fig. 3); table and figures logged to MLflow;
 6. the models registered in MLflow (./mlflow.db); how to open the MLflow UI is printed at the end.
 """
 
@@ -131,9 +131,9 @@ def registered_uri(result: dict) -> str:
 
 
 def compare_models(runs: dict[str, list[tuple[RunConfig, dict]]], stamp: str, parent: MlflowRun) -> dict:
-    """The selectors on the registered models (:func:`train_models`), on the val split, at :data:`RHOS` and
-    every rho the models were fine-tuned at (each with its own), logged as a child run of ``parent``:
-    ``rows``, ``table``, ``figures``, ``evaluation_run_id``."""
+    """The selectors on the registered models (:func:`train_models`), on the val split, logged as a child
+    run of ``parent``: at :data:`RHOS` and the rate of the fine-tuned models, or, fine-tuned at several,
+    at each of those with its own models; returns ``rows``, ``table``, ``figures``, ``evaluation_run_id``."""
     steps = 1 + sum(len(trained) for trained in runs.values())  # the training runs, then this
     print(f"== {steps}/{steps} selectors on the validation split", flush=True)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -149,7 +149,8 @@ def compare_models(runs: dict[str, list[tuple[RunConfig, dict]]], stamp: str, pa
                      for config, result in trained] for role, trained in runs.items()}
     models = {role: [(model, weights(role, config)) for model, config, _ in entries]
               for role, entries in loaded.items()}
-    rhos = sorted({*RHOS, *(config.rho for config, _ in runs["spot"])}, reverse=True)
+    trained_at = [config.rho for config, _ in runs["spot"]]
+    rhos = sorted({*RHOS, *trained_at} if len(trained_at) == 1 else trained_at, reverse=True)
     [(dense, dense_weights)] = models["dense"]
     rows = compare.comparison_models(dense, rhos, dense_weights=dense_weights, spot_models=models["spot"],
                                      heuristic_models=models["heuristic"])
@@ -210,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"the built-in task [default: {DIGITS_SOURCE}]")
     parser.add_argument("--seed", type=int, help="random seed of the training runs [default: 0]")
     parser.add_argument("--finetune-rho", type=float, nargs="+", default=list(FINETUNE_RHOS), metavar="RHO",
-                        help="keep rates SPOT and class attention are each fine-tuned at; the table compares "
-                        f"each rho with the models fine-tuned at it (paper Table 7) [default: "
+                        help="keep rates SPOT and class attention are each fine-tuned at; given several, the "
+                        "table compares each with the models fine-tuned at it (paper Table 7) [default: "
                         f"{' '.join(map(str, FINETUNE_RHOS))}]")
     args = parser.parse_args(argv)
     started = time.monotonic()

@@ -110,10 +110,10 @@ def test_fine_tuned_class_attention_row_beside_the_training_free_one(
         wrong = args[:4] + ["--heuristic", uri["spot"]] + args[6:]
         assert compare_cli.main(wrong) == 2
         assert "not one fine-tuned with --selector cls_attn_avg" in capsys.readouterr().err
-        twice = args[:4] + [uri["spot"]] + args[4:]  # --spot A A: two models for one rho
+        twice = args[:4] + ["--spot", uri["spot"]] + args[4:]  # --spot A --spot A: two models for one rho
         assert compare_cli.main(twice) == 2
-    assert capsys.readouterr().err.strip() == (f"compare: error: {uri['spot']}, {uri['spot']}: fine-tuned at "
-                                               "the same rho 0.7; give one model per rho")
+    assert capsys.readouterr().err.strip() == (f"compare: error: --spot {uri['spot']}, {uri['spot']}: "
+                                               "fine-tuned at the same rho 0.7; give one model per rho")
     # the command's MLflow run names the three models it compared and links them and their training runs
     [run_id] = re.findall(r"logged to MLflow run (\w+)", table)
     client = MlflowClient(mlflow_uri)
@@ -128,14 +128,15 @@ def test_fine_tuned_class_attention_row_beside_the_training_free_one(
 
 def test_each_rho_is_compared_with_the_models_fine_tuned_at_it():
     """Given one SPOT and one class-attention model per rho (paper Table 7: each budget its own fine-tuned
-    model), each rho's rows carry the weights of the model fine-tuned at that rho; a rho none was
-    fine-tuned at takes the first given; two models fine-tuned at one rho are refused by name."""
+    model), each rho's rows carry the weights of the model fine-tuned at that rho, whatever the order given;
+    one model is compared at every rho; two models fine-tuned at one rho, or none of several at a compared
+    rho, are refused naming the option."""
     torch.manual_seed(0)
     dense = tiny(rho=None)
     spot_at = {rho: tiny(rho=rho) for rho in (0.7, 0.5)}
     heuristic_at = {rho: tiny(rho=rho, selector="cls_attn_avg") for rho in (0.7, 0.5)}
     rows = compare.comparison_models(
-        dense, [0.7, 0.5, 0.6], dense_weights="d",
+        dense, [0.7, 0.5], dense_weights="d",
         spot_models=[(spot_at[0.7], "s0.7"), (spot_at[0.5], "s0.5")],
         heuristic_models=[(heuristic_at[0.5], "h0.5"), (heuristic_at[0.7], "h0.7")],
     )
@@ -146,16 +147,21 @@ def test_each_rho_is_compared_with_the_models_fine_tuned_at_it():
     assert finetuned == [
         ("cls_attn_avg (fine-tuned)", 0.7, "h0.7"), ("learned (SPOT)", 0.7, "s0.7"),
         ("cls_attn_avg (fine-tuned)", 0.5, "h0.5"), ("learned (SPOT)", 0.5, "s0.5"),
-        ("cls_attn_avg (fine-tuned)", 0.6, "h0.5"), ("learned (SPOT)", 0.6, "s0.7"),  # the first given
     ]
     for labels, model in rows:
         if labels["weights"] in sources:
             assert model.spot_config["rho"] == labels["rho"]
             for name, value in sources[labels["weights"]].state_dict().items():
                 torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0)
+    one = compare.comparison_models(dense, [0.7, 0.5, 0.6], dense_weights="d",
+                                    spot_models=[(spot_at[0.5], "s")])
+    assert [labels["rho"] for labels, _ in one if labels["weights"] == "s"] == [0.7, 0.5, 0.6]
     roles = compare.model_roles({"dense": [(dense, "d")], "spot": [(spot_at[0.7], "s0.7"),
                                                                    (spot_at[0.5], "s0.5")]})
     assert roles == {"dense": "d", "spot_rho0.7": "s0.7", "spot_rho0.5": "s0.5"}
-    with pytest.raises(ValueError, match="s0.5, again: fine-tuned at the same rho 0.5"):
+    with pytest.raises(ValueError, match=r"^--spot s0.5, again: fine-tuned at the same rho 0.5; give one"):
         compare.comparison_models(dense, [0.5], dense_weights="d",
                                   spot_models=[(spot_at[0.5], "s0.5"), (spot_at[0.5], "again")])
+    with pytest.raises(ValueError, match=r"^--heuristic: none fine-tuned at rho 0.6 \(they were at 0.5, 0.7"):
+        compare.comparison_models(dense, [0.7, 0.6], dense_weights="d",
+                                  heuristic_models=[(heuristic_at[0.5], "h0.5"), (heuristic_at[0.7], "h0.7")])

@@ -224,11 +224,13 @@ def test_a_mistyped_option_key_is_refused_by_name_before_anything_starts(tmp_pat
 # --- evaluate, compare, export: their own options; a checkpoint that does not fit ------------------------
 
 
-def _checkpoint(directory: Path, *, rho: float | None, weights_depth: int | None = None) -> Path:
+def _checkpoint(
+    directory: Path, *, rho: float | None, weights_depth: int | None = None, selector: str = "learned"
+) -> Path:
     """A checkpoint directory of a tiny model; ``weights_depth``: weights of another depth (a wrong one)."""
     directory.mkdir(parents=True)
     arch = {**TINY_PIPELINE_MODEL, "img_size": 32, "num_classes": 10}
-    model = spot.create_model("deit_t", rho=rho, **arch)
+    model = spot.create_model("deit_t", rho=rho, selector=selector, **arch)
     (directory / CONFIG_FILE).write_text(json.dumps(model.spot_config))
     weights = model if weights_depth is None else spot.create_model(
         "deit_t", rho=rho, **{**arch, "depth": weights_depth})
@@ -273,13 +275,16 @@ def test_throughput_batch_0_is_refused(digits_shards, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "evaluate: error: --throughput-batch 0: must be >= 1"
 
 
-def test_compare_refuses_a_dense_model_as_spot(digits_shards, tmp_path, capsys):
+@pytest.mark.parametrize("option", ["--spot", "--heuristic"])
+def test_compare_refuses_a_dense_model_as_a_fine_tuned_one(option, digits_shards, tmp_path, capsys):
     dense = _checkpoint(tmp_path / "dense", rho=None)
-    code = compare_cli.main(["--dense", str(dense), "--spot", str(dense), "--data", str(digits_shards)])
+    heuristic = _checkpoint(tmp_path / "dense-cls", rho=None, selector="cls_attn_avg")
+    given = str(dense if option == "--spot" else heuristic)
+    code = compare_cli.main(["--dense", str(dense), option, given, "--data", str(digits_shards)])
     out, err = capsys.readouterr()
-    assert code == 2 and "learned (SPOT)" not in out
-    assert err.strip() == (f"compare: error: --spot {dense}: a dense model, with no trained relevance "
-                           "predictors; pass a SPOT model fine-tuned from --dense")
+    assert code == 2 and "fine-tuned" not in out and "learned (SPOT)" not in out
+    assert err.strip() == (f"compare: error: {option} {given}: a dense model, with no trained token "
+                           "selection; pass one fine-tuned from --dense")
 
 
 def test_evaluate_and_compare_check_their_models_before_making_the_builtin_data(tmp_path, capsys,

@@ -13,6 +13,7 @@ after the accuracy pass, interleaved over the rows (median, and "noisy" where th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +30,9 @@ from pipelines.utils.table import markdown_table
 COLUMNS = ("selector", "weights", "rho", "top-1", "GMACs", "images/s")
 TRAINING_FREE = ("random", "cls_attn_avg")
 FINETUNED_HEURISTIC = "cls_attn_avg (fine-tuned)"
+# the fine-tuned models' rows by the option that gives them: (row label, selector)
+FINE_TUNED_ROWS = {"--heuristic": (FINETUNED_HEURISTIC, "cls_attn_avg"),
+                   "--spot": ("learned (SPOT)", "learned")}
 
 
 def row_key(selector: str) -> str:
@@ -54,36 +58,58 @@ def comparison_models(
 ) -> list[tuple[dict, nn.Module]]:
     """``(row labels, model)`` per row: the dense model, then per rho each training-free selector, the
     fine-tuned class-attention model and SPOT. ``spot_models`` / ``heuristic_models`` are ``(model, weights
-    label)`` pairs, one per rho each was fine-tuned at: a rho is compared with the model fine-tuned at it
-    (paper Table 7 compares models trained for one budget), else with the first given. Raises ``ValueError``
-    for a dense model among ``spot_models`` or two models fine-tuned at one rho."""
-    for model, weights in spot_models:
-        if model.spot_config.get("rho") is None:
-            raise ValueError(f"--spot {weights}: a dense model, with no trained relevance predictors; pass "
-                             "a SPOT model fine-tuned from --dense")
+    label)`` pairs: one model is compared at every rho; several, one per rho each was fine-tuned at, compare
+    each rho with the model fine-tuned at it (paper Table 7 compares models trained for one budget). Raises
+    ``ValueError`` for a dense model among them, two fine-tuned at one rho, or a rho that none of several
+    was fine-tuned at."""
+    given = {"--heuristic": heuristic_models, "--spot": spot_models}
+    for option, models in given.items():
+        check_fine_tuned(option, models, rhos)
     rows = [({"selector": "none (dense)", "weights": dense_weights, "rho": None}, with_selector(dense, None))]
     for rho in rhos:
         for selector in TRAINING_FREE:
             labels = {"selector": selector, "weights": dense_weights, "rho": rho}
             rows.append((labels, with_selector(dense, rho, selector)))
-        for label, selector, given in ((FINETUNED_HEURISTIC, "cls_attn_avg", heuristic_models),
-                                       ("learned (SPOT)", "learned", spot_models)):
-            if given:
-                model, weights = fine_tuned_at(given, rho)
+        for option, models in given.items():
+            if models:
+                label, selector = FINE_TUNED_ROWS[option]
+                model, weights = fine_tuned_at(models, rho)
                 rows.append(({"selector": label, "weights": weights, "rho": rho},
                              with_selector(model, rho, selector)))
     return rows
 
 
+def trained_rho(model: nn.Module) -> float | None:
+    """The keep rate ``model`` was fine-tuned at (None: a dense model)."""
+    return model.spot_config.get("rho")
+
+
+def check_fine_tuned(option: str, models: Sequence[tuple[nn.Module, str]], rhos: list[float]) -> None:
+    """Raise ``ValueError`` naming ``option`` if a model is dense, two were fine-tuned at one rho, or, given
+    several, one of ``rhos`` has none fine-tuned at it."""
+    trained_at = [trained_rho(model) for model, _ in models]
+    for (_, weights), rho in zip(models, trained_at, strict=True):
+        if rho is None:
+            raise ValueError(f"{option} {weights}: a dense model, with no trained token selection; pass "
+                             "one fine-tuned from --dense")
+    for rho in trained_at:
+        same = [w for (_, w), r in zip(models, trained_at, strict=True) if math.isclose(r, rho)]
+        if len(same) > 1:
+            raise ValueError(f"{option} {', '.join(same)}: fine-tuned at the same rho {rho}; give one model "
+                             "per rho")
+    if len(models) > 1:
+        for rho in rhos:
+            if not any(math.isclose(r, rho) for r in trained_at):
+                raise ValueError(f"{option}: none fine-tuned at rho {rho} (they were at "
+                                 f"{', '.join(map(str, trained_at))}); compare at those rates")
+
+
 def fine_tuned_at(models: Sequence[tuple[nn.Module, str]], rho: float) -> tuple[nn.Module, str]:
-    """Of ``(model, weights label)`` pairs, the one fine-tuned at ``rho``, else the first. Raises
-    ``ValueError`` if two were fine-tuned at the same rho."""
-    trained_at = [model.spot_config.get("rho") for model, _ in models]
-    for at in set(trained_at):
-        if trained_at.count(at) > 1:
-            names = ", ".join(w for (_, w), r in zip(models, trained_at, strict=True) if r == at)
-            raise ValueError(f"{names}: fine-tuned at the same rho {at}; give one model per rho")
-    return models[trained_at.index(rho)] if rho in trained_at else models[0]
+    """Of ``(model, weights label)`` pairs (:func:`check_fine_tuned`), the one: the only one, or the one
+    fine-tuned at ``rho``."""
+    if len(models) == 1:
+        return models[0]
+    return next(pair for pair in models if math.isclose(trained_rho(pair[0]), rho))
 
 
 def model_roles(models: dict[str, Sequence[tuple[nn.Module, str]]]) -> dict[str, str]:
@@ -92,7 +118,7 @@ def model_roles(models: dict[str, Sequence[tuple[nn.Module, str]]]) -> dict[str,
     roles = {}
     for role, given in models.items():
         for model, weights in given:
-            key = role if len(given) == 1 else f"{role}_rho{model.spot_config.get('rho')}"
+            key = role if len(given) == 1 else f"{role}_rho{trained_rho(model)}"
             roles[key] = weights
     return roles
 
