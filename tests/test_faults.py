@@ -327,13 +327,15 @@ def test_reports_wait_while_the_server_is_down_and_are_sent_once_when_it_is_back
         send,
         send_pending,
     )
+    from pipelines.training.worker import RUN_VALUES
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # as on the Train controller
     server = MlflowServer(tmp_path / "server").start()
     client = MlflowClient(server.url)
     run_id = client.create_run(client.create_experiment("outage")).info.run_id
     location, name = RunLocation(str(tmp_path / "runs"), "r"), "r"
-    entries = [report_entry({"epoch": e, "val_acc1": 0.5 + e / 10, "worker_node_ids": ["n"]}, None, 1000 + e)
+    entries = [report_entry({"epoch": e, "val_acc1": 0.5 + e / 10, "worker_node_ids": ["n"]}, None, 1000 + e,
+                            RUN_VALUES)
                for e in range(3)]
     send(client, run_id, location, entries[:1])
     server.kill()

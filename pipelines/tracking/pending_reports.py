@@ -30,7 +30,7 @@ MASKS_IMAGE_KEY = "token_masks"
 STEP = "epoch"  # the report entry that is MLflow's step
 
 
-def numeric_metrics(report: dict, run_values: Collection[str] = ()) -> dict[str, float]:
+def numeric_metrics(report: dict, run_values: Collection[str]) -> dict[str, float]:
     """A report's per-epoch series: its numeric (not bool) entries but the step and ``run_values``."""
     skip = {STEP, *run_values}
     return {k: float(v) for k, v in report.items()
@@ -38,7 +38,7 @@ def numeric_metrics(report: dict, run_values: Collection[str] = ()) -> dict[str,
 
 
 def report_entry(
-    report: dict, checkpoint_path: str | None, time_ms: int, run_values: Collection[str] = ()
+    report: dict, checkpoint_path: str | None, time_ms: int, run_values: Collection[str]
 ) -> dict:
     """What MLflow gets of one ``ray.train.report``: its per-epoch series at step = epoch (not the
     ``run_values``, the report's entries of the whole run: the worker says which), tags, and the checkpoint

@@ -60,7 +60,7 @@ FORMAT_VERSION = 2  # 2: the spot_config artifact records every SPOT option (spo
 READABLE_FORMATS = (1, FORMAT_VERSION)  # format 1 configs load with the defaults of their time
 CODE_LOADER = "mlflow.pyfunc.loaders.code_model"  # the pyfunc loader of a "models from code" model
 REQUIREMENTS = ("torch", "timm", "numpy", "mlflow")
-SYSTEM_METRICS = "system/"  # MLflow's system metrics: sampled every few seconds, their step is no epoch
+SYSTEM_METRICS_PREFIX = "system/"  # MLflow's system metrics: sampled every few seconds; no epoch steps
 
 
 def _spot_model(model_dir: Path, uri: str) -> nn.Module:
@@ -249,11 +249,13 @@ def link_epoch_metrics(client: MlflowClient, run: Run, model_id: str, epoch: int
     client.log_outputs(run_id, [LoggedModelOutput(model_id, step=epoch)])
     datasets = run_split_datasets(run)
     linked = []
-    for key in sorted(k for k in run.data.metrics if not k.startswith(SYSTEM_METRICS)):
+    for key in sorted(k for k in run.data.metrics if not k.startswith(SYSTEM_METRICS_PREFIX)):
         dataset = datasets.get(metric_split(key))
         named = {} if dataset is None else {"dataset_name": dataset.name, "dataset_digest": dataset.digest}
-        linked += [Metric(key, m.value, m.timestamp, m.step, model_id=model_id, **named)
-                   for m in client.get_metric_history(run_id, key) if m.step == epoch]
+        at_epoch = [m for m in client.get_metric_history(run_id, key) if m.step == epoch]
+        if at_epoch:  # the last value logged at that step (a retried epoch logs it again)
+            m = max(at_epoch, key=lambda m: m.timestamp)
+            linked.append(Metric(key, m.value, m.timestamp, m.step, model_id=model_id, **named))
     client.log_batch(run_id, metrics=linked)  # the run's own values of these: MLflow skips identical ones
 
 
