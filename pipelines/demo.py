@@ -106,7 +106,7 @@ def train_models(
               f"{dense_config.epochs} epochs, {num_workers} Ray Train workers", flush=True)
         dense = run_job(dense_config, parent=parent)
         runs["dense"].append((dense_config, dense))
-        teacher = registered_uri(dense)
+        teacher = dense["registered_uri"]
         for i, rho in enumerate(rhos):
             tag = "" if len(rhos) == 1 else f"-rho{rho:g}"
             spot_options = {**options, **DIGITS_SPOT_FINETUNE, "pretrained": teacher, "rho": rho}
@@ -125,11 +125,6 @@ def train_models(
     return runs
 
 
-def registered_uri(result: dict) -> str:
-    """The ``models:/name/version`` URI of a training run's RESULT dict."""
-    return f"models:/{result['registered_model']}/{result['registered_version']}"
-
-
 def compare_models(runs: dict[str, list[tuple[RunConfig, dict]]], stamp: str, parent: MlflowRun) -> dict:
     """The selectors on the registered models (:func:`train_models`), on the val split, logged as a child
     run of ``parent``: at :data:`RHOS` and the rate of the fine-tuned models, or, fine-tuned at several,
@@ -145,7 +140,7 @@ def compare_models(runs: dict[str, list[tuple[RunConfig, dict]]], stamp: str, pa
         name = {"spot": "SPOT", "heuristic": "class attention"}[role]
         return f"{name} rho {config.rho} ({dense_config.epochs} + {config.epochs} epochs)"
 
-    loaded = {role: [(load_model(registered_uri(result)), config, registered_uri(result))
+    loaded = {role: [(load_model(result["registered_uri"]), config, result["registered_uri"])
                      for config, result in trained] for role, trained in runs.items()}
     models = {role: [(model, weights(role, config)) for model, config, _ in entries]
               for role, entries in loaded.items()}
@@ -231,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     for label in ("dense", "spot", "heuristic"):
         for r in demo[label]:
             champion = " (champion)" if r["champion"] else ""
-            print(f"registered {label}: {registered_uri(r)}{champion}, MLflow run {r['mlflow_run_id']}")
+            print(f"registered {label}: {r['registered_uri']}{champion}, MLflow run {r['mlflow_run_id']}")
     print(f"comparison and kept-token figures: MLflow run {demo['evaluation_run_id']}; every run above is a "
           f"child of MLflow run {demo['parent_run_id']}")
     print(f"demo wall time {time.monotonic() - started:.0f} s")

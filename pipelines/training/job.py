@@ -270,6 +270,7 @@ def run(config: RunConfig, parent: MlflowRun | None = None) -> dict:
         "mlflow_run_id": mlflow_run.run_id,
         "registered_model": registered["name"],
         "registered_version": registered["version"],
+        "registered_uri": registered["uri"],
         "champion": registered["champion"],
         "worker_node_ids": best["worker_node_ids"],
         "wall_time_s": round(time.monotonic() - started, 1),
