@@ -49,7 +49,8 @@ def test_a_local_ray_starts_with_token_auth_and_no_warning_line(tmp_path):
 
 
 # Stops every raylet among a process's descendants (or the first one only) as it appears: a raylet that never
-# registers with its GCS, as on a machine too busy to run it within Ray's fixed wait.
+# registers with its GCS, as on a machine too busy to run it within Ray's fixed wait. The watch goes on while
+# other children come and go: only the watched command's own end stops it.
 STOP_RAYLETS = """
 import signal, threading, time, psutil
 def stop_raylets(root, first_only):
@@ -57,13 +58,16 @@ def stop_raylets(root, first_only):
     def watch():
         while not (first_only and stopped):
             try:
-                found = [p for p in psutil.Process(root).children(recursive=True) if p.name() == "raylet"]
-            except psutil.Error:
+                children = psutil.Process(root).children(recursive=True)
+            except psutil.NoSuchProcess:  # the watched command has ended
                 return
-            for p in found:
-                if p.pid not in stopped:
-                    p.send_signal(signal.SIGSTOP)
-                    stopped.append(p.pid)
+            for p in children:
+                try:  # a child may end between the listing and here (a failed start's are being killed)
+                    if p.pid not in stopped and p.name() == "raylet":
+                        p.send_signal(signal.SIGSTOP)
+                        stopped.append(p.pid)
+                except psutil.Error:
+                    continue
             time.sleep(0.05)
     threading.Thread(target=watch, daemon=True).start()
     return stopped
