@@ -16,7 +16,9 @@ cosine, batch 64 when fine-tuning. Prints one markdown table per seed and the me
 ``--jpeg 90``: the canvases as shards at that JPEG quality hold them; ``--pipeline-recipe [dense|finetune]``:
 finetune.py's recipe with the hard preset, in both runs or one (docs/benchmarks.md: what made the pipeline
 differ). ``--clutter-pieces`` / ``--fragment`` draw a variant of the task (more or larger clutter fragments),
-normalised by its own train split's pixel mean / std (seed 0), as the built-in task is by its constants.
+normalised by its own train split's pixel mean / std (seed 0), as the built-in task is by its constants;
+``--canvas`` draws it on a larger canvas (more tokens). ``--rho 0.7 0.5``: both selectors fine-tuned at each
+rate, each rate compared with its own models (paper Table 7).
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ from pipelines.training.config import (  # noqa: E402
     digits_preset,
 )
 
-ARCH = {"img_size": task.CANVAS, "patch_size": 8, "depth": 6, "embed_dim": 64, "num_heads": 4,
-        "num_classes": 10}
+# the digits preset's architecture; img_size is the canvas's side
+ARCH = {"patch_size": 8, "depth": 6, "embed_dim": 64, "num_heads": 4, "num_classes": 10}
 RHOS = (0.7, 0.5)
 
 
@@ -60,6 +62,7 @@ class Clutter:
 
     pieces: int = task.CLUTTER_PIECES
     fragment: int = task.FRAGMENT
+    side: int = task.CANVAS
     mean: float = task.PIXEL_MEAN
     std: float = task.PIXEL_STD
 
@@ -72,7 +75,8 @@ def as_in_shards(pixels: np.ndarray, quality: int) -> np.ndarray:
 
 def tensors(split: str, seed: int, clutter: Clutter, jpeg: int | None = None
             ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
-    canvases = task.make_canvases(split, seed, clutter_pieces=clutter.pieces, fragment=clutter.fragment)
+    canvases = task.make_canvases(split, seed, clutter_pieces=clutter.pieces, fragment=clutter.fragment,
+                                  side=clutter.side)
     if jpeg:  # (N, 3, H, W), as the pipeline's loader decodes shards written at JPEG quality ``jpeg``
         pixels = np.stack([as_in_shards(c.pixels, jpeg) for c in canvases]).astype(np.float32) / 255
         x = torch.from_numpy((pixels - clutter.mean) / clutter.std).permute(0, 3, 1, 2)
@@ -80,7 +84,7 @@ def tensors(split: str, seed: int, clutter: Clutter, jpeg: int | None = None
         pixels = np.stack([c.pixels for c in canvases]).astype(np.float32) / 255
         x = torch.from_numpy((pixels - clutter.mean) / clutter.std)[:, None].expand(-1, 3, -1, -1)
     y = torch.tensor([c.label for c in canvases])
-    boxes = [digit_patches(c.box, ARCH["patch_size"], task.CANVAS) for c in canvases]
+    boxes = [digit_patches(c.box, ARCH["patch_size"], clutter.side) for c in canvases]
     return x.contiguous(), y, boxes
 
 
@@ -174,15 +178,17 @@ def evaluate(model, x, y, boxes, seed=0):
 
 def run_seed(seed: int, args) -> dict[str, float]:
     started = time.monotonic()
-    clutter = Clutter(args.clutter_pieces, args.fragment)
+    clutter = Clutter(args.clutter_pieces, args.fragment, args.canvas)
     if clutter != Clutter():  # a variant: its own train split's statistics, as the constants are the task's
-        mean, std = task.pixel_stats("train", clutter_pieces=clutter.pieces, fragment=clutter.fragment)
+        mean, std = task.pixel_stats("train", clutter_pieces=clutter.pieces, fragment=clutter.fragment,
+                                     side=clutter.side)
         clutter = replace(clutter, mean=mean, std=std)
         print(f"  clutter {clutter}", file=sys.stderr, flush=True)
     xt, yt, _ = tensors("train", seed, clutter, args.jpeg)
     xv, yv, boxes = tensors("val", seed, clutter, args.jpeg)
     torch.manual_seed(seed)
-    dense = spot.create_model("deit_t", rho=None, **ARCH)
+    arch = {**ARCH, "img_size": clutter.side}
+    dense = spot.create_model("deit_t", rho=None, **arch)
     fresh = None
     if args.fresh:  # new training canvases each dense epoch (seeds apart from each other's)
         fresh = lambda epoch: tensors("train", 1000 * (seed + 1) + epoch, clutter, args.jpeg)[:2]  # noqa: E731
@@ -202,21 +208,25 @@ def run_seed(seed: int, args) -> dict[str, float]:
             rows[f"{selector} (training-free) rho {rho}"] = evaluate(at(dense, rho, selector), xv, yv, boxes)
     for name, (acc, _) in rows.items():  # before the fine-tuning, in case a run is cut short
         print(f"  {name}: {100 * acc:.2f}", file=sys.stderr, flush=True)
-    finetuned = {}
-    for selector in ("cls_attn_avg", "learned"):
-        torch.manual_seed(seed)
-        model = spot.create_model("deit_t", rho=args.rho, selector=selector, **ARCH)
-        missing = model.load_state_dict(dense.state_dict(), strict=False).missing_keys
-        assert all(k.startswith("spot_predictors.") for k in missing), missing
-        tuned = None
-        if args.pipeline_recipe in ("both", "finetune"):
-            tuned = replace(preset, **{**DIGITS_SPOT_FINETUNE, "rho": args.rho, "epochs": args.spot_epochs})
-        finetuned[selector] = train(model, teacher, xt, yt, epochs=args.spot_epochs, lr=args.lr,
-                                    predictor_lr=args.predictor_lr, rho=args.rho, seed=seed, pipeline=tuned)
-    for rho in RHOS:
-        rows[f"cls_attn_avg (fine-tuned) rho {rho}"] = evaluate(at(finetuned["cls_attn_avg"], rho,
-                                                                   "cls_attn_avg"), xv, yv, boxes)
-        rows[f"SPOT rho {rho}"] = evaluate(at(finetuned["learned"], rho, "learned"), xv, yv, boxes)
+    finetuned = {}  # (selector, rho fine-tuned at) -> model
+    for tuned_rho in args.rho:
+        for selector in ("cls_attn_avg", "learned"):
+            torch.manual_seed(seed)
+            model = spot.create_model("deit_t", rho=tuned_rho, selector=selector, **arch)
+            missing = model.load_state_dict(dense.state_dict(), strict=False).missing_keys
+            assert all(k.startswith("spot_predictors.") for k in missing), missing
+            tuned = None
+            if args.pipeline_recipe in ("both", "finetune"):
+                tuned = replace(preset, **{**DIGITS_SPOT_FINETUNE, "rho": tuned_rho,
+                                           "epochs": args.spot_epochs})
+            finetuned[selector, tuned_rho] = train(
+                model, teacher, xt, yt, epochs=args.spot_epochs, lr=args.lr, predictor_lr=args.predictor_lr,
+                rho=tuned_rho, seed=seed, pipeline=tuned)
+    for rho in RHOS:  # one fine-tuning rate: its models at every rho; several: each rho with its own
+        tuned_rho = args.rho[0] if len(args.rho) == 1 else rho
+        for selector, name in (("cls_attn_avg", "cls_attn_avg"), ("learned", "SPOT")):
+            rows[f"{name} (fine-tuned at {tuned_rho}) rho {rho}"] = evaluate(
+                at(finetuned[selector, tuned_rho], rho, selector), xv, yv, boxes)
     print(f"\nseed {seed} ({time.monotonic() - started:.0f} s)\n")
     print("| row | top-1 | digit patches kept |\n|---|---|---|")
     for name, (acc, held) in rows.items():
@@ -244,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
                              "groups or its warm-up + cosine schedule (with --pipeline-recipe finetune: the "
                              "fine-tuning runs take the whole recipe)")
     parser.add_argument("--spot-epochs", type=int, default=2)
-    parser.add_argument("--rho", type=float, default=0.7, help="rho SPOT is fine-tuned at")
+    parser.add_argument("--rho", type=float, nargs="+", default=[0.7],
+                        help="rho SPOT and class attention are fine-tuned at; several: each compared rho "
+                             f"({' '.join(map(str, RHOS))}) with the models fine-tuned at it (paper Table 7)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--predictor-lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
@@ -252,10 +264,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="clutter fragments per canvas (a variant of the task)")
     parser.add_argument("--fragment", type=int, default=task.FRAGMENT,
                         help="side of a clutter fragment in scan pixels, 1-8 (a variant of the task)")
+    parser.add_argument("--canvas", type=int, default=task.CANVAS,
+                        help="side of the canvas in px, a multiple of the 8 px patch (a variant of the task: "
+                             "96 is 144 tokens)")
     args = parser.parse_args(argv)
     if args.dense_part and args.pipeline_recipe in ("both", "dense"):
         parser.error(f"--dense-part {args.dense_part} is a piece of the dense recipe: not with "
                      f"--pipeline-recipe {args.pipeline_recipe}, which applies all of it")
+    if len(args.rho) > 1 and sorted(args.rho) != sorted(RHOS):
+        compared = " ".join(map(str, RHOS))
+        parser.error(f"--rho: several fine-tuning rates must be the compared ones, {compared}; "
+                     f"not {' '.join(map(str, args.rho))}")
+    if args.canvas % ARCH["patch_size"] or args.canvas < task.DIGIT_SIDE:
+        parser.error(f"--canvas must be a multiple of {ARCH['patch_size']} px of at least {task.DIGIT_SIDE}, "
+                     f"not {args.canvas}")
     if not 1 <= args.fragment <= 8 or args.clutter_pieces < 0:
         parser.error(f"--fragment must be 1-8 and --clutter-pieces >= 0, not {args.fragment}, "
                      f"{args.clutter_pieces}")

@@ -10,11 +10,13 @@ offset the small DeiT trained from scratch stays at chance: docs/benchmarks.md.)
 
 Splits, seeds and meta are as in :mod:`pipelines.data.cluttered_digits` (split by scan, clutter from the
 split's own scans, everything from ``numpy.random.default_rng``). A harder variant passes its own
-``clutter_pieces`` / ``fragment`` to :func:`make_canvases` (``benchmarks/hard_task.py --clutter-pieces
---fragment``); the module's constants are the built-in task.
+``clutter_pieces`` / ``fragment`` / ``side`` to :func:`make_canvases` (``benchmarks/hard_task.py
+--clutter-pieces --fragment --canvas``); the module's constants are the built-in task.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -53,24 +55,24 @@ def _overlap(y: int, x: int, side: int, top: int, left: int) -> float:
 
 
 def render(
-    scan: np.ndarray, fragments: list[np.ndarray], rng: np.random.Generator
+    scan: np.ndarray, fragments: list[np.ndarray], rng: np.random.Generator, *, side: int = CANVAS
 ) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """A canvas with ``scan`` (8x8, 0-255) at a random place on the ``OFFSET_GRID`` grid, ``fragments`` over
-    and around it, noise; and the digit's box."""
-    canvas = np.zeros((CANVAS, CANVAS), np.float32)
-    places = (CANVAS - DIGIT_SIDE) // OFFSET_GRID + 1
+    """A ``side`` x ``side`` canvas with ``scan`` (8x8, 0-255) at a random place on the ``OFFSET_GRID``
+    grid, ``fragments`` over and around it, noise; and the digit's box."""
+    canvas = np.zeros((side, side), np.float32)
+    places = (side - DIGIT_SIDE) // OFFSET_GRID + 1
     top, left = (OFFSET_GRID * int(v) for v in rng.integers(0, places, size=2))
     digit = _blow_up(scan)
     canvas[top : top + DIGIT_SIDE, left : left + DIGIT_SIDE] = digit
     peak = float(digit.max())
     for fragment in fragments:
         piece = _blow_up(fragment)
-        side = piece.shape[0]
+        piece_side = piece.shape[0]
         piece *= peak / max(float(piece.max()), 1.0)  # as bright as the digit
         for _ in range(20):
-            y, x = (int(v) for v in rng.integers(0, CANVAS - side + 1, size=2))
-            if _overlap(y, x, side, top, left) <= MAX_OVERLAP:
-                window = canvas[y : y + side, x : x + side]
+            y, x = (int(v) for v in rng.integers(0, side - piece_side + 1, size=2))
+            if _overlap(y, x, piece_side, top, left) <= MAX_OVERLAP:
+                window = canvas[y : y + piece_side, x : x + piece_side]
                 np.maximum(window, piece, out=window)
                 break
     canvas += rng.normal(0.0, NOISE_STD * 255, size=canvas.shape).astype(np.float32)
@@ -78,20 +80,23 @@ def render(
 
 
 def make_canvases(
-    split: str, seed: int = 0, *, clutter_pieces: int = CLUTTER_PIECES, fragment: int = FRAGMENT
+    split: str, seed: int = 0, *, clutter_pieces: int = CLUTTER_PIECES, fragment: int = FRAGMENT,
+    side: int = CANVAS
 ) -> list[Canvas]:
-    """The task's canvases of ``split`` (its scans, split and canvases per scan), drawn by :func:`render`
-    with ``clutter_pieces`` fragments of ``fragment`` x ``fragment`` scan pixels, deterministic in
-    ``seed``."""
-    return cluttered_digits.make_canvases(split, seed, draw=render, clutter_pieces=clutter_pieces,
+    """The task's canvases of ``split`` (its scans, split and canvases per scan), ``side`` px square, drawn
+    by :func:`render` with ``clutter_pieces`` fragments of ``fragment`` x ``fragment`` scan pixels,
+    deterministic in ``seed``."""
+    draw = functools.partial(render, side=side)
+    return cluttered_digits.make_canvases(split, seed, draw=draw, clutter_pieces=clutter_pieces,
                                           fragment=fragment, stream=(1,))
 
 
 def pixel_stats(
-    split: str, seed: int = 0, *, clutter_pieces: int = CLUTTER_PIECES, fragment: int = FRAGMENT
+    split: str, seed: int = 0, *, clutter_pieces: int = CLUTTER_PIECES, fragment: int = FRAGMENT,
+    side: int = CANVAS
 ) -> tuple[float, float]:
     """Mean and std of all pixels of ``split``'s canvases (as :func:`make_canvases` draws them), on the
     [0, 1] scale."""
-    canvases = make_canvases(split, seed, clutter_pieces=clutter_pieces, fragment=fragment)
+    canvases = make_canvases(split, seed, clutter_pieces=clutter_pieces, fragment=fragment, side=side)
     pixels = np.stack([c.pixels for c in canvases]).astype(np.float64) / 255
     return float(pixels.mean()), float(pixels.std())
