@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -38,6 +39,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +54,11 @@ RESULT_PREFIX = "RESULT_JSON:"
 # Environment that would point the child processes at some other Ray cluster or token.
 _SCRUBBED_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN_PATH", "RAY_NAMESPACE")
 
+
+# Ray gives a new node a fixed time to register its raylet and says this when it runs out (a busy machine):
+# the node is started once more (pipelines/training/ray_session.py does the same for a local Ray)
+SLOW_START = "timed out during startup"
+START_ATTEMPTS = 2
 
 # How long Ray Train waits for its workers' resources; the cluster configs set it in every container.
 START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
@@ -89,6 +96,14 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def said(path: Path, words: str) -> bool:
+    """Whether the log at `path` holds `words`."""
+    try:
+        return words in path.read_text(errors="replace")
+    except OSError:
+        return False
 
 
 def tail(path: Path, lines: int = 40) -> str:
@@ -286,30 +301,45 @@ class LocalRayCluster:
     def alive_nodes(self) -> list[dict]:
         return [n for n in self.list_state("nodes", detail=True) if n["state"] == "ALIVE"]
 
-    def start(self, timeout_s: float = 90.0) -> None:
+    def _start_node(self, name: str, role_args: Callable[[], list[str]], timeout_s: float) -> Proc:
+        """`ray start` the node `name` (its arguments from `role_args()`, called per try) and wait until it
+        says "Ray runtime started". Ray gives a new node a fixed time to register its raylet; a node it gave
+        up on (a machine too busy to run the raylet in time) is stopped and started once more, its log
+        kept as <name>.<try>.log."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            proc = self._ray_start(name, role_args())
+            started = functools.partial(said, proc.log_path, "Ray runtime started")
+            try:
+                wait_until(f"the node {name}", started, timeout_s, [proc])
+                return proc
+            except RehearsalError:
+                if attempt == START_ATTEMPTS or not said(proc.log_path, SLOW_START):
+                    raise
+            stop_procs([proc])
+            self.procs.remove(proc)
+            proc.log_path.rename(proc.log_path.with_suffix(f".{attempt}.log"))
+            log(f"{name}: Ray gave up waiting for its raylet ({SLOW_START}); starting it once more")
+
+    def _head_args(self) -> list[str]:
+        """The head's `ray start` arguments, on ports free now (a second try takes new ones)."""
         gcs_port, dash_port, client_port = free_ports(3)
         self.gcs_address = f"127.0.0.1:{gcs_port}"
         self.dashboard_url = f"http://127.0.0.1:{dash_port}"
         log(f"starting Ray head at {self.gcs_address} (dashboard {self.dashboard_url}, token auth on)")
-        head = self._ray_start(
-            "head",
-            [
-                "--head", f"--port={gcs_port}", "--num-cpus=0", "--num-gpus=0",
-                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-                f"--ray-client-server-port={client_port}",
-            ],
-        )
+        return [
+            "--head", f"--port={gcs_port}", "--num-cpus=0", "--num-gpus=0",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+            f"--ray-client-server-port={client_port}",
+        ]
+
+    def start(self, timeout_s: float = 90.0) -> None:
         # Workers may join as soon as the head's processes are up (the dashboard comes a little later).
-        wait_until("the head node", lambda: "Ray runtime started" in tail(head.log_path), timeout_s, [head])
+        self._start_node("head", self._head_args, timeout_s)
         for name in self.worker_nodes:
             log(f"starting worker node {name} ({self.worker_cpus} CPU, resource {name!r})")
-            self._ray_start(
-                name,
-                [
-                    f"--address={self.gcs_address}", f"--num-cpus={self.worker_cpus}", "--num-gpus=0",
-                    f"--resources={json.dumps({name: 1})}",
-                ],
-            )
+            args = [f"--address={self.gcs_address}", f"--num-cpus={self.worker_cpus}", "--num-gpus=0",
+                    f"--resources={json.dumps({name: 1})}"]
+            self._start_node(name, lambda args=args: args, timeout_s)
         want = 1 + len(self.worker_nodes)
 
         def all_alive():

@@ -7,11 +7,15 @@ is busy) and re-checks its report; the unit tests check that the placement and t
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+from tests.test_ray_session import STOP_RAYLETS
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "infra" / "local_multinode.py"
@@ -90,6 +94,50 @@ def test_stop_sessions_stops_a_whole_session_and_only_it():
         if leader.poll() is None:
             leader.kill()
         leader.wait()
+
+
+@pytest.mark.integration
+def test_a_node_whose_raylet_is_late_is_started_once_more():
+    """Ray gives a new node a fixed time to register its raylet; the head's first raylet stopped (a machine
+    too busy to run it in time), the rehearsal's cluster stops that node, says so in one line, starts it once
+    more on new ports and comes up whole; its teardown leaves nothing, the stopped raylet included."""
+    root = Path(tempfile.mkdtemp(prefix="spotmn-"))  # short: Ray's socket paths under it have a length limit
+    script = STOP_RAYLETS + f"""
+import importlib.util, os, sys
+from pathlib import Path
+spec = importlib.util.spec_from_file_location("local_multinode", {str(SCRIPT)!r})
+lm = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = lm
+spec.loader.exec_module(lm)
+stopped = stop_raylets(os.getpid(), first_only=True)
+cluster = lm.LocalRayCluster(Path({str(root)!r}))
+try:
+    cluster.start(timeout_s=240)
+    print("nodes", sorted(cluster.node_ids))
+finally:
+    print("left", cluster.stop())
+    sessions = [p.sid for p in cluster.procs]
+print("stopped", len(stopped), "alive", [p for p in stopped if psutil.pid_exists(p)
+                                         and psutil.Process(p).status() != psutil.STATUS_ZOMBIE])
+print("sessions", sessions)
+"""
+    try:
+        proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
+                              timeout=600)
+        first_try_log = (root / "ray-head.1.log").read_text()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "nodes ['head', 'node_a', 'node_b']" in proc.stdout, proc.stdout
+    assert "left []" in proc.stdout and "stopped 1 alive []" in proc.stdout, proc.stdout
+    [line] = [ln for ln in proc.stdout.splitlines() if "starting it once more" in ln]
+    assert line.endswith("head: Ray gave up waiting for its raylet (timed out during startup); "
+                         "starting it once more"), line
+    heads = [ln for ln in proc.stdout.splitlines() if "starting Ray head at" in ln]
+    assert len(heads) == 2 and heads[0].split(" at ")[1] != heads[1].split(" at ")[1]  # new ports
+    assert "timed out during startup" in first_try_log  # kept
+    sessions = json.loads(proc.stdout.split("sessions ", 1)[1].splitlines()[0])
+    assert len(sessions) == 3 and all(lm.session_members(sid) == [] for sid in sessions)
 
 
 @pytest.fixture(scope="module")
