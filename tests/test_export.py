@@ -138,7 +138,10 @@ def test_cli_exports_the_champion_and_attaches_it_to_the_registered_version(tmp_
     model = tiny("lvvit_s", rho=0.7).eval()
     checkpoint = _checkpoint(tmp_path / "ckpt", model)
     metrics = {"val_acc1": 0.5, "val_acc5": 0.9, "gmacs": 0.01, "epoch": 1}
+    client.log_metric(run_id, "system/cpu_utilization_percentage", 50.0, step=0)
+    client.log_metric(run_id, "val_acc1", 0.5, step=1)
     register_checkpoint(checkpoint, run_id=run_id, name="spot-lvvit_s", metrics=metrics)
+    client.set_terminated(run_id, "FINISHED", end_time=1_700_000_000_000)
 
     out = tmp_path / "model.onnx"
     argv = ["--model", f"models:/spot-lvvit_s@{CHAMPION}", "--out", str(out), "--mlflow-uri", uri]
@@ -165,7 +168,14 @@ def test_cli_exports_the_champion_and_attaches_it_to_the_registered_version(tmp_
     np.testing.assert_allclose(predicted["logits"], expected["logits"], atol=LOGITS_ATOL, rtol=0)
     report = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/onnx/onnx_export.json"))
     assert report["keep_counts"] == [11, 7, 5] and report["parity"]["5"]["ok"]
-    assert client.get_run(run_id).data.metrics["onnx_logits_max_abs"] <= LOGITS_ATOL
+    run = client.get_run(run_id)
+    assert run.data.metrics["onnx_logits_max_abs"] <= LOGITS_ATOL
+    # the training run is not reopened: its status and end time stay, and the ONNX model's one linked
+    # metric is its own parity (no step-0 or system/* metrics of the run)
+    assert (run.info.status, run.info.end_time) == ("FINISHED", 1_700_000_000_000)
+    onnx_model = client.get_logged_model(version.tags["onnx_model_uri"].removeprefix("models:/"))
+    assert onnx_model.source_run_id == run_id
+    assert [m.key for m in onnx_model.metrics] == ["onnx_logits_max_abs"]
 
 
 def test_cli_exports_a_checkpoint_directory_without_mlflow(tmp_path, capsys):

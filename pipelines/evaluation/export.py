@@ -104,20 +104,26 @@ def log_export(uri: str, path: Path, report: dict) -> dict:
     if not run_id:  # a model saved outside any run: nothing to log to
         return {}
     out: dict = {"run_id": run_id}
-    with mlflow.start_run(run_id=run_id) as run, tempfile.TemporaryDirectory() as tmp:
-        onnx_info = mlflow.onnx.log_model(
-            onnx.load(str(path)),
-            name=ONNX_DIR,
-            save_as_external_data=False,
-            pip_requirements=["onnx", "onnxruntime", "numpy"],
-        )
-        out["onnx_model_uri"] = onnx_info.model_uri
+    run = client.get_run(run_id)
+    # logged beside the run, not in it: reopening the run would link its metrics (system/* too) to the ONNX
+    # model and end the run again; the run's status and end time stay as training left them
+    onnx_model = mlflow.initialize_logged_model(name=ONNX_DIR, source_run_id=run_id,
+                                                experiment_id=run.info.experiment_id)
+    onnx_info = mlflow.onnx.log_model(
+        onnx.load(str(path)),
+        name=ONNX_DIR,
+        model_id=onnx_model.model_id,
+        save_as_external_data=False,
+        pip_requirements=["onnx", "onnxruntime", "numpy"],
+    )
+    out["onnx_model_uri"] = onnx_info.model_uri
+    with tempfile.TemporaryDirectory() as tmp:
         report_file = Path(tmp) / "onnx_export.json"
         report_file.write_text(json.dumps({**report, "onnx_model_uri": onnx_info.model_uri}, indent=2))
-        mlflow.log_artifact(str(report_file), ONNX_DIR)
-        if "logits_max_abs" in report:
-            mlflow.log_metric("onnx_logits_max_abs", report["logits_max_abs"])
-        out["run_id"] = run.info.run_id
+        client.log_artifact(run_id, str(report_file), ONNX_DIR)
+    if "logits_max_abs" in report:  # on the run, and linked to the ONNX model it measures
+        client.log_metric(run_id, "onnx_logits_max_abs", report["logits_max_abs"],
+                          model_id=onnx_model.model_id)
     if info.model_id:  # the model itself (what a registered version points to) gets the file too
         client.log_model_artifact(info.model_id, str(path), ONNX_DIR)
         out["attached_to_model"] = info.model_id
