@@ -162,6 +162,9 @@ def test_each_rho_is_compared_with_the_models_fine_tuned_at_it():
     with pytest.raises(ValueError, match=r"^--spot s0.5, again: fine-tuned at the same rho 0.5; give one"):
         compare.comparison_models(dense, [0.5], dense_weights="d",
                                   spot_models=[(spot_at[0.5], "s0.5"), (spot_at[0.5], "again")])
+    with pytest.raises(ValueError, match=r"^--rho 0.5: given twice; each rate is compared once$"):
+        compare.comparison_models(dense, [0.5, 0.7, 0.5], dense_weights="d",
+                                  spot_models=[(spot_at[0.5], "s")])
     with pytest.raises(ValueError, match=r"^--heuristic: none fine-tuned at rho 0.6 \(they were at 0.5, 0.7"):
         compare.comparison_models(dense, [0.7, 0.6], dense_weights="d",
                                   heuristic_models=[(heuristic_at[0.5], "h0.5"), (heuristic_at[0.7], "h0.7")])

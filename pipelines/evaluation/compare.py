@@ -60,8 +60,11 @@ def comparison_models(
     fine-tuned class-attention model and SPOT. ``spot_models`` / ``heuristic_models`` are ``(model, weights
     label)`` pairs: one model is compared at every rho; several, one per rho each was fine-tuned at, compare
     each rho with the model fine-tuned at it (paper Table 7 compares models trained for one budget). Raises
-    ``ValueError`` for a dense model among them, two fine-tuned at one rho, or a rho that none of several
-    was fine-tuned at."""
+    ``ValueError`` for a rho given twice, a dense model among them, two fine-tuned at one rho, or a rho that
+    none of several was fine-tuned at."""
+    for i, rho in enumerate(rhos):
+        if any(math.isclose(rho, earlier) for earlier in rhos[:i]):
+            raise ValueError(f"--rho {rho}: given twice; each rate is compared once")
     given = {"--heuristic": heuristic_models, "--spot": spot_models}
     for option, models in given.items():
         check_fine_tuned(option, models, rhos)
