@@ -56,9 +56,9 @@ RHOS = (0.7, 0.5)
 
 
 @dataclass(frozen=True)
-class Clutter:
-    """The task's clutter (``task.make_canvases``' options) and the pixel mean / std its inputs are
-    normalised by."""
+class Variant:
+    """The task as drawn (``task.make_canvases``' options: the clutter and the canvas side) and the pixel
+    mean / std its inputs are normalised by."""
 
     pieces: int = task.CLUTTER_PIECES
     fragment: int = task.FRAGMENT
@@ -73,18 +73,18 @@ def as_in_shards(pixels: np.ndarray, quality: int) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-def tensors(split: str, seed: int, clutter: Clutter, jpeg: int | None = None
+def tensors(split: str, seed: int, variant: Variant, jpeg: int | None = None
             ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
-    canvases = task.make_canvases(split, seed, clutter_pieces=clutter.pieces, fragment=clutter.fragment,
-                                  side=clutter.side)
+    canvases = task.make_canvases(split, seed, clutter_pieces=variant.pieces, fragment=variant.fragment,
+                                  side=variant.side)
     if jpeg:  # (N, 3, H, W), as the pipeline's loader decodes shards written at JPEG quality ``jpeg``
         pixels = np.stack([as_in_shards(c.pixels, jpeg) for c in canvases]).astype(np.float32) / 255
-        x = torch.from_numpy((pixels - clutter.mean) / clutter.std).permute(0, 3, 1, 2)
+        x = torch.from_numpy((pixels - variant.mean) / variant.std).permute(0, 3, 1, 2)
     else:
         pixels = np.stack([c.pixels for c in canvases]).astype(np.float32) / 255
-        x = torch.from_numpy((pixels - clutter.mean) / clutter.std)[:, None].expand(-1, 3, -1, -1)
+        x = torch.from_numpy((pixels - variant.mean) / variant.std)[:, None].expand(-1, 3, -1, -1)
     y = torch.tensor([c.label for c in canvases])
-    boxes = [digit_patches(c.box, ARCH["patch_size"], clutter.side) for c in canvases]
+    boxes = [digit_patches(c.box, ARCH["patch_size"], variant.side) for c in canvases]
     return x.contiguous(), y, boxes
 
 
@@ -178,20 +178,20 @@ def evaluate(model, x, y, boxes, seed=0):
 
 def run_seed(seed: int, args) -> dict[str, float]:
     started = time.monotonic()
-    clutter = Clutter(args.clutter_pieces, args.fragment, args.canvas)
-    if clutter != Clutter():  # a variant: its own train split's statistics, as the constants are the task's
-        mean, std = task.pixel_stats("train", clutter_pieces=clutter.pieces, fragment=clutter.fragment,
-                                     side=clutter.side)
-        clutter = replace(clutter, mean=mean, std=std)
-        print(f"  clutter {clutter}", file=sys.stderr, flush=True)
-    xt, yt, _ = tensors("train", seed, clutter, args.jpeg)
-    xv, yv, boxes = tensors("val", seed, clutter, args.jpeg)
+    variant = Variant(args.clutter_pieces, args.fragment, args.canvas)
+    if variant != Variant():  # a variant: its own train split's statistics, as the constants are the task's
+        mean, std = task.pixel_stats("train", clutter_pieces=variant.pieces, fragment=variant.fragment,
+                                     side=variant.side)
+        variant = replace(variant, mean=mean, std=std)
+        print(f"  variant {variant}", file=sys.stderr, flush=True)
+    xt, yt, _ = tensors("train", seed, variant, args.jpeg)
+    xv, yv, boxes = tensors("val", seed, variant, args.jpeg)
     torch.manual_seed(seed)
-    arch = {**ARCH, "img_size": clutter.side}
+    arch = {**ARCH, "img_size": variant.side}
     dense = spot.create_model("deit_t", rho=None, **arch)
     fresh = None
     if args.fresh:  # new training canvases each dense epoch (seeds apart from each other's)
-        fresh = lambda epoch: tensors("train", 1000 * (seed + 1) + epoch, clutter, args.jpeg)[:2]  # noqa: E731
+        fresh = lambda epoch: tensors("train", 1000 * (seed + 1) + epoch, variant, args.jpeg)[:2]  # noqa: E731
     preset = None
     if args.pipeline_recipe or args.dense_part:  # the hard preset, as finetune.py / demo.py resolve it
         preset = RunConfig(**{**digits_preset(), **BUILTIN_TASKS["cluttered-digits-hard"], "rho": None,

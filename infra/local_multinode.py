@@ -305,7 +305,7 @@ class LocalRayCluster:
         """`ray start` the node `name` (its arguments from `role_args()`, called per try) and wait until it
         says "Ray runtime started". Ray gives a new node a fixed time to register its raylet; a node it gave
         up on (a machine too busy to run the raylet in time) is stopped and started once more, its log
-        kept as <name>.<try>.log."""
+        kept as ray-<name>.<try>.log. The nodes start one after the other."""
         for attempt in range(1, START_ATTEMPTS + 1):
             proc = self._ray_start(name, role_args())
             started = functools.partial(said, proc.log_path, "Ray runtime started")
@@ -315,7 +315,9 @@ class LocalRayCluster:
             except RehearsalError:
                 if attempt == START_ATTEMPTS or not said(proc.log_path, SLOW_START):
                     raise
-            stop_procs([proc])
+            left = stop_procs([proc])
+            if left:
+                raise RehearsalError(f"{name}: processes of its failed start outlived the stop: {left}")
             self.procs.remove(proc)
             proc.log_path.rename(proc.log_path.with_suffix(f".{attempt}.log"))
             log(f"{name}: Ray gave up waiting for its raylet ({SLOW_START}); starting it once more")

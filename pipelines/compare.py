@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     add_evaluation_options(parser, experiment="spot-compare")
     args = parser.parse_args(argv)
     try:
+        compare.check_rates(args.rho)  # before any data or model is loaded
         names = {"dense": [args.dense], "spot": args.spot, "heuristic": args.heuristic}
         data, uri, device = evaluation_inputs(
             args, [(f"--{role}", name) for role, given in names.items() for name in given])

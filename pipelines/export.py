@@ -11,12 +11,12 @@ patch indices kept at each stage (``kept_0`` ..; ``--logits-only`` leaves them o
 in ONNX Runtime next to the eager model on seeded random images (``--check-batches``): the same kept
 indices and logits within 1e-4, or the command fails and nothing is logged.
 
-An MLflow model (``models:/``, ``runs:/``) gets the export in its run: an ``onnx`` flavor model (loadable
-with ``mlflow.onnx`` / ``mlflow.pyfunc``, no checkout of this project needed) and ``onnx_export.json``
-(parity figures); the ONNX file is also attached to the model itself (``onnx/model.onnx`` among its
-artifacts), and a registered version gets tags ``onnx_model_uri`` and ``onnx_logits_max_abs``. So
-``mlflow.artifacts.download_artifacts("models:/spot-lvvit_s@champion")`` gives both the PyTorch model and
-the ONNX file. A checkpoint directory is exported without MLflow.
+An MLflow model (``models:/``, ``runs:/``) gets the export as another output of its run: an ``onnx``
+flavor model (loadable with ``mlflow.onnx`` / ``mlflow.pyfunc``, no checkout of this project needed), and
+the run gets ``onnx_export.json`` (parity figures); the ONNX file is also attached to the model itself
+(``onnx/model.onnx`` among its artifacts), and a registered version gets tags ``onnx_model_uri`` and
+``onnx_logits_max_abs``. So ``mlflow.artifacts.download_artifacts("models:/spot-lvvit_s@champion")`` gives
+both the PyTorch model and the ONNX file. A checkpoint directory is exported without MLflow.
 """
 
 from __future__ import annotations

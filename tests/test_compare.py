@@ -168,3 +168,14 @@ def test_each_rho_is_compared_with_the_models_fine_tuned_at_it():
     with pytest.raises(ValueError, match=r"^--heuristic: none fine-tuned at rho 0.6 \(they were at 0.5, 0.7"):
         compare.comparison_models(dense, [0.7, 0.6], dense_weights="d",
                                   heuristic_models=[(heuristic_at[0.5], "h0.5"), (heuristic_at[0.7], "h0.7")])
+
+
+def test_a_rate_given_twice_is_refused_before_anything_is_loaded(tmp_path, capsys):
+    """``--rho 0.5 0.7 0.5``: exit 2 naming the rate, before the (here missing) models or data are read."""
+    from pipelines import compare as compare_cli
+
+    argv = ["--dense", str(tmp_path / "nowhere"), "--data", str(tmp_path / "no-data"),
+            "--rho", "0.5", "0.7", "0.5"]
+    assert compare_cli.main(argv) == 2
+    assert capsys.readouterr().err.strip() == ("compare: error: --rho 0.5: given twice; "
+                                               "each rate is compared once")

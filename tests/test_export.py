@@ -10,6 +10,7 @@ import onnx
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModelStatus
 from tiny import tiny
 from torch import nn
 
@@ -139,6 +140,7 @@ def test_cli_exports_the_champion_and_attaches_it_to_the_registered_version(tmp_
     checkpoint = _checkpoint(tmp_path / "ckpt", model)
     metrics = {"val_acc1": 0.5, "val_acc5": 0.9, "gmacs": 0.01, "epoch": 1}
     client.log_metric(run_id, "system/cpu_utilization_percentage", 50.0, step=0)
+    client.log_param(run_id, "backbone", "lvvit_s")
     client.log_metric(run_id, "val_acc1", 0.5, step=1)
     register_checkpoint(checkpoint, run_id=run_id, name="spot-lvvit_s", metrics=metrics)
     client.set_terminated(run_id, "FINISHED", end_time=1_700_000_000_000)
@@ -174,8 +176,14 @@ def test_cli_exports_the_champion_and_attaches_it_to_the_registered_version(tmp_
     # metric is its own parity (no step-0 or system/* metrics of the run)
     assert (run.info.status, run.info.end_time) == ("FINISHED", 1_700_000_000_000)
     onnx_model = client.get_logged_model(version.tags["onnx_model_uri"].removeprefix("models:/"))
-    assert onnx_model.source_run_id == run_id
+    assert onnx_model.source_run_id == run_id and onnx_model.status == LoggedModelStatus.READY
     assert [m.key for m in onnx_model.metrics] == ["onnx_logits_max_abs"]
+    assert onnx_model.params == run.data.params == {"backbone": "lvvit_s"}
+    # an output of the run at the step of the model it was exported from, and no other run was made
+    steps = {o.model_id: o.step for o in run.outputs.model_outputs}
+    source = mlflow.models.get_model_info(f"models:/spot-lvvit_s@{CHAMPION}").model_id
+    assert steps[onnx_model.model_id] == steps[source] == 1
+    assert mlflow.active_run() is None and len(client.search_runs([experiment])) == 1
 
 
 def test_cli_exports_a_checkpoint_directory_without_mlflow(tmp_path, capsys):

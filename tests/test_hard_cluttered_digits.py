@@ -1,7 +1,11 @@
 """The harder built-in task: the digit on the patch grid, clutter as bright as it and over it, noise."""
 
+import hashlib
+import importlib.util
 import io
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +18,8 @@ from pipelines.data.manifest import read_manifest
 from pipelines.data.shards import JPEG_QUALITY, Item, encode, write_shards
 from pipelines.training.config import BUILTIN_TASKS, make_builtin_data, resolve_config
 from tests.test_shards import split_samples
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +76,40 @@ def test_same_seed_same_canvases_and_shards_hold_the_boxes_and_pixels(tmp_path, 
 
 def decoded(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+
+
+# sha256 of the val split's pixels (seed 0) as drawn at 8fdc800, before the canvas side became an option.
+# Shards record TASK_PARAMS and are made again only when those change: a change of the drawing must change
+# TASK_PARAMS and this pin together.
+VAL_PIXELS_SHA256 = "7470896b5d75f523b0a8b2511f11d9149b7f44e52c2c302a40d34e10b49e543d"
+
+
+def test_the_built_in_canvases_are_the_ones_the_recorded_task_params_stand_for(canvases):
+    assert hashlib.sha256(np.stack([c.pixels for c in canvases]).tobytes()).hexdigest() == VAL_PIXELS_SHA256
+
+
+def test_a_larger_canvas_holds_the_same_digit_among_more_tokens():
+    """``side=96`` (benchmarks/hard_task.py --canvas 96): 96 px canvases, the digit's box inside it on the
+    patch grid, 4 of its 144 tokens, at every place of the grid."""
+    larger = hard.make_canvases("val", side=96, clutter_pieces=63)
+    assert {c.pixels.shape for c in larger} == {(96, 96)}
+    boxes = np.array([c.box for c in larger])
+    assert (boxes[:, :2] % 8 == 0).all() and (boxes[:, :2] + hard.DIGIT_SIDE <= 96).all()
+    assert {int(t) for t in boxes[:, 0]} == set(range(0, 96 - hard.DIGIT_SIDE + 1, 8))
+    assert all(len(digit_patches(c.box, 8, 96)) == 4 for c in larger)
+    with pytest.raises(ValueError, match="side 8: a canvas must hold the 16 px digit"):
+        hard.make_canvases("val", side=8)
+
+
+def test_the_benchmark_refuses_a_canvas_off_the_patch_grid_and_rates_it_does_not_compare():
+    spec = importlib.util.spec_from_file_location("hard_task", ROOT / "benchmarks" / "hard_task.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    for argv in (["--canvas", "60"], ["--canvas", "8"], ["--rho", "0.7", "0.6"]):
+        with pytest.raises(SystemExit) as stop:
+            bench.main(argv)
+        assert stop.value.code == 2
 
 
 def test_preset_normalisation_is_the_train_split_statistics():

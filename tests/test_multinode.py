@@ -124,7 +124,8 @@ print("sessions", sessions)
     try:
         proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
                               timeout=600)
-        first_try_log = (root / "ray-head.1.log").read_text()
+        first_try = root / "ray-head.1.log"
+        first_try_log = first_try.read_text() if first_try.exists() else ""
     finally:
         shutil.rmtree(root, ignore_errors=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

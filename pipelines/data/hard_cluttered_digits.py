@@ -86,6 +86,8 @@ def make_canvases(
     """The task's canvases of ``split`` (its scans, split and canvases per scan), ``side`` px square, drawn
     by :func:`render` with ``clutter_pieces`` fragments of ``fragment`` x ``fragment`` scan pixels,
     deterministic in ``seed``."""
+    if side < DIGIT_SIDE:
+        raise ValueError(f"side {side}: a canvas must hold the {DIGIT_SIDE} px digit")
     draw = functools.partial(render, side=side)
     return cluttered_digits.make_canvases(split, seed, draw=draw, clutter_pieces=clutter_pieces,
                                           fragment=fragment, stream=(1,))

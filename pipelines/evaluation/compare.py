@@ -62,9 +62,7 @@ def comparison_models(
     each rho with the model fine-tuned at it (paper Table 7 compares models trained for one budget). Raises
     ``ValueError`` for a rho given twice, a dense model among them, two fine-tuned at one rho, or a rho that
     none of several was fine-tuned at."""
-    for i, rho in enumerate(rhos):
-        if any(math.isclose(rho, earlier) for earlier in rhos[:i]):
-            raise ValueError(f"--rho {rho}: given twice; each rate is compared once")
+    check_rates(rhos)
     given = {"--heuristic": heuristic_models, "--spot": spot_models}
     for option, models in given.items():
         check_fine_tuned(option, models, rhos)
@@ -80,6 +78,13 @@ def comparison_models(
                 rows.append(({"selector": label, "weights": weights, "rho": rho},
                              with_selector(model, rho, selector)))
     return rows
+
+
+def check_rates(rhos: Sequence[float]) -> None:
+    """Raise ``ValueError`` naming ``--rho`` if a rate is given twice (each rate is one set of rows)."""
+    for i, rho in enumerate(rhos):
+        if any(math.isclose(rho, earlier) for earlier in rhos[:i]):
+            raise ValueError(f"--rho {rho}: given twice; each rate is compared once")
 
 
 def trained_rho(model: nn.Module) -> float | None:

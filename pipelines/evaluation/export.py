@@ -1,5 +1,5 @@
 """The export command's library half: a model to ONNX, its parity in ONNX Runtime, and the export logged
-to the model's MLflow run and registered version (see ``pipelines/export.py``)."""
+beside the model's MLflow run and to its registered version (see ``pipelines/export.py``)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import mlflow
 import onnx
 import torch
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModelOutput
 from torch.onnx._constants import ONNX_MAX_OPSET
 
 import spot
@@ -94,7 +95,8 @@ def export_model(
 
 
 def log_export(uri: str, path: Path, report: dict) -> dict:
-    """Log the export to the model's run and attach the file to the model (and its registered version)."""
+    """Log the export as an output of the model's run and attach the file to the model (and its registered
+    version)."""
 
     info = mlflow.models.get_model_info(uri)
     client = MlflowClient()
@@ -105,17 +107,22 @@ def log_export(uri: str, path: Path, report: dict) -> dict:
         return {}
     out: dict = {"run_id": run_id}
     run = client.get_run(run_id)
+    exported = onnx.load(str(path))
     # logged beside the run, not in it: reopening the run would link its metrics (system/* too) to the ONNX
-    # model and end the run again; the run's status and end time stay as training left them
+    # model and end the run again; the run's status and end time stay as training left them. The ONNX model
+    # is the run's output at the step of the model it was exported from, with the run's params.
     onnx_model = mlflow.initialize_logged_model(name=ONNX_DIR, source_run_id=run_id,
-                                                experiment_id=run.info.experiment_id)
+                                                experiment_id=run.info.experiment_id, params=run.data.params)
     onnx_info = mlflow.onnx.log_model(
-        onnx.load(str(path)),
+        exported,
         name=ONNX_DIR,
         model_id=onnx_model.model_id,
         save_as_external_data=False,
         pip_requirements=["onnx", "onnxruntime", "numpy"],
     )
+    outputs = run.outputs.model_outputs if run.outputs else []
+    step = next((o.step for o in outputs if o.model_id == info.model_id), 0)
+    client.log_outputs(run_id, [LoggedModelOutput(onnx_model.model_id, step=step)])
     out["onnx_model_uri"] = onnx_info.model_uri
     with tempfile.TemporaryDirectory() as tmp:
         report_file = Path(tmp) / "onnx_export.json"
