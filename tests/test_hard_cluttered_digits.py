@@ -101,15 +101,19 @@ def test_a_larger_canvas_holds_the_same_digit_among_more_tokens():
         hard.make_canvases("val", side=8)
 
 
-def test_the_benchmark_refuses_a_canvas_off_the_patch_grid_and_rates_it_does_not_compare():
+def test_the_benchmark_refuses_a_canvas_off_the_patch_grid_and_rates_it_does_not_compare(capsys):
     spec = importlib.util.spec_from_file_location("hard_task", ROOT / "benchmarks" / "hard_task.py")
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench  # its dataclasses look their module up there
     spec.loader.exec_module(bench)
-    for argv in (["--canvas", "60"], ["--canvas", "8"], ["--rho", "0.7", "0.6"]):
+    refusals = {("--canvas", "60"): "--canvas must be a multiple of 8 px of at least 16, not 60",
+                ("--canvas", "8"): "--canvas must be a multiple of 8 px of at least 16, not 8",
+                ("--rho", "0.7", "0.6"): "--rho: several fine-tuning rates must be the compared ones, "
+                                         "0.7 0.5; not 0.7 0.6"}
+    for argv, message in refusals.items():
         with pytest.raises(SystemExit) as stop:
-            bench.main(argv)
-        assert stop.value.code == 2
+            bench.main(list(argv))
+        assert stop.value.code == 2 and capsys.readouterr().err.strip().endswith(f"error: {message}")
 
 
 def test_preset_normalisation_is_the_train_split_statistics():
