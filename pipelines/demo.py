@@ -214,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for rho in args.finetune_rho:
             check(0 < rho < 1, f"--finetune-rho {rho}: must be in (0, 1) (a sparse model's keep rate)")
-        check(len(set(args.finetune_rho)) == len(args.finetune_rho),
-              f"--finetune-rho {' '.join(map(str, args.finetune_rho))}: each rate once")
+        compare.check_rates(args.finetune_rho, option="--finetune-rho")
         demo = run_demo(args.num_workers, args.epochs, args.verbose, args.source, args.seed,
                         tuple(args.finetune_rho))
     except (ValueError, FileNotFoundError, TrackingError) as err:

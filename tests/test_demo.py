@@ -39,7 +39,8 @@ sys.stderr.write(stderr)
 
 @pytest.mark.parametrize("rates, message", [
     (["1.0"], "--finetune-rho 1.0: must be in (0, 1) (a sparse model's keep rate)"),
-    (["0.5", "0.5"], "--finetune-rho 0.5 0.5: each rate once"),
+    (["0.5", "0.5"], "--finetune-rho 0.5: given twice; each rate is compared once"),
+    (["0.7", "0.5", "0.5000000001"], "--finetune-rho 0.5000000001: given twice; each rate is compared once"),
 ])
 def test_a_bad_fine_tuning_rate_is_refused_before_anything_runs(rates, message, tmp_path, monkeypatch,
                                                                  capsys):

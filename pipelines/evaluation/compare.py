@@ -80,11 +80,11 @@ def comparison_models(
     return rows
 
 
-def check_rates(rhos: Sequence[float]) -> None:
-    """Raise ``ValueError`` naming ``--rho`` if a rate is given twice (each rate is one set of rows)."""
+def check_rates(rhos: Sequence[float], option: str = "--rho") -> None:
+    """Raise ``ValueError`` naming ``option`` if a rate is given twice (each rate is one set of rows)."""
     for i, rho in enumerate(rhos):
         if any(math.isclose(rho, earlier) for earlier in rhos[:i]):
-            raise ValueError(f"--rho {rho}: given twice; each rate is compared once")
+            raise ValueError(f"{option} {rho}: given twice; each rate is compared once")
 
 
 def trained_rho(model: nn.Module) -> float | None:
