@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from tests.tiny import TINY_NORMALIZATION
+from tests.tiny import TINY_NORMALIZATION, TINY_PIPELINE_MODEL
 
 # `make test` runs the suite on 3 pytest-xdist workers (-n 3 --dist loadgroup): each worker has its own
 # session (its own local Ray, digits shards and MLflow store). Tests that read one expensive result share a
@@ -57,8 +57,6 @@ def _no_inherited_tracking_uri(monkeypatch):
 
 
 # --- pipelines (finetune, registry, evaluate): real Ray, DALI on the CPU and MLflow SQLite, tiny models ---
-
-TINY_PIPELINE_MODEL = {"depth": 4, "embed_dim": 32, "num_heads": 2, "patch_size": 8}
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ Ray's own default was measured once against a 330 s boot (`python infra/autoscal
 WorkerGroupStartupTimeoutErrors (finetune allows 3 controller failures), with no worker node up yet.
 """
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -19,19 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.scripts import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "infra" / "autoscaling_rehearsal.py"
 
 
-def _load():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("autoscaling_rehearsal", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ar = _load()
+ar = load_script(SCRIPT)
 
 
 def test_the_rehearsal_uses_the_cluster_configs_start_timeout():

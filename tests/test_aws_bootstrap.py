@@ -8,7 +8,6 @@ stack's outputs are those of a moto CloudFormation stack, read by the render scr
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -19,23 +18,17 @@ from moto import mock_aws
 from ray.autoscaler._private.aws.config import bootstrap_aws
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from tests.test_cluster_config import CfnLoader
+from tests.cfn import CfnLoader
+from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
+RENDER = "infra/aws/render_cluster_config.py"
 TEMPLATE = yaml.load((REPO / "infra/aws/spot-cluster.cfn.yaml").read_text(), Loader=CfnLoader)
 REGION = "us-east-1"
 ZONES = ["us-east-1a", "us-east-1b", "us-east-1c"]
 ADMIN_CIDR = "203.0.113.7/32"
 STACK = "spot-ray"
 ACCOUNT = "123456789012"  # moto's account
-
-
-def _render_script():
-    path = REPO / "infra/aws/render_cluster_config.py"
-    spec = importlib.util.spec_from_file_location("render_cluster_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _of_type(kind: str) -> dict[str, dict]:
@@ -175,7 +168,7 @@ def _stack_and_render(tmp_path: Path) -> tuple[dict, dict, str, Path]:
     _create_stack(ids, attrs)
     ami = ec2.register_image(Name="dlami-base-oss-nvidia", RootDeviceName="/dev/sda1")["ImageId"]
     out = tmp_path / "spot" / "ray_cluster.yaml"
-    code = _render_script().main(["--stack", STACK, "--region", REGION, "--ami", ami, "--out", str(out)])
+    code = load_script(RENDER).main(["--stack", STACK, "--region", REGION, "--ami", ami, "--out", str(out)])
     assert code == 0
     return ids, attrs, ami, out
 
@@ -234,7 +227,7 @@ def test_render_refuses_a_stack_without_an_output(aws, capsys):
         {"Resources": {"Bucket": {"Type": "AWS::S3::Bucket"}}, "Outputs": {"Region": {"Value": REGION}}}))
     out = aws / "spot" / "ray_cluster.yaml"
     argv = ["--stack", STACK, "--region", REGION, "--ami", "ami-12345678", "--out", str(out)]
-    code = _render_script().main(argv)
+    code = load_script(RENDER).main(argv)
     assert code == 2 and "REPLACE-HeadSubnetId" in capsys.readouterr().err
     assert not out.exists()
 
@@ -246,7 +239,7 @@ def test_a_multi_node_config_launches_one_type_in_one_zone(aws):
     ami = yaml.safe_load(out.read_text())["available_node_types"]["gpu_8x_a100"]["node_config"]["ImageId"]
     multi = aws / "spot" / "ray_cluster_multinode.yaml"
     argv = ["--stack", STACK, "--region", REGION, "--ami", ami, "--out", str(multi), "--multi-node", "2"]
-    assert _render_script().main(argv) == 0
+    assert load_script(RENDER).main(argv) == 0
     config = prepare_config(yaml.safe_load(multi.read_text()))
     validate_config(config)
     booted = bootstrap_aws(config)
@@ -264,13 +257,13 @@ def test_a_multi_node_config_launches_one_type_in_one_zone(aws):
 
 def test_multi_node_refuses_a_single_node(aws, capsys):
     with pytest.raises(SystemExit) as exited:
-        _render_script().main(["--region", REGION, "--out", str(aws / "x.yaml"), "--multi-node", "1"])
+        load_script(RENDER).main(["--region", REGION, "--out", str(aws / "x.yaml"), "--multi-node", "1"])
     assert exited.value.code == 2 and "--multi-node 1" in capsys.readouterr().err
 
 
 def test_render_refuses_a_missing_stack(aws, capsys):
     """A wrong --stack: one line naming the stack, exit 2, nothing written."""
     out = aws / "spot" / "ray_cluster.yaml"
-    code = _render_script().main(["--stack", "no-such-stack", "--region", REGION, "--out", str(out)])
+    code = load_script(RENDER).main(["--stack", "no-such-stack", "--region", REGION, "--out", str(out)])
     assert code == 2 and "stack no-such-stack in us-east-1" in capsys.readouterr().err
     assert not out.exists()

@@ -19,6 +19,8 @@ from packaging.utils import canonicalize_name
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from pipelines.finetune import build_parser
+from tests.cfn import CfnLoader
+from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER_CONFIGS = ["ray_cluster.yaml", "infra/gcp/ray_cluster_gcp.yaml"]
@@ -28,25 +30,6 @@ MLFLOW_START = REPO / "infra/mlflow/start_server.sh"
 ALL_YAML = sorted({"ray_cluster.yaml", *(str(p.relative_to(REPO)) for p in (REPO / "infra").rglob("*.y*ml"))})
 # Paths inside the containers that map to this repository.
 REPO_IN_CONTAINER = re.compile(r"(?:~|/home/ray)/spot/([\w./-]+)")
-
-
-class CfnLoader(yaml.SafeLoader):
-    """Reads CloudFormation's short tags (!Ref x, !GetAtt a.b, !Sub ...) as their long forms."""
-
-
-def _cfn_tag(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> dict:
-    if isinstance(node, yaml.ScalarNode):
-        value = loader.construct_scalar(node)
-        if suffix == "GetAtt":
-            value = value.split(".", 1)
-    elif isinstance(node, yaml.SequenceNode):
-        value = loader.construct_sequence(node, deep=True)
-    else:
-        value = loader.construct_mapping(node, deep=True)
-    return {"Ref" if suffix == "Ref" else f"Fn::{suffix}": value}
-
-
-CfnLoader.add_multi_constructor("!", _cfn_tag)
 
 
 def load(rel: str) -> dict:
@@ -158,7 +141,7 @@ def test_file_mounts_create_no_root_owned_directories(rel):
 
 def rendered_aws_config() -> dict:
     """ray_cluster.yaml with every placeholder filled (as render_cluster_config.py does), prepared by Ray."""
-    render = _load_script("infra/aws/render_cluster_config.py")
+    render = load_script("infra/aws/render_cluster_config.py")
     text = (REPO / "ray_cluster.yaml").read_text()
     values = {name: f"x-{name.lower()}" for name in render.placeholders(text)}
     return prepare_config(yaml.safe_load(render.render(text, values)))
@@ -473,15 +456,6 @@ def test_repo_paths_named_in_cluster_files_exist():
 CFN = "infra/aws/spot-cluster.cfn.yaml"
 
 
-def _load_script(rel: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(Path(rel).stem, REPO / rel)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cfn_template_passes_cfn_lint():
     """cfn-lint checks the template against the CloudFormation resource specification."""
     done = subprocess.run([str(Path(sys.executable).with_name("cfn-lint")), str(REPO / CFN)],
@@ -501,7 +475,7 @@ def test_cfn_lint_is_live(tmp_path):
 def test_every_placeholder_of_the_aws_config_is_a_stack_output():
     """render_cluster_config.py fills ray_cluster.yaml from the stack outputs (+ the AMI id): every
     placeholder has a source, and the rendered config passes Ray's validation."""
-    render = _load_script("infra/aws/render_cluster_config.py")
+    render = load_script("infra/aws/render_cluster_config.py")
     text = (REPO / "ray_cluster.yaml").read_text()
     outputs = set(load(CFN)["Outputs"])
     names = set(render.placeholders(text))
@@ -571,7 +545,7 @@ def test_nothing_but_ssh_from_the_admin_range_is_open():
 
 
 def test_node_env_writes_private_shell_safe_files(tmp_path):
-    node_env = _load_script("infra/aws/node_env.py")
+    node_env = load_script("infra/aws/node_env.py")
     values = node_env.server_values({"username": "spot-jobs", "password": "p w$x"}, {"username": "admin",
                                     "password": "a'b"}, {"username": "mlflow", "password": "d@b/c"},
                                     "db.internal", "bkt", "eu-west-1")

@@ -19,7 +19,7 @@ from pipelines.data.cluttered_digits import (
 )
 from pipelines.data.manifest import read_manifest
 from pipelines.data.shards import write_shards
-from tests.test_shards import split_samples
+from tests.shard_reading import split_samples
 
 PATCH = 8
 

@@ -19,8 +19,8 @@ import pytest
 import yaml
 from moto.server import ThreadedMotoServer
 
+from tests.cfn import CfnLoader
 from tests.postgres_server import PostgresServer
-from tests.test_cluster_config import CfnLoader
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = yaml.load((REPO / "infra/aws/spot-cluster.cfn.yaml").read_text(), Loader=CfnLoader)

@@ -7,7 +7,8 @@ import sys
 import pytest
 from mlflow import MlflowClient
 
-from tests.test_ray_session import ROOT, STOP_RAYLETS
+from tests.ray_faults import STOP_RAYLETS
+from tests.scripts import ROOT
 
 pytestmark = pytest.mark.integration
 

@@ -31,21 +31,9 @@ from pipelines.training.job import run as run_job
 from pipelines.training.recipe import build_optimizer
 from pipelines.training.worker import step_bar
 from pipelines.utils.errors import ConfigError
+from tests.finetune_runs import FINETUNE, history_steps, result_json, runs_named
 from tests.mlflow_server import MlflowServer
 from tests.tiny import tiny
-
-FINETUNE = Path(finetune.__file__)
-
-
-def runs_named(uri: str, experiment: str, name: str) -> list:
-    client = MlflowClient(uri)
-    experiment_id = client.get_experiment_by_name(experiment).experiment_id
-    return client.search_runs([experiment_id], filter_string=f"attributes.run_name = '{name}'")
-
-
-def history_steps(uri: str, run_id: str, key: str) -> list[int]:
-    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
-
 
 # --- the recipe -------------------------------------------------------------------------------------------
 
@@ -334,11 +322,6 @@ def _finetune(*args: str, cwd: Path) -> subprocess.Popen:
     )
 
 
-def _result(stdout: str) -> dict:
-    [line] = [ln for ln in stdout.splitlines() if ln.startswith("RESULT_JSON: ")]
-    return json.loads(line.removeprefix("RESULT_JSON: "))
-
-
 def _dense_run_after_first_epoch(
     name: str, ray_cluster, pipeline_dir: Path, tiny_options: dict, mlflow_uri: str, extra: dict | None = None
 ) -> tuple[subprocess.Popen, str]:
@@ -372,7 +355,7 @@ def test_resume_continues_a_run_whose_driver_died(
     resumed = _finetune("--run-name", name, "--resume", "--address", ray_cluster, cwd=pipeline_dir)
     stdout, stderr = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, stderr[-3000:]
-    result = _result(stdout)
+    result = result_json(stdout)
     assert result["mlflow_run_id"] == run_id and result["epochs_logged"] == [0, 1, 2]
     [run] = runs_named(mlflow_uri, "tests", name)
     assert run.info.status == "FINISHED"
@@ -397,7 +380,7 @@ def test_ctrl_c_marks_the_run_killed_and_prints_the_resume_command(
     resumed = _finetune(*shlex.split(command)[2:], "--address", ray_cluster, cwd=pipeline_dir)
     stdout, stderr = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, stderr[-3000:]
-    result = _result(stdout)
+    result = result_json(stdout)
     assert result["mlflow_run_id"] == run_id and result["epochs_logged"] == [0, 1, 2]
     [run] = runs_named(mlflow_uri, "tests", name)
     assert run.info.status == "FINISHED"
@@ -431,7 +414,7 @@ def test_mlflow_killed_mid_run_loses_no_epoch_and_the_printed_command_finishes_t
     resumed = _finetune(*shlex.split(command)[2:], "--address", ray_cluster, cwd=pipeline_dir)
     stdout, stderr = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, stderr[-3000:]
-    result = _result(stdout)
+    result = result_json(stdout)
     assert result["mlflow_run_id"] == run_id and result["epochs_logged"] == [0, 1, 2]
     assert sorted(record.parent.glob("checkpoint_*")) == checkpoints, "nothing was trained again"
     client = MlflowClient(server.url)

@@ -1,10 +1,8 @@
 """The harder built-in task: the digit on the patch grid, clutter as bright as it and over it, noise."""
 
 import hashlib
-import importlib.util
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,8 @@ from pipelines.data.cluttered_digits import digit_patches
 from pipelines.data.manifest import read_manifest
 from pipelines.data.shards import JPEG_QUALITY, Item, encode, write_shards
 from pipelines.training.config import BUILTIN_TASKS, make_builtin_data, resolve_config
-from tests.test_shards import split_samples
+from tests.scripts import load_script
+from tests.shard_reading import split_samples
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,10 +101,7 @@ def test_a_larger_canvas_holds_the_same_digit_among_more_tokens():
 
 
 def test_the_benchmark_refuses_a_canvas_off_the_patch_grid_and_rates_it_does_not_compare(capsys):
-    spec = importlib.util.spec_from_file_location("hard_task", ROOT / "benchmarks" / "hard_task.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # its dataclasses look their module up there
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/hard_task.py")
     refusals = {("--canvas", "60"): "--canvas must be a multiple of 8 px of at least 16, not 60",
                 ("--canvas", "8"): "--canvas must be a multiple of 8 px of at least 16, not 8",
                 ("--rho", "0.7", "0.6"): "--rho: several fine-tuning rates must be the compared ones, "

@@ -5,7 +5,6 @@ The integration test runs the rehearsal as a subprocess (3-4 minutes on 2 cores,
 is busy) and re-checks its report; the unit tests check that the placement and teardown checks can fail.
 """
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -15,21 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_ray_session import STOP_RAYLETS
+from tests.ray_faults import STOP_RAYLETS
+from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "infra" / "local_multinode.py"
 
 
-def _load_rehearsal():
-    spec = importlib.util.spec_from_file_location("local_multinode", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-lm = _load_rehearsal()
+lm = load_script(SCRIPT)
 
 NODES = {"head": "h" * 56, "node_a": "a" * 56, "node_b": "b" * 56}
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from tests.test_validation import TINY_ARGS
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.ray_faults import STOP_RAYLETS
+from tests.scripts import ROOT
+from tests.tiny import TINY_ARGS
 
 
 def test_a_local_ray_starts_with_token_auth_and_no_warning_line(tmp_path):
@@ -46,32 +46,6 @@ def test_a_local_ray_starts_with_token_auth_and_no_warning_line(tmp_path):
     output = proc.stdout + proc.stderr
     assert "WARNING" not in output and "ERROR" not in output, output[-2000:]
 
-
-
-# Stops every raylet among a process's descendants (or the first one only) as it appears: a raylet that never
-# registers with its GCS, as on a machine too busy to run it within Ray's fixed wait. The watch goes on while
-# other children come and go: only the watched command's own end stops it.
-STOP_RAYLETS = """
-import signal, threading, time, psutil
-def stop_raylets(root, first_only):
-    stopped = []
-    def watch():
-        while not (first_only and stopped):
-            try:
-                children = psutil.Process(root).children(recursive=True)
-            except psutil.NoSuchProcess:  # the watched command has ended
-                return
-            for p in children:
-                try:  # a child may end between the listing and here (a failed start's are being killed)
-                    if p.pid not in stopped and p.name() == "raylet":
-                        p.send_signal(signal.SIGSTOP)
-                        stopped.append(p.pid)
-                except psutil.Error:
-                    continue
-            time.sleep(0.05)
-    threading.Thread(target=watch, daemon=True).start()
-    return stopped
-"""
 
 
 def _python(script: str, cwd: Path, timeout_s: float) -> subprocess.CompletedProcess:

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 import spot
 from pipelines.storage.run_record import RUN_RECORD
-from tests.test_finetune import FINETUNE, _result, history_steps, runs_named
+from tests.finetune_runs import FINETUNE, history_steps, result_json, runs_named
 
 pytestmark = pytest.mark.integration
 EPOCHS = 8  # a tiny epoch takes seconds: enough of them that the signal comes mid-run
@@ -82,7 +82,7 @@ def test_sigterm_to_the_process_group_ends_the_run_killed_and_its_command_resume
     resumed = subprocess.run([sys.executable, str(FINETUNE), *args[2:]], cwd=pipeline_dir,
                              capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    result = _result(resumed.stdout)
+    result = result_json(resumed.stdout)
     assert result["mlflow_run_id"] == run.info.run_id and result["epochs_logged"] == list(range(EPOCHS))
     [run] = runs_named(mlflow_uri, "tests", name)
     assert run.info.status == "FINISHED" and run.data.params["world_size"] == "2"
@@ -121,7 +121,7 @@ def test_a_name_taken_by_other_data_while_training_is_refused_and_resume_registe
     from pipelines.data.shards import write_shards
     from pipelines.storage.checkpoints import CONFIG_FILE, MODEL_FILE
     from pipelines.tracking.registry import data_tags, register_checkpoint
-    from tests.conftest import TINY_PIPELINE_MODEL
+    from tests.tiny import TINY_PIPELINE_MODEL
 
     other = tmp_path / "other"  # the digits stored at 24 px: another data set (its own manifest)
     for split in ("train", "val"):
@@ -165,7 +165,7 @@ def test_a_name_taken_by_other_data_while_training_is_refused_and_resume_registe
     assert client.get_run(run_id).info.status == "FAILED"  # nothing started
     good = resume("rs-name-own")
     assert good.returncode == 0, good.stderr[-3000:]
-    result = _result(good.stdout)
+    result = result_json(good.stdout)
     assert result["mlflow_run_id"] == run_id and result["registered_model"] == "rs-name-own"
     assert result["epochs_logged"] == [0, 1, 2] and "epoch 1:" not in good.stdout  # nothing trained again
     assert client.get_run(run_id).info.status == "FINISHED"

@@ -57,7 +57,7 @@ def _kill_marked(marker: str) -> None:
 def test_driver_killed_after_a_checkpoint_in_s3_resumes_from_s3_into_the_same_mlflow_run(
     s3_server, digits_shards, tmp_path
 ):
-    from tests.conftest import TINY_PIPELINE_MODEL
+    from tests.tiny import TINY_PIPELINE_MODEL
 
     s3, name = s3_server.client(), "s3-resume"
     storage = f"s3://{BUCKET}/{PREFIX}"

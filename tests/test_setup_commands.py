@@ -11,7 +11,6 @@ root-owned directories as Docker does) and util-linux's setpriv; skipped otherwi
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import secrets
@@ -29,6 +28,8 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config
 
+from tests.scripts import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 UID = GID = 4242  # the container's `ray` (1000 there); any unprivileged id will do
 REGION = "us-east-1"
@@ -36,13 +37,6 @@ REGION = "us-east-1"
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv to switch users"
 )
-
-
-def _render_module():
-    spec = importlib.util.spec_from_file_location("render", REPO / "infra/aws/render_cluster_config.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def free_port() -> int:
@@ -76,7 +70,7 @@ def secrets_manager():
 
 def rendered_config(arns: dict) -> dict:
     """ray_cluster.yaml as `ray up` sees it: placeholders filled, setup commands merged per node kind."""
-    render = _render_module()
+    render = load_script("infra/aws/render_cluster_config.py")
     text = (REPO / "ray_cluster.yaml").read_text()
     values = {name: f"x-{name}" for name in render.placeholders(text)}
     values.update(arns, Region=REGION, BucketName="spot-bucket", DbEndpoint="db.internal")

@@ -4,7 +4,6 @@ import io
 import json
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -22,22 +21,9 @@ from pipelines.data.manifest import (
     read_manifest,
 )
 from pipelines.data.shards import ensure_digits_shards, write_shards
+from tests.shard_reading import read_samples, split_samples
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def read_samples(tar: Path) -> list[dict[str, bytes]]:
-    """Samples of a shard in file order, as ``{ext: bytes}`` plus ``__key__``."""
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(tar) as archive:
-        for member in archive:
-            key, ext = member.name.split(".", 1)
-            samples.setdefault(key, {"__key__": key})[ext] = archive.extractfile(member).read()
-    return list(samples.values())
-
-
-def split_samples(data_dir: Path, split: str) -> list[dict[str, bytes]]:
-    return [s for tar in read_manifest(data_dir).shards(split) for s in read_samples(tar)]
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from pipelines.training.config import (
     resolve_config,
 )
 from pipelines.utils.errors import ConfigError
-from tests.conftest import TINY_PIPELINE_MODEL
+from tests.tiny import TINY_ARGS, TINY_PIPELINE_MODEL
 
 
 def _finetune(argv: list[str], cwd: Path, capsys) -> tuple[int, list[str]]:
@@ -46,10 +46,6 @@ def _finetune(argv: list[str], cwd: Path, capsys) -> tuple[int, list[str]]:
 def _base(tmp_path: Path, data: Path) -> list[str]:
     return ["--data", str(data), "--storage", str(tmp_path / "runs"),
             "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--experiment", "validation"]
-
-
-TINY_ARGS = ["--img-size", "32",
-             *(a for k, v in TINY_PIPELINE_MODEL.items() for a in ("--model-arg", f"{k}={v}"))]
 
 
 def _nothing_started(tmp_path: Path) -> None:
