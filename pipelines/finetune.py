@@ -54,6 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def interrupted_line(err: Interrupted) -> str:
+    """What a stopped run left, in one sentence: its MLflow run's state and its checkpoints."""
+    state = ("MLflow run marked KILLED" if err.marked else
+             "MLflow run not marked KILLED (MLflow could not be reached: it shows RUNNING until continued)")
+    kept = ("no checkpoint yet (it starts again at epoch 1)" if err.checkpoints == 0
+            else "its checkpoints kept")  # an epoch ending as the run stops may still add one
+    return f"interrupted ({signals.name()}); {state}, {kept}."
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -65,10 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, FileNotFoundError, TrackingError, ValueError) as err:
         return bad_input("finetune", err)
     except Interrupted as err:
-        kept = ("no checkpoint yet (it starts again at epoch 1)" if err.checkpoints == 0
-                else "its checkpoints kept")  # an epoch ending as the run stops may still add one
-        print(f"finetune: interrupted ({signals.name()}); MLflow run marked KILLED, {kept}. Continue with:\n"
-              f"  {err}", file=sys.stderr)
+        print(f"finetune: {interrupted_line(err)} Continue with:\n  {err}", file=sys.stderr)
         return signals.exit_code()
     except KeyboardInterrupt:  # before the run started: nothing recorded, nothing to continue
         print(f"finetune: interrupted ({signals.name()}) before the run started; nothing recorded",

@@ -391,3 +391,37 @@ def test_password_in_the_tracking_uri_is_used_and_left_nowhere(
     leaks = [str(f) for root in searched for f in ([root] if root.is_file() else root.rglob("*"))
              if f.is_file() and password.encode() in f.read_bytes()]
     assert not leaks
+
+
+def test_a_stopped_run_mlflow_cannot_mark_is_said_to_be_left_running(tmp_path, caplog):
+    """Another process holds the store's database locked past MLflow's wait as a stopped run ends: the run
+    is not marked KILLED, the warning names it, and finetune's last line says it is left RUNNING, not
+    that it was marked."""
+    from pipelines.tracking.mlflow_run import MlflowRun
+    from pipelines.training.job import end_run
+    from pipelines.utils.errors import Interrupted
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    run = MlflowRun.create(uri, "faults", "locked")
+    locker = subprocess.Popen(
+        [sys.executable, "-c", "import sqlite3, sys, time\n"
+         f"db = sqlite3.connect({str(db)!r}, isolation_level=None)\n"
+         "db.execute('BEGIN EXCLUSIVE')\nprint('locked', flush=True)\ntime.sleep(600)\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert locker.stdout.readline().strip() == "locked"
+        marked = end_run(run, "KILLED")
+    finally:
+        locker.kill()
+        locker.wait()
+    assert marked is False
+    assert MlflowClient(uri).get_run(run.run_id).info.status == "RUNNING"
+    [warning] = [r.getMessage() for r in caplog.records if "could not be marked" in r.getMessage()]
+    assert warning.startswith(f"MLflow run {run.run_id} could not be marked KILLED (")
+    line = finetune.interrupted_line(Interrupted("python pipelines/finetune.py --resume x", 0, marked))
+    assert line.split("; ", 1)[1] == ("MLflow run not marked KILLED (MLflow could not be reached: it "
+                                      "shows RUNNING until continued), no checkpoint yet (it starts again "
+                                      "at epoch 1).")
+    assert end_run(run, "KILLED") is True  # the lock gone, the same call marks it
+    assert MlflowClient(uri).get_run(run.run_id).info.status == "KILLED"

@@ -101,7 +101,7 @@ def test_sighup_to_a_local_run_s_group_before_the_first_checkpoint_ends_it_kille
     stdout, stderr = driver.communicate(timeout=300)
     assert driver.returncode == 129, stderr[-3000:]
     run = MlflowClient(mlflow_uri).get_run(_run_id(record))
-    assert run.info.status == "KILLED"
+    assert run.info.status == "KILLED", stderr[-3000:]
     kept = len(list(record.parent.glob("checkpoint_*")))
     [line] = [ln for ln in stderr.splitlines() if ln.startswith("finetune: interrupted")]
     expected = "no checkpoint yet (it starts again at epoch 1)" if kept == 0 else "its checkpoints kept"

@@ -105,9 +105,10 @@ def evaluation_table(rows: list[dict], best: dict, summary: ModelSummary) -> str
     )
 
 
-def end_run(mlflow_run: MlflowRun, status: str, tags: dict | None = None) -> None:
-    """Mark a run that did not finish ``status`` (with ``tags``); if MLflow cannot be reached, say so and
-    go on: the error the user must see is the run's, not the tracking server's."""
+def end_run(mlflow_run: MlflowRun, status: str, tags: dict | None = None) -> bool:
+    """Mark a run that did not finish ``status`` (with ``tags``) and return True; if MLflow cannot be
+    reached, say so, return False and go on: the error the user must see is the run's, not the tracking
+    server's."""
     try:
         if tags:
             mlflow_run.set_tags(tags)
@@ -115,6 +116,8 @@ def end_run(mlflow_run: MlflowRun, status: str, tags: dict | None = None) -> Non
     except MlflowException as err:
         log.warning("MLflow run %s could not be marked %s (%s); it shows RUNNING until a --resume",
                     mlflow_run.run_id, status, first_line(err))
+        return False
+    return True
 
 
 def stop_on_fault(result, mlflow_run: MlflowRun, fault: str | None) -> None:
@@ -252,8 +255,8 @@ def run(config: RunConfig, parent: MlflowRun | None = None) -> dict:
         except (KeyboardInterrupt, SystemExit):  # Ctrl-C / SIGTERM / SIGHUP; Ray Train's handler may exit
             if mlflow_run is None:
                 raise  # not started: nothing recorded
-            end_run(mlflow_run, "KILLED")
-            raise Interrupted(resume_command(config), checkpoint_count(location)) from None
+            marked = end_run(mlflow_run, "KILLED")
+            raise Interrupted(resume_command(config), checkpoint_count(location), marked) from None
     best = registered["metrics"]
     return {
         "run_name": location.name,
