@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 def interrupted_line(err: Interrupted) -> str:
     """What a stopped run left, in one sentence: its MLflow run's state and its checkpoints."""
     state = ("MLflow run marked KILLED" if err.marked else
-             "MLflow run not marked KILLED (MLflow could not be reached: it shows RUNNING until continued)")
+             "MLflow run not marked KILLED (MLflow could not record it; it shows RUNNING until a --resume)")
     kept = ("no checkpoint yet (it starts again at epoch 1)" if err.checkpoints == 0
             else "its checkpoints kept")  # an epoch ending as the run stops may still add one
     return f"interrupted ({signals.name()}); {state}, {kept}."

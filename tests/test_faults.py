@@ -393,13 +393,13 @@ def test_password_in_the_tracking_uri_is_used_and_left_nowhere(
     assert not leaks
 
 
+@pytest.mark.integration  # MLflow waits 20 s for a locked SQLite database before it gives up
 def test_a_stopped_run_mlflow_cannot_mark_is_said_to_be_left_running(tmp_path, caplog):
     """Another process holds the store's database locked past MLflow's wait as a stopped run ends: the run
     is not marked KILLED, the warning names it, and finetune's last line says it is left RUNNING, not
     that it was marked."""
     from pipelines.tracking.mlflow_run import MlflowRun
-    from pipelines.training.job import end_run
-    from pipelines.utils.errors import Interrupted
+    from pipelines.training.job import stopped
 
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
@@ -411,17 +411,18 @@ def test_a_stopped_run_mlflow_cannot_mark_is_said_to_be_left_running(tmp_path, c
         stdout=subprocess.PIPE, text=True)
     try:
         assert locker.stdout.readline().strip() == "locked"
-        marked = end_run(run, "KILLED")
+        err = stopped(run, "python pipelines/finetune.py --resume x", 0)
     finally:
         locker.kill()
         locker.wait()
-    assert marked is False
+    assert err.marked is False and str(err) == "python pipelines/finetune.py --resume x"
     assert MlflowClient(uri).get_run(run.run_id).info.status == "RUNNING"
     [warning] = [r.getMessage() for r in caplog.records if "could not be marked" in r.getMessage()]
     assert warning.startswith(f"MLflow run {run.run_id} could not be marked KILLED (")
-    line = finetune.interrupted_line(Interrupted("python pipelines/finetune.py --resume x", 0, marked))
-    assert line.split("; ", 1)[1] == ("MLflow run not marked KILLED (MLflow could not be reached: it "
-                                      "shows RUNNING until continued), no checkpoint yet (it starts again "
-                                      "at epoch 1).")
-    assert end_run(run, "KILLED") is True  # the lock gone, the same call marks it
+    line = finetune.interrupted_line(err)
+    assert line.split("; ", 1)[1] == ("MLflow run not marked KILLED (MLflow could not record it; it shows "
+                                      "RUNNING until a --resume), no checkpoint yet (it starts again at "
+                                      "epoch 1).")
+    again = stopped(run, "python pipelines/finetune.py --resume x", 0)  # the lock gone: this one marks it
+    assert again.marked is True and "; MLflow run marked KILLED, " in finetune.interrupted_line(again)
     assert MlflowClient(uri).get_run(run.run_id).info.status == "KILLED"

@@ -80,8 +80,9 @@ def comparison_models(
     return rows
 
 
-def check_rates(rhos: Sequence[float], option: str = "--rho") -> None:
-    """Raise ``ValueError`` naming ``option`` if a rate is given twice (each rate is one set of rows)."""
+def check_rates(rhos: Sequence[float], *, option: str = "--rho") -> None:
+    """Raise ``ValueError`` if a rate is given twice (each rate is one set of rows); the message names
+    ``option``, the command-line option the rates came from."""
     for i, rho in enumerate(rhos):
         if any(math.isclose(rho, earlier) for earlier in rhos[:i]):
             raise ValueError(f"{option} {rho}: given twice; each rate is compared once")

@@ -120,6 +120,12 @@ def end_run(mlflow_run: MlflowRun, status: str, tags: dict | None = None) -> boo
     return True
 
 
+def stopped(mlflow_run: MlflowRun, command: str, checkpoints: int | None) -> Interrupted:
+    """A run stopped by a signal: its MLflow run marked KILLED (if MLflow can record it), and the
+    :class:`Interrupted` to raise, with ``command`` that continues it."""
+    return Interrupted(command, checkpoints, marked=end_run(mlflow_run, "KILLED"))
+
+
 def stop_on_fault(result, mlflow_run: MlflowRun, fault: str | None) -> None:
     """If the workers stopped for good (``fault``: a NaN / inf loss, a bad sample): mark the MLflow run FAILED
     and raise ``TrainingError`` naming what and where, and the last good checkpoint (kept; nothing is
@@ -210,8 +216,9 @@ def run(config: RunConfig, parent: MlflowRun | None = None) -> dict:
     Before any worker starts, raises ``TrackingError`` if MLflow is not usable and ``ConfigError`` for a bad
     ``--pretrained``, ``--address`` or run name; raises ``ray.train.TrainingFailedError`` if training fails
     for good and ``TrainingError`` on a NaN / inf loss (the MLflow run is then FAILED, nothing registered);
-    on Ctrl-C the MLflow run is KILLED and :class:`~pipelines.utils.errors.Interrupted` says how to resume; if
-    MLflow goes away during training, no epoch is lost (:func:`finish`). ``--resume`` of a run whose
+    on Ctrl-C the MLflow run is KILLED (if MLflow can record it) and
+    :class:`~pipelines.utils.errors.Interrupted` says how to resume; if MLflow goes away during training,
+    no epoch is lost (:func:`finish`). ``--resume`` of a run whose
     training is complete only finishes it in MLflow.
     """
     started = time.monotonic()
@@ -255,8 +262,7 @@ def run(config: RunConfig, parent: MlflowRun | None = None) -> dict:
         except (KeyboardInterrupt, SystemExit):  # Ctrl-C / SIGTERM / SIGHUP; Ray Train's handler may exit
             if mlflow_run is None:
                 raise  # not started: nothing recorded
-            marked = end_run(mlflow_run, "KILLED")
-            raise Interrupted(resume_command(config), checkpoint_count(location), marked) from None
+            raise stopped(mlflow_run, resume_command(config), checkpoint_count(location)) from None
     best = registered["metrics"]
     return {
         "run_name": location.name,

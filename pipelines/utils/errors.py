@@ -27,8 +27,8 @@ class TrackingOutage(RuntimeError):
 class Interrupted(KeyboardInterrupt):
     """A run stopped by Ctrl-C (or SIGTERM / SIGHUP) after its MLflow run existed; the message is the command
     that continues it, ``checkpoints`` how many it has (None: unknown), ``marked`` whether its MLflow run
-    could be marked KILLED (MLflow unreachable: it shows RUNNING until the run is continued); exit code 128
-    + the signal (:mod:`pipelines.utils.signals`)."""
+    was marked KILLED (False: MLflow could not record it; it shows RUNNING until the run is continued); exit
+    code 128 + the signal (:mod:`pipelines.utils.signals`)."""
 
     def __init__(self, command: str, checkpoints: int | None = None, marked: bool = True) -> None:
         super().__init__(command)
