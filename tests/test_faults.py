@@ -393,6 +393,23 @@ def test_password_in_the_tracking_uri_is_used_and_left_nowhere(
     assert not leaks
 
 
+@contextlib.contextmanager
+def _locked(db: Path):
+    """``db`` held in an exclusive transaction by another process for the block (MLflow waits 20 s for it,
+    then gives up)."""
+    locker = subprocess.Popen(
+        [sys.executable, "-c", "import sqlite3, time\n"
+         f"db = sqlite3.connect({str(db)!r}, isolation_level=None)\n"
+         "db.execute('BEGIN EXCLUSIVE')\nprint('locked', flush=True)\ntime.sleep(600)\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert locker.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        locker.kill()
+        locker.wait()
+
+
 @pytest.mark.integration  # MLflow waits 20 s for a locked SQLite database before it gives up
 def test_a_stopped_run_mlflow_cannot_mark_is_said_to_be_left_running(tmp_path, caplog):
     """Another process holds the store's database locked past MLflow's wait as a stopped run ends: the run
@@ -404,17 +421,8 @@ def test_a_stopped_run_mlflow_cannot_mark_is_said_to_be_left_running(tmp_path, c
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
     run = MlflowRun.create(uri, "faults", "locked")
-    locker = subprocess.Popen(
-        [sys.executable, "-c", "import sqlite3, sys, time\n"
-         f"db = sqlite3.connect({str(db)!r}, isolation_level=None)\n"
-         "db.execute('BEGIN EXCLUSIVE')\nprint('locked', flush=True)\ntime.sleep(600)\n"],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert locker.stdout.readline().strip() == "locked"
+    with _locked(db):
         err = stopped(run, "python pipelines/finetune.py --resume x", 0)
-    finally:
-        locker.kill()
-        locker.wait()
     assert err.marked is False and str(err) == "python pipelines/finetune.py --resume x"
     assert MlflowClient(uri).get_run(run.run_id).info.status == "RUNNING"
     [warning] = [r.getMessage() for r in caplog.records if "could not be marked" in r.getMessage()]
@@ -426,3 +434,31 @@ def test_a_stopped_run_mlflow_cannot_mark_is_said_to_be_left_running(tmp_path, c
     again = stopped(run, "python pipelines/finetune.py --resume x", 0)  # the lock gone: this one marks it
     assert again.marked is True and "; MLflow run marked KILLED, " in finetune.interrupted_line(again)
     assert MlflowClient(uri).get_run(run.run_id).info.status == "KILLED"
+
+
+@pytest.mark.integration  # MLflow waits 20 s for a locked SQLite database before it gives up
+def test_a_stopped_sweep_mlflow_cannot_mark_is_said_to_be_left_running(tmp_path):
+    """As above, for a sweep: with the store locked neither the sweep's run nor its running trial's is
+    marked, and sweep_lambdas' line says they show RUNNING; unlocked, both are marked and counted."""
+    from pipelines.tracking.mlflow_run import MlflowRun
+    from tuning import sweep_lambdas
+    from tuning.sweep import stopped_sweep
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    parent = MlflowRun.create(uri, "faults", "sweep")
+    trial = MlflowRun.create(uri, "faults", "trial", parent=parent)
+    setup = {"tracking_uri": uri, "parent_run_id": parent.run_id}
+    with _locked(db):
+        err = stopped_sweep(parent, setup, "python tuning/sweep_lambdas.py --resume x")
+    assert err.marked is False and err.trials is None
+    client = MlflowClient(uri)
+    assert [client.get_run(r.run_id).info.status for r in (parent, trial)] == ["RUNNING", "RUNNING"]
+    assert sweep_lambdas.interrupted_line(err).split("; ", 1)[1] == (
+        "MLflow runs of the sweep and of its running trials not all marked KILLED (MLflow could not record "
+        "it; they show RUNNING until a --resume), finished trials and checkpoints kept.")
+    again = stopped_sweep(parent, setup, "python tuning/sweep_lambdas.py --resume x")
+    assert again.marked is True and again.trials == 1
+    assert [client.get_run(r.run_id).info.status for r in (parent, trial)] == ["KILLED", "KILLED"]
+    assert "; MLflow runs of the sweep and of its 1 running trial(s) marked KILLED, " in (
+        sweep_lambdas.interrupted_line(again))

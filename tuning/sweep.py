@@ -44,6 +44,7 @@ from pipelines.training.config import (
     resolve_config,
     training_keys,
 )
+from pipelines.training.job import end_run
 from pipelines.training.ray_session import check_shared_storage, ray_session, worker_gpus
 from pipelines.training.weights import prepare_init
 from pipelines.utils import signals
@@ -52,6 +53,8 @@ from tuning import space
 from tuning.options import DIGITS_SWEEP, TRAIN_FLAGS
 from tuning.results import summarize
 from tuning.trial import METRIC, TIME_ATTR, TrialRuns, close_interrupted, run_trial, trial_dirname
+
+log = logging.getLogger(__name__)
 
 TRIAL_RETRIES = 1  # a trial whose driver dies is restarted once (its Train run resumes)
 DRIVER_CPUS = 0.25  # a trial driver only waits on its Train run
@@ -287,11 +290,25 @@ def _interrupted(grid, num_samples: int) -> bool:
 
 class SweepInterrupted(Interrupted):
     """A sweep stopped by Ctrl-C, SIGTERM or SIGHUP: its MLflow run and ``trials`` in-flight trial runs are
-    KILLED; the message is the command that continues it."""
+    KILLED (``marked`` False: MLflow could not record it for all of them; ``trials`` None: not known); the
+    message is the command that continues it."""
 
-    def __init__(self, command: str, trials: int) -> None:
-        super().__init__(command)
+    def __init__(self, command: str, trials: int | None, marked: bool = True) -> None:
+        super().__init__(command, marked=marked)
         self.trials = trials
+
+
+def stopped_sweep(parent: MlflowRun, setup: dict, command: str) -> SweepInterrupted:
+    """A sweep stopped by a signal: the runs of its in-flight trials and its own run marked KILLED (as far as
+    MLflow can record it), and the :class:`SweepInterrupted` to raise, with ``command`` that continues it."""
+    try:
+        trials = close_interrupted(setup)
+    except MlflowException as err:
+        log.warning("the running trials' MLflow runs could not be marked KILLED (%s); they show RUNNING "
+                    "until a --resume", first_line(err))
+        trials = None
+    marked = end_run(parent, "KILLED")
+    return SweepInterrupted(command, trials, marked=marked and trials is not None)
 
 
 class _WithoutTuneHint(logging.Filter):
@@ -371,9 +388,7 @@ def sweep(plan: dict, address: str | None) -> dict:
         except (KeyboardInterrupt, SystemExit):
             if parent is None:
                 raise  # not started: nothing recorded
-            trials = close_interrupted(setup)
-            parent.end("KILLED")
-            raise SweepInterrupted(resume_command(setup, address), trials) from None
+            raise stopped_sweep(parent, setup, resume_command(setup, address)) from None
         except Exception:
             if parent is None:
                 raise

@@ -45,6 +45,14 @@ def build_parser():
     )
 
 
+def interrupted_line(err: SweepInterrupted) -> str:
+    """What a stopped sweep left, in one sentence: its and its running trials' MLflow runs' state."""
+    state = (f"MLflow runs of the sweep and of its {err.trials} running trial(s) marked KILLED" if err.marked
+             else "MLflow runs of the sweep and of its running trials not all marked KILLED (MLflow could "
+             "not record it; they show RUNNING until a --resume)")
+    return f"interrupted ({signals.name()}); {state}, finished trials and checkpoints kept."
+
+
 def main(argv: list[str] | None = None) -> int:
     cli = build_parser()
     args = cli.parse_args(argv)
@@ -68,9 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     except RayStartError as err:
         return failed("sweep_lambdas", err)
     except SweepInterrupted as err:
-        print(f"sweep_lambdas: interrupted ({signals.name()}); MLflow runs of the sweep and of its "
-              f"{err.trials} running trial(s) marked KILLED, finished trials and checkpoints kept. Continue "
-              f"with:\n  {err}", file=sys.stderr, flush=True)
+        print(f"sweep_lambdas: {interrupted_line(err)} Continue with:\n  {err}", file=sys.stderr, flush=True)
         return signals.exit_code()
     except KeyboardInterrupt:  # before the sweep's MLflow run existed: nothing recorded
         print(f"sweep_lambdas: interrupted ({signals.name()}) before the sweep started; nothing recorded",
