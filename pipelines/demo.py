@@ -50,11 +50,21 @@ from pipelines.training.config import (
 from pipelines.training.job import end_run
 from pipelines.training.job import run as run_job
 from pipelines.training.ray_session import start_local_ray
+from pipelines.utils import signals
 from pipelines.utils.cli import Parser, bad_input, failed
-from pipelines.utils.errors import RayStartError, TrackingError, check
+from pipelines.utils.errors import Interrupted, RayStartError, TrackingError, check
 
 EXPERIMENT = "spot-demo"
 WORKFLOW = "machine_learning"  # the MLflow UI's model-training view (its URL parameter workflowType)
+
+
+class DemoInterrupted(KeyboardInterrupt):
+    """The demo stopped by Ctrl-C, SIGTERM or SIGHUP after its parent run existed; ``marked``: the parent run
+    and the run in progress were marked KILLED (False: MLflow could not record it)."""
+
+    def __init__(self, marked: bool) -> None:
+        super().__init__()
+        self.marked = marked
 
 
 def ui_hint(uri: str, experiment_id: str) -> str:
@@ -176,14 +186,15 @@ def run_demo(
     dense_options = {**options, "dense": True, "run_name": f"demo-dense-{stamp}"}
     dense_config = resolve_config(dense_options | ({"epochs": epochs} if epochs else {}))
     store.quiet_mlflow(verbose)
-    parent = open_parent(dense_config.mlflow_uri, f"demo-{stamp}")
+    with signals.deferred():  # created and kept as one step
+        parent = open_parent(dense_config.mlflow_uri, f"demo-{stamp}")
     try:  # every way out ends the parent run
         log_shard_inputs(parent.client, parent.run_id, dense_config.data, ("train", "val"))  # the runs table
         runs = train_models(options, dense_config, stamp, parent, finetune_rhos)
         comparison = compare_models(runs, stamp, parent)
-    except KeyboardInterrupt:
-        end_run(parent, "KILLED")
-        raise
+    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM, SIGHUP (the run in progress is KILLED by its job)
+        marked = end_run(parent, "KILLED") and (not isinstance(err, Interrupted) or err.marked)
+        raise DemoInterrupted(marked) from None
     except BaseException:
         end_run(parent, "FAILED")
         raise
@@ -215,10 +226,20 @@ def main(argv: list[str] | None = None) -> int:
         for rho in args.finetune_rho:
             check(0 < rho < 1, f"--finetune-rho {rho}: must be in (0, 1) (a sparse model's keep rate)")
         compare.check_rates(args.finetune_rho, option="--finetune-rho")
-        demo = run_demo(args.num_workers, args.epochs, args.verbose, args.source, args.seed,
-                        tuple(args.finetune_rho))
+        with signals.stop_signals():
+            demo = run_demo(args.num_workers, args.epochs, args.verbose, args.source, args.seed,
+                            tuple(args.finetune_rho))
     except (ValueError, FileNotFoundError, TrackingError) as err:
         return bad_input("demo", err)
+    except DemoInterrupted as err:
+        state = ("its parent run and the run in progress marked KILLED" if err.marked else "its parent run "
+                 "and the run in progress not all marked KILLED (MLflow could not record it)")
+        print(f"demo: interrupted ({signals.name()}); {state}, the models registered before kept; "
+              "nothing continues a demo: run it again", file=sys.stderr)
+        return signals.exit_code()
+    except KeyboardInterrupt:  # before its parent run existed
+        print(f"demo: interrupted ({signals.name()}) before it started; nothing recorded", file=sys.stderr)
+        return signals.exit_code()
     except RayStartError as err:
         return failed("demo", err)
     print(f"\n{demo['table']}\n")

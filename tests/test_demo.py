@@ -1,12 +1,19 @@
 """pipelines/demo.py: its parent run ends in a true state whichever step stops it."""
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from pipelines.storage.run_record import RUN_RECORD
+from pipelines.training.config import RUNS_DIR
 from tests.ray_faults import STOP_RAYLETS
 from tests.scripts import ROOT
 
@@ -83,3 +90,34 @@ def test_the_demos_comparison_of_its_registered_models_is_a_child_run_naming_the
         result = runs[role][0][1]
         assert run.data.params[f"{role}_uri"] == result["registered_uri"]
         assert run.data.tags[f"{role}_source_run"] == result["mlflow_run_id"]
+
+
+def test_sigterm_to_a_demo_s_group_while_it_trains_ends_its_runs_killed_in_one_line(tmp_path):
+    """SIGTERM to the demo's process group (``timeout``, a scheduler, ``kill -- -PGID``) while its dense run
+    trains is handled as Ctrl-C: one line, exit 143, no traceback; the parent run and the dense run KILLED,
+    not left RUNNING."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "token"}
+    driver = subprocess.Popen([sys.executable, str(ROOT / "pipelines" / "demo.py")], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    deadline = time.monotonic() + 600
+    records: list[Path] = []
+    try:
+        while not records:  # the dense run's record names its MLflow run once the run exists
+            assert driver.poll() is None and time.monotonic() < deadline, "the dense run never started"
+            time.sleep(1)
+            records = list(tmp_path.glob(f"{RUNS_DIR}/demo-dense-*/{RUN_RECORD}"))
+        os.killpg(driver.pid, signal.SIGTERM)
+        stdout, stderr = driver.communicate(timeout=300)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (
+        "demo: interrupted (SIGTERM); its parent run and the run in progress marked KILLED, the models "
+        "registered before kept; nothing continues a demo: run it again")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    dense = client.get_run(json.loads(records[0].read_text())["mlflow_run_id"])
+    assert dense.info.status == "KILLED"
+    assert client.get_run(dense.data.tags[MLFLOW_PARENT_RUN_ID]).info.status == "KILLED"
