@@ -186,19 +186,24 @@ def run_demo(
     dense_options = {**options, "dense": True, "run_name": f"demo-dense-{stamp}"}
     dense_config = resolve_config(dense_options | ({"epochs": epochs} if epochs else {}))
     store.quiet_mlflow(verbose)
-    with signals.deferred():  # created and kept as one step
-        parent = open_parent(dense_config.mlflow_uri, f"demo-{stamp}")
+    parent = None
     try:  # every way out ends the parent run
+        with signals.deferred():  # created and kept as one step
+            parent = open_parent(dense_config.mlflow_uri, f"demo-{stamp}")
         log_shard_inputs(parent.client, parent.run_id, dense_config.data, ("train", "val"))  # the runs table
         runs = train_models(options, dense_config, stamp, parent, finetune_rhos)
         comparison = compare_models(runs, stamp, parent)
+        parent.end("FINISHED")
     except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM, SIGHUP (the run in progress is KILLED by its job)
-        marked = end_run(parent, "KILLED") and (not isinstance(err, Interrupted) or err.marked)
+        if parent is None:
+            raise
+        with signals.shielded():
+            marked = end_run(parent, "KILLED") and (not isinstance(err, Interrupted) or err.marked)
         raise DemoInterrupted(marked) from None
     except BaseException:
-        end_run(parent, "FAILED")
+        if parent is not None:
+            end_run(parent, "FAILED")
         raise
-    parent.end("FINISHED")
     return {
         **{role: [result for _, result in trained] for role, trained in runs.items()},
         **comparison,
@@ -232,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, TrackingError) as err:
         return bad_input("demo", err)
     except DemoInterrupted as err:
-        state = ("its parent run and the run in progress marked KILLED" if err.marked else "its parent run "
-                 "and the run in progress not all marked KILLED (MLflow could not record it)")
+        state = ("its parent run and any run in progress marked KILLED" if err.marked else "its parent run "
+                 "and any run in progress not all marked KILLED (MLflow could not record it)")
         print(f"demo: interrupted ({signals.name()}); {state}, the models registered before kept; "
               "nothing continues a demo: run it again", file=sys.stderr)
         return signals.exit_code()

@@ -301,13 +301,14 @@ class SweepInterrupted(Interrupted):
 def stopped_sweep(parent: MlflowRun, setup: dict, command: str) -> SweepInterrupted:
     """A sweep stopped by a signal: the runs of its in-flight trials and its own run marked KILLED (as far as
     MLflow can record it), and the :class:`SweepInterrupted` to raise, with ``command`` that continues it."""
-    try:
-        trials = close_interrupted(setup)
-    except MlflowException as err:
-        log.warning("the running trials' MLflow runs could not be marked KILLED (%s); they show RUNNING "
-                    "until a --resume", first_line(err))
-        trials = None
-    marked = end_run(parent, "KILLED")
+    with signals.shielded():  # a second Ctrl-C while MLflow is slow must not cut the marking short
+        try:
+            trials = close_interrupted(setup)
+        except MlflowException as err:
+            log.warning("the running trials' MLflow runs could not be marked KILLED (%s); they show RUNNING "
+                        "until a --resume", first_line(err))
+            trials = None
+        marked = end_run(parent, "KILLED")
     return SweepInterrupted(command, trials, marked=marked and trials is not None)
 
 

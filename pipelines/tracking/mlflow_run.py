@@ -184,20 +184,25 @@ def log_results(
     artifact_root = store.local_artifact_root(uri, Path.cwd())
     tags = {MLFLOW_RUN_NOTE: description} if description else None
     run = MlflowRun.create(uri, experiment, name, artifact_location=artifact_root, tags=tags, parent=parent)
-    run.log_params(params)
-    if models:
-        log_model_inputs(run, models)
-    if data is not None:
-        log_shard_inputs(run.client, run.run_id, data, ("val",))
-    run.log_metrics(metrics)
-    path, content = text
-    run.log_text(content, path)
-    if table is not None:
-        rows, artifact_file = table
-        columns = {key: [row.get(key) for row in rows] for key in rows[0]}
-        run.client.log_table(run.run_id, columns, artifact_file)
-    for directory, files in (artifacts or {}).items():
-        for file in files:
-            run.log_artifact(str(file), directory)
+    try:  # every way out ends it: KILLED on a stop signal, FAILED on an error (as far as MLflow can take it)
+        run.log_params(params)
+        if models:
+            log_model_inputs(run, models)
+        if data is not None:
+            log_shard_inputs(run.client, run.run_id, data, ("val",))
+        run.log_metrics(metrics)
+        path, content = text
+        run.log_text(content, path)
+        if table is not None:
+            rows, artifact_file = table
+            columns = {key: [row.get(key) for row in rows] for key in rows[0]}
+            run.client.log_table(run.run_id, columns, artifact_file)
+        for directory, files in (artifacts or {}).items():
+            for file in files:
+                run.log_artifact(str(file), directory)
+    except BaseException as err:
+        with contextlib.suppress(MlflowException):
+            run.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
     run.end("FINISHED")
     return run.run_id

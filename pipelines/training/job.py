@@ -123,7 +123,9 @@ def end_run(mlflow_run: MlflowRun, status: str, tags: dict | None = None) -> boo
 def stopped(mlflow_run: MlflowRun, command: str, checkpoints: int | None) -> Interrupted:
     """A run stopped by a signal: its MLflow run marked KILLED (if MLflow can record it), and the
     :class:`Interrupted` to raise, with ``command`` that continues it."""
-    return Interrupted(command, checkpoints, marked=end_run(mlflow_run, "KILLED"))
+    with signals.shielded():  # a second Ctrl-C while MLflow is slow must not cut the marking short
+        marked = end_run(mlflow_run, "KILLED")
+    return Interrupted(command, checkpoints, marked=marked)
 
 
 def stop_on_fault(result, mlflow_run: MlflowRun, fault: str | None) -> None:

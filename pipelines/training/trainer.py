@@ -21,6 +21,7 @@ from pipelines.storage.run_record import FAULT_RECORD, STOPPED, delete_record, r
 from pipelines.tracking.report_callback import MlflowReportCallback
 from pipelines.training.config import RunConfig
 from pipelines.training.worker import RUN_VALUES, WorkerJob, train_loop_per_worker
+from pipelines.utils import signals
 from pipelines.utils.errors import first_line
 
 CONTROLLER_FAILURE_LIMIT = 3  # attempts of the Train controller to start a run (e.g. no resources)
@@ -144,6 +145,7 @@ def fit_run(
     logging = MlflowReportCallback(tracking_uri, mlflow_run_id, location, run_values=RUN_VALUES)
     trainer = build_trainer(config, location, init=init, callbacks=[logging, *callbacks], progress=progress)
     delete_record(location, FAULT_RECORD)
-    result = trainer.fit()
+    with signals.sigint_restored():  # fit() leaves Ray Train's handler (abort this run's controller) behind
+        result = trainer.fit()
     fault = read_record(location, FAULT_RECORD)
     return result, None if fault is None else fault["error"]

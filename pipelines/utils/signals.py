@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 from collections.abc import Iterator
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
@@ -80,6 +81,32 @@ def deferred() -> Iterator[None]:
         if _held:
             _held.clear()
             _interrupt(None)
+
+
+@contextlib.contextmanager
+def shielded() -> Iterator[None]:
+    """Stop signals recorded and otherwise ignored for the block: the steps that end a run already stopping
+    (marking it KILLED), which a second Ctrl-C must not cut short."""
+    _holding.append(True)
+    try:
+        yield
+    finally:
+        _holding.clear()
+        _held.clear()
+
+
+@contextlib.contextmanager
+def sigint_restored() -> Iterator[None]:
+    """The SIGINT handler of before the block put back after it (main thread only): Ray Train's ``fit()``
+    installs one that aborts its run's controller and leaves it behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
 
 @contextlib.contextmanager
