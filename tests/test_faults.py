@@ -462,3 +462,18 @@ def test_a_stopped_sweep_mlflow_cannot_mark_is_said_to_be_left_running(tmp_path)
     assert [client.get_run(r.run_id).info.status for r in (parent, trial)] == ["KILLED", "KILLED"]
     assert "; MLflow runs of the sweep and of its 1 running trial(s) marked KILLED, " in (
         sweep_lambdas.interrupted_line(again))
+
+
+def test_an_evaluation_run_whose_logging_fails_ends_failed_not_running(tmp_path):
+    """A figure gone from disk before it is logged: the error reaches the caller and the evaluation's run
+    ends FAILED, with what was logged before it, not RUNNING."""
+    from pipelines.tracking.mlflow_run import log_results
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    gone = tmp_path / "masks.png"
+    with pytest.raises(Exception, match="masks.png"), contextlib.chdir(tmp_path):
+        log_results(uri, "faults", "evaluation", params={"rho": 0.5}, metrics={"acc1": 90.0},
+                    text=("evaluation.md", "# table"), artifacts={"figures": [gone]})
+    [run] = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("faults").experiment_id])
+    assert run.info.run_name == "evaluation" and run.info.status == "FAILED"
+    assert run.data.metrics == {"acc1": 90.0}
