@@ -30,9 +30,12 @@ def test_interleaved_repeats_give_a_median_and_a_spread_and_a_stall_is_marked_no
     results = measure_throughputs([steady, stalled], batch_size=4, device=torch.device("cpu"), repeats=5,
                                   warmup=3, burst_s=0.2)
     assert [set(r) for r in results] == [{"images_per_s", "images_per_s_spread", "noisy"}] * 2
-    # the stalled model: one slow round among five; the median ignores it, the spread shows it
+    # the stalled model: one slow round among five; the median ignores it, the spread shows it. The stalled
+    # round runs at most 5 batches of 4 in its 1 s (1-2 % of the steady model's rate on the 2-core machine);
+    # the other rounds, with the machine busy (`make test`, 3 workers on 2 cores), came to 0.43 of the
+    # steady model's median once, so 0.1 tells a median from a figure the stall decides, with room for load.
     assert results[1]["noisy"] and results[1]["images_per_s_spread"] > MAX_SPREAD
-    assert results[1]["images_per_s"] > 0.5 * results[0]["images_per_s"]
+    assert results[1]["images_per_s"] > 0.1 * results[0]["images_per_s"]
 
     rows = [{"selector": s, "weights": "w", "rho": None, "top1": 0.5, "gmacs": 0.01, **r}
             for s, r in zip(("steady", "stalled"), results, strict=True)]
