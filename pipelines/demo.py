@@ -60,7 +60,7 @@ WORKFLOW = "machine_learning"  # the MLflow UI's model-training view (its URL pa
 
 class DemoInterrupted(KeyboardInterrupt):
     """The demo stopped by Ctrl-C, SIGTERM or SIGHUP after its parent run existed; ``marked``: the parent run
-    and the run in progress were marked KILLED (False: MLflow could not record it)."""
+    and any run in progress were marked KILLED (False: MLflow could not record it)."""
 
     def __init__(self, marked: bool) -> None:
         super().__init__()
@@ -194,7 +194,7 @@ def run_demo(
         runs = train_models(options, dense_config, stamp, parent, finetune_rhos)
         comparison = compare_models(runs, stamp, parent)
         parent.end("FINISHED")
-    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM, SIGHUP (the run in progress is KILLED by its job)
+    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM, SIGHUP (a run in progress is KILLED by its job)
         if parent is None:
             raise
         with signals.shielded():

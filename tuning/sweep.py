@@ -393,7 +393,7 @@ def sweep(plan: dict, address: str | None) -> dict:
         except Exception:
             if parent is None:
                 raise
-            parent.end("FAILED")
+            end_run(parent, "FAILED")  # MLflow failing too must not hide the error or the command
             command = resume_command(setup, address)
             print(f"sweep failed; finished trials are kept, continue it with: {command}", file=sys.stderr,
                   flush=True)
