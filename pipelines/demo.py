@@ -2,8 +2,9 @@
 """``make demo``: the whole pipeline on the built-in cluttered digits, on this machine's CPUs, in minutes.
 
 1. cluttered-digits shards in ./data/cluttered-digits (made on first use): one real digit scan among
-   fragments of other scans, so most tokens are background (``--source cluttered-digits-hard``: the harder
-   canvases of pipelines/data/hard_cluttered_digits.py, in ./data/cluttered-digits-hard);
+   fragments of other scans, so most tokens are background (``--source cluttered-digits-hard`` and
+   ``cluttered-digits-hard-96``: the harder canvases of pipelines/data/hard_cluttered_digits.py, 64 and 96
+   px, in ./data/<source>);
 2. dense baseline: a small DeiT trained from scratch with 2 Ray Train workers (DDP over gloo);
 3. SPOT at rho 0.7 (``--finetune-rho``: at each rate given): fine-tuned from the registered dense model,
    which is also its frozen teacher;

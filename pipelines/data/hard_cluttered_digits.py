@@ -9,14 +9,17 @@ inside it); then Gaussian sensor noise (``NOISE_STD`` of full scale) on every pi
 offset the small DeiT trained from scratch stays at chance: docs/benchmarks.md.)
 
 Splits, seeds and meta are as in :mod:`pipelines.data.cluttered_digits` (split by scan, clutter from the
-split's own scans, everything from ``numpy.random.default_rng``). A harder variant passes its own
+split's own scans, everything from ``numpy.random.default_rng``). A variant passes its own
 ``clutter_pieces`` / ``fragment`` / ``side`` to :func:`make_canvases` (``benchmarks/hard_task.py
---clutter-pieces --fragment --canvas``); the module's constants are the built-in task.
+--clutter-pieces --fragment --canvas``). The module's constants are the built-in 64 px task (:data:`TASK`);
+:data:`LARGE` is the same drawing on a 96 px canvas (144 tokens of 8 px) at the same clutter density, the
+``cluttered-digits-hard-96`` source (docs/benchmarks.md: with 144 tokens class attention is a poor signal).
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,10 +40,6 @@ PIXEL_STD = 0.381
 # drawn; at the shard writer's 90 the compression (8 x 8 blocks, on the patch grid) smooths the noise, and it
 # changed the task (docs/benchmarks.md, the harder task: the pipeline's class attention did better there)
 JPEG_QUALITY = 100
-# What draws and stores the canvases, recorded with the shards: built-in shards of another are made again
-TASK_PARAMS = {"canvas": CANVAS, "offset_grid": OFFSET_GRID, "fragment": FRAGMENT,
-               "clutter_pieces": CLUTTER_PIECES, "max_overlap": MAX_OVERLAP, "noise_std": NOISE_STD,
-               "jpeg_quality": JPEG_QUALITY}
 
 
 def _blow_up(scan: np.ndarray) -> np.ndarray:
@@ -100,5 +99,40 @@ def pixel_stats(
     """Mean and std of all pixels of ``split``'s canvases (as :func:`make_canvases` draws them), on the
     [0, 1] scale."""
     canvases = make_canvases(split, seed, clutter_pieces=clutter_pieces, fragment=fragment, side=side)
-    pixels = np.stack([c.pixels for c in canvases]).astype(np.float64) / 255
-    return float(pixels.mean()), float(pixels.std())
+    total = squares = 0.0  # canvas by canvas: a float64 copy of a whole 96 px split is 0.8 GB
+    for c in canvases:
+        pixels = c.pixels.astype(np.float64) / 255
+        total += float(pixels.sum())
+        squares += float(np.square(pixels).sum())
+    count = len(canvases) * side * side
+    mean = total / count
+    return mean, float(np.sqrt(max(squares / count - mean * mean, 0.0)))
+
+
+@dataclass(frozen=True)
+class Drawing:
+    """One built-in size of the task: the canvas side, the clutter fragments on it, and the pixel mean / std
+    of its train split (:func:`pixel_stats`, seed 0) that its inputs are normalised by."""
+
+    canvas: int
+    clutter_pieces: int
+    pixel_mean: float
+    pixel_std: float
+
+    @property
+    def task_params(self) -> dict:
+        """What draws and stores the canvases, recorded with the shards: built-in shards of another are made
+        again."""
+        return {"canvas": self.canvas, "offset_grid": OFFSET_GRID, "fragment": FRAGMENT,
+                "clutter_pieces": self.clutter_pieces, "max_overlap": MAX_OVERLAP, "noise_std": NOISE_STD,
+                "jpeg_quality": JPEG_QUALITY}
+
+    def make_canvases(self, split: str, seed: int = 0) -> list[Canvas]:
+        """The canvases of ``split`` at this size (:func:`make_canvases`)."""
+        return make_canvases(split, seed, clutter_pieces=self.clutter_pieces, side=self.canvas)
+
+
+TASK = Drawing(CANVAS, CLUTTER_PIECES, PIXEL_MEAN, PIXEL_STD)
+TASK_PARAMS = TASK.task_params
+# 96 px: 144 tokens; 63 fragments keep the 64 px task's density (28 on 64 x 64 px, 63 on 96 x 96)
+LARGE = Drawing(96, 63, 0.323, 0.380)

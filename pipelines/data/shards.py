@@ -18,12 +18,11 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import webdataset as wds
@@ -32,6 +31,7 @@ from tqdm import tqdm
 from wds2idx import IndexCreator
 
 from pipelines.data import cluttered_digits, hard_cluttered_digits
+from pipelines.data.cluttered_digits import Canvas
 from pipelines.data.manifest import (
     COMPONENTS,
     FORMAT,
@@ -60,25 +60,23 @@ CHUNK = 512  # images decoded per round trip to the worker pool (bounds memory o
 @dataclass(frozen=True)
 class BuiltinSource:
     """A source this project makes (no path): its default side, the JPEG quality its images are stored at,
-    and the module that draws its canvases (None: the plain scans), whose ``TASK_PARAMS`` the manifest
-    records."""
+    what draws its canvases of a split and seed (None: the plain scans), and what draws and stores them, as
+    the manifest records it (None: the scans)."""
 
     img_size: int
     jpeg_quality: int = JPEG_QUALITY
-    canvases: ModuleType | None = None
-
-    @property
-    def task_params(self) -> dict | None:
-        """What draws and stores the images, as recorded with the shards (None: the scans)."""
-        return None if self.canvases is None else self.canvases.TASK_PARAMS
+    canvases: Callable[[str, int], list[Canvas]] | None = None
+    task_params: dict | None = None
 
 
 BUILTIN = {
     "digits": BuiltinSource(DIGITS_IMG_SIZE),
-    "cluttered-digits": BuiltinSource(cluttered_digits.CANVAS, canvases=cluttered_digits),
-    "cluttered-digits-hard": BuiltinSource(
-        hard_cluttered_digits.CANVAS, hard_cluttered_digits.JPEG_QUALITY, hard_cluttered_digits
-    ),
+    "cluttered-digits": BuiltinSource(cluttered_digits.CANVAS, canvases=cluttered_digits.make_canvases,
+                                      task_params=cluttered_digits.TASK_PARAMS),
+    **{name: BuiltinSource(drawing.canvas, hard_cluttered_digits.JPEG_QUALITY, drawing.make_canvases,
+                           drawing.task_params)
+       for name, drawing in (("cluttered-digits-hard", hard_cluttered_digits.TASK),
+                             ("cluttered-digits-hard-96", hard_cluttered_digits.LARGE))},
 }
 BUILTIN_SOURCES = tuple(BUILTIN)
 
@@ -106,7 +104,7 @@ class Problem:
 
 
 def parse_source(source: str) -> tuple[str, Path | None]:
-    """Split a built-in source (``digits``, ``cluttered-digits``, ``cluttered-digits-hard``),
+    """Split a built-in source (``digits``, ``cluttered-digits``, ``cluttered-digits-hard[-96]``),
     ``imagefolder:DIR`` or ``csv:FILE`` into kind and path."""
     kind, _, arg = source.partition(":")
     if kind in BUILTIN_SOURCES and not arg:
@@ -144,7 +142,7 @@ def digits_items(split: str) -> list[Item]:
 
 def cluttered_digits_items(split: str, seed: int, source: str = "cluttered-digits") -> list[Item]:
     """The canvases of ``split`` (:mod:`pipelines.data.cluttered_digits`, or for ``cluttered-digits-hard``
-    :mod:`pipelines.data.hard_cluttered_digits`), with the digit's box in the meta."""
+    and ``-hard-96`` :mod:`pipelines.data.hard_cluttered_digits`), with the digit's box in the meta."""
     builtin = BUILTIN[source]
     return [
         Item(
@@ -154,7 +152,7 @@ def cluttered_digits_items(split: str, seed: int, source: str = "cluttered-digit
             meta={"scan": c.scan, "digit_box": list(c.box), "clutter_scans": list(c.clutter)},
             jpeg_quality=builtin.jpeg_quality,
         )
-        for i, c in enumerate(builtin.canvases.make_canvases(split, seed))
+        for i, c in enumerate(builtin.canvases(split, seed))
     ]
 
 
