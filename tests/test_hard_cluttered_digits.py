@@ -112,20 +112,44 @@ def test_the_benchmark_refuses_a_canvas_off_the_patch_grid_and_rates_it_does_not
         assert stop.value.code == 2 and capsys.readouterr().err.strip().endswith(f"error: {message}")
 
 
-def test_preset_normalisation_is_the_train_split_statistics():
-    mean, std = hard.pixel_stats("train")
-    assert mean == pytest.approx(hard.PIXEL_MEAN, abs=5e-4) and std == pytest.approx(hard.PIXEL_STD, abs=5e-4)
+@pytest.mark.parametrize("drawing", [hard.TASK, hard.LARGE], ids=["64px", "96px"])
+def test_preset_normalisation_is_the_train_split_statistics(drawing):
+    mean, std = hard.pixel_stats("train", clutter_pieces=drawing.clutter_pieces, side=drawing.canvas)
+    assert mean == pytest.approx(drawing.pixel_mean, abs=5e-4)
+    assert std == pytest.approx(drawing.pixel_std, abs=5e-4)
 
 
-def test_source_option_makes_the_hard_shards_with_its_own_preset_and_model_names(tmp_path):
-    make_builtin_data({"source": "cluttered-digits-hard"}, cwd=tmp_path)
-    config = resolve_config({"source": "cluttered-digits-hard", "dense": True}, cwd=tmp_path)
-    assert config.data == str(tmp_path / "data" / "cluttered-digits-hard")
-    assert read_manifest(config.data).info["val"]["params"]["source"] == "cluttered-digits-hard"
-    assert (config.img_size, config.mean, config.std) == (64, [hard.PIXEL_MEAN] * 3, [hard.PIXEL_STD] * 3)
-    preset = BUILTIN_TASKS["cluttered-digits-hard"]  # the dense recipe that learns the task
-    for key in ("epochs", "lr", "batch_size"):
-        assert getattr(config, key) == preset[key], key
-    assert config.register_as == "spot-deit_t-dense-cluttered-digits-hard"  # apart from the digits' models
-    spot_run = resolve_config({"source": "cluttered-digits-hard", "selector": "cls_attn_avg"}, cwd=tmp_path)
-    assert spot_run.register_as == "spot-deit_t-cls-attn-cluttered-digits-hard"
+def test_pixel_stats_summed_canvas_by_canvas_are_numpys_over_the_whole_split(canvases):
+    pixels = np.stack([c.pixels for c in canvases]).astype(np.float64) / 255
+    assert hard.pixel_stats("val") == pytest.approx((pixels.mean(), pixels.std()), rel=1e-9)
+
+
+def test_the_64_px_task_records_what_its_shards_were_made_with():
+    """Shards of the 64 px task made before the 96 px one existed record these: they are kept, not made
+    again (a change here remakes every user's shards, as a change of the drawing must)."""
+    assert hard.TASK_PARAMS == {"canvas": 64, "offset_grid": 8, "fragment": 6, "clutter_pieces": 28,
+                                "max_overlap": 0.25, "noise_std": 0.08, "jpeg_quality": 100}
+    assert hard.LARGE.task_params == {**hard.TASK_PARAMS, "canvas": 96, "clutter_pieces": 63}
+
+
+@pytest.mark.parametrize(("source", "drawing", "epochs"), [("cluttered-digits-hard", hard.TASK, 6),
+                                                           ("cluttered-digits-hard-96", hard.LARGE, 16)])
+def test_source_option_makes_the_hard_shards_with_its_own_preset_and_model_names(tmp_path, source, drawing,
+                                                                                epochs):
+    make_builtin_data({"source": source}, cwd=tmp_path)
+    config = resolve_config({"source": source, "dense": True}, cwd=tmp_path)
+    assert config.data == str(tmp_path / "data" / source)
+    params = read_manifest(config.data).info["val"]["params"]
+    assert params["source"] == source and params["task"] == drawing.task_params
+    side = drawing.canvas
+    assert (config.img_size, config.mean, config.std) == (side, [drawing.pixel_mean] * 3,
+                                                          [drawing.pixel_std] * 3)
+    first = split_samples(config.data, "val")[0]
+    assert decoded(first["jpg"]).shape == (side, side, 3)
+    assert len(digit_patches(json.loads(first["json"])["digit_box"], 8, side)) == 4  # of (side / 8)^2 tokens
+    preset = BUILTIN_TASKS[source]  # the dense recipe that learns the task
+    assert (config.epochs, config.lr, config.batch_size) == (epochs, 5e-4, 32) == (
+        preset["epochs"], preset["lr"], preset["batch_size"])
+    assert config.register_as == f"spot-deit_t-dense-{source}"  # apart from the digits' models
+    spot_run = resolve_config({"source": source, "selector": "cls_attn_avg"}, cwd=tmp_path)
+    assert spot_run.register_as == f"spot-deit_t-cls-attn-{source}"
