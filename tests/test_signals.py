@@ -45,6 +45,24 @@ def test_signals_while_shielded_are_recorded_and_ignored():
     assert steps == ["marked", "after"] and signals.name() == "SIGTERM"
 
 
+def test_nested_held_blocks_leave_the_decision_to_the_outer_one():
+    steps = []
+    with pytest.raises(KeyboardInterrupt), signals.stop_signals():
+        with signals.deferred():
+            with signals.shielded():
+                _signal(signal.SIGTERM)
+            steps.append("inner ended")  # the inner block's end neither acts on nor drops the signal
+        steps.append("after")  # never reached: the outer block acts on it as it ends
+    assert steps == ["inner ended"] and signals.name() == "SIGTERM"
+    with signals.stop_signals():
+        with signals.shielded():
+            with signals.deferred():
+                _signal(signal.SIGHUP)
+            steps.append("still marking")
+        steps.append("after the shield")  # the outer shield dropped it
+    assert steps[1:] == ["still marking", "after the shield"]
+
+
 def test_sigint_restored_puts_back_the_handler_of_before():
     def replacement(signum, frame):
         raise AssertionError("not this one")

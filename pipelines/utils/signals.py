@@ -69,30 +69,32 @@ def reinstall() -> None:
 
 
 @contextlib.contextmanager
-def deferred() -> Iterator[None]:
+def _held_back(act: bool) -> Iterator[None]:
+    """Stop signals held for the block; when the outermost held block ends, acted on (``act``) or dropped."""
+    _holding.append(True)
+    try:
+        yield
+    finally:
+        _holding.pop()
+        if not _holding and _held:
+            _held.clear()
+            if act:
+                _interrupt(None)
+
+
+def deferred() -> contextlib.AbstractContextManager[None]:
     """Stop signals held back for the block and acted on when it ends: a step that must not be cut in
     two, such as creating a run and recording it. (Python-level: a process-directed signal may land on
-    any thread, so a thread's signal mask would not hold it.)"""
-    _holding.append(True)
-    try:
-        yield
-    finally:
-        _holding.clear()
-        if _held:
-            _held.clear()
-            _interrupt(None)
+    any thread, so a thread's signal mask would not hold it.) Nested in another held block, the outer
+    block's end decides."""
+    return _held_back(act=True)
 
 
-@contextlib.contextmanager
-def shielded() -> Iterator[None]:
+def shielded() -> contextlib.AbstractContextManager[None]:
     """Stop signals recorded and otherwise ignored for the block: the steps that end a run already stopping
-    (marking it KILLED), which a second Ctrl-C must not cut short."""
-    _holding.append(True)
-    try:
-        yield
-    finally:
-        _holding.clear()
-        _held.clear()
+    (marking it KILLED), which a second Ctrl-C must not cut short. Nested in another held block, the outer
+    block's end decides."""
+    return _held_back(act=False)
 
 
 @contextlib.contextmanager
