@@ -13,7 +13,8 @@ split's own scans, everything from ``numpy.random.default_rng``). A variant pass
 ``clutter_pieces`` / ``fragment`` / ``side`` to :func:`make_canvases` (``benchmarks/hard_task.py
 --clutter-pieces --fragment --canvas``). The module's constants are the built-in 64 px task (:data:`TASK`);
 :data:`LARGE` is the same drawing on a 96 px canvas (144 tokens of 8 px) at the same clutter density, the
-``cluttered-digits-hard-96`` source (docs/benchmarks.md: with 144 tokens class attention is a poor signal).
+``cluttered-digits-hard-96`` source (docs/benchmarks.md: there, in the benchmark, class attention is a poor
+relevance signal; through the pipeline the gap is smaller).
 """
 
 from __future__ import annotations
