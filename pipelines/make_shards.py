@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the repos
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.data.manifest import DataError
-from pipelines.data.shards import write_shards
+from pipelines.data.shards import BUILTIN_SOURCES, write_shards
 from pipelines.utils.cli import Parser, bad_input
 
 
@@ -26,8 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = Parser(prog="make_shards", description=__doc__, formatter_class=formatter)
     parser.add_argument(
         "--source", required=True,
-        help="cluttered-digits | cluttered-digits-hard | digits (built in) | imagefolder:DIR | csv:FILE "
-        "(path,label rows)",
+        help=f"{' | '.join(BUILTIN_SOURCES)} (built in) | imagefolder:DIR | csv:FILE (path,label rows)",
     )
     parser.add_argument("--out", required=True, type=Path, help="shard directory (manifest.json goes here)")
     parser.add_argument(
