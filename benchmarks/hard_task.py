@@ -16,7 +16,7 @@ cosine, batch 64 when fine-tuning. Prints one markdown table per seed and the me
 ``--jpeg 90``: the canvases as shards at that JPEG quality hold them; ``--pipeline-recipe [dense|finetune]``:
 finetune.py's recipe with the hard preset, in both runs or one (docs/benchmarks.md: what made the pipeline
 differ). ``--clutter-pieces`` / ``--fragment`` draw a variant of the task (more or larger clutter fragments),
-normalised by its own train split's pixel mean / std (seed 0), as the built-in task is by its constants;
+normalised by its own train split's pixel mean / std (seed 0), as the built-in sizes are by theirs;
 ``--canvas`` draws it on a larger canvas (more tokens). ``--rho 0.7 0.5``: both selectors fine-tuned at each
 rate, each rate compared with its own models (paper Table 7).
 """
@@ -29,7 +29,7 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -55,36 +55,24 @@ ARCH = {"patch_size": 8, "depth": 6, "embed_dim": 64, "num_heads": 4, "num_class
 RHOS = (0.7, 0.5)
 
 
-@dataclass(frozen=True)
-class Variant:
-    """The task as drawn (``task.make_canvases``' options: the clutter and the canvas side) and the pixel
-    mean / std its inputs are normalised by."""
-
-    pieces: int = task.CLUTTER_PIECES
-    fragment: int = task.FRAGMENT
-    side: int = task.CANVAS
-    mean: float = task.PIXEL_MEAN
-    std: float = task.PIXEL_STD
-
-
 def as_in_shards(pixels: np.ndarray, quality: int) -> np.ndarray:
     """A grey canvas through the shard writer's JPEG at ``quality``, decoded to RGB (H, W, 3)."""
     data, _, _ = encode(Item("canvas", 0, pixels=pixels, jpeg_quality=quality), None)
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-def tensors(split: str, seed: int, variant: Variant, jpeg: int | None = None
+def tensors(split: str, seed: int, drawing: task.Drawing, jpeg: int | None = None
             ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
-    canvases = task.make_canvases(split, seed, clutter_pieces=variant.pieces, fragment=variant.fragment,
-                                  side=variant.side)
+    """``split``'s canvases as normalised (N, 3, H, W) inputs, their labels, and the digit's patches."""
+    canvases = drawing.make_canvases(split, seed)
     if jpeg:  # (N, 3, H, W), as the pipeline's loader decodes shards written at JPEG quality ``jpeg``
         pixels = np.stack([as_in_shards(c.pixels, jpeg) for c in canvases]).astype(np.float32) / 255
-        x = torch.from_numpy((pixels - variant.mean) / variant.std).permute(0, 3, 1, 2)
+        x = torch.from_numpy((pixels - drawing.pixel_mean) / drawing.pixel_std).permute(0, 3, 1, 2)
     else:
         pixels = np.stack([c.pixels for c in canvases]).astype(np.float32) / 255
-        x = torch.from_numpy((pixels - variant.mean) / variant.std)[:, None].expand(-1, 3, -1, -1)
+        x = torch.from_numpy((pixels - drawing.pixel_mean) / drawing.pixel_std)[:, None].expand(-1, 3, -1, -1)
     y = torch.tensor([c.label for c in canvases])
-    boxes = [digit_patches(c.box, ARCH["patch_size"], variant.side) for c in canvases]
+    boxes = [digit_patches(c.box, ARCH["patch_size"], drawing.canvas) for c in canvases]
     return x.contiguous(), y, boxes
 
 
@@ -178,20 +166,20 @@ def evaluate(model, x, y, boxes, seed=0):
 
 def run_seed(seed: int, args) -> dict[str, float]:
     started = time.monotonic()
-    variant = Variant(args.clutter_pieces, args.fragment, args.canvas)
-    if variant != Variant():  # a variant: its own train split's statistics, as the constants are the task's
-        mean, std = task.pixel_stats("train", clutter_pieces=variant.pieces, fragment=variant.fragment,
-                                     side=variant.side)
-        variant = replace(variant, mean=mean, std=std)
-        print(f"  variant {variant}", file=sys.stderr, flush=True)
-    xt, yt, _ = tensors("train", seed, variant, args.jpeg)
-    xv, yv, boxes = tensors("val", seed, variant, args.jpeg)
+    drawing = task.TASK
+    asked = replace(drawing, canvas=args.canvas, clutter_pieces=args.clutter_pieces, fragment=args.fragment)
+    if asked != drawing:  # a variant: its own train split's statistics, as the built-in sizes have theirs
+        mean, std = asked.pixel_stats("train")
+        drawing = replace(asked, pixel_mean=mean, pixel_std=std)
+        print(f"  variant {drawing}", file=sys.stderr, flush=True)
+    xt, yt, _ = tensors("train", seed, drawing, args.jpeg)
+    xv, yv, boxes = tensors("val", seed, drawing, args.jpeg)
     torch.manual_seed(seed)
-    arch = {**ARCH, "img_size": variant.side}
+    arch = {**ARCH, "img_size": drawing.canvas}
     dense = spot.create_model("deit_t", rho=None, **arch)
     fresh = None
     if args.fresh:  # new training canvases each dense epoch (seeds apart from each other's)
-        fresh = lambda epoch: tensors("train", 1000 * (seed + 1) + epoch, variant, args.jpeg)[:2]  # noqa: E731
+        fresh = lambda epoch: tensors("train", 1000 * (seed + 1) + epoch, drawing, args.jpeg)[:2]  # noqa: E731
     preset = None
     if args.pipeline_recipe or args.dense_part:  # the hard preset, as finetune.py / demo.py resolve it
         preset = RunConfig(**{**digits_preset(), **BUILTIN_TASKS["cluttered-digits-hard"], "rho": None,
@@ -260,11 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--predictor-lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--clutter-pieces", type=int, default=task.CLUTTER_PIECES,
+    parser.add_argument("--clutter-pieces", type=int, default=task.TASK.clutter_pieces,
                         help="clutter fragments per canvas (a variant of the task)")
-    parser.add_argument("--fragment", type=int, default=task.FRAGMENT,
+    parser.add_argument("--fragment", type=int, default=task.TASK.fragment,
                         help="side of a clutter fragment in scan pixels, 1-8 (a variant of the task)")
-    parser.add_argument("--canvas", type=int, default=task.CANVAS,
+    parser.add_argument("--canvas", type=int, default=task.TASK.canvas,
                         help="side of the canvas in px, a multiple of the 8 px patch (a variant of the task: "
                              "96 is 144 tokens)")
     args = parser.parse_args(argv)

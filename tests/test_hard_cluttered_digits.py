@@ -23,15 +23,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def canvases():
-    return hard.make_canvases("val")
+    return hard.TASK.make_canvases("val")
 
 
 def test_digit_on_the_patch_grid_anywhere_among_clutter_as_bright_as_it(canvases):
     boxes = np.array([c.box for c in canvases])
     assert (boxes[:, :2] % hard.OFFSET_GRID == 0).all() and hard.OFFSET_GRID == 8
-    assert all(len(digit_patches(c.box, 8, hard.CANVAS)) == 4 for c in canvases)  # of 64 tokens
+    assert all(len(digit_patches(c.box, 8, hard.TASK.canvas)) == 4 for c in canvases)  # of 64 tokens
     places = {(int(t), int(left)) for t, left in boxes[:, :2]}
-    assert len(places) == ((hard.CANVAS - hard.DIGIT_SIDE) // 8 + 1) ** 2  # every place of the grid is used
+    side = hard.TASK.canvas
+    assert len(places) == ((side - hard.DIGIT_SIDE) // 8 + 1) ** 2  # every place of the grid is used
     scans = load_digits().images * (255 / 16)
     overlapped, bright = 0, 0
     for c in canvases[:300]:
@@ -51,7 +52,7 @@ def test_digit_on_the_patch_grid_anywhere_among_clutter_as_bright_as_it(canvases
 
 
 def test_same_seed_same_canvases_and_shards_hold_the_boxes_and_pixels(tmp_path, canvases):
-    again = hard.make_canvases("val")[:20]
+    again = hard.TASK.make_canvases("val")[:20]
     for a, b in zip(canvases[:20], again, strict=True):
         assert np.array_equal(a.pixels, b.pixels) and a.box == b.box
     write_shards("cluttered-digits-hard", tmp_path, split="val", shard_size=2000, workers=1)
@@ -59,7 +60,8 @@ def test_same_seed_same_canvases_and_shards_hold_the_boxes_and_pixels(tmp_path, 
     assert len(samples) == read_manifest(tmp_path).counts["val"] == len(canvases)
     meta = json.loads(samples[0]["json"])
     image = np.asarray(Image.open(io.BytesIO(samples[0]["jpg"])).convert("L"))
-    assert image.shape == (hard.CANVAS, hard.CANVAS) and meta["source"].startswith("cluttered-digits-hard:")
+    side = hard.TASK.canvas
+    assert image.shape == (side, side) and meta["source"].startswith("cluttered-digits-hard:")
     assert len(meta["digit_box"]) == 3
     # the pixels as drawn: the shard writer's default JPEG quality smooths the sensor noise in 8 x 8 blocks
     # (the patch grid), which changed what the pipeline's models learned (docs/benchmarks.md, the harder task)
@@ -88,16 +90,16 @@ def test_the_built_in_canvases_are_the_ones_the_recorded_task_params_stand_for(c
 
 
 def test_a_larger_canvas_holds_the_same_digit_among_more_tokens():
-    """``side=96`` (benchmarks/hard_task.py --canvas 96): 96 px canvases, the digit's box inside it on the
+    """``LARGE`` (and benchmarks/hard_task.py --canvas 96): 96 px canvases, the digit's box inside it on the
     patch grid, 4 of its 144 tokens, at every place of the grid."""
-    larger = hard.make_canvases("val", side=96, clutter_pieces=63)
+    larger = hard.LARGE.make_canvases("val")
     assert {c.pixels.shape for c in larger} == {(96, 96)}
     boxes = np.array([c.box for c in larger])
     assert (boxes[:, :2] % 8 == 0).all() and (boxes[:, :2] + hard.DIGIT_SIDE <= 96).all()
     assert {int(t) for t in boxes[:, 0]} == set(range(0, 96 - hard.DIGIT_SIDE + 1, 8))
     assert all(len(digit_patches(c.box, 8, 96)) == 4 for c in larger)
-    with pytest.raises(ValueError, match="side 8: a canvas must hold the 16 px digit"):
-        hard.make_canvases("val", side=8)
+    with pytest.raises(ValueError, match="canvas 8: a canvas must hold the 16 px digit"):
+        hard.Drawing(canvas=8, clutter_pieces=1, pixel_mean=0.3, pixel_std=0.4)
 
 
 def test_the_benchmark_refuses_a_canvas_off_the_patch_grid_and_rates_it_does_not_compare(capsys):
@@ -114,14 +116,14 @@ def test_the_benchmark_refuses_a_canvas_off_the_patch_grid_and_rates_it_does_not
 
 @pytest.mark.parametrize("drawing", [hard.TASK, hard.LARGE], ids=["64px", "96px"])
 def test_preset_normalisation_is_the_train_split_statistics(drawing):
-    mean, std = hard.pixel_stats("train", clutter_pieces=drawing.clutter_pieces, side=drawing.canvas)
+    mean, std = drawing.pixel_stats("train")
     assert mean == pytest.approx(drawing.pixel_mean, abs=5e-4)
     assert std == pytest.approx(drawing.pixel_std, abs=5e-4)
 
 
 def test_pixel_stats_summed_canvas_by_canvas_are_numpys_over_the_whole_split(canvases):
     pixels = np.stack([c.pixels for c in canvases]).astype(np.float64) / 255
-    assert hard.pixel_stats("val") == pytest.approx((pixels.mean(), pixels.std()), rel=1e-9)
+    assert hard.TASK.pixel_stats("val") == pytest.approx((pixels.mean(), pixels.std()), rel=1e-9)
 
 
 def test_the_64_px_task_records_what_its_shards_were_made_with():
