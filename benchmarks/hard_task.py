@@ -63,17 +63,23 @@ def as_in_shards(pixels: np.ndarray, quality: int) -> np.ndarray:
 
 def tensors(split: str, seed: int, drawing: task.Drawing, jpeg: int | None = None
             ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
-    """``split``'s canvases as normalised (N, 3, H, W) inputs, their labels, and the digit's patches."""
+    """``split``'s canvases as normalised inputs (N, 3, H, W; grey as drawn: N, 1, H, W, which the model's
+    batches expand), their labels, and the digit's patches."""
     canvases = drawing.make_canvases(split, seed)
     if jpeg:  # (N, 3, H, W), as the pipeline's loader decodes shards written at JPEG quality ``jpeg``
         pixels = np.stack([as_in_shards(c.pixels, jpeg) for c in canvases]).astype(np.float32) / 255
         x = torch.from_numpy((pixels - drawing.pixel_mean) / drawing.pixel_std).permute(0, 3, 1, 2)
     else:
         pixels = np.stack([c.pixels for c in canvases]).astype(np.float32) / 255
-        x = torch.from_numpy((pixels - drawing.pixel_mean) / drawing.pixel_std)[:, None].expand(-1, 3, -1, -1)
+        x = torch.from_numpy((pixels - drawing.pixel_mean) / drawing.pixel_std)[:, None]
     y = torch.tensor([c.label for c in canvases])
     boxes = [digit_patches(c.box, ARCH["patch_size"], drawing.canvas) for c in canvases]
     return x.contiguous(), y, boxes
+
+
+def rgb(batch: torch.Tensor) -> torch.Tensor:
+    """A batch of :func:`tensors` as the model's 3 channels."""
+    return batch.expand(-1, 3, -1, -1)
 
 
 def train(model, teacher, x, y, *, epochs, lr, predictor_lr, rho, seed, batch=64, warmup=0.25, fresh=None,
@@ -123,11 +129,11 @@ def train(model, teacher, x, y, *, epochs, lr, predictor_lr, rho, seed, batch=64
             scale = step / warm if step < warm else cosine
             for g, b in zip(opt.param_groups, base, strict=True) if scheduler is None else ():
                 g["lr"] = b * max(scale, 1e-3)
-            logits, info = model(x[idx], return_info=True)
+            logits, info = model(rgb(x[idx]), return_info=True)
             t_logits = None
             if teacher is not None:
                 with torch.no_grad():
-                    t_logits = teacher(x[idx])
+                    t_logits = teacher(rgb(x[idx]))
             loss, _ = spot.spot_loss(logits, y[idx], info, rho=rho or 1.0, lambdas=lambdas,
                                      teacher_logits=t_logits, label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
@@ -155,7 +161,7 @@ def evaluate(model, x, y, boxes, seed=0):
     torch.manual_seed(seed)
     correct, held, total = 0, 0, 0
     for i in range(0, len(x), 256):
-        logits, info = model(x[i : i + 256], return_info=True)
+        logits, info = model(rgb(x[i : i + 256]), return_info=True)
         correct += int((logits.argmax(-1) == y[i : i + 256]).sum())
         if info.kept_indices:
             for kept, box in zip(info.kept_indices[-1].tolist(), boxes[i : i + 256], strict=True):
@@ -167,7 +173,8 @@ def evaluate(model, x, y, boxes, seed=0):
 def run_seed(seed: int, args) -> dict[str, float]:
     started = time.monotonic()
     drawing = task.TASK
-    asked = replace(drawing, canvas=args.canvas, clutter_pieces=args.clutter_pieces, fragment=args.fragment)
+    asked = replace(drawing, canvas=args.canvas, clutter_pieces=args.clutter_pieces, fragment=args.fragment,
+                    train_per_scan=args.train_per_scan)
     if asked != drawing:  # a variant: its own train split's statistics, as the built-in sizes have theirs
         mean, std = asked.pixel_stats("train")
         drawing = replace(asked, pixel_mean=mean, pixel_std=std)
@@ -252,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="clutter fragments per canvas (a variant of the task)")
     parser.add_argument("--fragment", type=int, default=task.TASK.fragment,
                         help="side of a clutter fragment in scan pixels, 1-8 (a variant of the task)")
+    parser.add_argument("--train-per-scan", type=int, default=task.TASK.train_per_scan,
+                        help="training canvases per scan of the train split's 1437 (a variant of the task: "
+                             "more distinct training canvases)")
     parser.add_argument("--canvas", type=int, default=task.TASK.canvas,
                         help="side of the canvas in px, a multiple of the 8 px patch (a variant of the task: "
                              "96 is 144 tokens)")

@@ -40,9 +40,9 @@ from pipelines.tracking.mlflow_run import MlflowRun
 from pipelines.tracking.registry import load_model
 from pipelines.tracking.uri import move_credentials_to_env
 from pipelines.training.config import (
+    BUILTIN_FINETUNE,
     BUILTIN_TASKS,
     DIGITS_SOURCE,
-    DIGITS_SPOT_FINETUNE,
     RUNS_DIR,
     RunConfig,
     make_builtin_data,
@@ -120,7 +120,8 @@ def train_models(
         teacher = dense["registered_uri"]
         for i, rho in enumerate(rhos):
             tag = "" if len(rhos) == 1 else f"-rho{rho:g}"
-            spot_options = {**options, **DIGITS_SPOT_FINETUNE, "pretrained": teacher, "rho": rho}
+            finetuning = BUILTIN_FINETUNE[dense_config.source]
+            spot_options = {**options, **finetuning, "pretrained": teacher, "rho": rho}
             spot_config = resolve_config(spot_options | {"run_name": f"demo-spot{tag}-{stamp}"})
             print(f"== {2 + 2 * i}/{steps} SPOT rho {rho}: {spot_config.epochs} epochs from {teacher} "
                   "(its teacher)", flush=True)

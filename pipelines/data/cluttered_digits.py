@@ -94,15 +94,17 @@ def make_canvases(
     clutter_pieces: int = CLUTTER_PIECES,
     fragment: int = FRAGMENT,
     stream: tuple[int, ...] = (),
+    per_scan: int | None = None,
 ) -> list[Canvas]:
-    """``CANVASES_PER_SCAN[split]`` canvases per scan of ``split``, deterministic in ``seed``. A variant of
-    the task (:mod:`pipelines.data.hard_cluttered_digits`) passes its own ``draw`` (``render``'s
-    signature), clutter count and fragment side, and a ``stream`` that keeps its random numbers apart."""
+    """``per_scan`` (default ``CANVASES_PER_SCAN[split]``) canvases per scan of ``split``, deterministic in
+    ``seed``; with more per scan the first are the same. A variant of the task
+    (:mod:`pipelines.data.hard_cluttered_digits`) passes its own ``draw`` (``render``'s signature), clutter
+    count and fragment side, and a ``stream`` that keeps its random numbers apart."""
     scans, digits = split_scans(split)
     images = np.round(digits.images * (255 / 16)).astype(np.uint8)
     rng = np.random.default_rng([seed, list(CANVASES_PER_SCAN).index(split), *stream])
     out = []
-    for _ in range(CANVASES_PER_SCAN[split]):
+    for _ in range(CANVASES_PER_SCAN[split] if per_scan is None else per_scan):
         for scan in scans:
             others = rng.choice(scans[scans != scan], size=clutter_pieces)
             fragments = []

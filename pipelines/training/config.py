@@ -45,21 +45,28 @@ log = logging.getLogger(__name__)
 DIGITS_SOURCE = "cluttered-digits"  # the built-in task (pipelines/data/cluttered_digits.py)
 DIGITS_DIR = f"data/{DIGITS_SOURCE}"
 HARD = hard_cluttered_digits
-# The built-in tasks (--source, without --data): what each changes in the digits preset. The harder canvases
-# (pipelines/data/hard_cluttered_digits.py): their side, their own pixel statistics, and the dense recipe that
-# learns them from scratch (lr 5e-4, batch 32; 6 epochs at 64 px, 16 at 96 px, where 6 leave the dense model
-# far below its plateau; docs/benchmarks.md, the harder task)
-BUILTIN_TASKS = {
-    DIGITS_SOURCE: {},
-    **{name: {"img_size": drawing.canvas, "mean": [drawing.pixel_mean] * 3, "std": [drawing.pixel_std] * 3,
-              "epochs": epochs, "lr": 5e-4, "batch_size": 32}
-       for name, drawing, epochs in (("cluttered-digits-hard", HARD.TASK, 6),
-                                     ("cluttered-digits-hard-96", HARD.LARGE, 16))},
-}
 # SPOT fine-tuned from the dense digits model (make demo, the digits sweep): lower learning rates than the
 # dense run from scratch, no freeze, a quarter epoch of warm-up (docs/benchmarks.md, cluttered digits)
 DIGITS_SPOT_FINETUNE = {"epochs": 2, "lr": 1e-4, "predictor_lr": 1e-3, "freeze_epochs": 0,
                         "warmup_epochs": 0.25}
+# The built-in tasks (--source, without --data): what each changes in the digits preset for the dense run,
+# and in DIGITS_SPOT_FINETUNE for the runs fine-tuned from it. The harder canvases
+# (pipelines/data/hard_cluttered_digits.py): their side, their own pixel statistics, and the dense recipe that
+# learns them from scratch (lr 5e-4, batch 32; 6 epochs at 64 px; at 96 px 4 epochs of a train split 4 x
+# larger, the steps of 16 epochs of the 64 px one's size, which the dense model needs there and over which
+# it overfits one set of that size; one fine-tuning epoch; docs/benchmarks.md, the harder task)
+# (source, drawing, dense epochs, fine-tuning epochs)
+_HARD_SOURCES = (("cluttered-digits-hard", HARD.TASK, 6, 2), ("cluttered-digits-hard-96", HARD.LARGE, 4, 1))
+BUILTIN_TASKS = {
+    DIGITS_SOURCE: {},
+    **{name: {"img_size": drawing.canvas, "mean": [drawing.pixel_mean] * 3, "std": [drawing.pixel_std] * 3,
+              "epochs": epochs, "lr": 5e-4, "batch_size": 32}
+       for name, drawing, epochs, _ in _HARD_SOURCES},
+}
+BUILTIN_FINETUNE = {
+    DIGITS_SOURCE: DIGITS_SPOT_FINETUNE,
+    **{name: {**DIGITS_SPOT_FINETUNE, "epochs": epochs} for name, _, _, epochs in _HARD_SOURCES},
+}
 RUNS_DIR = "ray_results"
 # where a run runs: a --resume keeps the recorded values unless they are given again
 PLACEMENT_KEYS = ("num_workers", "gpus_per_worker", "cpus_per_worker", "placement_strategy", "address",
