@@ -1,5 +1,6 @@
 """The harder built-in task: the digit on the patch grid, clutter as bright as it and over it, noise."""
 
+import functools
 import hashlib
 import io
 import json
@@ -11,10 +12,10 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from pipelines.data import hard_cluttered_digits as hard
-from pipelines.data.cluttered_digits import digit_patches
+from pipelines.data.cluttered_digits import digit_patches, make_canvases
 from pipelines.data.manifest import read_manifest
 from pipelines.data.shards import JPEG_QUALITY, Item, encode, write_shards
-from pipelines.training.config import BUILTIN_TASKS, make_builtin_data, resolve_config
+from pipelines.training.config import BUILTIN_FINETUNE, BUILTIN_TASKS, make_builtin_data, resolve_config
 from tests.scripts import load_script
 from tests.shard_reading import split_samples
 
@@ -100,6 +101,18 @@ def test_a_larger_canvas_holds_the_same_digit_among_more_tokens():
     assert all(len(digit_patches(c.box, 8, 96)) == 4 for c in larger)
     with pytest.raises(ValueError, match="canvas 8: a canvas must hold the 16 px digit"):
         hard.Drawing(canvas=8, clutter_pieces=1, pixel_mean=0.3, pixel_std=0.4)
+    with pytest.raises(ValueError, match="train_per_scan 0: at least one canvas per scan"):
+        hard.Drawing(canvas=96, clutter_pieces=1, pixel_mean=0.3, pixel_std=0.4, train_per_scan=0)
+
+
+def test_more_canvases_per_scan_begin_with_the_fewer(canvases):
+    """A larger split (``train_per_scan``) extends the default one: its first canvases are the same."""
+    draw = functools.partial(hard.render, side=hard.TASK.canvas)
+    more = make_canvases("val", draw=draw, clutter_pieces=hard.TASK.clutter_pieces, fragment=hard.FRAGMENT,
+                         stream=(1,), per_scan=6)
+    assert len(more) == 6 * SCANS["val"] and len(canvases) == 5 * SCANS["val"]
+    for a, b in zip(canvases, more[: len(canvases)], strict=True):
+        assert np.array_equal(a.pixels, b.pixels) and a.box == b.box
 
 
 def test_the_benchmark_refuses_a_canvas_off_the_patch_grid_and_rates_it_does_not_compare(capsys):
@@ -131,18 +144,26 @@ def test_the_64_px_task_records_what_its_shards_were_made_with():
     again (a change here remakes every user's shards, as a change of the drawing must)."""
     assert hard.TASK_PARAMS == {"canvas": 64, "offset_grid": 8, "fragment": 6, "clutter_pieces": 28,
                                 "max_overlap": 0.25, "noise_std": 0.08, "jpeg_quality": 100}
-    assert hard.LARGE.task_params == {**hard.TASK_PARAMS, "canvas": 96, "clutter_pieces": 63}
+    assert hard.LARGE.task_params == {**hard.TASK_PARAMS, "canvas": 96, "clutter_pieces": 63,
+                                      "train_per_scan": 32}
 
 
-@pytest.mark.parametrize(("source", "drawing", "epochs"), [("cluttered-digits-hard", hard.TASK, 6),
-                                                           ("cluttered-digits-hard-96", hard.LARGE, 16)])
-def test_source_option_makes_the_hard_shards_with_its_own_preset_and_model_names(tmp_path, source, drawing,
-                                                                                epochs):
+SCANS = {"train": 1437, "val": 360}  # scikit-learn's 1797 digit scans, split 80 / 20
+
+
+@pytest.mark.parametrize(("source", "drawing", "epochs", "per_scan", "tuning_epochs"),
+                         [("cluttered-digits-hard", hard.TASK, 6, 8, 2),
+                          ("cluttered-digits-hard-96", hard.LARGE, 4, 32, 1)])
+def test_source_option_makes_the_hard_shards_with_its_own_preset_and_model_names(
+    tmp_path, source, drawing, epochs, per_scan, tuning_epochs
+):
     make_builtin_data({"source": source}, cwd=tmp_path)
     config = resolve_config({"source": source, "dense": True}, cwd=tmp_path)
     assert config.data == str(tmp_path / "data" / source)
-    params = read_manifest(config.data).info["val"]["params"]
+    manifest = read_manifest(config.data)
+    params = manifest.info["val"]["params"]
     assert params["source"] == source and params["task"] == drawing.task_params
+    assert manifest.counts == {"train": per_scan * SCANS["train"], "val": 5 * SCANS["val"]}
     side = drawing.canvas
     assert (config.img_size, config.mean, config.std) == (side, [drawing.pixel_mean] * 3,
                                                           [drawing.pixel_std] * 3)
@@ -152,6 +173,11 @@ def test_source_option_makes_the_hard_shards_with_its_own_preset_and_model_names
     preset = BUILTIN_TASKS[source]  # the dense recipe that learns the task
     assert (config.epochs, config.lr, config.batch_size) == (epochs, 5e-4, 32) == (
         preset["epochs"], preset["lr"], preset["batch_size"])
+    if drawing is hard.LARGE:  # the steps of 16 epochs over 8 canvases a scan, on 4 x as many distinct ones
+        assert manifest.counts["train"] * epochs == 16 * 8 * SCANS["train"]
+    tuned = resolve_config({"source": source, **BUILTIN_FINETUNE[source], "pretrained": None, "rho": 0.5},
+                           cwd=tmp_path)
+    assert (tuned.epochs, tuned.lr, tuned.predictor_lr) == (tuning_epochs, 1e-4, 1e-3)
     assert config.register_as == f"spot-deit_t-dense-{source}"  # apart from the digits' models
     spot_run = resolve_config({"source": source, "selector": "cls_attn_avg"}, cwd=tmp_path)
     assert spot_run.register_as == f"spot-deit_t-cls-attn-{source}"
