@@ -13,7 +13,8 @@ split's own scans, everything from ``numpy.random.default_rng``). The built-in s
 (64 tokens of 8 px, ``cluttered-digits-hard``), and :data:`LARGE`, the same drawing on 96 px (144 tokens)
 at the same clutter density (``cluttered-digits-hard-96``; docs/benchmarks.md: there, in the benchmark,
 class attention is a poor relevance signal; through the pipeline the gap is smaller). A variant is another
-:class:`Drawing` (``benchmarks/hard_task.py --clutter-pieces --fragment --canvas``).
+:class:`Drawing` (``benchmarks/hard_task.py --clutter-pieces --fragment --canvas
+--train-per-scan``).
 """
 
 from __future__ import annotations
