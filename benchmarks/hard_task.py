@@ -277,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.canvas % ARCH["patch_size"] or args.canvas < task.DIGIT_SIDE:
         parser.error(f"--canvas must be a multiple of {ARCH['patch_size']} px of at least {task.DIGIT_SIDE}, "
                      f"not {args.canvas}")
+    if args.train_per_scan < 1:
+        parser.error(f"--train-per-scan must be at least 1, not {args.train_per_scan}")
     if not 1 <= args.fragment <= 8 or args.clutter_pieces < 0:
         parser.error(f"--fragment must be 1-8 and --clutter-pieces >= 0, not {args.fragment}, "
                      f"{args.clutter_pieces}")

@@ -20,6 +20,7 @@ from tests.scripts import load_script
 from tests.shard_reading import split_samples
 
 ROOT = Path(__file__).resolve().parent.parent
+SCANS = {"train": 1437, "val": 360}  # scikit-learn's 1797 digit scans, split 80 / 20
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +92,8 @@ def test_the_built_in_canvases_are_the_ones_the_recorded_task_params_stand_for(c
 
 
 def test_a_larger_canvas_holds_the_same_digit_among_more_tokens():
-    """``LARGE`` (and benchmarks/hard_task.py --canvas 96): 96 px canvases, the digit's box inside it on the
-    patch grid, 4 of its 144 tokens, at every place of the grid."""
+    """``LARGE`` (benchmarks/hard_task.py --canvas 96 --clutter-pieces 63): 96 px canvases, the digit's box
+    inside it on the patch grid, 4 of its 144 tokens, at every place of the grid."""
     larger = hard.LARGE.make_canvases("val")
     assert {c.pixels.shape for c in larger} == {(96, 96)}
     boxes = np.array([c.box for c in larger])
@@ -106,7 +107,8 @@ def test_a_larger_canvas_holds_the_same_digit_among_more_tokens():
 
 
 def test_more_canvases_per_scan_begin_with_the_fewer(canvases):
-    """A larger split (``train_per_scan``) extends the default one: its first canvases are the same."""
+    """More canvases per scan (``Drawing.train_per_scan`` on the train split) extend the default count: the
+    first ones are the same (here on the val split, drawn as the task draws it, for the test's time)."""
     draw = functools.partial(hard.render, side=hard.TASK.canvas)
     more = make_canvases("val", draw=draw, clutter_pieces=hard.TASK.clutter_pieces, fragment=hard.FRAGMENT,
                          stream=(1,), per_scan=6)
@@ -119,6 +121,7 @@ def test_the_benchmark_refuses_a_canvas_off_the_patch_grid_and_rates_it_does_not
     bench = load_script("benchmarks/hard_task.py")
     refusals = {("--canvas", "60"): "--canvas must be a multiple of 8 px of at least 16, not 60",
                 ("--canvas", "8"): "--canvas must be a multiple of 8 px of at least 16, not 8",
+                ("--train-per-scan", "0"): "--train-per-scan must be at least 1, not 0",
                 ("--rho", "0.7", "0.6"): "--rho: several fine-tuning rates must be the compared ones, "
                                          "0.7 0.5; not 0.7 0.6"}
     for argv, message in refusals.items():
@@ -146,9 +149,6 @@ def test_the_64_px_task_records_what_its_shards_were_made_with():
                                 "max_overlap": 0.25, "noise_std": 0.08, "jpeg_quality": 100}
     assert hard.LARGE.task_params == {**hard.TASK_PARAMS, "canvas": 96, "clutter_pieces": 63,
                                       "train_per_scan": 32}
-
-
-SCANS = {"train": 1437, "val": 360}  # scikit-learn's 1797 digit scans, split 80 / 20
 
 
 @pytest.mark.parametrize(("source", "drawing", "epochs", "per_scan", "tuning_epochs"),

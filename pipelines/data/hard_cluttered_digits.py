@@ -117,7 +117,7 @@ class Drawing:
     def pixel_stats(self, split: str, seed: int = 0) -> tuple[float, float]:
         """Mean and std of all pixels of ``split``'s canvases, on the [0, 1] scale."""
         canvases = self.make_canvases(split, seed)
-        total = squares = 0.0  # canvas by canvas: a float64 copy of a whole 96 px split is 0.8 GB
+        total = squares = 0.0  # canvas by canvas: a float64 copy of a whole 96 px split is GBs
         for c in canvases:
             pixels = c.pixels.astype(np.float64) / 255
             total += float(pixels.sum())
@@ -132,6 +132,6 @@ class Drawing:
 TASK = Drawing(canvas=64, clutter_pieces=28, pixel_mean=0.326, pixel_std=0.381)
 TASK_PARAMS = TASK.task_params
 # 96 px: 144 tokens; 63 fragments keep the 64 px task's density (``cluttered-digits-hard-96``). Its dense
-# model needs the steps of 16 epochs of an 8-per-scan split and overfits one such set of canvases (the
-# benchmark without new canvases each epoch lost 3.5 points: docs/benchmarks.md), so it draws 4 x as many.
+# model needs the steps of 16 epochs of an 8-per-scan split and overfits one such set of canvases
+# (docs/benchmarks.md, 144 tokens), so it draws 4 x as many.
 LARGE = Drawing(canvas=96, clutter_pieces=63, pixel_mean=0.323, pixel_std=0.380, train_per_scan=32)
