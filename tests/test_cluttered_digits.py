@@ -74,3 +74,12 @@ def test_labels_boxes_and_background_from_the_meta(val_dir):
 def test_preset_normalisation_is_the_train_split_statistics():
     mean, std = pixel_stats("train")
     assert mean == pytest.approx(PIXEL_MEAN, abs=5e-4) and std == pytest.approx(PIXEL_STD, abs=5e-4)
+
+
+def test_more_canvases_per_scan_begin_with_the_fewer():
+    """``per_scan`` (``hard_cluttered_digits.Drawing.train_per_scan``) extends a split: its first canvases are
+    the default count's, so a larger train split holds the smaller one."""
+    fewer, more = make_canvases("val"), make_canvases("val", per_scan=6)
+    assert (len(fewer), len(more)) == (5 * 360, 6 * 360)  # 360 val scans
+    for a, b in zip(fewer, more[: len(fewer)], strict=True):
+        assert np.array_equal(a.pixels, b.pixels) and a.box == b.box and a.clutter == b.clutter

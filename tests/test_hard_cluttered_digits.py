@@ -1,6 +1,5 @@
 """The harder built-in task: the digit on the patch grid, clutter as bright as it and over it, noise."""
 
-import functools
 import hashlib
 import io
 import json
@@ -12,7 +11,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from pipelines.data import hard_cluttered_digits as hard
-from pipelines.data.cluttered_digits import digit_patches, make_canvases
+from pipelines.data.cluttered_digits import digit_patches
 from pipelines.data.manifest import read_manifest
 from pipelines.data.shards import JPEG_QUALITY, Item, encode, write_shards
 from pipelines.training.config import BUILTIN_FINETUNE, BUILTIN_TASKS, make_builtin_data, resolve_config
@@ -104,17 +103,6 @@ def test_a_larger_canvas_holds_the_same_digit_among_more_tokens():
         hard.Drawing(canvas=8, clutter_pieces=1, pixel_mean=0.3, pixel_std=0.4)
     with pytest.raises(ValueError, match="train_per_scan 0: at least one canvas per scan"):
         hard.Drawing(canvas=96, clutter_pieces=1, pixel_mean=0.3, pixel_std=0.4, train_per_scan=0)
-
-
-def test_more_canvases_per_scan_begin_with_the_fewer(canvases):
-    """More canvases per scan (``Drawing.train_per_scan`` on the train split) extend the default count: the
-    first ones are the same (here on the val split, drawn as the task draws it, for the test's time)."""
-    draw = functools.partial(hard.render, side=hard.TASK.canvas)
-    more = make_canvases("val", draw=draw, clutter_pieces=hard.TASK.clutter_pieces, fragment=hard.FRAGMENT,
-                         stream=(1,), per_scan=6)
-    assert len(more) == 6 * SCANS["val"] and len(canvases) == 5 * SCANS["val"]
-    for a, b in zip(canvases, more[: len(canvases)], strict=True):
-        assert np.array_equal(a.pixels, b.pixels) and a.box == b.box
 
 
 def test_the_benchmark_refuses_a_canvas_off_the_patch_grid_and_rates_it_does_not_compare(capsys):

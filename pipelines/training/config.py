@@ -52,9 +52,9 @@ DIGITS_SPOT_FINETUNE = {"epochs": 2, "lr": 1e-4, "predictor_lr": 1e-3, "freeze_e
 # The built-in tasks (--source, without --data): what each changes in the digits preset for the dense run,
 # and in DIGITS_SPOT_FINETUNE for the runs fine-tuned from it. The harder canvases
 # (pipelines/data/hard_cluttered_digits.py): their side, their own pixel statistics, and the dense recipe that
-# learns them from scratch (lr 5e-4, batch 32; 6 epochs at 64 px; at 96 px 4 epochs of a train split 4 x
-# larger, the steps of 16 epochs of the 64 px one's size, which the dense model needs there and over which
-# it overfits one set of that size; one fine-tuning epoch; docs/benchmarks.md, the harder task)
+# learns them from scratch (lr 5e-4, batch 32; 6 epochs at 64 px; at 96 px the dense model needs the steps
+# of 16 epochs over 8 canvases a scan and overfits one such set, so 4 epochs over 32 a scan, and one
+# fine-tuning epoch; docs/benchmarks.md, the harder task)
 # (source, drawing, dense epochs, fine-tuning epochs)
 _HARD_SOURCES = (("cluttered-digits-hard", HARD.TASK, 6, 2), ("cluttered-digits-hard-96", HARD.LARGE, 4, 1))
 BUILTIN_TASKS = {
