@@ -341,6 +341,21 @@ def test_digits_sweep_without_a_registered_dense_model_says_it_trains_from_scrat
     assert not options.is_given("rho") and not options.is_given("pretrained")  # derived per trial; none
 
 
+@pytest.mark.parametrize("source", ["cluttered-digits", "cluttered-digits-hard", "cluttered-digits-hard-96"])
+def test_a_sweep_on_a_built_in_source_fine_tunes_as_its_demo_does(source):
+    """Without --data each trial takes the source's own fine-tuning recipe (the demo's: one epoch at 96 px,
+    two on the others), one worker; a flag still wins over it."""
+    from tuning.sweep import given_training_options
+    from tuning.sweep_lambdas import build_parser
+
+    epochs = {"cluttered-digits": 2, "cluttered-digits-hard": 2, "cluttered-digits-hard-96": 1}[source]
+    given = given_training_options(build_parser().parse_args(["--source", source]))
+    assert (given.epochs, given.warmup_epochs, given.freeze_epochs, given.num_workers) == (epochs, 0.25, 0, 1)
+    assert not given.is_given("lr") and not given.is_given("predictor_lr")  # searched
+    given = given_training_options(build_parser().parse_args(["--source", source, "--epochs", "3"]))
+    assert given.epochs == 3
+
+
 def test_a_teacher_trained_on_other_data_is_refused_before_anything_starts(digits_shards, tmp_path, capsys,
                                                                             monkeypatch):
     """A real SQLite registry: a dense teacher of the trials' architecture whose version records another

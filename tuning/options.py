@@ -8,22 +8,20 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, fields
 
-from pipelines.training.config import DIGITS_SPOT_FINETUNE, RUNS_DIR, RunConfig, add_field, option
+from pipelines.training.config import BUILTIN_FINETUNE, RUNS_DIR, RunConfig, add_field, option
 from pipelines.utils.cli import Parser
 from tuning import space
 
 EXPERIMENT = "spot-sweep"
 SEARCHERS = ("tpe", "random")
-# Without --data: a small sweep that fine-tunes SPOT from the dense digits model (tuning.sweep.digits_teacher)
-# in minutes on two CPU cores: make demo's SPOT recipe (its learning rates are searched), one worker a trial.
-DIGITS_SWEEP = {**{k: v for k, v in DIGITS_SPOT_FINETUNE.items() if k not in space.SEARCHABLE},
-                "num_workers": 1}
+
 # Fine-tuning options on the sweep's command line (the rest via --finetune-config).
 TRAIN_FLAGS = ("data", "source", "backbone", "pretrained", "epochs", "batch_size", "img_size", "model_args",
                "num_workers", "gpus_per_worker", "cpus_per_worker", "seed", "register_as", "verbose")
 TRAIN_HELP = {  # where the sweep's help differs from the fine-tuning job's
-    "epochs": "epochs per trial (ASHA's max) [default: the fine-tuning default; digits: 2]",
-    "num_workers": "Ray Train workers per trial [default: 2; digits: 1]",
+    "epochs": "epochs per trial (ASHA's max) [default: the fine-tuning default; a built-in --source: its "
+              "fine-tuning epochs, as make demo runs them]",
+    "num_workers": "Ray Train workers per trial [default: 2; a built-in --source: 1]",
     "seed": "seed of the training runs and the searcher [default: 0]",
     "verbose": "show Ray's and Tune's own log lines and every trial's per-epoch lines too",
 }
@@ -65,6 +63,14 @@ class SweepOptions:
                               "sweep-<backbone>-<time>]", metavar="NAME")
     resume: str | None = option(None, "continue the interrupted sweep in PATH (<storage>/<name>) where it "
                                 "stopped; takes no other option but --address", metavar="PATH")
+
+
+def builtin_sweep(source: str) -> dict:
+    """Without --data: a small sweep that fine-tunes SPOT from the built-in ``source``'s dense model
+    (tuning.sweep.digits_teacher) on two CPU cores: ``make demo``'s fine-tuning recipe for that source
+    (``BUILTIN_FINETUNE``; its learning rates are searched), one worker a trial."""
+    recipe = BUILTIN_FINETUNE[source]
+    return {**{k: v for k, v in recipe.items() if k not in space.SEARCHABLE}, "num_workers": 1}
 
 
 def build_parser(description: str, epilog: str) -> argparse.ArgumentParser:

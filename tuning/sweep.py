@@ -35,6 +35,7 @@ from pipelines.tracking.mlflow_run import MlflowRun
 from pipelines.tracking.registry import CHAMPION, DATA_TAGS, champion_metrics, data_tags, load_model
 from pipelines.tracking.uri import resolve_tracking_uri
 from pipelines.training.config import (
+    DIGITS_SOURCE,
     RUNS_DIR,
     GivenOptions,
     RunConfig,
@@ -50,7 +51,7 @@ from pipelines.training.weights import prepare_init
 from pipelines.utils import signals
 from pipelines.utils.errors import ConfigError, Interrupted, check, first_line
 from tuning import space
-from tuning.options import DIGITS_SWEEP, TRAIN_FLAGS
+from tuning.options import TRAIN_FLAGS, builtin_sweep
 from tuning.results import summarize
 from tuning.trial import METRIC, TIME_ATTR, TrialRuns, close_interrupted, run_trial, trial_dirname
 
@@ -69,11 +70,13 @@ class SweepError(ConfigError):
 
 
 def given_training_options(args: argparse.Namespace) -> GivenOptions:
-    """Fine-tuning options given explicitly: --finetune-config's, overridden by the flags (digits sweep
-    preset without --data)."""
+    """Fine-tuning options given explicitly: --finetune-config's, overridden by the flags (without --data,
+    the built-in source's sweep preset under them)."""
     flags = argparse.Namespace(**{k: getattr(args, k) for k in TRAIN_FLAGS})
     given = given_values(flags, args.finetune_config)
-    return given if given.data is not None else GivenOptions.from_mapping(DIGITS_SWEEP | given.as_mapping())
+    if given.data is not None:
+        return given
+    return GivenOptions.from_mapping(builtin_sweep(given.source or DIGITS_SOURCE) | given.as_mapping())
 
 
 def digits_teacher(given: GivenOptions, uri: str, cwd: Path, notes: list[str]) -> str | None:
