@@ -3,6 +3,7 @@
 import hashlib
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,20 @@ def test_the_benchmark_refuses_a_canvas_off_the_patch_grid_and_rates_it_does_not
         with pytest.raises(SystemExit) as stop:
             bench.main(list(argv))
         assert stop.value.code == 2 and capsys.readouterr().err.strip().endswith(f"error: {message}")
+
+
+def test_the_benchmark_takes_a_built_in_drawing_s_statistics_and_measures_a_variant_s():
+    """Asked for a built-in size, the benchmark uses its recorded statistics (no pass over its train split);
+    a variant is normalised by its own."""
+    bench = load_script("benchmarks/hard_task.py")
+    assert bench.builtin_or_variant(replace(hard.TASK, pixel_mean=0.0, pixel_std=1.0)) is hard.TASK
+    assert bench.builtin_or_variant(replace(hard.TASK, canvas=96, clutter_pieces=63, train_per_scan=32)) \
+        is hard.LARGE
+    asked = replace(hard.TASK, clutter_pieces=8, train_per_scan=1)
+    variant = bench.builtin_or_variant(asked)
+    assert replace(variant, pixel_mean=0.0, pixel_std=1.0) == replace(asked, pixel_mean=0.0, pixel_std=1.0)
+    assert (variant.pixel_mean, variant.pixel_std) == asked.pixel_stats("train")
+    assert variant.pixel_mean < hard.TASK.pixel_mean - 0.01  # fewer bright fragments: a darker mean
 
 
 @pytest.mark.parametrize("drawing", [hard.TASK, hard.LARGE], ids=["64px", "96px"])
