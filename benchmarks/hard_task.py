@@ -16,7 +16,8 @@ cosine, batch 64 when fine-tuning. Prints one markdown table per seed and the me
 ``--jpeg 90``: the canvases as shards at that JPEG quality hold them; ``--pipeline-recipe [dense|finetune]``:
 finetune.py's recipe with the hard preset, in both runs or one (docs/benchmarks.md: what made the pipeline
 differ). ``--clutter-pieces`` / ``--fragment`` draw a variant of the task (more or larger clutter fragments),
-normalised by its own train split's pixel mean / std (seed 0), as the built-in sizes are by theirs;
+normalised by its own train split's pixel mean / std (seed 0), as the built-in sizes are by theirs (options
+that draw a built-in size keep its recorded statistics);
 ``--canvas`` draws it on a larger canvas (more tokens), ``--train-per-scan`` with more training canvases
 (a larger train split). ``--rho 0.7 0.5``: both selectors fine-tuned at each rate, each rate compared with
 its own models (paper Table 7).

@@ -119,13 +119,15 @@ def test_the_benchmark_refuses_a_canvas_off_the_patch_grid_and_rates_it_does_not
         assert stop.value.code == 2 and capsys.readouterr().err.strip().endswith(f"error: {message}")
 
 
-def test_the_benchmark_takes_a_built_in_drawing_s_statistics_and_measures_a_variant_s():
+def test_the_benchmark_takes_a_built_in_drawing_s_statistics_and_measures_a_variant_s(monkeypatch):
     """Asked for a built-in size, the benchmark uses its recorded statistics (no pass over its train split);
     a variant is normalised by its own."""
     bench = load_script("benchmarks/hard_task.py")
-    assert bench.builtin_or_variant(replace(hard.TASK, pixel_mean=0.0, pixel_std=1.0)) is hard.TASK
-    assert bench.builtin_or_variant(replace(hard.TASK, canvas=96, clutter_pieces=63, train_per_scan=32)) \
-        is hard.LARGE
+    with monkeypatch.context() as patch:
+        patch.setattr(hard.Drawing, "pixel_stats", lambda *_: pytest.fail("a pass over a built-in split"))
+        assert bench.builtin_or_variant(replace(hard.TASK, pixel_mean=0.0, pixel_std=1.0)) is hard.TASK
+        assert bench.builtin_or_variant(replace(hard.TASK, canvas=96, clutter_pieces=63, train_per_scan=32)) \
+            is hard.LARGE
     asked = replace(hard.TASK, clutter_pieces=8, train_per_scan=1)
     variant = bench.builtin_or_variant(asked)
     assert replace(variant, pixel_mean=0.0, pixel_std=1.0) == replace(asked, pixel_mean=0.0, pixel_std=1.0)

@@ -342,9 +342,9 @@ def test_digits_sweep_without_a_registered_dense_model_says_it_trains_from_scrat
 
 
 @pytest.mark.parametrize("source", ["cluttered-digits", "cluttered-digits-hard", "cluttered-digits-hard-96"])
-def test_a_sweep_on_a_built_in_source_fine_tunes_as_its_demo_does(source):
+def test_a_sweep_on_a_built_in_source_fine_tunes_as_its_demo_does(source, tmp_path):
     """Without --data each trial takes the source's own fine-tuning recipe (the demo's: one epoch at 96 px,
-    two on the others), one worker; a flag still wins over it."""
+    two on the others), one worker, the source named by flag or in --finetune-config; a flag still wins."""
     from tuning.sweep import given_training_options
     from tuning.sweep_lambdas import build_parser
 
@@ -352,6 +352,10 @@ def test_a_sweep_on_a_built_in_source_fine_tunes_as_its_demo_does(source):
     given = given_training_options(build_parser().parse_args(["--source", source]))
     assert (given.epochs, given.warmup_epochs, given.freeze_epochs, given.num_workers) == (epochs, 0.25, 0, 1)
     assert not given.is_given("lr") and not given.is_given("predictor_lr")  # searched
+    config = tmp_path / "finetune.yaml"
+    config.write_text(f"source: {source}\n")
+    given = given_training_options(build_parser().parse_args(["--finetune-config", str(config)]))
+    assert (given.source, given.epochs) == (source, epochs)
     given = given_training_options(build_parser().parse_args(["--source", source, "--epochs", "3"]))
     assert given.epochs == 3
 

@@ -1,6 +1,6 @@
 """The sweep's options, declared once: its own (:class:`SweepOptions`) and the fine-tuning options it
-passes to every trial (fields of :class:`pipelines.training.config.RunConfig`, with the sweep's digits
-preset).
+passes to every trial (fields of :class:`pipelines.training.config.RunConfig`; without ``--data``, the
+built-in source's preset, :func:`builtin_sweep`).
 ``build_parser`` generates the command line of ``tuning/sweep_lambdas.py`` from both."""
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ SEARCHERS = ("tpe", "random")
 TRAIN_FLAGS = ("data", "source", "backbone", "pretrained", "epochs", "batch_size", "img_size", "model_args",
                "num_workers", "gpus_per_worker", "cpus_per_worker", "seed", "register_as", "verbose")
 TRAIN_HELP = {  # where the sweep's help differs from the fine-tuning job's
-    "epochs": "epochs per trial (ASHA's max) [default: the fine-tuning default; a built-in --source: its "
-              "fine-tuning epochs, as make demo runs them]",
-    "num_workers": "Ray Train workers per trial [default: 2; a built-in --source: 1]",
+    "epochs": "epochs per trial (ASHA's max) [default: with --data the fine-tuning default; without, the "
+              "--source's fine-tuning epochs, as make demo runs them]",
+    "num_workers": "Ray Train workers per trial [default: 2; without --data: 1]",
     "seed": "seed of the training runs and the searcher [default: 0]",
     "verbose": "show Ray's and Tune's own log lines and every trial's per-epoch lines too",
 }

@@ -45,12 +45,14 @@ log = logging.getLogger(__name__)
 DIGITS_SOURCE = "cluttered-digits"  # the built-in task (pipelines/data/cluttered_digits.py)
 DIGITS_DIR = f"data/{DIGITS_SOURCE}"
 HARD = hard_cluttered_digits
-# SPOT fine-tuned from the dense digits model (make demo, the digits sweep): lower learning rates than the
-# dense run from scratch, no freeze, a quarter epoch of warm-up (docs/benchmarks.md, cluttered digits)
+# SPOT fine-tuned from the dense digits model (make demo, the sweep without --data): lower learning rates
+# than the dense run from scratch, no freeze, a quarter epoch of warm-up (docs/benchmarks.md, cluttered
+# digits)
 DIGITS_SPOT_FINETUNE = {"epochs": 2, "lr": 1e-4, "predictor_lr": 1e-3, "freeze_epochs": 0,
                         "warmup_epochs": 0.25}
 # The built-in tasks (--source, without --data): what each changes in the digits preset for the dense run,
-# and in DIGITS_SPOT_FINETUNE for the runs fine-tuned from it. The harder canvases
+# and in DIGITS_SPOT_FINETUNE for the runs fine-tuned from it (BUILTIN_FINETUNE: the demo's and the
+# sweep's). The harder canvases
 # (pipelines/data/hard_cluttered_digits.py): their side, their own pixel statistics, and the dense recipe that
 # learns them from scratch (lr 5e-4, batch 32; 6 epochs at 64 px; at 96 px the dense model needs the steps
 # of 16 epochs over 8 canvases a scan and overfits one such set, so 4 epochs over 32 a scan, and one
