@@ -2,15 +2,17 @@
 """Time of one fine-tuning step on one worker: SPOT (mask mode + frozen dense teacher) vs the dense backbone.
 
 Both run the project's training step (``pipelines.training.worker.train_one_epoch`` over pre-made random
-batches,
-so no data loading is timed): forward, loss, backward, AdamW step, scheduler step. SPOT adds the relevance
-modules, the Gumbel masks with the policy attention and the teacher's forward. Reported: wall-clock ms per
-step (median of the repeats) and CPU-ms per step (process CPU time: meaningful when other jobs share the
-machine). ``--demo`` also times ``make demo``'s script end to end in a scratch directory.
+batches, so no data loading is timed): forward, loss, backward, AdamW step, scheduler step. SPOT adds the
+relevance modules, the Gumbel masks with the policy attention and the teacher's forward. The two models run
+in turns in this one process (dense, SPOT, dense, ...), so a change of load hits both. Reported: wall-clock
+ms per step (median of the repeats), CPU-ms per step (process CPU time: meaningful when other jobs share the
+machine), and the median of the per-repeat SPOT / dense ratios. ``--demo`` also times ``make demo``'s
+script end to end in a scratch directory.
 
-    python benchmarks/train_step.py                  # the demo's model (digits defaults), batch 32
-    python benchmarks/train_step.py --preset paper   # DeiT-S at 224, batch 8
-    python benchmarks/train_step.py --demo           # also the demo's wall time
+    python benchmarks/train_step.py                     # the demo's model (digits defaults), batch 32
+    python benchmarks/train_step.py --preset hard-96    # the 96 px built-in task's model, batch 16
+    python benchmarks/train_step.py --preset paper      # DeiT-S at 224, batch 8
+    python benchmarks/train_step.py --demo              # also the demo's wall time
 """
 
 from __future__ import annotations
@@ -29,44 +31,72 @@ from pathlib import Path
 import torch
 
 from pipelines.data.shards import ensure_digits_shards
-from pipelines.training.config import RunConfig, digits_preset, resolve_config
+from pipelines.training.config import BUILTIN_TASKS, RunConfig, digits_preset, resolve_config
 from pipelines.training.recipe import build_optimizer
 from pipelines.training.weights import prepare_init
 from pipelines.training.worker import build_models, train_one_epoch
 
 DEMO = Path(__file__).resolve().parents[1] / "pipelines" / "demo.py"
-PRESETS = {
+HARD_96 = BUILTIN_TASKS["cluttered-digits-hard-96"]
+PRESETS = {  # per-worker batches: the demo's global batch over its 2 workers
     "demo": {key: digits_preset()[key] for key in ("backbone", "img_size", "model_args")}
-    | {"batch_size": 32},  # per worker, as in the demo (global 64 over 2 workers)
+    | {"batch_size": 32},
+    "hard-96": {key: digits_preset()[key] for key in ("backbone", "model_args")}
+    | {"img_size": HARD_96["img_size"], "batch_size": HARD_96["batch_size"] // 2},
     "paper": {"backbone": "deit_s", "img_size": 224, "model_args": {}, "batch_size": 8},
 }
 
 
-def step_times(run_config: RunConfig, *, steps: int, repeats: int, warmup: int) -> dict:
-    """Median wall and CPU milliseconds per training step of ``run_config`` (random data, CPU)."""
-    init, summary = prepare_init(run_config)
-    config = replace(run_config, epochs=warmup + repeats)
-    device = torch.device("cpu")
-    student, teacher = build_models(init, device)
-    batch = config.batch_size
-    side, classes = config.img_size, config.num_classes
-    batches = [(torch.randn(batch, 3, side, side), torch.randint(0, classes, (batch,))) for _ in range(steps)]
-    optimizer, scheduler = build_optimizer(student, config, set(init["fresh"]), steps_per_epoch=steps)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    wall, cpu = [], []
-    for run in range(warmup + repeats):
+class Stepper:
+    """``run_config``'s student (and teacher) with ``steps`` random CPU batches, ready to time one epoch
+    of them at a time."""
+
+    def __init__(self, run_config: RunConfig, *, steps: int, runs: int) -> None:
+        init, self.summary = prepare_init(run_config)
+        self.config = replace(run_config, epochs=runs)
+        self.student, self.teacher = build_models(init, torch.device("cpu"))
+        side, classes, batch = self.config.img_size, self.config.num_classes, self.config.batch_size
+        self.batches = [(torch.randn(batch, 3, side, side), torch.randint(0, classes, (batch,)))
+                        for _ in range(steps)]
+        self.optimizer, self.scheduler = build_optimizer(self.student, self.config, set(init["fresh"]),
+                                                         steps_per_epoch=steps)
+        self.scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    def run(self) -> tuple[float, float]:
+        """Wall and CPU milliseconds per step of one epoch over the batches."""
         cpu_start, wall_start = time.process_time(), time.perf_counter()
-        train_one_epoch(student, teacher, batches, optimizer, scheduler, scaler, None, config, device)
-        if run >= warmup:
-            wall.append((time.perf_counter() - wall_start) * 1e3 / steps)
-            cpu.append((time.process_time() - cpu_start) * 1e3 / steps)
-    return {
-        "wall_ms_per_step": statistics.median(wall),
-        "cpu_ms_per_step": statistics.median(cpu),
-        "wall_ms_per_run": [round(w, 1) for w in wall],
-        "gmacs": summary.gmacs,
-        "params": summary.params,
+        train_one_epoch(self.student, self.teacher, self.batches, self.optimizer, self.scheduler, self.scaler,
+                        None, self.config, torch.device("cpu"))
+        wall, cpu = time.perf_counter() - wall_start, time.process_time() - cpu_start
+        return wall * 1e3 / len(self.batches), cpu * 1e3 / len(self.batches)
+
+
+def step_times(configs: dict[str, RunConfig], *, steps: int, repeats: int, warmup: int) -> dict:
+    """Median wall and CPU milliseconds per training step of each of ``configs`` (random data, CPU), the
+    models timed in turns; ``ratios``: each later config's wall time over the first's, per repeat."""
+    steppers = {name: Stepper(config, steps=steps, runs=warmup + repeats) for name, config in configs.items()}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in configs}
+    for run in range(warmup + repeats):
+        for name, stepper in steppers.items():
+            measured = stepper.run()
+            if run >= warmup:
+                times[name].append(measured)
+    results = {
+        name: {
+            "wall_ms_per_step": statistics.median(w for w, _ in times[name]),
+            "cpu_ms_per_step": statistics.median(c for _, c in times[name]),
+            "wall_ms_per_run": [round(w, 1) for w, _ in times[name]],
+            "gmacs": steppers[name].summary.gmacs,
+            "params": steppers[name].summary.params,
+        }
+        for name in configs
     }
+    first, *others = configs
+    results["ratios"] = {
+        name: [round(w / d, 3) for (w, _), (d, _) in zip(times[name], times[first], strict=True)]
+        for name in others
+    }
+    return results
 
 
 def teacher_checkpoint(config: RunConfig, directory: Path) -> str:
@@ -91,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         "--preset",
         choices=sorted(PRESETS),
         default="demo",
-        help="demo: the demo's model (digits defaults); paper: DeiT-S at 224 [default: demo]",
+        help="demo: the demo's model (digits defaults); hard-96: the same model on the 96 px built-in task; "
+        "paper: DeiT-S at 224 [default: demo]",
     )
     parser.add_argument("--batch-size", type=int, help="per-worker batch [default: the preset's]")
     parser.add_argument("--threads", type=int, default=1, help="torch threads [default: 1, as a demo worker]")
@@ -107,22 +138,22 @@ def main(argv: list[str] | None = None) -> int:
         base = {**preset, "num_workers": 1, "mixup": 0.0, "cutmix": 0.0}
         base["data"] = str(ensure_digits_shards(Path(tmp) / "digits"))
         dense = resolve_config({**base, "dense": True}, cwd=Path(tmp))
-        results["dense"] = step_times(dense, steps=args.steps, repeats=args.repeats, warmup=args.warmup)
-        sparse = resolve_config({**base, "pretrained": teacher_checkpoint(dense, Path(tmp))},
-                                         cwd=Path(tmp))
-        results["spot"] = step_times(sparse, steps=args.steps, repeats=args.repeats, warmup=args.warmup)
+        sparse = resolve_config({**base, "pretrained": teacher_checkpoint(dense, Path(tmp))}, cwd=Path(tmp))
+        results |= step_times({"dense": dense, "spot": sparse}, steps=args.steps, repeats=args.repeats,
+                              warmup=args.warmup)
         if args.demo:
             demo_dir = Path(tmp) / "demo"
             demo_dir.mkdir()
             results["demo_wall_s"] = round(time_demo(demo_dir), 1)
-    ratio = results["spot"]["wall_ms_per_step"] / results["dense"]["wall_ms_per_step"]
+    ratio = statistics.median(results["ratios"]["spot"])
     print("| model | GMACs (prune mode) | ms/step (wall) | CPU-ms/step | ms/step per run |")
     print("| --- | ---: | ---: | ---: | --- |")
     for name in ("dense", "spot"):
         r = results[name]
         print(f"| {name} | {r['gmacs']:.4g} | {r['wall_ms_per_step']:.1f} | {r['cpu_ms_per_step']:.1f} | "
               f"{', '.join(map(str, r['wall_ms_per_run']))} |")
-    print(f"SPOT / dense wall time per step: {ratio:.2f}x")
+    print(f"SPOT / dense wall time per step: {ratio:.2f}x (median of the per-repeat ratios "
+          f"{', '.join(f'{r:.2f}' for r in results['ratios']['spot'])})")
     if "demo_wall_s" in results:
         print(f"demo wall time: {results['demo_wall_s']:.0f} s")
     print("JSON: " + json.dumps(results))
