@@ -175,7 +175,7 @@ def evaluate(model, x, y, boxes, seed=0):
 def builtin_or_variant(asked: task.Drawing) -> task.Drawing:
     """The built-in drawing ``asked`` is (its recorded pixel statistics), else a variant normalised by its own
     train split's (seed 0), as the built-in ones are by theirs."""
-    for builtin in (task.TASK, task.LARGE):
+    for builtin in task.SOURCES.values():
         if replace(asked, pixel_mean=builtin.pixel_mean, pixel_std=builtin.pixel_std) == builtin:
             return builtin
     mean, std = asked.pixel_stats("train")

@@ -40,7 +40,6 @@ from pipelines.tracking.mlflow_run import MlflowRun
 from pipelines.tracking.registry import load_model
 from pipelines.tracking.uri import move_credentials_to_env
 from pipelines.training.config import (
-    BUILTIN_FINETUNE,
     BUILTIN_TASKS,
     DIGITS_SOURCE,
     RUNS_DIR,
@@ -120,8 +119,7 @@ def train_models(
         teacher = dense["registered_uri"]
         for i, rho in enumerate(rhos):
             tag = "" if len(rhos) == 1 else f"-rho{rho:g}"
-            finetuning = BUILTIN_FINETUNE[dense_config.source]
-            spot_options = {**options, **finetuning, "pretrained": teacher, "rho": rho}
+            spot_options = {**options, "pretrained": teacher, "rho": rho}  # the source's fine-tuning recipe
             spot_config = resolve_config(spot_options | {"run_name": f"demo-spot{tag}-{stamp}"})
             print(f"== {2 + 2 * i}/{steps} SPOT rho {rho}: {spot_config.epochs} epochs from {teacher} "
                   "(its teacher)", flush=True)

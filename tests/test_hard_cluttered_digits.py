@@ -15,7 +15,7 @@ from pipelines.data import hard_cluttered_digits as hard
 from pipelines.data.cluttered_digits import digit_patches
 from pipelines.data.manifest import read_manifest
 from pipelines.data.shards import JPEG_QUALITY, Item, encode, write_shards
-from pipelines.training.config import BUILTIN_FINETUNE, BUILTIN_TASKS, make_builtin_data, resolve_config
+from pipelines.training.config import BUILTIN_TASKS, make_builtin_data, resolve_config
 from tests.scripts import load_script
 from tests.shard_reading import split_samples
 
@@ -180,9 +180,17 @@ def test_source_option_makes_the_hard_shards_with_its_own_preset_and_model_names
         preset["epochs"], preset["lr"], preset["batch_size"])
     if drawing is hard.LARGE:  # the steps of 16 epochs over 8 canvases a scan, on 4 x as many distinct ones
         assert manifest.counts["train"] * epochs == 16 * 8 * SCANS["train"]
-    tuned = resolve_config({"source": source, **BUILTIN_FINETUNE[source], "pretrained": None, "rho": 0.5},
-                           cwd=tmp_path)
-    assert (tuned.epochs, tuned.lr, tuned.predictor_lr) == (tuning_epochs, 1e-4, 1e-3)
+    weights = tmp_path / "dense.pt"  # resolve_config only checks that it is a file
+    weights.touch()
+    tuned = resolve_config({"source": source, "pretrained": str(weights), "rho": 0.5}, cwd=tmp_path)
+    # a sparse run from --pretrained takes the demo's fine-tuning recipe, as finetune.py runs it by hand
+    assert (tuned.epochs, tuned.lr, tuned.predictor_lr, tuned.freeze_epochs, tuned.warmup_epochs) == (
+        tuning_epochs, 1e-4, 1e-3, 0, 0.25)
+    assert (tuned.img_size, tuned.batch_size) == (side, 32)  # the task's, as in the dense run
+    assert resolve_config({"source": source, "pretrained": str(weights), "rho": 0.5, "epochs": 3},
+                          cwd=tmp_path).epochs == 3  # a given option wins
+    continued = resolve_config({"source": source, "pretrained": str(weights), "dense": True}, cwd=tmp_path)
+    assert (continued.epochs, continued.lr) == (epochs, 5e-4)  # a dense run keeps the dense recipe
     assert config.register_as == f"spot-deit_t-dense-{source}"  # apart from the digits' models
     spot_run = resolve_config({"source": source, "selector": "cls_attn_avg"}, cwd=tmp_path)
     assert spot_run.register_as == f"spot-deit_t-cls-attn-{source}"

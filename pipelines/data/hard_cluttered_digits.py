@@ -135,3 +135,5 @@ TASK_PARAMS = TASK.task_params
 # model needs the steps of 16 epochs of an 8-per-scan split and overfits one such set of canvases
 # (docs/benchmarks.md, 144 tokens), so it draws 4 x as many.
 LARGE = Drawing(canvas=96, clutter_pieces=63, pixel_mean=0.323, pixel_std=0.380, train_per_scan=32)
+# the built-in sources (--source) these drawings make
+SOURCES = {"cluttered-digits-hard": TASK, "cluttered-digits-hard-96": LARGE}

@@ -75,8 +75,7 @@ BUILTIN = {
                                       task_params=cluttered_digits.TASK_PARAMS),
     **{name: BuiltinSource(drawing.canvas, hard_cluttered_digits.JPEG_QUALITY, drawing.make_canvases,
                            drawing.task_params)
-       for name, drawing in (("cluttered-digits-hard", hard_cluttered_digits.TASK),
-                             ("cluttered-digits-hard-96", hard_cluttered_digits.LARGE))},
+       for name, drawing in hard_cluttered_digits.SOURCES.items()},
 }
 BUILTIN_SOURCES = tuple(BUILTIN)
 

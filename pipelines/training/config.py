@@ -45,29 +45,28 @@ log = logging.getLogger(__name__)
 DIGITS_SOURCE = "cluttered-digits"  # the built-in task (pipelines/data/cluttered_digits.py)
 DIGITS_DIR = f"data/{DIGITS_SOURCE}"
 HARD = hard_cluttered_digits
-# SPOT fine-tuned from the dense digits model (make demo, the sweep without --data): lower learning rates
-# than the dense run from scratch, no freeze, a quarter epoch of warm-up (docs/benchmarks.md, cluttered
-# digits)
+# SPOT fine-tuned from the dense digits model (--pretrained without --data: finetune.py, make demo, the
+# sweep): lower learning rates than the dense run from scratch, no freeze, a quarter epoch of warm-up
+# (docs/benchmarks.md, cluttered digits)
 DIGITS_SPOT_FINETUNE = {"epochs": 2, "lr": 1e-4, "predictor_lr": 1e-3, "freeze_epochs": 0,
                         "warmup_epochs": 0.25}
 # The built-in tasks (--source, without --data): what each changes in the digits preset for the dense run,
-# and in DIGITS_SPOT_FINETUNE for the runs fine-tuned from it (BUILTIN_FINETUNE: the demo's and the
-# sweep's). The harder canvases
-# (pipelines/data/hard_cluttered_digits.py): their side, their own pixel statistics, and the dense recipe that
-# learns them from scratch (lr 5e-4, batch 32; 6 epochs at 64 px; at 96 px the dense model needs the steps
-# of 16 epochs over 8 canvases a scan and overfits one such set, so 4 epochs over 32 a scan, and one
-# fine-tuning epoch; docs/benchmarks.md, the harder task)
-# (source, drawing, dense epochs, fine-tuning epochs)
-_HARD_SOURCES = (("cluttered-digits-hard", HARD.TASK, 6, 2), ("cluttered-digits-hard-96", HARD.LARGE, 4, 1))
+# and in DIGITS_SPOT_FINETUNE for the sparse runs fine-tuned from it (BUILTIN_FINETUNE, applied by
+# resolve_config). The harder canvases (pipelines/data/hard_cluttered_digits.py): their side, their own
+# pixel statistics, and the dense recipe that learns them from scratch (lr 5e-4, batch 32; 6 epochs at
+# 64 px; at 96 px the dense model needs the steps of 16 epochs over 8 canvases a scan and overfits one such
+# set, so 4 epochs over 32 a scan, and one fine-tuning epoch; docs/benchmarks.md, the harder task)
+# source -> (dense epochs, fine-tuning epochs)
+_HARD_EPOCHS = {"cluttered-digits-hard": (6, 2), "cluttered-digits-hard-96": (4, 1)}
 BUILTIN_TASKS = {
     DIGITS_SOURCE: {},
     **{name: {"img_size": drawing.canvas, "mean": [drawing.pixel_mean] * 3, "std": [drawing.pixel_std] * 3,
-              "epochs": epochs, "lr": 5e-4, "batch_size": 32}
-       for name, drawing, epochs, _ in _HARD_SOURCES},
+              "epochs": _HARD_EPOCHS[name][0], "lr": 5e-4, "batch_size": 32}
+       for name, drawing in HARD.SOURCES.items()},
 }
 BUILTIN_FINETUNE = {
     DIGITS_SOURCE: DIGITS_SPOT_FINETUNE,
-    **{name: {**DIGITS_SPOT_FINETUNE, "epochs": epochs} for name, _, _, epochs in _HARD_SOURCES},
+    **{name: {**DIGITS_SPOT_FINETUNE, "epochs": _HARD_EPOCHS[name][1]} for name in HARD.SOURCES},
 }
 RUNS_DIR = "ray_results"
 # where a run runs: a --resume keeps the recorded values unless they are given again
@@ -296,12 +295,15 @@ def field_default(name: str) -> Any:
 
 
 def help_text(f: Field, *, default: Any = MISSING, digits: Any = MISSING) -> str:
-    """A field's help with its defaults (with --data, and in the built-in digits preset)."""
+    """A field's help with its defaults (with --data, in the built-in digits preset, and in its fine-tuning
+    recipe from --pretrained)."""
     if default is MISSING:
         default = f.default if f.default is not MISSING else f.default_factory()
     digits = f.metadata["digits"] if digits is MISSING else digits
     parts = [] if default is None or default is False else [f"default: {json.dumps(default)}"]
     parts += [] if digits is NO_DIGITS else [f"digits: {json.dumps(digits)}"]
+    if FIELDS.get(f.name) is f and f.name in DIGITS_SPOT_FINETUNE:
+        parts.append(f"digits from --pretrained: {json.dumps(DIGITS_SPOT_FINETUNE[f.name])}")
     parts += [describe_bounds(f.metadata["bounds"])] if f.metadata.get("bounds") else []
     choices = f.metadata["choices"]
     text = f.metadata["help"] + (f" {{{','.join(choices)}}}" if choices else "")
@@ -601,16 +603,22 @@ def resolve_config(given: GivenOptions | Mapping[str, Any], *, cwd: Path | None 
     """The full run configuration from explicitly ``given`` options (a mapping of field names, plus
     ``dense``, is checked into :class:`GivenOptions` first).
 
-    Defaults: the field defaults (the paper's recipe), with :func:`digits_preset` on top when no ``data`` is
-    given. With ``resume``, the training options come from the run's record in ``storage`` and may not be
-    changed. Paths (data, storage, SQLite URI) are made absolute against ``cwd`` here, on the driver: Ray
-    workers run in directories of their own. Without ``data`` the built-in shards must have been made
-    (:func:`make_builtin_data`). Raises ``ConfigError``, ``DataError`` or ``FileNotFoundError``.
+    Defaults: the field defaults (the paper's recipe), with :func:`digits_preset` and the built-in task's
+    dense recipe (``BUILTIN_TASKS``) on top when no ``data`` is given (or ``data`` holds a built-in task's
+    shards), and its fine-tuning recipe (``BUILTIN_FINETUNE``) on top of those for a sparse run from
+    ``pretrained`` weights. With ``resume``, the training options come from the run's record in
+    ``storage`` and may not be changed. Paths (data, storage, SQLite URI) are made absolute against ``cwd``
+    here, on the driver: Ray workers run in directories of their own. Without ``data`` the built-in shards
+    must have been made (:func:`make_builtin_data`). Raises ``ConfigError``, ``DataError`` or
+    ``FileNotFoundError``.
     """
     cwd = cwd or Path.cwd()
     given = _given(given)
     task = _builtin_task(given.data, cwd, given.source or DIGITS_SOURCE)
-    defaults = RunConfig(**({**digits_preset(), **BUILTIN_TASKS[task]} if task else {}))
+    preset = {**digits_preset(), **BUILTIN_TASKS[task]} if task else {}
+    if task and given.pretrained and not (given.dense or given.rho == 1):  # fine-tuned from its dense model
+        preset |= BUILTIN_FINETUNE[task]
+    defaults = RunConfig(**preset)
     config = replace(defaults, **given.values)
     if isinstance(given.model_args, dict):  # key by key over the preset's
         config.model_args = {**defaults.model_args, **given.model_args}
