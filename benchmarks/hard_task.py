@@ -223,6 +223,7 @@ def run_seed(seed: int, args) -> dict[str, float]:
             if args.pipeline_recipe in ("both", "finetune"):
                 tuned = replace(preset, **{**DIGITS_SPOT_FINETUNE, "rho": tuned_rho,
                                            "epochs": args.spot_epochs})
+                tuned.predictor_lr = tuned.lr * recipe.PAPER_RECIPE["predictor_lr_scale"]  # as resolved
             finetuned[selector, tuned_rho] = train(
                 model, teacher, xt, yt, epochs=args.spot_epochs, lr=args.lr, predictor_lr=args.predictor_lr,
                 rho=tuned_rho, seed=seed, pipeline=tuned)

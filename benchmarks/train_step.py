@@ -31,19 +31,35 @@ from pathlib import Path
 import torch
 
 from pipelines.data.shards import ensure_digits_shards
-from pipelines.training.config import BUILTIN_TASKS, RunConfig, digits_preset, resolve_config
-from pipelines.training.recipe import build_optimizer
+from pipelines.training.config import (
+    BUILTIN_FINETUNE,
+    BUILTIN_TASKS,
+    DIGITS_SOURCE,
+    RunConfig,
+    digits_preset,
+    resolve_config,
+)
+from pipelines.training.recipe import build_optimizer, freeze_embeddings
 from pipelines.training.weights import prepare_init
 from pipelines.training.worker import build_models, train_one_epoch
 
 DEMO = Path(__file__).resolve().parents[1] / "pipelines" / "demo.py"
-HARD_96 = BUILTIN_TASKS["cluttered-digits-hard-96"]
-PRESETS = {  # per-worker batches: the demo's global batch over its 2 workers
-    "demo": {key: digits_preset()[key] for key in ("backbone", "img_size", "model_args")}
-    | {"batch_size": 32},
-    "hard-96": {key: digits_preset()[key] for key in ("backbone", "model_args")}
-    | {"img_size": HARD_96["img_size"], "batch_size": HARD_96["batch_size"] // 2},
-    "paper": {"backbone": "deit_s", "img_size": 224, "model_args": {}, "batch_size": 8},
+DEMO_WORKERS = 2  # the demo's Ray Train workers: each gets half its global batch
+
+
+def builtin_recipes(source: str) -> tuple[dict, dict]:
+    """The dense and the SPOT options of a built-in ``source``'s demo (its preset, then its fine-tuning
+    recipe from --pretrained), the batch per worker."""
+    dense = {**digits_preset(), **BUILTIN_TASKS[source]}
+    dense["batch_size"] //= DEMO_WORKERS
+    return dense, {**dense, **BUILTIN_FINETUNE[source]}
+
+
+PAPER = {"backbone": "deit_s", "img_size": 224, "model_args": {}, "batch_size": 8}
+PRESETS = {  # name -> (dense options, SPOT options)
+    "demo": builtin_recipes(DIGITS_SOURCE),
+    "hard-96": builtin_recipes("cluttered-digits-hard-96"),
+    "paper": (PAPER, PAPER),
 }
 
 
@@ -55,6 +71,9 @@ class Stepper:
         init, self.summary = prepare_init(run_config)
         self.config = replace(run_config, epochs=runs)
         self.student, self.teacher = build_models(init, torch.device("cpu"))
+        if run_config.pretrained:  # as a worker fine-tunes
+            freeze_embeddings(self.student)
+        self.epoch = 0
         side, classes, batch = self.config.img_size, self.config.num_classes, self.config.batch_size
         self.batches = [(torch.randn(batch, 3, side, side), torch.randint(0, classes, (batch,)))
                         for _ in range(steps)]
@@ -66,7 +85,8 @@ class Stepper:
         """Wall and CPU milliseconds per step of one epoch over the batches."""
         cpu_start, wall_start = time.process_time(), time.perf_counter()
         train_one_epoch(self.student, self.teacher, self.batches, self.optimizer, self.scheduler, self.scaler,
-                        None, self.config, torch.device("cpu"))
+                        None, self.config, torch.device("cpu"), epoch=self.epoch)
+        self.epoch += 1
         wall, cpu = time.perf_counter() - wall_start, time.process_time() - cpu_start
         return wall * 1e3 / len(self.batches), cpu * 1e3 / len(self.batches)
 
@@ -132,13 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--demo", action="store_true", help="also time pipelines/demo.py end to end")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    preset = PRESETS[args.preset] | ({"batch_size": args.batch_size} if args.batch_size else {})
     results: dict = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}"}
     with tempfile.TemporaryDirectory() as tmp:
-        base = {**preset, "num_workers": 1, "mixup": 0.0, "cutmix": 0.0}
-        base["data"] = str(ensure_digits_shards(Path(tmp) / "digits"))
-        dense = resolve_config({**base, "dense": True}, cwd=Path(tmp))
-        sparse = resolve_config({**base, "pretrained": teacher_checkpoint(dense, Path(tmp))}, cwd=Path(tmp))
+        # random batches: the digits shards only give the class count, the preset gives the recipe
+        common = {"num_workers": 1, "mixup": 0.0, "cutmix": 0.0,
+                  "data": str(ensure_digits_shards(Path(tmp) / "digits")),
+                  **({"batch_size": args.batch_size} if args.batch_size else {})}
+        dense_options, spot_options = PRESETS[args.preset]
+        dense = resolve_config({**dense_options, **common, "dense": True}, cwd=Path(tmp))
+        teacher = teacher_checkpoint(dense, Path(tmp))
+        sparse = resolve_config({**spot_options, **common, "pretrained": teacher}, cwd=Path(tmp))
         results |= step_times({"dense": dense, "spot": sparse}, steps=args.steps, repeats=args.repeats,
                               warmup=args.warmup)
         if args.demo:

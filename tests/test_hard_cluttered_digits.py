@@ -187,8 +187,10 @@ def test_source_option_makes_the_hard_shards_with_its_own_preset_and_model_names
     assert (tuned.epochs, tuned.lr, tuned.predictor_lr, tuned.freeze_epochs, tuned.warmup_epochs) == (
         tuning_epochs, 1e-4, 1e-3, 0, 0.25)
     assert (tuned.img_size, tuned.batch_size) == (side, 32)  # the task's, as in the dense run
-    assert resolve_config({"source": source, "pretrained": str(weights), "rho": 0.5, "epochs": 3},
-                          cwd=tmp_path).epochs == 3  # a given option wins
+    given = resolve_config({"source": source, "pretrained": str(weights), "rho": 0.5, "epochs": 3,
+                            "lr": 5e-4}, cwd=tmp_path)
+    assert (given.epochs, given.lr) == (3, 5e-4)  # given options win
+    assert given.predictor_lr == pytest.approx(5e-3)  # the predictors' 10 x the lr given
     continued = resolve_config({"source": source, "pretrained": str(weights), "dense": True}, cwd=tmp_path)
     assert (continued.epochs, continued.lr) == (epochs, 5e-4)  # a dense run keeps the dense recipe
     assert config.register_as == f"spot-deit_t-dense-{source}"  # apart from the digits' models

@@ -46,10 +46,9 @@ DIGITS_SOURCE = "cluttered-digits"  # the built-in task (pipelines/data/cluttere
 DIGITS_DIR = f"data/{DIGITS_SOURCE}"
 HARD = hard_cluttered_digits
 # SPOT fine-tuned from the dense digits model (--pretrained without --data: finetune.py, make demo, the
-# sweep): lower learning rates than the dense run from scratch, no freeze, a quarter epoch of warm-up
-# (docs/benchmarks.md, cluttered digits)
-DIGITS_SPOT_FINETUNE = {"epochs": 2, "lr": 1e-4, "predictor_lr": 1e-3, "freeze_epochs": 0,
-                        "warmup_epochs": 0.25}
+# sweep): lower learning rates than the dense run from scratch (the predictors' 10 x lr, derived as
+# always), no freeze, a quarter epoch of warm-up (docs/benchmarks.md, cluttered digits)
+DIGITS_SPOT_FINETUNE = {"epochs": 2, "lr": 1e-4, "freeze_epochs": 0, "warmup_epochs": 0.25}
 # The built-in tasks (--source, without --data): what each changes in the digits preset for the dense run,
 # and in DIGITS_SPOT_FINETUNE for the sparse runs fine-tuned from it (BUILTIN_FINETUNE, applied by
 # resolve_config). The harder canvases (pipelines/data/hard_cluttered_digits.py): their side, their own
@@ -58,6 +57,7 @@ DIGITS_SPOT_FINETUNE = {"epochs": 2, "lr": 1e-4, "predictor_lr": 1e-3, "freeze_e
 # set, so 4 epochs over 32 a scan, and one fine-tuning epoch; docs/benchmarks.md, the harder task)
 # source -> (dense epochs, fine-tuning epochs)
 _HARD_EPOCHS = {"cluttered-digits-hard": (6, 2), "cluttered-digits-hard-96": (4, 1)}
+assert _HARD_EPOCHS.keys() == HARD.SOURCES.keys(), "each hard source needs its epochs here"
 BUILTIN_TASKS = {
     DIGITS_SOURCE: {},
     **{name: {"img_size": drawing.canvas, "mean": [drawing.pixel_mean] * 3, "std": [drawing.pixel_std] * 3,
@@ -303,7 +303,7 @@ def help_text(f: Field, *, default: Any = MISSING, digits: Any = MISSING) -> str
     parts = [] if default is None or default is False else [f"default: {json.dumps(default)}"]
     parts += [] if digits is NO_DIGITS else [f"digits: {json.dumps(digits)}"]
     if FIELDS.get(f.name) is f and f.name in DIGITS_SPOT_FINETUNE:
-        parts.append(f"digits from --pretrained: {json.dumps(DIGITS_SPOT_FINETUNE[f.name])}")
+        parts.append(f"digits, SPOT from --pretrained: {json.dumps(DIGITS_SPOT_FINETUNE[f.name])}")
     parts += [describe_bounds(f.metadata["bounds"])] if f.metadata.get("bounds") else []
     choices = f.metadata["choices"]
     text = f.metadata["help"] + (f" {{{','.join(choices)}}}" if choices else "")
