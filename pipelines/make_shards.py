@@ -17,8 +17,10 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the repos
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.data.manifest import DataError
-from pipelines.data.shards import BUILTIN_SOURCES, write_shards
+from pipelines.data.shards import BUILTIN, BUILTIN_SOURCES, write_shards
 from pipelines.utils.cli import Parser, bad_input
+
+BUILTIN_SIDES = ", ".join(f"{name} {source.img_size}" for name, source in BUILTIN.items())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--seed", type=int, default=0, help="seed of the shuffle (and of the cluttered-digits canvases)"
     )
     parser.add_argument(
-        "--img-size", type=int, default=None, help="built-in: image side (64); files: cap on the shorter side"
+        "--img-size", type=int, default=None,
+        help=f"built-in: image side (default: {BUILTIN_SIDES}); files: cap on the shorter side",
     )
     parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
     parser.add_argument("--strict", action="store_true", help="fail on the first unreadable/unlabeled image")
