@@ -198,8 +198,10 @@ def run_seed(seed: int, args) -> dict[str, float]:
         fresh = lambda epoch: tensors("train", 1000 * (seed + 1) + epoch, drawing, args.jpeg)[:2]  # noqa: E731
     preset = None
     if args.pipeline_recipe or args.dense_part:  # the hard preset, as finetune.py / demo.py resolve it
-        preset = RunConfig(**{**digits_preset(), **BUILTIN_TASKS["cluttered-digits-hard"], "rho": None,
-                              "epochs": args.dense_epochs})
+        source = next((name for name, builtin in task.SOURCES.items() if builtin == drawing),
+                      "cluttered-digits-hard")  # a variant: the 64 px preset's recipe
+        preset = RunConfig(**{**digits_preset(), **BUILTIN_TASKS[source], "img_size": drawing.canvas,
+                              "rho": None, "epochs": args.dense_epochs})
     train(dense, None, xt, yt, epochs=args.dense_epochs, lr=args.dense_lr, predictor_lr=args.dense_lr,
           rho=None, seed=seed, batch=args.dense_batch, warmup=args.dense_warmup, fresh=fresh,
           pipeline=preset if args.pipeline_recipe in ("both", "dense") else None, part=args.dense_part,
