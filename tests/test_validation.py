@@ -179,6 +179,13 @@ def test_the_builtin_data_given_by_path_keeps_the_builtin_preset(cluttered_shard
     for key, value in preset.items():
         assert getattr(by_path, key) == value, key
     assert by_path.img_size == 48 and by_path.batch_size == 64 and not by_path.randaugment
+    weights = tmp_path / "dense.pt"  # resolve_config only checks that it is a file
+    weights.touch()
+    spot_run = resolve_config({"data": str(cluttered_shards), "pretrained": str(weights), "rho": 0.7},
+                              cwd=tmp_path)  # SPOT from the task's dense model: the demo's fine-tuning recipe
+    recipe = (spot_run.epochs, spot_run.lr, spot_run.freeze_epochs, spot_run.warmup_epochs)
+    assert recipe == (2, 1e-4, 0, 0.25)
+    assert (spot_run.img_size, spot_run.batch_size) == (48, 64)
 
 
 def test_given_options_survive_copy_and_pickling_as_ray_sends_them():
