@@ -46,10 +46,10 @@ from pipelines.data.cluttered_digits import digit_patches  # noqa: E402
 from pipelines.data.shards import Item, encode  # noqa: E402
 from pipelines.training import recipe  # noqa: E402
 from pipelines.training.config import (  # noqa: E402
-    BUILTIN_TASKS,
-    DIGITS_SPOT_FINETUNE,
+    BUILTIN_FINETUNE,
     RunConfig,
-    digits_preset,
+    default_predictor_lr,
+    task_preset,
 )
 
 # the digits preset's architecture; img_size is the canvas's side
@@ -200,8 +200,8 @@ def run_seed(seed: int, args) -> dict[str, float]:
     if args.pipeline_recipe or args.dense_part:  # the hard preset, as finetune.py / demo.py resolve it
         source = next((name for name, builtin in task.SOURCES.items() if builtin == drawing),
                       "cluttered-digits-hard")  # a variant: the 64 px preset's recipe
-        preset = RunConfig(**{**digits_preset(), **BUILTIN_TASKS[source], "img_size": drawing.canvas,
-                              "rho": None, "epochs": args.dense_epochs})
+        preset = RunConfig(**{**task_preset(source), "img_size": drawing.canvas, "rho": None,
+                              "epochs": args.dense_epochs})
     train(dense, None, xt, yt, epochs=args.dense_epochs, lr=args.dense_lr, predictor_lr=args.dense_lr,
           rho=None, seed=seed, batch=args.dense_batch, warmup=args.dense_warmup, fresh=fresh,
           pipeline=preset if args.pipeline_recipe in ("both", "dense") else None, part=args.dense_part,
@@ -223,9 +223,9 @@ def run_seed(seed: int, args) -> dict[str, float]:
             assert all(k.startswith("spot_predictors.") for k in missing), missing
             tuned = None
             if args.pipeline_recipe in ("both", "finetune"):
-                tuned = replace(preset, **{**DIGITS_SPOT_FINETUNE, "rho": tuned_rho,
+                tuned = replace(preset, **{**BUILTIN_FINETUNE[source], "rho": tuned_rho,
                                            "epochs": args.spot_epochs})
-                tuned.predictor_lr = tuned.lr * recipe.PAPER_RECIPE["predictor_lr_scale"]  # as resolved
+                tuned.predictor_lr = default_predictor_lr(tuned.lr)  # as resolve_config derives it
             finetuned[selector, tuned_rho] = train(
                 model, teacher, xt, yt, epochs=args.spot_epochs, lr=args.lr, predictor_lr=args.predictor_lr,
                 rho=tuned_rho, seed=seed, pipeline=tuned)

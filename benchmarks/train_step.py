@@ -31,14 +31,7 @@ from pathlib import Path
 import torch
 
 from pipelines.data.shards import ensure_digits_shards
-from pipelines.training.config import (
-    BUILTIN_FINETUNE,
-    BUILTIN_TASKS,
-    DIGITS_SOURCE,
-    RunConfig,
-    digits_preset,
-    resolve_config,
-)
+from pipelines.training.config import DIGITS_SOURCE, RunConfig, resolve_config, task_preset
 from pipelines.training.recipe import build_optimizer, freeze_embeddings
 from pipelines.training.weights import prepare_init
 from pipelines.training.worker import build_models, train_one_epoch
@@ -50,9 +43,8 @@ DEMO_WORKERS = 2  # the demo's Ray Train workers: each gets half its global batc
 def builtin_recipes(source: str) -> tuple[dict, dict]:
     """The dense and the SPOT options of a built-in ``source``'s demo (its preset, then its fine-tuning
     recipe from --pretrained), the batch per worker."""
-    dense = {**digits_preset(), **BUILTIN_TASKS[source]}
-    dense["batch_size"] //= DEMO_WORKERS
-    return dense, {**dense, **BUILTIN_FINETUNE[source]}
+    presets = (task_preset(source, finetuning=tuning) for tuning in (False, True))
+    return tuple(options | {"batch_size": options["batch_size"] // DEMO_WORKERS} for options in presets)
 
 
 PAPER = {"backbone": "deit_s", "img_size": 224, "model_args": {}, "batch_size": 8}

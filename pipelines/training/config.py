@@ -55,9 +55,8 @@ DIGITS_SPOT_FINETUNE = {"epochs": 2, "lr": 1e-4, "freeze_epochs": 0, "warmup_epo
 # pixel statistics, and the dense recipe that learns them from scratch (lr 5e-4, batch 32; 6 epochs at
 # 64 px; at 96 px the dense model needs the steps of 16 epochs over 8 canvases a scan and overfits one such
 # set, so 4 epochs over 32 a scan, and one fine-tuning epoch; docs/benchmarks.md, the harder task)
-# source -> (dense epochs, fine-tuning epochs)
+# source -> (dense epochs, fine-tuning epochs); a source of HARD.SOURCES missing here fails the import
 _HARD_EPOCHS = {"cluttered-digits-hard": (6, 2), "cluttered-digits-hard-96": (4, 1)}
-assert _HARD_EPOCHS.keys() == HARD.SOURCES.keys(), "each hard source needs its epochs here"
 BUILTIN_TASKS = {
     DIGITS_SOURCE: {},
     **{name: {"img_size": drawing.canvas, "mean": [drawing.pixel_mean] * 3, "std": [drawing.pixel_std] * 3,
@@ -251,6 +250,19 @@ def training_keys() -> tuple[str, ...]:
 def digits_preset() -> dict:
     """The values of the built-in digits preset (applied when no ``data`` is given)."""
     return {name: f.metadata["digits"] for name, f in FIELDS.items() if f.metadata["digits"] is not NO_DIGITS}
+
+
+def task_preset(task: str, *, finetuning: bool = False) -> dict:
+    """What the built-in ``task`` puts over the field defaults: the digits preset and the task's dense recipe
+    (``BUILTIN_TASKS``), with ``finetuning`` (a sparse run from ``--pretrained``) its fine-tuning recipe
+    (``BUILTIN_FINETUNE``) on top."""
+    preset = {**digits_preset(), **BUILTIN_TASKS[task]}
+    return preset | BUILTIN_FINETUNE[task] if finetuning else preset
+
+
+def default_predictor_lr(lr: float) -> float:
+    """The relevance modules' learning rate when none is given: the paper's multiple of ``lr``."""
+    return lr * recipe.PAPER_RECIPE["predictor_lr_scale"]
 
 
 def flag(name: str) -> str:
@@ -547,7 +559,7 @@ def _resolve_training(config: RunConfig) -> None:
           f"--freeze-epochs {config.freeze_epochs}: more than --epochs {config.epochs}")
     _check_model_args(config)
     if config.predictor_lr is None:
-        config.predictor_lr = config.lr * recipe.PAPER_RECIPE["predictor_lr_scale"]
+        config.predictor_lr = default_predictor_lr(config.lr)
     teacher = config.rho is not None and config.pretrained is not None
     paper = default_lambdas(config.backbone)
     for part in ("rate", "kl", "token"):
@@ -615,10 +627,8 @@ def resolve_config(given: GivenOptions | Mapping[str, Any], *, cwd: Path | None 
     cwd = cwd or Path.cwd()
     given = _given(given)
     task = _builtin_task(given.data, cwd, given.source or DIGITS_SOURCE)
-    preset = {**digits_preset(), **BUILTIN_TASKS[task]} if task else {}
-    if task and given.pretrained and not (given.dense or given.rho == 1):  # fine-tuned from its dense model
-        preset |= BUILTIN_FINETUNE[task]
-    defaults = RunConfig(**preset)
+    sparse_from_weights = bool(given.pretrained) and not (given.dense or given.rho == 1)
+    defaults = RunConfig(**(task_preset(task, finetuning=sparse_from_weights) if task else {}))
     config = replace(defaults, **given.values)
     if isinstance(given.model_args, dict):  # key by key over the preset's
         config.model_args = {**defaults.model_args, **given.model_args}
