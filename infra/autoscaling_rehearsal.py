@@ -38,6 +38,8 @@ from pathlib import Path
 
 import yaml
 
+from pipelines.utils.ports import free_ports
+
 INFRA = Path(__file__).resolve().parent
 REPO = INFRA.parent
 sys.path.insert(0, str(INFRA))
@@ -206,7 +208,7 @@ class AutoscalingCluster:
         return env
 
     def start(self, timeout_s: float = 120.0) -> None:
-        gcs_port, client_port = lm.free_ports(2)
+        gcs_port, client_port = free_ports(2)
         self.gcs_address = f"127.0.0.1:{gcs_port}"
         temp_dir = self.root / "ray"
         temp_dir.mkdir(parents=True, exist_ok=True)

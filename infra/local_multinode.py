@@ -32,7 +32,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from pipelines.utils.ports import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 FINETUNE = REPO / "pipelines" / "finetune.py"
@@ -82,20 +83,6 @@ _T0 = time.monotonic()
 
 def log(msg: str) -> None:
     print(f"[rehearsal {time.monotonic() - _T0:5.0f}s] {msg}", flush=True)
-
-
-def free_ports(n: int) -> list[int]:
-    """Return n distinct TCP ports that are free on 127.0.0.1 right now."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def said(path: Path, words: str) -> bool:
@@ -246,7 +233,8 @@ class LocalRayCluster:
     object_store_bytes: int = 150 * 1024**2
     token: str = field(default_factory=lambda: secrets.token_hex(32))
     # Each node's worker processes bind ports from its own block of 1000, below Linux's ephemeral range and
-    # apart from Ray's default 10002-19999 (other local Ray instances), placed at random per rehearsal.
+    # apart from Ray's default 10002-19999 (other local Ray instances), placed at random per rehearsal; the
+    # three nodes' blocks end below 31000, where free_ports draws the other ports (pipelines/utils/ports.py).
     worker_port_base: int = field(default_factory=lambda: 20000 + 1000 * secrets.randbelow(9))
     procs: list[Proc] = field(default_factory=list)
     gcs_address: str = ""

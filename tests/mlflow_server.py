@@ -5,21 +5,16 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+from pipelines.utils.ports import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 START_SCRIPT = REPO / "infra" / "mlflow" / "start_server.sh"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MlflowServer:

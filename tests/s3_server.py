@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import logging
-import socket
+
+from pipelines.utils.ports import free_port
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
@@ -17,9 +18,7 @@ class S3Server:
     def __init__(self, *buckets: str) -> None:
         from moto.server import ThreadedMotoServer
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**CREDENTIALS, "AWS_ENDPOINT_URL_S3": self.url}
         self.buckets = buckets

@@ -5,7 +5,6 @@ import contextlib
 import json
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from pipelines.data.manifest import read_manifest, sha256_file
 from pipelines.data.shards import write_shards
 from pipelines.storage.location import RunLocation
 from pipelines.storage.run_record import RUN_RECORD, read_record, write_record
+from pipelines.utils.ports import free_port
 from tests.mlflow_server import MlflowServer
 
 
@@ -301,9 +301,7 @@ def test_password_in_the_tracking_uri_is_never_printed_and_the_check_reaches_the
 ):
     """A closed port on 127.0.0.1 behind ``user:password@``: refused as unreachable (not as an unknown host
     name), in one line without the credentials."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     monkeypatch.chdir(tmp_path)
     uri = f"http://spot:s3cret-pw@127.0.0.1:{port}"
     assert finetune.main(["--data", str(digits_shards), "--batch-size", "64", "--mlflow-uri", uri]) == 2

@@ -7,7 +7,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,7 @@ from pipelines.training.job import run as run_job
 from pipelines.training.recipe import build_optimizer
 from pipelines.training.worker import step_bar
 from pipelines.utils.errors import ConfigError
+from pipelines.utils.ports import free_port
 from tests.finetune_runs import FINETUNE, history_steps, result_json, runs_named
 from tests.mlflow_server import MlflowServer
 from tests.tiny import tiny
@@ -308,12 +308,6 @@ def test_killed_worker_resumes_from_last_checkpoint(
         assert history_steps(mlflow_uri, run.info.run_id, key) == [0, 1, 2], key
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _finetune(*args: str, cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(FINETUNE), *args],
@@ -443,7 +437,7 @@ def test_mlflow_killed_mid_run_loses_no_epoch_and_the_printed_command_finishes_t
     ],
 )
 def test_bad_input_exits_non_zero_with_one_line(digits_shards, tmp_path, monkeypatch, capsys, flags, reason):
-    flags = [f.format(port=_free_port()) for f in flags]
+    flags = [f.format(port=free_port()) for f in flags]
     data = [] if "--data" in flags else ["--data", str(digits_shards)]
     monkeypatch.chdir(tmp_path)
     assert finetune.main([*data, "--batch-size", "64", *flags]) == 2

@@ -15,7 +15,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config
 
+from pipelines.utils.ports import free_port
 from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,12 +37,6 @@ REGION = "us-east-1"
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv to switch users"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import websocket
 from mlflow import MlflowClient
+
+from pipelines.utils.ports import free_port
 
 WIDTH = 1600
 VIEW = "workflowType=machine_learning"  # the UI's model-training view (docs/tracking.md)
@@ -49,12 +50,6 @@ window.shot = {
 };
 true
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, timeout: float = 120) -> bytes:

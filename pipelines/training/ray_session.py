@@ -40,6 +40,7 @@ from ray._private.state import state
 
 from pipelines.utils import signals
 from pipelines.utils.errors import ConfigError, RayStartError, first_line
+from pipelines.utils.ports import free_port
 
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
@@ -61,16 +62,10 @@ def probe_address(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
         raise ConfigError(f"--address {address}: no Ray cluster answers there ({err})") from None
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def start_local_ray(num_cpus: int | None = None, *, verbose: bool = False) -> None:
     """``ray.init`` of a local Ray with the State API workaround (see the module docstring), tried
     ``START_ATTEMPTS`` times (the processes of a failed try are stopped). Raises ``RayStartError``."""
-    port = _free_port()
+    port = free_port()
     os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
     os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")  # one host: nothing to drain (module docstring)
     # A new local Ray turns token authentication on when RAY_AUTH_MODE is unset and says so at WARNING

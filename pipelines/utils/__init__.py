@@ -1,1 +1,1 @@
-"""Utilities shared by every layer: errors, markdown tables, the command-line convention."""
+"""Utilities shared by every layer: errors, markdown tables, the command-line convention, free ports."""
