@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 
 from pipelines.data.shards import ensure_digits_shards
-from pipelines.training.config import DIGITS_SOURCE, RunConfig, resolve_config, task_preset
+from pipelines.training.config import DIGITS_SOURCE, RunConfig, field_default, resolve_config, task_preset
 from pipelines.training.recipe import build_optimizer, freeze_embeddings
 from pipelines.training.weights import prepare_init
 from pipelines.training.worker import build_models, train_one_epoch
 
 DEMO = Path(__file__).resolve().parents[1] / "pipelines" / "demo.py"
-DEMO_WORKERS = 2  # the demo's Ray Train workers: each gets half its global batch
+DEMO_WORKERS = field_default("num_workers")  # the demo's Ray Train workers, each with its share of the batch
 
 
 def builtin_recipes(source: str) -> tuple[dict, dict]:

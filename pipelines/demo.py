@@ -44,6 +44,7 @@ from pipelines.training.config import (
     DIGITS_SOURCE,
     RUNS_DIR,
     RunConfig,
+    add_field,
     make_builtin_data,
     resolve_config,
 )
@@ -171,15 +172,16 @@ def compare_models(runs: dict[str, list[tuple[RunConfig, dict]]], stamp: str, pa
 
 
 def run_demo(
-    num_workers: int = 2, epochs: int | None = None, verbose: bool = False, source: str = DIGITS_SOURCE,
-    seed: int | None = None, finetune_rhos: tuple[float, ...] = FINETUNE_RHOS,
+    num_workers: int | None = None, epochs: int | None = None, verbose: bool = False,
+    source: str = DIGITS_SOURCE, seed: int | None = None, finetune_rhos: tuple[float, ...] = FINETUNE_RHOS,
 ) -> dict:
     """Dense baseline, SPOT and fine-tuned class attention from it at each of ``finetune_rhos``, the selector
     comparison, all children of one parent run; returns the training RESULT dicts by role (a list per role,
-    one per rho), rows and table."""
-    options = {"experiment": EXPERIMENT, "num_workers": num_workers, "verbose": verbose, "source": source}
-    if seed is not None:
-        options["seed"] = seed  # the training runs' (the data set is fixed by the task)
+    one per rho), rows and table. ``num_workers`` and ``seed`` (the training runs'; the data set is fixed by
+    the task): the run configuration's defaults when None."""
+    options = {"experiment": EXPERIMENT, "verbose": verbose, "source": source}
+    given = {"num_workers": num_workers, "seed": seed}
+    options |= {key: value for key, value in given.items() if value is not None}
     move_credentials_to_env(None)  # a user:password@ in $MLFLOW_TRACKING_URI
     make_builtin_data(options)
     stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
@@ -215,12 +217,12 @@ def run_demo(
 
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-workers", type=int, default=2, help="Ray Train workers [default: 2]")
+    add_field(parser, RunConfig, "num_workers")
     parser.add_argument("--epochs", type=int, help="epochs of the dense run [default: the task's preset]")
-    parser.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's own log lines too")
+    add_field(parser, RunConfig, "verbose")
     parser.add_argument("--source", default=DIGITS_SOURCE, choices=tuple(BUILTIN_TASKS),
                         help=f"the built-in task [default: {DIGITS_SOURCE}]")
-    parser.add_argument("--seed", type=int, help="random seed of the training runs [default: 0]")
+    add_field(parser, RunConfig, "seed")
     parser.add_argument("--finetune-rho", type=float, nargs="+", default=list(FINETUNE_RHOS), metavar="RHO",
                         help="keep rates SPOT and class attention are each fine-tuned at; given several, the "
                         "table compares each with the models fine-tuned at it (paper Table 7) [default: "
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             check(0 < rho < 1, f"--finetune-rho {rho}: must be in (0, 1) (a sparse model's keep rate)")
         compare.check_rates(args.finetune_rho, option="--finetune-rho")
         with signals.stop_signals():
-            demo = run_demo(args.num_workers, args.epochs, args.verbose, args.source, args.seed,
+            demo = run_demo(args.num_workers, args.epochs, bool(args.verbose), args.source, args.seed,
                             tuple(args.finetune_rho))
     except (ValueError, FileNotFoundError, TrackingError) as err:
         return bad_input("demo", err)
