@@ -43,7 +43,7 @@ from pipelines.utils.ports import free_ports
 INFRA = Path(__file__).resolve().parent
 REPO = INFRA.parent
 sys.path.insert(0, str(INFRA))
-import local_multinode as lm  # noqa: E402  (the process and port helpers of the other rehearsal)
+import local_multinode as lm  # noqa: E402  (the process helpers of the other rehearsal)
 
 WORKER_TYPE = "gpu_8x_stand_in"
 FAKE_HEAD_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"

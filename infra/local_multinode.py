@@ -44,6 +44,7 @@ from pathlib import Path
 
 import yaml
 
+from pipelines.utils.ports import LOWEST as FREE_PORTS_FROM
 from pipelines.utils.ports import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
@@ -254,7 +255,11 @@ class LocalRayCluster:
     def _ray_start(self, name: str, role_args: list[str]) -> Proc:
         temp_dir = self.root / name
         temp_dir.mkdir(parents=True, exist_ok=True)
-        ports = free_ports(7)
+        ports = free_ports(6)
+        workers_from = self.worker_port_base + 1000 * len(self.procs)
+        if workers_from + 999 >= FREE_PORTS_FROM:
+            raise RehearsalError(f"{name}: its worker ports {workers_from}-{workers_from + 999} would reach "
+                                 f"the ports free_ports draws from ({FREE_PORTS_FROM})")
         ray = str(Path(sys.executable).with_name("ray"))
         cmd = [
             ray, "start", "--block", "--disable-usage-stats",
@@ -267,8 +272,8 @@ class LocalRayCluster:
             f"--dashboard-agent-grpc-port={ports[3]}",
             f"--runtime-env-agent-port={ports[4]}",
             f"--metrics-export-port={ports[5]}",
-            f"--min-worker-port={self.worker_port_base + 1000 * len(self.procs)}",
-            f"--max-worker-port={self.worker_port_base + 999 + 1000 * len(self.procs)}",
+            f"--min-worker-port={workers_from}",
+            f"--max-worker-port={workers_from + 999}",
             *role_args,
         ]
         proc = start_proc(f"ray-{name}", cmd, {**self.env, **self.node_env}, self.root)

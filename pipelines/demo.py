@@ -215,7 +215,7 @@ def run_demo(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> Parser:
     parser = Parser(prog="demo", description=__doc__.split("\n\n")[0])
     add_field(parser, RunConfig, "num_workers")
     parser.add_argument("--epochs", type=int, help="epochs of the dense run [default: the task's preset]")
@@ -227,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep rates SPOT and class attention are each fine-tuned at; given several, the "
                         "table compares each with the models fine-tuned at it (paper Table 7) [default: "
                         f"{' '.join(map(str, FINETUNE_RHOS))}]")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     started = time.monotonic()
     try:
         for rho in args.finetune_rho:

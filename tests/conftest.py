@@ -1,5 +1,6 @@
 """Shared test settings: deterministic, single-threaded-friendly torch on the 2-core CI box."""
 
+import socket
 import time
 
 import pytest
@@ -45,6 +46,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def closed_port():
+    """A port on 127.0.0.1 that refuses connections during the test: held bound, never listening."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield held.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)

@@ -44,7 +44,7 @@ class PostgresServer:
     """``initdb`` + ``pg_ctl start`` of a new cluster; :meth:`stop` stops it and deletes its files."""
 
     def __init__(self) -> None:
-        self.port = free_port()
+        self.port = 0  # drawn at start, just before the server binds it
         self.root = Path(tempfile.mkdtemp(prefix="spot-pg-"))
         self.data = self.root / "data"
         self.log = self.root / "server.log"
@@ -82,6 +82,7 @@ class PostgresServer:
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--encoding=UTF8", "--no-sync",
                   "--auth-local=trust", "--auth-host=scram-sha-256")
+        self.port = free_port()
         options = f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync=off"
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60",
                   "start")

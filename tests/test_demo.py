@@ -60,19 +60,20 @@ def test_a_bad_fine_tuning_rate_is_refused_before_anything_runs(rates, message, 
     assert list(tmp_path.iterdir()) == []  # no data, no store, no run
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("--num-workers", "0", "--num-workers 0: must be >= 1"),
-    ("--seed", "-3", "--seed -3: must be >= 0"),
-])
-def test_the_demos_run_options_are_the_run_configurations_with_its_bounds(flag, value, message, tmp_path,
-                                                                          monkeypatch, capsys):
-    from pipelines import demo
+def test_the_demos_run_options_are_finetunes():
+    """--num-workers, --verbose and --seed mean in the demo what they mean in finetune.py: the same flag,
+    help, type and bounds (RunConfig's fields)."""
+    from pipelines import demo, finetune
 
-    monkeypatch.chdir(tmp_path)
-    assert demo.main([flag, value]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == f"demo: error: {message}"
-    assert not (tmp_path / "mlflow.db").exists()  # no run started
+    def actions(parser):
+        return {a.dest: a for a in parser._actions}
 
+    ours, theirs = actions(demo.build_parser()), actions(finetune.build_parser())
+    for name in ("num_workers", "verbose", "seed"):
+        mine, its = ours[name], theirs[name]
+        assert (mine.option_strings, mine.help, mine.type, mine.nargs) == (
+            its.option_strings, its.help, its.type, its.nargs), name
+    assert "[default: 2; >= 1]" in ours["num_workers"].help
 
 def test_the_demos_comparison_of_its_registered_models_is_a_child_run_naming_them(
     trained, trained_heuristic, tiny_options, mlflow_uri, tmp_path, monkeypatch

@@ -19,7 +19,6 @@ from pipelines.data.manifest import read_manifest, sha256_file
 from pipelines.data.shards import write_shards
 from pipelines.storage.location import RunLocation
 from pipelines.storage.run_record import RUN_RECORD, read_record, write_record
-from pipelines.utils.ports import free_port
 from tests.mlflow_server import MlflowServer
 
 
@@ -297,11 +296,11 @@ def test_a_failed_worker_is_named_with_its_error_not_only_ray_s_header():
 
 
 def test_password_in_the_tracking_uri_is_never_printed_and_the_check_reaches_the_host(
-    digits_shards, tmp_path, monkeypatch, capsys
+    digits_shards, tmp_path, monkeypatch, capsys, closed_port
 ):
     """A closed port on 127.0.0.1 behind ``user:password@``: refused as unreachable (not as an unknown host
     name), in one line without the credentials."""
-    port = free_port()
+    port = closed_port
     monkeypatch.chdir(tmp_path)
     uri = f"http://spot:s3cret-pw@127.0.0.1:{port}"
     assert finetune.main(["--data", str(digits_shards), "--batch-size", "64", "--mlflow-uri", uri]) == 2

@@ -30,7 +30,6 @@ from pipelines.training.job import run as run_job
 from pipelines.training.recipe import build_optimizer
 from pipelines.training.worker import step_bar
 from pipelines.utils.errors import ConfigError
-from pipelines.utils.ports import free_port
 from tests.finetune_runs import FINETUNE, history_steps, result_json, runs_named
 from tests.mlflow_server import MlflowServer
 from tests.tiny import tiny
@@ -436,8 +435,9 @@ def test_mlflow_killed_mid_run_loses_no_epoch_and_the_printed_command_finishes_t
         ),
     ],
 )
-def test_bad_input_exits_non_zero_with_one_line(digits_shards, tmp_path, monkeypatch, capsys, flags, reason):
-    flags = [f.format(port=free_port()) for f in flags]
+def test_bad_input_exits_non_zero_with_one_line(digits_shards, tmp_path, monkeypatch, capsys, closed_port,
+                                                flags, reason):
+    flags = [f.format(port=closed_port) for f in flags]
     data = [] if "--data" in flags else ["--data", str(digits_shards)]
     monkeypatch.chdir(tmp_path)
     assert finetune.main([*data, "--batch-size", "64", *flags]) == 2

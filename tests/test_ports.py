@@ -1,5 +1,5 @@
 """pipelines/utils/ports.py: ports for servers started later are drawn where no port-0 bind or outgoing
-connection can take them in the meantime."""
+connection can take them in the meantime, and one process never hands out the same port twice."""
 
 from __future__ import annotations
 
@@ -11,6 +11,11 @@ import pytest
 from pipelines.utils import ports
 
 
+@pytest.fixture(autouse=True)
+def _nothing_handed_out(monkeypatch):
+    monkeypatch.setattr(ports, "_handed_out", set())
+
+
 def _bind(port: int) -> socket.socket:
     sock = socket.socket()
     sock.bind(("127.0.0.1", port))
@@ -18,40 +23,55 @@ def _bind(port: int) -> socket.socket:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the ephemeral range is read from /proc")
-def test_ports_lie_below_the_kernels_ephemeral_range_and_can_be_bound():
+def test_ports_lie_outside_the_kernels_ephemeral_range_and_can_be_bound():
     first, last = (int(v) for v in ports.EPHEMERAL_RANGE_FILE.read_text().split())
     assert ports.ephemeral_range() == (first, last)
     chosen = ports.free_ports(7)
     assert len(set(chosen)) == 7
-    assert all(ports.LOWEST <= port < first for port in chosen), (chosen, first)
-    held = [_bind(port) for port in chosen]  # each one binds: it was free
-    try:
-        # what the kernel hands a port-0 bind (and an outgoing connection) meanwhile is never one of them
-        kernel = [_bind(0) for _ in range(50)]
-        assert not {s.getsockname()[1] for s in kernel} & set(chosen)
-        for sock in kernel:
-            sock.close()
-    finally:
-        for sock in held:
-            sock.close()
+    if ports.candidate_ports((first, last)):  # this host leaves room outside its range
+        outside = [port >= ports.LOWEST and not first <= port <= last for port in chosen]
+        assert all(outside), (chosen, first, last)
+    for sock in [_bind(port) for port in chosen]:  # each one binds: it was free
+        sock.close()
+
+
+def test_the_ranges_drawn_from_leave_out_the_ephemeral_range():
+    assert ports.candidate_ports((32768, 60999)) == [range(31000, 32768), range(61000, 65536)]
+    assert ports.candidate_ports((40000, 50000)) == [range(31000, 40000), range(50001, 65536)]
+    assert ports.candidate_ports((1024, 65535)) == []
+    assert ports.candidate_ports(None) == []
+
+
+def test_a_port_is_never_handed_out_twice_by_one_process():
+    few = (ports.LOWEST + 8, ports.HIGHEST)  # 8 ports below the range, none above
+    drawn = [ports.free_ports(1, ephemeral=few)[0] for _ in range(8)]
+    assert len(set(drawn)) == 8, drawn  # the first ones from the 8, the rest (too little room) the kernel's
+    assert any(port < ports.LOWEST + 8 for port in drawn), drawn
 
 
 def test_a_port_in_use_is_passed_over(monkeypatch):
-    busy = _bind(0)  # held: its port is in use
-    taken = busy.getsockname()[1]
-    try:
-        other = _bind(0)
-        spare = other.getsockname()[1]
-        other.close()
-        draws = iter([taken, taken, spare])
-        monkeypatch.setattr(ports.random, "randrange", lambda lo, hi: next(draws))
+    with socket.socket() as busy, socket.socket() as other:
+        busy.bind(("127.0.0.1", 0))
+        other.bind(("127.0.0.1", 0))
+        taken, spare = busy.getsockname()[1], other.getsockname()[1]
+        other.close()  # free again
+
+        class Draws:
+            def __init__(self) -> None:
+                self.ports = iter([taken, taken, spare])
+
+            def choices(self, population, weights):
+                return [population[0]]
+
+            def choice(self, span):
+                return next(self.ports)
+
+        monkeypatch.setattr(ports, "_draw", Draws())
         assert ports.free_ports(1, ephemeral=(60000, 61000)) == [spare]
-    finally:
-        busy.close()
 
 
-def test_without_room_below_the_range_the_kernel_chooses():
-    chosen = ports.free_ports(3, ephemeral=(ports.LOWEST + 2, 60999))
+def test_without_room_outside_the_range_the_kernel_chooses():
+    chosen = ports.free_ports(3, ephemeral=(ports.LOWEST + 2, ports.HIGHEST))
     assert len(set(chosen)) == 3
     for sock in [_bind(port) for port in chosen]:
         sock.close()

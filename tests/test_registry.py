@@ -20,7 +20,8 @@ from mlflow import MlflowClient
 import spot
 from pipelines.evaluation.metrics import evaluate_model
 from pipelines.tracking.registry import CHAMPION, load_model, register_checkpoint
-from tests.mlflow_server import MlflowServer, free_port
+from pipelines.utils.ports import free_port
+from tests.mlflow_server import MlflowServer
 from tests.tiny import TINY_NORMALIZATION
 
 

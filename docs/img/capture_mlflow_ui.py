@@ -26,7 +26,7 @@ from pathlib import Path
 import websocket
 from mlflow import MlflowClient
 
-from pipelines.utils.ports import free_port
+from pipelines.utils.ports import free_ports
 
 WIDTH = 1600
 VIEW = "workflowType=machine_learning"  # the UI's model-training view (docs/tracking.md)
@@ -197,7 +197,7 @@ def main() -> int:
         print(f"capture_mlflow_ui: no mlflow.db in {project}", file=sys.stderr)
         return 2
     ids = demo_ids(MlflowClient(f"sqlite:///{project / 'mlflow.db'}"))
-    ui_port, devtools_port = free_port(), free_port()
+    ui_port, devtools_port = free_ports(2)
     mlflow_cli = Path(sys.executable).with_name("mlflow")
     with tempfile.TemporaryDirectory() as profile:
         server = subprocess.Popen([mlflow_cli, "ui", "--backend-store-uri", "sqlite:///mlflow.db",

@@ -212,7 +212,8 @@ class RunConfig:
                                 metavar="S", ge=0)
     step_bar: int = option(200, "a progress bar over each epoch's steps (rank 0's, drawn by the driver) "
                            "when an epoch has at least this many steps; 0: never", metavar="N", ge=0)
-    verbose: bool = option(False, "show Ray's own log lines (per-report metrics, actor warnings) too")
+    verbose: bool = option(False, "show Ray's and MLflow's own log lines (per-report metrics, actor "
+                                  "warnings, run links) too")
     # derived by resolve_config
     num_classes: int | None = option(None, "class count of the data", cli=False)
     resume: bool = option(False, "continue the run --run-name whose driver died (same checkpoints, same "

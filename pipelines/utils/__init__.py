@@ -1,1 +1,2 @@
-"""Utilities shared by every layer: errors, markdown tables, the command-line convention, free ports."""
+"""Utilities shared by every layer: errors, markdown tables, the command-line convention, stop signals,
+free ports."""

@@ -1,11 +1,11 @@
 """Free TCP ports on 127.0.0.1 for servers that a command or a test starts and then waits for.
 
 A port found by binding port 0 comes from the kernel's ephemeral range, the range it also gives every
-outgoing connection and every other port-0 bind. Between the probe and the server's own bind (an MLflow
-server takes seconds to start) a busy host can hand that port to someone else, and the server fails
-with "address already in use". A port below the ephemeral range and above the ranges Ray's workers are
-given is taken only by a process that asks for it by number, so these are drawn from there at random and
-checked free.
+outgoing connection and every other port-0 bind (Ray's processes make many). Between the probe and the
+server's own bind (an MLflow server takes seconds to start) a busy host can hand that port to someone else,
+and the server fails with "address already in use". Ports outside the ephemeral range and above the ranges
+Ray's workers are given are taken only by a process that asks for one by number: these are drawn from
+there at random, checked free, and never handed out twice by one process.
 """
 
 from __future__ import annotations
@@ -16,9 +16,13 @@ from pathlib import Path
 
 EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 # Ray's workers listen on 10002-19999 by default (`ray start --min-worker-port/--max-worker-port`), and on
-# blocks of 20000-30999 in the local multi-node rehearsal (infra/local_multinode.py)
+# blocks of 20000-30999 in the local multi-node rehearsal (infra/local_multinode.py, which checks it)
 LOWEST = 31000
+HIGHEST = 65535
 ATTEMPTS = 200
+
+_handed_out: set[int] = set()  # by this process: its servers may not have bound them yet
+_draw = random.Random()  # its own generator: a seeded global `random` would draw the same ports everywhere
 
 
 def ephemeral_range(path: Path = EPHEMERAL_RANGE_FILE) -> tuple[int, int] | None:
@@ -28,6 +32,15 @@ def ephemeral_range(path: Path = EPHEMERAL_RANGE_FILE) -> tuple[int, int] | None
     except (OSError, ValueError):
         return None
     return first, last
+
+
+def candidate_ports(ephemeral: tuple[int, int] | None) -> list[range]:
+    """The ranges ports are drawn from: LOWEST to HIGHEST but the ``ephemeral`` range (none if unknown)."""
+    if ephemeral is None:
+        return []
+    first, last = ephemeral
+    below, above = range(LOWEST, min(first, HIGHEST + 1)), range(max(last + 1, LOWEST), HIGHEST + 1)
+    return [span for span in (below, above) if span]
 
 
 def _bindable(port: int) -> bool:
@@ -40,23 +53,35 @@ def _bindable(port: int) -> bool:
 
 
 def free_ports(n: int = 1, *, ephemeral: tuple[int, int] | None = None) -> list[int]:
-    """``n`` distinct ports free on 127.0.0.1 now, outside the ephemeral range where the host says what that
-    is (``ephemeral``: that range, read from the kernel when not given); port-0 binds elsewhere."""
-    span = ephemeral or ephemeral_range()
-    if span is not None and span[0] - LOWEST >= 4 * n:
-        ports: list[int] = []
+    """``n`` distinct ports free on 127.0.0.1 now and not handed out before by this process, outside the
+    ephemeral range (``ephemeral``: that range, read from the kernel when not given). Where the host does not
+    say what that range is, or it leaves too little room, the kernel chooses (port-0 binds)."""
+    ranges = candidate_ports(ephemeral or ephemeral_range())
+    room = sum(len(r) for r in ranges) - len(_handed_out)
+    ports: list[int] = []
+    if room >= 4 * n:
         for _ in range(ATTEMPTS):
-            port = random.randrange(LOWEST, span[0])
-            if port not in ports and _bindable(port):
+            span = _draw.choices(ranges, weights=[len(r) for r in ranges])[0]
+            port = _draw.choice(span)
+            if port not in _handed_out and port not in ports and _bindable(port):
                 ports.append(port)
                 if len(ports) == n:
-                    return ports
-    # no room below the ephemeral range (or all tries taken): let the kernel choose, all bound at once
+                    break
+    if len(ports) < n:
+        ports = _kernel_ports(n)
+    _handed_out.update(ports)
+    return ports
+
+
+def _kernel_ports(n: int) -> list[int]:
     socks = []
     try:
-        for _ in range(n):
+        while len(socks) < n:
             sock = socket.socket()
             sock.bind(("127.0.0.1", 0))
+            if sock.getsockname()[1] in _handed_out:
+                sock.close()
+                continue
             socks.append(sock)
         return [sock.getsockname()[1] for sock in socks]
     finally:
