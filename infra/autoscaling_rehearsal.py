@@ -208,6 +208,11 @@ class AutoscalingCluster:
         return env
 
     def start(self, timeout_s: float = 120.0) -> None:
+        """Start the head (once more on new ports if Ray gave up on its raylet: lm.start_node)."""
+        lm.start_node("head", self._start_head, self.procs, timeout_s)
+        threading.Thread(target=self._watch_nodes, daemon=True).start()
+
+    def _start_head(self) -> lm.Proc:
         gcs_port, client_port = free_ports(2)
         self.gcs_address = f"127.0.0.1:{gcs_port}"
         temp_dir = self.root / "ray"
@@ -232,10 +237,7 @@ class AutoscalingCluster:
                f"{self.boot_delay_s:.0f}s")
         head = lm.start_proc("ray-head", cmd, env, self.root)
         self.procs.append(head)
-        lm.wait_until(
-            "the head node", lambda: "Ray runtime started" in lm.tail(head.log_path), timeout_s, [head]
-        )
-        threading.Thread(target=self._watch_nodes, daemon=True).start()
+        return head
 
     def alive_worker_nodes(self) -> int:
         """Alive nodes other than the head, from the GCS."""

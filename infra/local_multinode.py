@@ -224,6 +224,29 @@ def wait_until(what: str, check, timeout_s: float, procs: list[Proc], interval_s
 # The Ray cluster.
 
 
+def start_node(name: str, start: Callable[[], Proc], procs: list[Proc], timeout_s: float) -> Proc:
+    """Start a Ray node with `start()` (which appends its Proc to `procs`) and wait until it says "Ray runtime
+    started". Ray gives a new node a fixed time to register its raylet; a node it gave up on (a machine too
+    busy to run the raylet in time) is stopped and started once more (`start` draws new ports), its log kept
+    as ray-<name>.<try>.log."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        proc = start()
+        started = functools.partial(said, proc.log_path, "Ray runtime started")
+        try:
+            wait_until(f"the node {name}", started, timeout_s, [proc])
+            return proc
+        except RehearsalError:
+            if attempt == START_ATTEMPTS or not said(proc.log_path, SLOW_START):
+                raise
+        left = stop_procs([proc])
+        if left:
+            raise RehearsalError(f"{name}: processes of its failed start outlived the stop: {left}")
+        procs.remove(proc)
+        proc.log_path.rename(proc.log_path.with_suffix(f".{attempt}.log"))
+        log(f"{name}: Ray gave up waiting for its raylet ({SLOW_START}); starting it once more")
+    raise AssertionError("unreachable")
+
+
 @dataclass
 class LocalRayCluster:
     """A head (0 CPUs, so Train workers cannot land on it) and one 1-CPU node per name in worker_nodes."""
@@ -295,25 +318,8 @@ class LocalRayCluster:
         return [n for n in self.list_state("nodes", detail=True) if n["state"] == "ALIVE"]
 
     def _start_node(self, name: str, role_args: Callable[[], list[str]], timeout_s: float) -> Proc:
-        """`ray start` the node `name` (its arguments from `role_args()`, called per try) and wait until it
-        says "Ray runtime started". Ray gives a new node a fixed time to register its raylet; a node it gave
-        up on (a machine too busy to run the raylet in time) is stopped and started once more, its log
-        kept as ray-<name>.<try>.log. The nodes start one after the other."""
-        for attempt in range(1, START_ATTEMPTS + 1):
-            proc = self._ray_start(name, role_args())
-            started = functools.partial(said, proc.log_path, "Ray runtime started")
-            try:
-                wait_until(f"the node {name}", started, timeout_s, [proc])
-                return proc
-            except RehearsalError:
-                if attempt == START_ATTEMPTS or not said(proc.log_path, SLOW_START):
-                    raise
-            left = stop_procs([proc])
-            if left:
-                raise RehearsalError(f"{name}: processes of its failed start outlived the stop: {left}")
-            self.procs.remove(proc)
-            proc.log_path.rename(proc.log_path.with_suffix(f".{attempt}.log"))
-            log(f"{name}: Ray gave up waiting for its raylet ({SLOW_START}); starting it once more")
+        """`ray start` the node `name` (its arguments from `role_args()`, called per try): see start_node."""
+        return start_node(name, lambda: self._ray_start(name, role_args()), self.procs, timeout_s)
 
     def _head_args(self) -> list[str]:
         """The head's `ray start` arguments, on ports free now (a second try takes new ones)."""
@@ -358,6 +364,7 @@ class LocalRayCluster:
 def basic_auth_available() -> bool:
     """MLflow's basic-auth app needs Flask-WTF, which only the `mlflow[auth]` extra installs."""
     return importlib.util.find_spec("flask_wtf") is not None
+
 
 
 @dataclass

@@ -32,6 +32,7 @@ def _heavy(item) -> bool:
     return item.get_closest_marker("integration") is not None or "ray_cluster" in item.fixturenames
 
 
+@pytest.hookimpl(tryfirst=True)  # the groups must be marked before pytest-xdist's worker hook reads them
 def pytest_collection_modifyitems(config, items):
     groups = {item: _shared_group(item) for item in items}
     for item, group in groups.items():
@@ -41,6 +42,18 @@ def pytest_collection_modifyitems(config, items):
     first = [item for item in items if _heavy(item) or groups[item] in heavy_groups]
     chosen = set(first)  # a group moves whole: its module-scoped fixture is set up once
     items[:] = first + [item for item in items if item not in chosen]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """On a pytest-xdist worker of ``--dist loadgroup``, fail a grouped test before its fixtures if
+    pytest-xdist did not put its group in its id (the "@<group>" suffix: missing when the groups are marked
+    after pytest-xdist's hook, and on pytest 9.2, pytest-xdist issue 1386); every worker would then make
+    the shared runs, rehearsals and sweeps itself, all at once."""
+    if (getattr(item.config.option, "loadgroup", False) and item.get_closest_marker("xdist_group")
+            and "@" not in item.nodeid):
+        pytest.fail(f"--dist loadgroup did not group this test (pytest {pytest.__version__}): see this hook "
+                    "in tests/conftest.py and the pytest range in pyproject.toml", pytrace=False)
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,6 @@ import secrets
 import shutil
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from base64 import b64encode
@@ -244,11 +243,9 @@ def test_mlflow_service_starts_checks_health_and_creates_the_jobs_user(scratch):
     server_env_file(home, f"sqlite:///{home}/mlflow.db", f"sqlite:///{home}/auth.db", port)
     env = node_env(home, Path("/nonexistent"), "http://127.0.0.1:9")
     try:
-        started = time.monotonic()
         done = run_as_user(mlflow_start_command(), env)
         assert done.returncode == 0, done.stdout + done.stderr
         assert "MLflow is up" in done.stdout and "spot-jobs is ready" in done.stdout
-        assert time.monotonic() - started < 200
         api = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
         assert get(api, "spot-jobs", "jobs-password-0001") == 200
         assert get(api, "spot-jobs", "wrong") == 401
