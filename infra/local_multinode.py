@@ -366,7 +366,6 @@ def basic_auth_available() -> bool:
     return importlib.util.find_spec("flask_wtf") is not None
 
 
-
 @dataclass
 class LocalMlflowServer:
     """The tracking server on 127.0.0.1: infra/mlflow/start_server.sh (basic auth) when `auth`, else a plain

@@ -12,8 +12,8 @@ from tests.tiny import TINY_NORMALIZATION, TINY_PIPELINE_MODEL
 # session (its own local Ray, digits shards and MLflow store). Tests that read one expensive result share a
 # worker, so that it is made once: the tests of the session's ``trained`` runs, and the tests of a module
 # that share a module-scoped fixture (a sweep, a rehearsal, a server, shards). Integration tests (marked,
-# or on the session's Ray) and their groups go first, each to whichever worker is free: longest work first,
-# the short tests fill the end.
+# or on the session's Ray) and their groups are collected first; pytest-xdist then hands out the groups
+# largest first (its --loadscope-reorder), then the rest in this order, each to whichever worker is free.
 SHARED_SESSION_RUNS = ("trained",)
 
 
@@ -50,8 +50,9 @@ def pytest_runtest_setup(item):
     pytest-xdist did not put its group in its id (the "@<group>" suffix: missing when the groups are marked
     after pytest-xdist's hook, and on pytest 9.2, pytest-xdist issue 1386); every worker would then make
     the shared runs, rehearsals and sweeps itself, all at once."""
+    nodeid = item.nodeid  # grouped: "<id>@<group>", after any "[parameters]" (as pytest-xdist reads it)
     if (getattr(item.config.option, "loadgroup", False) and item.get_closest_marker("xdist_group")
-            and "@" not in item.nodeid):
+            and nodeid.rfind("@") <= nodeid.rfind("]")):
         pytest.fail(f"--dist loadgroup did not group this test (pytest {pytest.__version__}): see this hook "
                     "in tests/conftest.py and the pytest range in pyproject.toml", pytrace=False)
 
