@@ -75,6 +75,7 @@ def test_the_demos_run_options_are_finetunes():
             its.option_strings, its.help, its.type, its.nargs), name
     assert "[default: 2; >= 1]" in ours["num_workers"].help
 
+
 def test_the_demos_comparison_of_its_registered_models_is_a_child_run_naming_them(
     trained, trained_heuristic, tiny_options, mlflow_uri, tmp_path, monkeypatch
 ):
